@@ -1,0 +1,162 @@
+"""The monitor's one configuration object, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+ALERT_RULES = ("loss_spike", "grad_spike", "tail_index_drop", "nonfinite_grad", "hidden_spike")
+
+
+@dataclass(kw_only=True)
+class MonitorConfig:
+    """Everything a :class:`heavytail.Monitor` can be told. Every field has a default that is safe to leave on."""
+
+    every: int = 100
+    """Optimizer steps per checkpoint. Statistics stream on the device every step; every ``every`` steps they are
+    aggregated, copied to the host once and written as one record."""
+
+    log_dir: str | Path | None = None
+    """Run directory. ``None`` means ``heavytail_runs/<timestamp>`` in the working directory."""
+
+    backends: Sequence[Any] = ("jsonl",)
+    """Backend names (``jsonl``, ``tensorboard``, ``wandb``, ``console``) or objects with ``log``/``close``.
+    ``jsonl`` is always added: it is the record of the run."""
+
+    include: Sequence[Any] | None = None
+    """Parameters to watch: name globs (``"blocks.*.attn.*"``), regexes (``"re:...*weight$"``) or module types
+    (``torch.nn.Linear``). ``None`` watches every trainable parameter."""
+
+    exclude: Sequence[Any] | None = None
+    """Parameters not to watch, in the same forms as ``include``; applied after it."""
+
+    run_name: str | None = None
+    """A name for the run in backends and reports. Defaults to the run directory's name."""
+
+    sample_size: int = 256
+    """Coordinates sampled per tensor (fixed at attach, seeded) for the noise tail, the shadow denominators, the
+    ratio quantiles and the denominator memory. Memory: a few floats per sampled coordinate."""
+
+    noise_window: int = 64
+    """Steps of sampled noise kept on the device (a ring buffer): the noise tail index at a checkpoint is
+    estimated from ``sample_size * noise_window`` deviations per tensor."""
+
+    noise_beta: float = 0.9
+    """EMA coefficient of the per-coordinate running mean that temporal noise deviations are taken against."""
+
+    spike_threshold: float = 5000.0
+    """A coordinate is a hidden spike when (g / (sqrt(v_hat) + eps))^2 exceeds this (SPAM's 5000)."""
+
+    shadow_betas: Sequence[float] = (0.999, 0.95)
+    """beta2 values of the shadow denominators (an EMA of g^2 on the sampled coordinates): what AdamW's
+    denominator would have done with the same gradients, for every optimizer."""
+
+    min_tail_samples: int = 64
+    """Tensors with fewer entries get no tail index (NaN): too few order statistics for an honest estimate."""
+
+    tail_top_max: int = 1 << 15
+    """At most this many top order statistics per tensor are taken at a checkpoint for the tail index."""
+
+    seed: int = 0
+    """Seed of the coordinate sample."""
+
+    stats_dtype: torch.dtype = torch.float64
+    """Accumulation dtype of the power sums (float64 keeps kurtosis exact; float32 halves the traffic)."""
+
+    chunk_numel: int = 1 << 23
+    """Gradients are reduced in packed chunks of at most this many entries: the temporary memory bound."""
+
+    flight_steps: int = 32
+    """Steps of compact per-layer statistics kept in the device ring buffer that every alert carries."""
+
+    alerts: Sequence[str] = ALERT_RULES
+    """Alert rules that are on."""
+
+    alert_cooldown: int = 50
+    """Steps during which a rule does not fire again for the same metric: one event, one alert."""
+
+    tail_alpha_threshold: float = 2.0
+    """``tail_index_drop`` fires when a layer's Hill alpha is under this (2: infinite variance)."""
+
+    hidden_spike_frac: float = 0.0
+    """``hidden_spike`` fires when the fraction of a layer's coordinates over ``spike_threshold`` exceeds this."""
+
+    spike_z: float | None = None
+    """Robust z-score over which the loss/gradient-norm detectors flag a spike (``None``: the detector's default)."""
+
+    spike_warmup: int | None = None
+    """Steps before the spike detectors may flag (``None``: the detector's default)."""
+
+    track_preclip: bool = True
+    """Also measure gradient norms at the end of each backward pass, before clipping and unscaling."""
+
+    probe_every: int = 0
+    """Run the noise probe (many mini-batch gradients of a held batch) every this many checkpoints; 0 is off."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata written into ``meta.json`` (hyper-parameters, the trainer's name, ...)."""
+
+    def __post_init__(self) -> None:
+        positive_ints = ("every", "sample_size", "noise_window", "min_tail_samples", "tail_top_max", "chunk_numel",
+                         "flight_steps")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MonitorConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("alert_cooldown", "probe_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"MonitorConfig.{name} must be a non-negative integer, got {value!r}")
+        if not 0.0 <= self.noise_beta < 1.0:
+            raise ValueError(f"MonitorConfig.noise_beta must be in [0, 1), got {self.noise_beta!r}")
+        if not self.spike_threshold > 0:
+            raise ValueError(f"MonitorConfig.spike_threshold must be positive, got {self.spike_threshold!r}")
+        if not self.tail_alpha_threshold > 0:
+            raise ValueError(f"MonitorConfig.tail_alpha_threshold must be positive, got {self.tail_alpha_threshold!r}")
+        if not 0.0 <= self.hidden_spike_frac < 1.0:
+            raise ValueError(f"MonitorConfig.hidden_spike_frac must be in [0, 1), got {self.hidden_spike_frac!r}")
+        self.shadow_betas = tuple(float(b) for b in self.shadow_betas)
+        if any(not 0.0 < b < 1.0 for b in self.shadow_betas):
+            raise ValueError(f"MonitorConfig.shadow_betas must lie in (0, 1), got {self.shadow_betas!r}")
+        if isinstance(self.backends, (str, bytes)) or not isinstance(self.backends, Sequence):
+            self.backends = (self.backends,)
+        self.backends = tuple(self.backends)
+        if isinstance(self.alerts, str):
+            self.alerts = (self.alerts,)
+        self.alerts = tuple(self.alerts)
+        unknown = [a for a in self.alerts if a not in ALERT_RULES]
+        if unknown:
+            raise ValueError(f"MonitorConfig.alerts: unknown rule {unknown[0]!r}; known rules are {', '.join(ALERT_RULES)}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, (str, type)) or not isinstance(value, Sequence)):
+                setattr(self, name, (value,))
+        if self.stats_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"MonitorConfig.stats_dtype must be torch.float32 or torch.float64, got {self.stats_dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view (types and objects become their names)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            out[f.name] = _jsonable(getattr(self, f.name))
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return type(value).__name__
