@@ -138,6 +138,10 @@ class MonitorConfig:
         if self.stats_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"MonitorConfig.stats_dtype must be torch.float32 or torch.float64, got {self.stats_dtype!r}")
 
+    def to_init_dict(self) -> dict[str, Any]:
+        """The fields as given, to build a modified copy: ``MonitorConfig(**{**cfg.to_init_dict(), "every": 10})``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view (types and objects become their names)."""
         out: dict[str, Any] = {}

@@ -30,12 +30,16 @@ STAT_FIELDS = ("count", "s1", "s2", "s3", "s4", "absmax", "nonfinite", "ratio_ma
 COUNT, S1, S2, S3, S4, ABSMAX, NONFINITE, RATIO_MAX, RATIO_SPIKES = range(len(STAT_FIELDS))
 
 
-class Denominator(NamedTuple):
-    """What AdamW divides a gradient by: sqrt(v / bias_correction) + eps."""
+class Denominators(NamedTuple):
+    """What AdamW divides each tensor's gradient by: sqrt(v / bias_correction) + eps.
 
-    v: torch.Tensor
-    bias_correction: torch.Tensor | float
-    eps: float
+    ``v`` has one entry per tensor (``None`` where there is no denominator); ``bias_correction`` and ``eps``
+    are ``(L,)`` tensors on the gradients' device.
+    """
+
+    v: Sequence[torch.Tensor | None]
+    bias_correction: torch.Tensor
+    eps: torch.Tensor
 
 
 class PassResult(NamedTuple):
@@ -135,7 +139,7 @@ class GradientPass:
     def __call__(
         self,
         grads: Sequence[torch.Tensor | None],
-        denominators: Sequence[Denominator | None] | None = None,
+        denominators: Denominators | None = None,
         *,
         spike_threshold: float = 5000.0,
     ) -> PassResult:
@@ -151,10 +155,9 @@ class GradientPass:
         g_samples = torch.full((num_layers * num_samples,), nan, device=device, dtype=dtype)
         r_samples = torch.full_like(g_samples, nan)
         v_samples = torch.full_like(g_samples, nan)
-        has_denominator = denominators is not None and any(d is not None for d in denominators)
-        ratio_rows = torch.zeros(num_layers, dtype=torch.bool)
+        has_denominator = denominators is not None and any(v is not None for v in denominators.v)
         if has_denominator:
-            ratio_rows = torch.tensor([d is not None and present[i] for i, d in enumerate(denominators)])
+            ratio_rows = torch.tensor([v is not None and present[i] for i, v in enumerate(denominators.v)])
             stats[:, RATIO_MAX] = 0.0
 
         for chunk in self._plan(present, device):
@@ -182,9 +185,8 @@ class GradientPass:
             g_samples[chunk.sample_dst] = x[chunk.sample_src]
 
             if has_denominator:
-                dens = [denominators[p.layer] for p in chunk.pieces]
-                if any(d is not None for d in dens):
-                    r, v = self._ratio(x, chunk, dens)
+                if any(denominators.v[p.layer] is not None for p in chunk.pieces):
+                    r, v = self._ratio(x, chunk, denominators)
                     ratio_max = torch.segment_reduce(r, "max", lengths=lengths)
                     stats[:, RATIO_MAX].scatter_reduce_(0, chunk.rows, ratio_max, "amax")
                     spikes = torch.segment_reduce((r * r > spike_threshold).to(dtype), "sum", lengths=lengths)
@@ -199,39 +201,30 @@ class GradientPass:
         shape = (num_layers, num_samples)
         return PassResult(stats, g_samples.view(shape), r_samples.view(shape), v_samples.view(shape))
 
-    def _ratio(
-        self, x: torch.Tensor, chunk: _Chunk, dens: list[Denominator | None]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ratio(self, x: torch.Tensor, chunk: _Chunk, den: Denominators) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.dtype
-        parts, bcs, epss = [], [], []
-        for piece, den in zip(chunk.pieces, dens):
-            size = piece.stop - piece.start
-            if den is None:
-                # NaN v gives NaN r: those rows are overwritten with NaN afterwards anyway.
-                parts.append(torch.full((size,), float("nan"), device=x.device, dtype=dtype))
-                bcs.append(torch.ones((), device=x.device, dtype=dtype))
-                epss.append(0.0)
+        parts = []
+        for piece in chunk.pieces:
+            v = den.v[piece.layer]
+            if v is None:
+                # NaN v gives NaN r; those rows are set to NaN after the pass anyway.
+                parts.append(torch.full((piece.stop - piece.start,), float("nan"), device=x.device, dtype=dtype))
             else:
-                parts.append(den.v.reshape(-1)[piece.start : piece.stop])
-                bc = den.bias_correction
-                bcs.append(torch.as_tensor(bc, dtype=dtype).to(x.device, non_blocking=True).reshape(()))
-                epss.append(float(den.eps))
-        v = (torch.cat([p.to(dtype) for p in parts]) if len(parts) > 1 else parts[0].to(dtype))
-        lengths = chunk.lengths
-        if len(parts) == 1:
-            bc_e = bcs[0]
-            eps_e = epss[0]
-        else:
-            bc_e = torch.repeat_interleave(torch.stack(bcs), lengths)
-            eps_e = torch.repeat_interleave(torch.tensor(epss, dtype=dtype, device=x.device), lengths)
-        r = x.abs() / (torch.sqrt(v / bc_e) + eps_e)
+                parts.append(v.reshape(-1)[piece.start : piece.stop])
+        v = torch.cat([p.to(dtype) for p in parts]) if len(parts) > 1 else parts[0].to(dtype)
+        bias_correction = den.bias_correction.to(dtype)[chunk.rows]
+        eps = den.eps.to(dtype)[chunk.rows]
+        if len(parts) > 1:
+            bias_correction = torch.repeat_interleave(bias_correction, chunk.lengths)
+            eps = torch.repeat_interleave(eps, chunk.lengths)
+        r = x.abs() / (torch.sqrt(v / bias_correction) + eps)
         return r, v
 
 
 def gradient_pass(
     grads: Sequence[torch.Tensor | None],
     sample_index: torch.Tensor | None = None,
-    denominators: Sequence[Denominator | None] | None = None,
+    denominators: Denominators | None = None,
     *,
     spike_threshold: float = 5000.0,
     dtype: torch.dtype = torch.float64,

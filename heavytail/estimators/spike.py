@@ -1,0 +1,284 @@
+"""Streaming spike detection for the loss and gradient norms: robust Holt smoothing, batched over streams."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+
+__all__ = ["SpikeConfig", "SpikeState", "SpikeSummary", "Cooldown", "init", "update", "compute"]
+
+# E|X - mu| = sigma * sqrt(2/pi) for a Gaussian: scaling the mean absolute deviation by sqrt(pi/2) makes the
+# score read as a Gaussian z-score, so thresholds compare with the usual "k sigma" intuition.
+_MAD_TO_SIGMA = math.sqrt(math.pi / 2.0)
+# A stream that has been exactly constant has zero scale; a relative floor keeps its score finite, so a real
+# jump still scores huge while float rounding (~1e-7 relative) scores well under 1.
+_SCALE_FLOOR = 1e-6
+_DOMAINS = ("auto", "log", "linear")
+
+
+def _rate(halflife: float) -> float:
+    # The EWMA weight whose memory halves every `halflife` steps (pandas' ewm(halflife=) convention).
+    return 1.0 - 2.0 ** (-1.0 / halflife)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpikeConfig:
+    """Parameters of the spike detector; defaults were chosen with ``benchmarks/spike_detection.py``.
+
+    See ``docs/spike-detection.md`` for the measured recall and false-alert figures behind each default.
+    """
+
+    warmup: int = 100
+    """Accepted (finite, in-domain) values a stream must see before it can flag. During warm-up the level,
+    trend and scale are running means (no winsorization), so they are usable when it ends."""
+
+    halflife: float = 8.0
+    """Half-life in steps of the level (the smoothed value). Short, so the forecast follows the loss curve;
+    the trend term removes the lag a decaying loss would otherwise cause."""
+
+    trend_halflife: float = 100.0
+    """Half-life in steps of the trend (change of level per step); ``math.inf`` disables the trend."""
+
+    scale_halflife: float = 200.0
+    """Half-life in steps of the scale (mean absolute one-step forecast error). Long, because heavy-tailed
+    noise makes a short-memory scale estimate itself noisy, and a low scale estimate means false alerts."""
+
+    threshold: float = 12.0
+    """Flag when the robust z-score (forecast error over scale, in Gaussian-sigma units) exceeds this. Far
+    above the Gaussian habit of 3-4 because healthy loss noise is heavy-tailed: a Student-t with 3 degrees of
+    freedom exceeds 12 "sigma" (MAD-scaled) about once in 10^4 steps."""
+
+    clip: float = 2.0
+    """Winsorization bound in scale units (Huber's k): every forecast error updates the state only after
+    clipping to [-clip, clip] * scale, so a spike moves the baseline by at most a healthy step's worth and
+    cannot hide the next spike. Not applied during warm-up."""
+
+    rtol: float = 0.1
+    """A flag also needs ``x - baseline > atol + rtol * abs(baseline)`` (numpy ``isclose`` style), so a
+    stream whose scale has collapsed (a near-constant series) does not flag rounding-sized moves."""
+
+    atol: float = 0.0
+    """Absolute part of the gate above, in the input's units."""
+
+    two_sided: bool = False
+    """Flag downward deviations too. Loss and gradient-norm spikes of interest are upward, and a loss drops
+    abruptly for healthy reasons (a learning-rate decay, an epoch boundary), so the default is one-sided."""
+
+    domain: str = "auto"
+    """``"log"``: work on log(x) (multiplicative noise, relative spikes); values <= 0 are skipped.
+    ``"linear"``: work on x (additive noise; for a loss that is often <= 0).
+    ``"auto"``: log domain while a stream's values are positive; the first negative value switches that
+    stream to the linear domain for good (its state is converted, so it does not re-warm). Zero is skipped
+    while in the log domain: for a norm it means no gradient this step (a frozen layer, an unused expert)."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.warmup, int) and self.warmup >= 2):
+            raise ValueError(f"warmup must be an int >= 2 (a scale needs two values), got {self.warmup!r}")
+        if not self.halflife > 0 or math.isinf(self.halflife):
+            raise ValueError(f"halflife must be positive and finite, got {self.halflife!r}")
+        if not self.trend_halflife > 0:
+            raise ValueError(f"trend_halflife must be positive (math.inf disables the trend), got {self.trend_halflife!r}")
+        if not self.scale_halflife > 0 or math.isinf(self.scale_halflife):
+            raise ValueError(f"scale_halflife must be positive and finite, got {self.scale_halflife!r}")
+        if not self.threshold > 0:
+            raise ValueError(f"threshold must be positive, got {self.threshold!r}")
+        if not self.clip > 0:
+            raise ValueError(f"clip must be positive, got {self.clip!r}")
+        if not self.rtol >= 0:
+            raise ValueError(f"rtol must be >= 0, got {self.rtol!r}")
+        if not self.atol >= 0:
+            raise ValueError(f"atol must be >= 0, got {self.atol!r}")
+        if self.domain not in _DOMAINS:
+            raise ValueError(f"domain must be one of {_DOMAINS}, got {self.domain!r}")
+
+
+class SpikeState(NamedTuple):
+    """Per-stream detector state, all tensors of shape (S,) on the input's device.
+
+    ``level``, ``trend`` and ``scale`` are in the stream's working domain (log or linear, per ``log_domain``).
+    """
+
+    count: torch.Tensor  # int64: accepted values so far; drives warm-up and the running-mean start
+    level: torch.Tensor  # smoothed value
+    trend: torch.Tensor  # smoothed change of level per step
+    scale: torch.Tensor  # EWMA of the winsorized absolute one-step forecast error
+    log_domain: torch.Tensor  # bool: the stream is worked on in the log domain
+
+
+class SpikeSummary(NamedTuple):
+    """What ``compute`` reports per stream: the forecast for the next step and how settled the detector is."""
+
+    baseline: torch.Tensor  # the next value the detector expects, in the input's units
+    scale: torch.Tensor  # noise scale in Gaussian-sigma units: relative in the log domain, absolute in linear
+    warmed_up: torch.Tensor  # bool: the stream can flag
+
+
+def init(
+    num_streams: int,
+    device: torch.device | str | None = None,
+    config: SpikeConfig = SpikeConfig(),
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> SpikeState:
+    """A fresh detector for ``num_streams`` streams (one loss, one global norm, one norm per layer, ...)."""
+    if num_streams < 0:
+        raise ValueError(f"num_streams must be >= 0, got {num_streams!r}")
+    zeros = torch.zeros(num_streams, device=device, dtype=dtype)
+    return SpikeState(
+        count=torch.zeros(num_streams, device=device, dtype=torch.int64),
+        level=zeros,
+        trend=zeros.clone(),
+        scale=zeros.clone(),
+        log_domain=torch.full((num_streams,), config.domain != "linear", device=device, dtype=torch.bool),
+    )
+
+
+def update(
+    state: SpikeState, x: torch.Tensor, config: SpikeConfig = SpikeConfig()
+) -> tuple[SpikeState, torch.Tensor, torch.Tensor]:
+    """Score one new value per stream against its forecast, flag spikes, and fold the value into the state.
+
+    Robust Holt (level + trend) exponential smoothing with Huber-winsorized errors (Holt 1957; Gelper, Fried &
+    Croux 2010, "Robust forecasting with exponential and Holt-Winters smoothing"), on y = log(x) by default:
+
+        f = level + trend                          forecast of y
+        r = y - f                                  one-step forecast error
+        z = r / (sqrt(pi/2) * scale)               robust z-score (Gaussian-sigma units)
+        flag = warmed up and z > threshold and x - baseline > atol + rtol * |baseline|,  baseline = exp(f)
+        c = clamp(r, -clip * s, clip * s)          winsorized error, s = sqrt(pi/2) * scale
+        level' = f + a * c
+        trend' = (1 - b) * trend + b * (level' - level)
+        scale' = (1 - g) * scale + g * |c|
+
+    with a, b, g the EWMA weights of ``halflife``, ``trend_halflife``, ``scale_halflife`` (running means
+    during warm-up). A flag means this step's value is far above what the stream's own recent level, trend
+    and noise predict: a loss spike or a gradient-norm spike. Non-finite values, and values <= 0 in the log
+    domain, leave that stream's state untouched, score 0 and never flag (the non-finite rule reports them).
+
+    Args:
+        state: from ``init`` or a previous ``update``, on ``x``'s device.
+        x: shape (S,) (or any shape with S elements), any float dtype; not synchronized with the host.
+        config: the same config every step.
+
+    Returns:
+        ``(new_state, flags, score)``: flags bool (S,), score (S,) in the state's dtype.
+    """
+    count, level, trend, scale, log_domain = state
+    x = x.detach().reshape(level.shape).to(level.dtype)
+    finite = torch.isfinite(x)
+
+    if config.domain == "auto":
+        # The first negative value moves a stream to the linear domain for good. The state is carried over to
+        # first order (d exp(y) = exp(y) dy), so the stream keeps its warm-up and does not re-learn its level.
+        switch = log_domain & finite & (x < 0)
+        base = torch.exp(level)
+        level = torch.where(switch, base, level)
+        trend = torch.where(switch, base * trend, trend)
+        scale = torch.where(switch, base * scale, scale)
+        log_domain = log_domain & ~switch
+
+    y = torch.where(log_domain, torch.log(x), x)
+    # log of a non-positive value is nan or -inf: skipped like any non-finite input.
+    valid = finite & torch.isfinite(y)
+
+    forecast = level + trend
+    residual = y - forecast
+    floor = torch.where(log_domain, torch.full_like(forecast, _SCALE_FLOOR), _SCALE_FLOOR * forecast.abs())
+    sigma = torch.maximum(_MAD_TO_SIGMA * scale, floor).clamp_min(torch.finfo(level.dtype).tiny)
+    started = count > 0  # a forecast exists only after the first value
+    score = torch.where(valid & started, residual / sigma, torch.zeros_like(residual))
+
+    baseline = torch.where(log_domain, torch.exp(forecast), forecast)
+    excess = x - baseline
+    gate = config.atol + config.rtol * baseline.abs()
+    warmed = count >= config.warmup
+    if config.two_sided:
+        flags = valid & warmed & (score.abs() > config.threshold) & (excess.abs() > gate)
+    else:
+        flags = valid & warmed & (score > config.threshold) & (excess > gate)
+
+    # Winsorize only once warmed: early scales rest on a handful of values and would freeze the level.
+    bound = torch.where(warmed, config.clip * sigma, torch.full_like(sigma, math.inf))
+    clipped = torch.clamp(residual, -bound, bound)
+
+    # The first value sets the level; the scale is a running mean until its EWMA weight takes over (the bias
+    # correction Adam does with 1 - beta^t, in its simplest form), so it is usable when warm-up ends. The
+    # trend starts at 0: a running-mean start measured no better on the benchmark and is noisier.
+    countf = count.to(level.dtype)
+    new_level = torch.where(started, forecast + _rate(config.halflife) * clipped, y)
+    if math.isinf(config.trend_halflife):
+        new_trend = trend
+    else:
+        new_trend = torch.where(started, trend + _rate(config.trend_halflife) * (new_level - level - trend), trend)
+    g = torch.clamp(1.0 / countf.clamp_min(1.0), min=_rate(config.scale_halflife))
+    new_scale = torch.where(started, scale + g * (clipped.abs() - scale), scale)
+
+    new_state = SpikeState(
+        count=count + valid.to(count.dtype),
+        level=torch.where(valid, new_level, level),
+        trend=torch.where(valid, new_trend, trend),
+        scale=torch.where(valid, new_scale, scale),
+        log_domain=log_domain,
+    )
+    return new_state, flags, score
+
+
+def compute(state: SpikeState, config: SpikeConfig = SpikeConfig()) -> SpikeSummary:
+    """Each stream's forecast for the next step, its noise scale and whether it is warmed up.
+
+    baseline = exp(level + trend) in the log domain, level + trend in the linear domain; scale = sqrt(pi/2) *
+    mean absolute forecast error (a relative scale in the log domain). For dashboards: the loss with its
+    expected band, and the per-layer gradient-norm noise the detector is comparing against.
+    """
+    forecast = state.level + state.trend
+    return SpikeSummary(
+        baseline=torch.where(state.log_domain, torch.exp(forecast), forecast),
+        scale=_MAD_TO_SIGMA * state.scale,
+        warmed_up=state.count >= config.warmup,
+    )
+
+
+class Cooldown:
+    """Host-side de-duplication so that one event is one alert: a flag alerts only after a quiet period.
+
+    A stream's flag becomes an alert when that stream raised no flag in the previous ``steps`` steps; every
+    flag (alerted or not) restarts the quiet period, so a spike lasting several steps, or a shifted level
+    flagged for a while, gives one alert. Pure Python on flags already copied to the host (the alerting layer
+    copies the flag vector asynchronously and reads it one step later).
+
+    >>> cd = Cooldown(num_streams=2, steps=3)
+    >>> [cd([True, False], step=s) for s in range(5)]
+    [[True, False], [False, False], [False, False], [False, False], [False, False]]
+    """
+
+    def __init__(self, num_streams: int, steps: int = 50) -> None:
+        if not (isinstance(steps, int) and steps >= 0):
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        self.steps = steps
+        self._last_flag: list[int | None] = [None] * num_streams
+        self._step = -1
+
+    def __call__(self, flags: Sequence[bool], step: int | None = None) -> list[bool]:
+        """Alerts for one step's host-side flags; ``step`` defaults to one past the previous call's."""
+        step = self._step + 1 if step is None else int(step)
+        self._step = step
+        alerts = []
+        for i, flag in enumerate(flags):
+            if not flag:
+                alerts.append(False)
+                continue
+            last = self._last_flag[i]
+            alerts.append(last is None or step - last > self.steps)
+            self._last_flag[i] = step
+        return alerts
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "last_flag": list(self._last_flag), "step": self._step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self._last_flag = list(state["last_flag"])
+        self._step = int(state["step"])

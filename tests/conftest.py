@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny model and a helper that reads a run directory back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.embed(idx).mean(dim=1)
+        return self.head(self.fc2(torch.nn.functional.gelu(self.fc1(h))))
+
+
+def tiny_batch(step: int, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    idx = torch.randint(0, 50, (batch, 8), generator=gen)
+    y = torch.randn(batch, 1, generator=gen)
+    return idx, y
+
+
+def train(model, optimizer, monitor, steps: int, start: int = 0) -> list[float]:
+    losses = []
+    for step in range(start, start + steps):
+        idx, y = tiny_batch(step)
+        loss = torch.nn.functional.mse_loss(model(idx), y)
+        loss.backward()
+        if monitor is not None:
+            monitor.observe_loss(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    return losses
+
+
+def read_records(run_dir: Path | str) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_alerts(run_dir: Path | str) -> list[dict]:
+    path = Path(run_dir) / "alerts.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def tiny_model() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet()

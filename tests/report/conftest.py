@@ -1,0 +1,186 @@
+"""Synthetic run directories in the format of docs/run-directory.md, independent of the monitor."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pytest
+
+DEFAULT_LAYERS = (
+    "embed.weight",
+    "blocks.0.attn.qkv.weight",
+    "blocks.0.mlp.fc1.weight",
+    "blocks.1.attn.qkv.weight",
+    "blocks.1.mlp.fc2.weight",
+    "head.weight",
+)
+HEAVY_LAYER = "blocks.1.attn.qkv.weight"  # its tail index dips under 2 around the loss spike
+
+
+def _dump(obj: Any) -> str:
+    def clean(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        return o
+
+    return json.dumps(clean(obj), allow_nan=False, separators=(",", ":"))
+
+
+def make_run_dir(
+    path: Path,
+    *,
+    layers: Sequence[str] = DEFAULT_LAYERS,
+    heavy_layer: str | None = None,
+    n_checkpoints: int = 50,
+    every: int = 10,
+    optimizer: str | None = "AdamW",
+    seed: int = 0,
+    with_alerts: bool = True,
+    with_noise: bool = True,
+    with_adam: bool = True,
+    with_meta: bool = True,
+    run_name: str = "synthetic",
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a plausible run directory: per-layer tail index, kurtosis and denominator ratio, a loss spike.
+
+    ``heavy_layer`` (default: the 4th layer) has a tail index under 2 for a few checkpoints around the spike;
+    a few values are null; ``noise/hill_alpha`` is written every 5th checkpoint only; two alerts are written.
+    """
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    layers = list(layers)
+    heavy = heavy_layer if heavy_layer is not None else layers[min(3, len(layers) - 1)]
+    steps = [every * (i + 1) for i in range(n_checkpoints)]
+    spike = steps[min(len(steps) - 1, int(len(steps) * 0.6))]
+    t0 = 1764097200.0
+    if with_meta:
+        meta = {
+            "heavytail_version": "0.1.0",
+            "run_name": run_name,
+            "started": t0,
+            "torch_version": "2.13.0",
+            "device": "cpu",
+            "model": "GPT",
+            "optimizer": optimizer,
+            "every": every,
+            "params": [
+                {"name": n, "shape": [64, 64], "numel": 4096, "dtype": "float32"} for n in layers
+            ],
+            "config": {"every": every, "backends": ["jsonl"], "hill_k_frac": 0.02},
+            "extra": extra if extra is not None else {"lr": 3e-4, "betas": [0.9, 0.95], "seed": seed},
+        }
+        (path / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+    base_alpha = {name: 2.6 + 0.5 * i for i, name in enumerate(layers)}
+    lines = []
+    for c, step in enumerate(steps):
+        near = abs(step - spike) <= 2 * every
+        loss = 2.5 + 5.0 * math.exp(-step / (every * 15)) + 0.05 * rng.standard_normal()
+        if step == spike:
+            loss = 7.9
+        m: dict[str, float | None] = {"loss": loss, "grad/norm": 1.0 + 0.1 * rng.standard_normal()}
+        for i, name in enumerate(layers):
+            alpha = base_alpha[name] + 0.15 * rng.standard_normal()
+            if name == heavy and near:
+                alpha = 1.6 + 0.1 * rng.standard_normal()
+            kurt = 3.0 * math.exp(2.0 / max(alpha - 1.0, 0.3)) * (1 + 0.1 * abs(rng.standard_normal()))
+            ratio = 3.0 + 2.0 * abs(rng.standard_normal()) + (120.0 if step == spike and name == heavy else 0.0)
+            m[f"grad/hill_alpha/{name}"] = alpha
+            m[f"grad/hill_alpha_se/{name}"] = alpha / math.sqrt(80)
+            m[f"grad/kurtosis/{name}"] = kurt
+            m[f"grad/kurtosis_gauss/{name}"] = 3.0 - 6.0 / 4097
+            m[f"grad/norm/{name}"] = 0.3 + 0.05 * i + 0.02 * rng.standard_normal()
+            m[f"grad/max/{name}"] = 0.05 * kurt
+            if with_adam:
+                m[f"adam/ratio_max/{name}"] = ratio
+                m[f"adam/spike_frac/{name}"] = 0.001 * (ratio > 50)
+            if with_noise and c % 5 == 4:
+                m[f"noise/hill_alpha/{name}"] = alpha + 0.4
+        # a few nulls, as NaN/Inf are written
+        if c == 7:
+            m[f"grad/kurtosis/{layers[0]}"] = None
+        if c == 11:
+            m[f"grad/hill_alpha/{layers[-1]}"] = None
+        lines.append(_dump({"step": step, "wall_time": t0 + 2.0 * step, "metrics": m}))
+    (path / "metrics.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+    if with_alerts:
+        (path / "flight").mkdir(exist_ok=True)
+        alerts = [
+            {
+                "step": spike - every,
+                "wall_time": t0 + 2.0 * (spike - every),
+                "rule": "tail_index_drop",
+                "severity": "critical",
+                "metric": f"grad/hill_alpha/{heavy}",
+                "layer": heavy,
+                "value": 1.62,
+                "threshold": 2.0,
+                "message": f"tail index of {heavy} fell to 1.62 (< 2: infinite variance)",
+                "flight_record": f"flight/{spike - every:06d}_tail_index_drop.json",
+            },
+            {
+                "step": spike,
+                "wall_time": t0 + 2.0 * spike,
+                "rule": "loss_spike",
+                "severity": "warning",
+                "metric": "loss",
+                "layer": None,
+                "value": 7.9,
+                "threshold": 4.1,
+                "message": f"loss 7.9 at step {spike} is 6.3 robust standard deviations above its recent level",
+                "flight_record": f"flight/{spike:06d}_loss_spike.json",
+            },
+        ]
+        (path / "alerts.jsonl").write_text("".join(_dump(a) + "\n" for a in alerts), encoding="utf-8")
+        for a in alerts:
+            flight = {
+                "step": a["step"],
+                "rule": a["rule"],
+                "layers": layers,
+                "steps": steps[:3],
+                "series": {"grad/norm": [[0.3] * len(layers)] * 3, "loss": [3.0, 3.0, 3.0]},
+            }
+            (path / a["flight_record"]).write_text(_dump(flight), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_run(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``make_run(name="run", **options)`` writes a synthetic run directory under tmp_path."""
+
+    def factory(name: str = "run", **options: Any) -> Path:
+        return make_run_dir(tmp_path / name, **options)
+
+    return factory
+
+
+@pytest.fixture
+def run_dir(make_run: Callable[..., Path]) -> Path:
+    """A synthetic run directory: 6 layers x 50 checkpoints, a loss spike, an alpha under 2, two alerts."""
+    return make_run()
+
+
+EVIL_LAYER = "<script>alert(1)</script>"
+QUOTE_LAYER = "blocks.\"&'.weight"
+
+
+@pytest.fixture
+def evil_run_dir(make_run: Callable[..., Path]) -> Path:
+    """A run whose layer names, messages and metadata try to inject markup and to close the data script."""
+    return make_run(
+        "evil",
+        layers=["embed.weight", EVIL_LAYER, QUOTE_LAYER, "x</script><img src=x onerror=alert(2)>"],
+        heavy_layer=EVIL_LAYER,
+        run_name="<b>run</b>\"&'",
+        extra={"note": "</script><script>alert(3)</script>", "amp": "a&b"},
+    )

@@ -1,0 +1,237 @@
+"""The monitor end to end on CPU: records, exactness against NumPy/SciPy, hooks, state, attach-time errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from torch import nn
+
+import heavytail as ht
+from heavytail.estimators import hill
+from tests.conftest import TinyNet, read_records, tiny_batch, train
+
+
+def _capture_grads(optimizer, names, params):
+    """Record every gradient the optimizer is about to consume (registered after the monitor's hook)."""
+    seen = []
+
+    def hook(opt, args, kwargs):
+        seen.append({n: p.grad.detach().clone() for n, p in zip(names, params) if p.grad is not None})
+
+    optimizer.register_step_pre_hook(hook)
+    return seen
+
+
+def test_every_one_matches_numpy_and_scipy(tmp_path, tiny_model):
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    names = [n for n, _ in tiny_model.named_parameters()]
+    params = list(tiny_model.parameters())
+    with ht.Monitor(tiny_model, opt, every=1, log_dir=tmp_path) as mon:
+        grads = _capture_grads(opt, names, params)
+        train(tiny_model, opt, mon, steps=4)
+    records = read_records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for record, step_grads in zip(records, grads):
+        m = record["metrics"]
+        total = 0.0
+        for name, g in step_grads.items():
+            x = g.double().numpy().reshape(-1)
+            total += float((x**2).sum())
+            assert m[f"grad/norm/{name}"] == pytest.approx(np.linalg.norm(x), rel=1e-9)
+            assert m[f"grad/kurtosis/{name}"] == pytest.approx(scipy.stats.kurtosis(x), rel=1e-6, abs=1e-9)
+            assert m[f"grad/max/{name}"] == pytest.approx(np.abs(x).max(), rel=1e-9)
+            if x.size >= 64:
+                expected = hill(torch.from_numpy(x))
+                assert m[f"grad/hill_alpha/{name}"] == pytest.approx(float(expected.alpha), rel=1e-4)
+                assert m[f"grad/hill_alpha_se/{name}"] == pytest.approx(
+                    m[f"grad/hill_alpha/{name}"] / math.sqrt(m[f"grad/hill_k/{name}"]), rel=1e-4)
+            else:
+                assert m[f"grad/hill_alpha/{name}"] is None  # too few entries: documented NaN
+        assert m["grad/norm"] == pytest.approx(math.sqrt(total), rel=1e-9)
+        assert math.isfinite(m["loss"])
+
+
+def test_adam_ratio_matches_adamw_state(tmp_path, tiny_model):
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
+    named = list(tiny_model.named_parameters())
+    expected = []
+
+    def hook(o, args, kwargs):
+        row = {}
+        for name, p in named:
+            state = o.state.get(p)
+            if not state:
+                continue
+            bc = 1 - 0.99 ** float(state["step"])
+            r = p.grad.double().abs() / ((state["exp_avg_sq"].double() / bc).sqrt() + 1e-8)
+            row[name] = (float(r.max()), float((r**2 > 5000).double().mean()))
+        expected.append(row)
+
+    with ht.Monitor(tiny_model, opt, every=1, log_dir=tmp_path) as mon:
+        opt.register_step_pre_hook(hook)
+        train(tiny_model, opt, mon, steps=3)
+    records = read_records(tmp_path)
+    assert records[0]["metrics"]["adam/ratio_max/fc1.weight"] is None  # no denominator before the first step
+    for record, row in zip(records[1:], expected[1:]):
+        for name, (rmax, frac) in row.items():
+            assert record["metrics"][f"adam/ratio_max/{name}"] == pytest.approx(rmax, rel=1e-9)
+            assert record["metrics"][f"adam/spike_frac/{name}"] == pytest.approx(frac, abs=1e-12)
+            assert record["metrics"][f"adam/ratio_p99/{name}"] <= rmax + 1e-9
+
+
+def test_records_every_n_steps_with_the_documented_keys(tmp_path, tiny_model):
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    with ht.Monitor(tiny_model, opt, every=10, log_dir=tmp_path) as mon:
+        train(tiny_model, opt, mon, steps=25)
+    records = read_records(tmp_path)
+    assert [r["step"] for r in records] == [10, 20, 25]  # close() flushes the partial interval
+    m = records[1]["metrics"]
+    for name, _ in tiny_model.named_parameters():
+        for family in ("grad/norm", "grad/kurtosis", "grad/hill_alpha", "grad/hill_alpha_se", "noise/hill_alpha",
+                       "noise/kurtosis", "adam/ratio_max", "adam/ratio_p99", "adam/spike_frac"):
+            assert f"{family}/{name}" in m
+    assert m["steps"] == 10
+    assert set(records[1]) == {"step", "wall_time", "metrics"}
+    big = "fc1.weight"
+    assert m[f"noise/hill_alpha/{big}"] is not None and m[f"noise/hill_alpha/{big}"] > 0
+    assert m[f"grad/kurtosis_gauss/{big}"] > 0
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["every"] == 10 and meta["optimizer"] == "AdamW"
+    assert [p["name"] for p in meta["params"]] == [n for n, _ in tiny_model.named_parameters()]
+
+
+def test_interval_kurtosis_pools_the_intervals_entries(tmp_path, tiny_model):
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=1e-2)
+    names = [n for n, _ in tiny_model.named_parameters()]
+    with ht.Monitor(tiny_model, opt, every=3, log_dir=tmp_path) as mon:
+        grads = _capture_grads(opt, names, list(tiny_model.parameters()))
+        train(tiny_model, opt, mon, steps=3)
+    m = read_records(tmp_path)[0]["metrics"]
+    pooled = np.concatenate([g["fc2.weight"].double().numpy().reshape(-1) for g in grads])
+    assert m["grad/kurtosis/fc2.weight"] == pytest.approx(scipy.stats.kurtosis(pooled), rel=1e-6)
+    rms = math.sqrt(np.mean([float((g["fc2.weight"].double() ** 2).sum()) for g in grads]))
+    assert m["grad/norm/fc2.weight"] == pytest.approx(rms, rel=1e-9)
+    assert "adam/ratio_max/fc2.weight" not in m  # SGD has no denominator: shadow figures instead
+    assert m["shadow999/ratio_max/fc2.weight"] is not None
+
+
+def test_without_optimizer_step_counts(tmp_path, tiny_model):
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=1e-2)
+    mon = ht.Monitor(tiny_model, every=2, log_dir=tmp_path)
+    for step in range(4):
+        idx, y = tiny_batch(step)
+        nn.functional.mse_loss(tiny_model(idx), y).backward()
+        mon.step()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    assert [r["step"] for r in read_records(tmp_path)] == [2, 4]
+
+
+def test_frozen_and_unused_parameters_are_handled(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    model.fc2.bias.requires_grad_(False)
+    extra = nn.Linear(3, 3)
+    model.unused = extra  # never called in forward: its gradient stays None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with ht.Monitor(model, opt, every=2, log_dir=tmp_path) as mon:
+        train(model, opt, mon, steps=4)
+    m = read_records(tmp_path)[-1]["metrics"]
+    assert "grad/norm/fc2.bias" not in m  # frozen: not watched
+    assert m["grad/norm/unused.weight"] is None  # no gradient: NaN, never a crash
+    assert m["grad/norm/fc1.weight"] > 0
+
+
+def test_close_is_idempotent_and_removes_every_hook(tmp_path, tiny_model):
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    mon = ht.Monitor(tiny_model, opt, every=5, log_dir=tmp_path)
+    train(tiny_model, opt, mon, steps=3)
+    mon.close()
+    mon.close()
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    for p in tiny_model.parameters():
+        assert not getattr(p, "_post_accumulate_grad_hooks", None)
+    # A new monitor may attach once the old one is closed.
+    ht.Monitor(tiny_model, opt, every=5, log_dir=tmp_path / "again").close()
+
+
+def test_default_log_dir_is_timestamped(tmp_path, monkeypatch, tiny_model):
+    monkeypatch.chdir(tmp_path)
+    with ht.Monitor(tiny_model) as mon:
+        pass
+    assert mon.log_dir.parent.name == "heavytail_runs"
+    assert (tmp_path / mon.log_dir / "meta.json").exists()
+
+
+def test_constructible_from_config(tmp_path, tiny_model):
+    config = ht.MonitorConfig(every=3, log_dir=tmp_path, sample_size=32)
+    with ht.Monitor(tiny_model, config=config) as mon:
+        assert mon.config.every == 3 and mon.config.sample_size == 32
+
+
+def test_state_dict_round_trip_with_weights_only(tmp_path, tiny_model):
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    mon = ht.Monitor(tiny_model, opt, every=100, log_dir=tmp_path / "a")
+    train(tiny_model, opt, mon, steps=30)
+    torch.save(mon.state_dict(), tmp_path / "mon.pt")
+    mon.close()
+    state = torch.load(tmp_path / "mon.pt", weights_only=True)
+    resumed = ht.Monitor(tiny_model, opt, every=100, log_dir=tmp_path / "b")
+    resumed.load_state_dict(state)
+    assert resumed.step_count == 30
+    for key, value in state["tensors"].items():
+        torch.testing.assert_close(resumed._state[key].cpu(), value, equal_nan=True)
+    train(tiny_model, opt, resumed, steps=5, start=30)
+    assert resumed.step_count == 35
+    resumed.close()
+    assert read_records(tmp_path / "b")[-1]["step"] == 35
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"every": 0}, ValueError, "every must be a positive integer"),
+        ({"every": -5}, ValueError, "every must be a positive integer"),
+        ({"backends": ("nope",)}, ValueError, "unknown backend 'nope'"),
+        ({"include": ["does.not.exist*"]}, ValueError, "matches no trainable parameter"),
+        ({"exclude": ["*"]}, ValueError, "leave no parameter"),
+        ({"alerts": ("loss_spike", "bogus")}, ValueError, "unknown rule 'bogus'"),
+        ({"sample_size": 0}, ValueError, "sample_size"),
+    ],
+)
+def test_attach_time_errors(tmp_path, tiny_model, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ht.Monitor(tiny_model, log_dir=tmp_path, **kwargs)
+
+
+def test_no_trainable_parameters_is_an_error(tmp_path):
+    model = nn.Linear(3, 3).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        ht.Monitor(model, log_dir=tmp_path)
+
+
+def test_optimizer_must_own_the_parameters(tmp_path, tiny_model):
+    other = torch.optim.AdamW(nn.Linear(3, 3).parameters())
+    with pytest.raises(ValueError, match="does not own the watched parameter 'embed.weight'"):
+        ht.Monitor(tiny_model, other, log_dir=tmp_path)
+
+
+def test_attaching_twice_is_an_error(tmp_path, tiny_model):
+    with ht.Monitor(tiny_model, log_dir=tmp_path / "a"):
+        with pytest.raises(RuntimeError, match="already attached"):
+            ht.Monitor(tiny_model, log_dir=tmp_path / "b")
+
+
+def test_include_by_pattern_and_module_type(tmp_path, tiny_model):
+    with ht.Monitor(tiny_model, include=["fc*"], exclude=["*.bias"], log_dir=tmp_path / "a") as mon:
+        assert mon.names == ["fc1.weight", "fc2.weight"]
+    with ht.Monitor(tiny_model, include=[nn.Embedding], log_dir=tmp_path / "b") as mon:
+        assert mon.names == ["embed.weight"]
+    with ht.Monitor(tiny_model, include=["re:^(fc2|head)\\.weight$"], log_dir=tmp_path / "c") as mon:
+        assert mon.names == ["fc2.weight", "head.weight"]
