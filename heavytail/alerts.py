@@ -29,7 +29,7 @@ class AlertEngine:
     model is one alert, not a hundred. A stream that flagged within ``alert_cooldown`` steps does not alert again.
     """
 
-    def __init__(self, config: Any, log_dir: Path, emit: Callable[[dict], None]) -> None:
+    def __init__(self, config: Any, log_dir: Path, emit: Callable[[dict], None], warmup: int = 100) -> None:
         self.rules = set(config.alerts)
         self.cooldown_steps = int(config.alert_cooldown)
         self.tail_threshold = float(config.tail_alpha_threshold)
@@ -37,6 +37,9 @@ class AlertEngine:
         self.spike_threshold = float(config.spike_threshold)
         self.log_dir = Path(log_dir)
         self._emit = emit
+        # Early steps have a denominator built from very few gradients (at step 2, v_hat is g_1^2 alone), so
+        # every ratio is large: hidden spikes are judged only once the detectors are warm too.
+        self.warmup = int(warmup)
         self._cooldowns: dict[str, Cooldown] = {}
         self.count = 0
 
@@ -107,7 +110,7 @@ class AlertEngine:
         self._rule("nonfinite_grad", step, nonfinite > 0, nonfinite, nonfinite, list(names), "grad/nonfinite_count",
                    0.0, lambda n, v, s: f"{int(v)} non-finite gradient entries in {n} at step {step} (excluded from "
                                         f"the statistics)")
-        hidden = np.nan_to_num(spike_frac, nan=0.0) > self.hidden_frac
+        hidden = (np.nan_to_num(spike_frac, nan=0.0) > self.hidden_frac) & (step > self.warmup)
         ratio = math.sqrt(self.spike_threshold)
         self._rule("hidden_spike", step, hidden, np.nan_to_num(ratio_max, nan=0.0), spike_frac, list(names),
                    "adam/spike_frac", self.hidden_frac,
@@ -118,11 +121,14 @@ class AlertEngine:
     def process_record(self, step: int, metrics: dict[str, float], names: Sequence[str]) -> None:
         """Rules on a checkpoint record: a layer's tail index under the threshold."""
         alphas = np.array([metrics.get(f"grad/hill_alpha/{n}", math.nan) for n in names], dtype=np.float64)
-        low = np.nan_to_num(alphas, nan=np.inf) < self.tail_threshold
+        ses = np.array([metrics.get(f"grad/hill_alpha_se/{n}", math.nan) for n in names], dtype=np.float64)
+        # Confident drops only: the estimate plus one standard error is still under the threshold.
+        upper = np.nan_to_num(alphas + np.nan_to_num(ses, nan=0.0), nan=np.inf)
+        low = upper < self.tail_threshold
         self._rule("tail_index_drop", step, low, -np.nan_to_num(alphas, nan=np.inf), alphas, list(names),
                    "grad/hill_alpha", self.tail_threshold,
                    lambda n, v, s: f"tail index of {n}'s gradient is {v:.2f} at step {step}, under "
-                                   f"{self.tail_threshold:g}: infinite variance")
+                                   f"{self.tail_threshold:g} by more than its standard error: infinite variance")
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count, "cooldowns": {k: c.state_dict() for k, c in self._cooldowns.items()}}

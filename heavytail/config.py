@@ -55,8 +55,9 @@ class MonitorConfig:
     """beta2 values of the shadow denominators (an EMA of g^2 on the sampled coordinates): what AdamW's
     denominator would have done with the same gradients, for every optimizer."""
 
-    min_tail_samples: int = 64
-    """Tensors with fewer entries get no tail index (NaN): too few order statistics for an honest estimate."""
+    min_tail_samples: int = 100
+    """Tensors with fewer entries get no tail index (NaN): too few order statistics for an honest estimate
+    (the default k needs at least 100 non-zero values)."""
 
     tail_top_max: int = 1 << 15
     """At most this many top order statistics per tensor are taken at a checkpoint for the tail index."""
@@ -80,7 +81,8 @@ class MonitorConfig:
     """Steps during which a rule does not fire again for the same metric: one event, one alert."""
 
     tail_alpha_threshold: float = 2.0
-    """``tail_index_drop`` fires when a layer's Hill alpha is under this (2: infinite variance)."""
+    """``tail_index_drop`` fires when a layer's Hill alpha is under this (2: infinite variance) by more than its
+    standard error, so a small layer's noisy estimate does not raise a false alarm."""
 
     hidden_spike_frac: float = 0.0
     """``hidden_spike`` fires when the fraction of a layer's coordinates over ``spike_threshold`` exceeds this."""

@@ -35,7 +35,7 @@ from heavytail.estimators.gradient_pass import (
     S4,
     GradientPass,
 )
-from heavytail.estimators.hill import default_top_count, hill_from_top
+from heavytail.estimators.hill import default_top_count, hill_from_top, top_magnitudes
 from heavytail.estimators.kurtosis import gaussian_kurtosis_quantile, kurtosis_from_power_sums
 from heavytail.hooks.gradients import BackwardTap
 from heavytail.hooks.optimizer import OptimizerTap, check_owns, denominators
@@ -147,7 +147,6 @@ class Monitor:
         self.run_name = config.run_name or self.log_dir.name
         self._backends = self._open_backends()
         self._alert_callbacks: list[Callable[[dict], None]] = []
-        self.alerts = AlertEngine(config, self.log_dir, self._emit_alert)
 
         # The coordinate sample: fixed at attach so the temporal noise of each coordinate can be followed.
         generator = torch.Generator().manual_seed(config.seed)
@@ -161,6 +160,7 @@ class Monitor:
         self._pass = GradientPass(self.numels, self._sample_index, chunk_numel=config.chunk_numel,
                                   dtype=config.stats_dtype)
         self._spike_config = self._make_spike_config()
+        self.alerts = AlertEngine(config, self.log_dir, self._emit_alert, warmup=self._spike_config.warmup)
         self.step_count = 0
         self._interval_start = 0
         self._loss_sum: torch.Tensor | None = None
@@ -520,21 +520,21 @@ class Monitor:
         cfg = self.config
         num_layers = len(self.params)
         out = torch.full((num_layers, 3), math.nan, device=self.device, dtype=torch.float32)
-        groups: dict[int, tuple[list[int], list[torch.Tensor], list[int]]] = {}
+        groups: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
         with torch.no_grad():
             for i, g in enumerate(self._gradients()):
                 n = self.numels[i]
                 if g is None or n < cfg.min_tail_samples:
                     continue
-                m = int(min(default_top_count(n), cfg.tail_top_max, n))
-                values = torch.nan_to_num(g.detach().reshape(-1).float(), nan=0.0, posinf=0.0, neginf=0.0).abs()
-                top = torch.topk(values, m, sorted=True).values
-                rows, tops, ns = groups.setdefault(m, ([], [], []))
+                m = int(min(default_top_count(n), cfg.tail_top_max))
+                # Zeros and non-finite entries are missing data for the tail (the estimator's rule).
+                top, count = top_magnitudes(g.detach().reshape(-1), m)
+                rows, tops, counts = groups.setdefault(top.shape[-1], ([], [], []))
                 rows.append(i)
                 tops.append(top)
-                ns.append(n)
-            for m, (rows, tops, ns) in groups.items():
-                result = hill_from_top(torch.stack(tops), torch.tensor(ns, device=self.device))
+                counts.append(count)
+            for rows, tops, counts in groups.values():
+                result = hill_from_top(torch.stack(tops), torch.stack(counts))
                 out[torch.tensor(rows, device=self.device)] = torch.stack(
                     [result.alpha.float(), result.se.float(), result.k.float()], dim=1)
         return out
@@ -557,12 +557,12 @@ class Monitor:
         m4 = (centred**4).sum(1) / nvalid
         kurt = m4 / (m2 * m2) - 3.0
         out[:, 2] = torch.where(counts >= self.config.min_tail_samples, kurt, math.nan).to(torch.float32)
-        # Hill: invalid slots read as 0, which never reaches the top order statistics of a mostly valid row.
+        # Hill: slots not yet written read as 0, which the estimator treats as missing (zeros carry no tail).
         n_total = num_samples * window
         m = int(min(default_top_count(n_total), n_total))
         top = torch.topk((data * mask).abs(), m, dim=1).values
         result = hill_from_top(top, counts.clamp_min(1))
-        enough = counts >= max(self.config.min_tail_samples, n_total // 2)
+        enough = counts >= self.config.min_tail_samples
         out[:, 0] = torch.where(enough, result.alpha.float(), math.nan)
         out[:, 1] = torch.where(enough, result.se.float(), math.nan)
         return out

@@ -40,7 +40,7 @@ def train(model, optimizer, monitor, steps: int, start: int = 0) -> list[float]:
             monitor.observe_loss(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

@@ -43,13 +43,20 @@ def test_every_one_matches_numpy_and_scipy(tmp_path, tiny_model):
             x = g.double().numpy().reshape(-1)
             total += float((x**2).sum())
             assert m[f"grad/norm/{name}"] == pytest.approx(np.linalg.norm(x), rel=1e-9)
-            assert m[f"grad/kurtosis/{name}"] == pytest.approx(scipy.stats.kurtosis(x), rel=1e-6, abs=1e-9)
+            expected_kurtosis = scipy.stats.kurtosis(x)
+            if np.isfinite(expected_kurtosis):
+                assert m[f"grad/kurtosis/{name}"] == pytest.approx(expected_kurtosis, rel=1e-6, abs=1e-9)
+            else:  # a one-entry tensor: NaN, written as null
+                assert m[f"grad/kurtosis/{name}"] is None
             assert m[f"grad/max/{name}"] == pytest.approx(np.abs(x).max(), rel=1e-9)
-            if x.size >= 64:
+            if x.size >= 100:
                 expected = hill(torch.from_numpy(x))
-                assert m[f"grad/hill_alpha/{name}"] == pytest.approx(float(expected.alpha), rel=1e-4)
-                assert m[f"grad/hill_alpha_se/{name}"] == pytest.approx(
-                    m[f"grad/hill_alpha/{name}"] / math.sqrt(m[f"grad/hill_k/{name}"]), rel=1e-4)
+                if math.isfinite(float(expected.alpha)):
+                    assert m[f"grad/hill_alpha/{name}"] == pytest.approx(float(expected.alpha), rel=1e-4)
+                    assert m[f"grad/hill_alpha_se/{name}"] == pytest.approx(float(expected.se), rel=1e-4)
+                else:  # no power-law tail: alpha = inf, written as null
+                    assert m[f"grad/hill_alpha/{name}"] is None
+                assert m[f"grad/hill_k/{name}"] == float(expected.k)
             else:
                 assert m[f"grad/hill_alpha/{name}"] is None  # too few entries: documented NaN
         assert m["grad/norm"] == pytest.approx(math.sqrt(total), rel=1e-9)
@@ -68,7 +75,9 @@ def test_adam_ratio_matches_adamw_state(tmp_path, tiny_model):
             if not state:
                 continue
             bc = 1 - 0.99 ** float(state["step"])
-            r = p.grad.double().abs() / ((state["exp_avg_sq"].double() / bc).sqrt() + 1e-8)
+            v = state["exp_avg_sq"].double()
+            r = p.grad.double().abs() / ((v / bc).sqrt() + 1e-8)
+            r = torch.where(v > 0, r, 0.0)  # never-seen coordinates are no spike (documented)
             row[name] = (float(r.max()), float((r**2 > 5000).double().mean()))
         expected.append(row)
 

@@ -45,12 +45,13 @@ def is_tail_index_family(family: str) -> bool:
 def custom_scalars_layout(families: Mapping[str, Iterable[str]]) -> dict[str, dict[str, list]]:
     """The ``SummaryWriter.add_custom_scalars`` layout for per-layer families: ``{family: [layer names]}``.
 
-    One category per family (``grad/hill_alpha``, ``grad/kurtosis``, ``adam/ratio_max``, ...), holding a
+    One category per family (``grad/hill_alpha``, ``grad/kurtosis``, ``adam/ratio_max``, ..., in that order:
+    tail indices, kurtosis, denominator ratios, then the rest alphabetically), holding a
     multiline chart of all layers (regex ``^family/.*``, so layers that appear later still match) and, when the
     model has between 2 and ``MAX_BLOCK_CHARTS`` blocks, one multiline chart per block (``blocks.0``, ...).
     """
     layout: dict[str, dict[str, list]] = {}
-    for family in sorted(families):
+    for family in sorted(families, key=_family_order):
         layers = sorted(families[family])
         prefix = re.escape(family) + "/"
         charts: dict[str, list] = {f"{family} (all layers)": ["Multiline", [f"^{prefix}.*"]]}
@@ -60,6 +61,20 @@ def custom_scalars_layout(families: Mapping[str, Iterable[str]]) -> dict[str, di
                 charts[f"{family} {block}"] = ["Multiline", [f"^{prefix}{re.escape(block)}(\\..*)?$"]]
         layout[family] = charts
     return layout
+
+
+def _family_order(family: str) -> tuple[int, str]:
+    # The figures the dashboard exists for come first: tail indices, then kurtosis, then denominator ratios.
+    quantity = family.rsplit("/", 1)[-1]
+    if quantity.endswith("alpha"):
+        rank = 0
+    elif quantity == "kurtosis":
+        rank = 1
+    elif quantity == "ratio_max":
+        rank = 2
+    else:
+        rank = 3
+    return rank, family
 
 
 def _natural_key(name: str) -> list:
@@ -108,7 +123,7 @@ class TensorBoardBackend:
 
     def __init__(
         self,
-        log_dir: Path | str,
+        log_dir: Path | str | None = None,
         config: Any = None,
         *,
         tb_dir: Path | str | None = None,
@@ -116,6 +131,8 @@ class TensorBoardBackend:
         flush_secs: int = 120,
         max_queue: int = 10,
     ) -> None:
+        if log_dir is None and tb_dir is None:
+            raise ValueError("tensorboard backend: give log_dir (events go to <log_dir>/tensorboard) or tb_dir")
         try:
             from tensorboard.compat.proto.summary_pb2 import Summary
             from torch.utils.tensorboard import SummaryWriter

@@ -19,7 +19,9 @@ def config_dict(config: Any) -> dict[str, Any]:
     if config is None:
         return {}
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        raw = dataclasses.asdict(config)
+        # Not dataclasses.asdict: it deep-copies every field, and MonitorConfig.backends may hold backend objects
+        # (a SummaryWriter, a W&B run) that cannot be copied.
+        raw = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     elif isinstance(config, Mapping):
         raw = dict(config)
     else:
@@ -31,6 +33,8 @@ def _plain(value: Any) -> Any:
     # W&B's config serializer refuses arbitrary objects (callables, devices, enums); keep what JSON can say.
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -54,18 +58,19 @@ class WandbBackend:
     late (Hugging Face ``Trainer`` starts its W&B run when training begins) is still found. If ``wandb.run`` is
     set, records go into that run, and the backend never finishes it; if the user's run finishes first, the
     backend drops records (with one warning) until another run is active. Otherwise the backend starts a run
-    (``project`` defaults to ``"heavytail"``, ``name`` to ``config.run_name``, ``dir`` to ``log_dir``; the mode
-    comes from ``WANDB_MODE``), and ``close`` finishes it and, when no other run is active, shuts W&B's
-    service process down (``wandb.teardown``; pass ``teardown=False`` to keep it, e.g. to keep a key given to
-    ``wandb.login`` for the session).
+    (``project`` defaults to ``"heavytail"``, ``name`` to ``config.run_name`` or else the run directory's name,
+    ``dir`` to ``log_dir`` or W&B's own default; the mode comes from ``WANDB_MODE`` unless ``mode`` is given),
+    and ``close`` finishes it and, when no other run is active, shuts W&B's service process down
+    (``wandb.teardown``; pass ``teardown=False`` to keep it, e.g. to keep a key given to ``wandb.login`` for
+    the session).
 
     **Keys and x-axis.** Metric keys are logged as they are (``grad/hill_alpha/<param>``), with ``prefix``
     prepended if given (for a shared run whose own keys would collide). The optimizer step is logged as the
     metric ``heavytail/step`` (``step_key``), never as ``wandb.log(step=...)``, and ``define_metric`` makes it the
-    x-axis of heavytail's groups (``grad/*``, ``adam/*``, ``noise/*``, ``alerts/*``; in a run the backend started,
-    also of top-level keys such as ``loss``), so charts follow the optimizer step even when other code advances
-    W&B's own step. In a run the user started, top-level keys are left alone, as the user may log ``loss`` too.
-    NaN and Inf are logged as they are.
+    x-axis of heavytail's groups (``grad/*``, ``adam/*``, ``noise/*``, ``alerts/*``; in a run the backend started
+    or under a ``prefix``, also of top-level keys such as ``loss``), so charts follow the optimizer step even when
+    other code advances W&B's own step. In a run the user started, unprefixed top-level keys are left alone, as
+    the user may log ``loss`` too. NaN and Inf are logged as they are.
 
     **Alerts.** Each alert is sent with ``run.alert`` (title ``heavytail <rule>``; W&B holds back a repeat of the
     same title for ``alert_wait_s`` seconds), counted in the series ``alerts/<rule>`` (cumulative count, at the
@@ -75,7 +80,7 @@ class WandbBackend:
 
     def __init__(
         self,
-        log_dir: Path | str,
+        log_dir: Path | str | None = None,
         config: Any = None,
         *,
         project: str | None = None,
@@ -96,12 +101,13 @@ class WandbBackend:
                 "wandb backend: the wandb package is missing; install it with `pip install heavytail[wandb]`"
             ) from err
         self._wandb = wandb
-        self.log_dir = Path(log_dir)
+        self.log_dir = None if log_dir is None else Path(log_dir)
         self._config = config
         self._init_kwargs = {
             "project": project or "heavytail",
             "entity": entity,
-            "name": name or getattr(config, "run_name", None),
+            # the monitor's own default run name is the run directory's name
+            "name": name or getattr(config, "run_name", None) or (self.log_dir.name if self.log_dir else None),
             "group": group,
             "tags": tags,
             "mode": mode,
@@ -144,9 +150,11 @@ class WandbBackend:
         return active
 
     def _start_run(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         kwargs = {k: v for k, v in self._init_kwargs.items() if v is not None}
-        self.run = self._wandb.init(dir=str(self.log_dir), config=config_dict(self._config), **kwargs)
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            kwargs["dir"] = str(self.log_dir)
+        self.run = self._wandb.init(config=config_dict(self._config), **kwargs)
         self.owns_run = True
         self._defined = set()
 
@@ -157,7 +165,8 @@ class WandbBackend:
             self._defined.add(self._step_key)
         for key in keys:
             glob = self._prefix + _metric_glob(key)
-            if glob in self._defined or (not glob.endswith("*") and not self.owns_run):
+            # an exact top-level key ("loss") in the user's run may be the user's own series too
+            if glob in self._defined or (glob == key and not self.owns_run):
                 continue
             run.define_metric(glob, step_metric=self._step_key)
             self._defined.add(glob)

@@ -13,6 +13,7 @@ Per tensor ``l`` with entries g (non-finite entries are counted and then read as
 - with a denominator (AdamW's ``exp_avg_sq`` v and its bias correction bc = 1 - beta2^t, eps):
   r = |g| / (sqrt(v / bc) + eps) as AdamW divides (Kingma & Ba 2015; Loshchilov & Hutter 2019),
   ``ratio_max`` = max r and ``ratio_spikes`` = #{r^2 > spike_threshold} (SPAM, Huang et al. 2025, uses 5000);
+  coordinates with v = 0 (never had a gradient) count as r = 0;
 - the values of g, r and v at a fixed set of sampled coordinates per tensor (for the noise and shadow estimators).
 
 A Triton kernel could fuse all of this into one read of g (and of v); this is the reference ``torch`` path,
@@ -218,6 +219,9 @@ class GradientPass:
             bias_correction = torch.repeat_interleave(bias_correction, chunk.lengths)
             eps = torch.repeat_interleave(eps, chunk.lengths)
         r = x.abs() / (torch.sqrt(v / bias_correction) + eps)
+        # A coordinate whose denominator has never seen a gradient (v = 0: an embedding row not yet used) gets
+        # |g|/eps, which is the optimizer's first update of it, not a spike the denominator hides: read it as 0.
+        r = torch.where(v > 0, r, 0.0)
         return r, v
 
 

@@ -39,14 +39,14 @@ class SpikeConfig:
     """Half-life in steps of the level (the smoothed value). Short, so the forecast follows the loss curve;
     the trend term removes the lag a decaying loss would otherwise cause."""
 
-    trend_halflife: float = 100.0
+    trend_halflife: float = 20.0
     """Half-life in steps of the trend (change of level per step); ``math.inf`` disables the trend."""
 
     scale_halflife: float = 200.0
     """Half-life in steps of the scale (mean absolute one-step forecast error). Long, because heavy-tailed
     noise makes a short-memory scale estimate itself noisy, and a low scale estimate means false alerts."""
 
-    threshold: float = 12.0
+    threshold: float = 18.0
     """Flag when the robust z-score (forecast error over scale, in Gaussian-sigma units) exceeds this. Far
     above the Gaussian habit of 3-4 because healthy loss noise is heavy-tailed: a Student-t with 3 degrees of
     freedom exceeds 12 "sigma" (MAD-scaled) about once in 10^4 steps."""
@@ -168,52 +168,56 @@ def update(
     """
     count, level, trend, scale, log_domain = state
     x = x.detach().reshape(level.shape).to(level.dtype)
-    finite = torch.isfinite(x)
 
     if config.domain == "auto":
         # The first negative value moves a stream to the linear domain for good. The state is carried over to
         # first order (d exp(y) = exp(y) dy), so the stream keeps its warm-up and does not re-learn its level.
-        switch = log_domain & finite & (x < 0)
+        switch = log_domain & torch.isfinite(x) & (x < 0)
         base = torch.exp(level)
+        factor = torch.where(switch, base, 1.0)
         level = torch.where(switch, base, level)
-        trend = torch.where(switch, base * trend, trend)
-        scale = torch.where(switch, base * scale, scale)
+        trend = trend * factor
+        scale = scale * factor
         log_domain = log_domain & ~switch
 
-    y = torch.where(log_domain, torch.log(x), x)
-    # log of a non-positive value is nan or -inf: skipped like any non-finite input.
-    valid = finite & torch.isfinite(y)
+    if config.domain == "linear":
+        y = x
+    else:
+        y = torch.where(log_domain, torch.log(x), x)
+    # Non-finite x, and x <= 0 in the log domain (log gives nan or -inf), are skipped.
+    valid = torch.isfinite(y)
+    started = count > 0  # a forecast exists only after the first value
+    warmed = count >= config.warmup
 
     forecast = level + trend
     residual = y - forecast
-    floor = torch.where(log_domain, torch.full_like(forecast, _SCALE_FLOOR), _SCALE_FLOOR * forecast.abs())
-    sigma = torch.maximum(_MAD_TO_SIGMA * scale, floor).clamp_min(torch.finfo(level.dtype).tiny)
-    started = count > 0  # a forecast exists only after the first value
-    score = torch.where(valid & started, residual / sigma, torch.zeros_like(residual))
+    # Relative floor in either domain (see _SCALE_FLOOR); `tiny` keeps an all-zero linear stream off 0/0.
+    floor = _SCALE_FLOOR * torch.where(log_domain, 1.0, forecast.abs()) + torch.finfo(level.dtype).tiny
+    sigma = torch.maximum(_MAD_TO_SIGMA * scale, floor)
+    score = torch.where(valid & started, residual / sigma, 0.0)
 
     baseline = torch.where(log_domain, torch.exp(forecast), forecast)
     excess = x - baseline
     gate = config.atol + config.rtol * baseline.abs()
-    warmed = count >= config.warmup
     if config.two_sided:
         flags = valid & warmed & (score.abs() > config.threshold) & (excess.abs() > gate)
     else:
         flags = valid & warmed & (score > config.threshold) & (excess > gate)
 
     # Winsorize only once warmed: early scales rest on a handful of values and would freeze the level.
-    bound = torch.where(warmed, config.clip * sigma, torch.full_like(sigma, math.inf))
+    bound = torch.where(warmed, config.clip * sigma, math.inf)
     clipped = torch.clamp(residual, -bound, bound)
 
     # The first value sets the level; the scale is a running mean until its EWMA weight takes over (the bias
     # correction Adam does with 1 - beta^t, in its simplest form), so it is usable when warm-up ends. The
-    # trend starts at 0: a running-mean start measured no better on the benchmark and is noisier.
-    countf = count.to(level.dtype)
+    # trend starts at 0: a running-mean start for it measured no better on the benchmark.
     new_level = torch.where(started, forecast + _rate(config.halflife) * clipped, y)
     if math.isinf(config.trend_halflife):
         new_trend = trend
     else:
-        new_trend = torch.where(started, trend + _rate(config.trend_halflife) * (new_level - level - trend), trend)
-    g = torch.clamp(1.0 / countf.clamp_min(1.0), min=_rate(config.scale_halflife))
+        b = torch.clamp(1.0 / count.clamp_min(1).to(level.dtype), min=_rate(config.trend_halflife))
+        new_trend = torch.where(started, trend + b * (new_level - level - trend), trend)
+    g = torch.clamp(1.0 / count.clamp_min(1).to(level.dtype), min=_rate(config.scale_halflife))
     new_scale = torch.where(started, scale + g * (clipped.abs() - scale), scale)
 
     new_state = SpikeState(
@@ -249,9 +253,9 @@ class Cooldown:
     flagged for a while, gives one alert. Pure Python on flags already copied to the host (the alerting layer
     copies the flag vector asynchronously and reads it one step later).
 
-    >>> cd = Cooldown(num_streams=2, steps=3)
-    >>> [cd([True, False], step=s) for s in range(5)]
-    [[True, False], [False, False], [False, False], [False, False], [False, False]]
+    >>> cd = Cooldown(num_streams=1, steps=3)
+    >>> [cd([flag], step=s)[0] for s, flag in enumerate([1, 1, 0, 1, 0, 0, 0, 1])]
+    [True, False, False, False, False, False, False, True]
     """
 
     def __init__(self, num_streams: int, steps: int = 50) -> None:

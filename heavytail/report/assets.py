@@ -31,12 +31,15 @@ section.ht-sec h3{font-size:14px;margin:14px 0 6px;font-weight:600;word-break:br
 .ht-card{background:#fff;border:1px solid var(--line);border-radius:8px;padding:10px 14px}
 .ht-card .v{font-size:21px;font-weight:600;font-variant-numeric:tabular-nums;word-break:break-word}
 .ht-card .k{font-size:12px;color:var(--muted);font-weight:600}
+.ht-card .n{font-size:12px;color:var(--muted)}
 .ht-card.bad .v{color:var(--crit)}
 table.ht-table{border-collapse:collapse;width:100%;font-size:13px}
 .ht-table th,.ht-table td{padding:5px 9px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
 .ht-table th{background:#eef1f6;font-weight:600;position:sticky;top:0;z-index:1;white-space:nowrap}
 .ht-table td.num,.ht-table th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .ht-table tr:hover td{background:#fafbfd}
+.ht-scroll-x{overflow-x:auto}
+#summary-table{width:auto;min-width:min(100%,720px)}#summary-table td.num,#summary-table th.num{min-width:150px}
 .ht-scroll{max-height:520px;overflow:auto;border:1px solid var(--line);border-radius:6px}
 .ht-badge{display:inline-block;padding:0 7px;border-radius:9px;font-size:11px;font-weight:600;color:#fff;line-height:18px}
 .sev-critical{background:var(--crit)}.sev-warning{background:var(--warn)}.sev-info{background:var(--info)}
@@ -174,7 +177,13 @@ SCRIPT = r"""
     if (rows) show(ev, rows); else hide();
   });
   document.addEventListener("mouseleave", hide);
-  var charts = document.querySelectorAll("svg[data-chart]");
-  document.documentElement.setAttribute("data-ht-ready", String(charts.length));
+  // Self-check, read by the browser tests: every chart has its data and every heatmap decodes to rows x cols.
+  var charts = document.querySelectorAll("svg[data-chart]"), ok = 0;
+  for (var j = 0; j < charts.length; j++) {
+    var cid = charts[j].getAttribute("data-chart"), h = heatmaps[cid];
+    if (h ? values(cid).length === h.rows * h.cols && h.layers.length === h.rows : lines[cid]) ok++;
+  }
+  document.documentElement.setAttribute("data-ht-charts", String(ok));
+  document.documentElement.setAttribute("data-ht-ready", "1");
 })();
 """

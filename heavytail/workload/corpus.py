@@ -92,12 +92,17 @@ def load_corpus(path: str | os.PathLike[str] | None = None, max_bytes: int = DEF
             continue
         if len(data) + 1 > budget:
             cut = data.rfind(b"\n", 0, budget)
-            # No line break under the cap: cut mid-line rather than lose the whole file (one-line files).
-            data = data[: cut + 1] if cut > 0 else data[:budget]
+            if cut >= 0:
+                data = data[: cut + 1]
+            elif not parts:
+                data = data[:budget]  # one long line and nothing else yet: a mid-line cut beats an empty corpus
+            else:
+                break
+            if data.strip():
+                parts.append(data.decode("utf-8", errors="replace"))
+            break
         parts.append(data.decode("utf-8", errors="replace"))
         budget -= len(data) + 1
-        if budget <= 0:
-            break
     text = "\n".join(parts)
     if not text.strip():
         raise ValueError(f"corpus path holds no text: {root}")

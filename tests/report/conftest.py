@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import struct
+import zlib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -72,9 +75,7 @@ def make_run_dir(
             "model": "GPT",
             "optimizer": optimizer,
             "every": every,
-            "params": [
-                {"name": n, "shape": [64, 64], "numel": 4096, "dtype": "float32"} for n in layers
-            ],
+            "params": [{"name": n, "shape": [64, 64], "numel": 4096, "dtype": "float32"} for n in layers],
             "config": {"every": every, "backends": ["jsonl"], "hill_k_frac": 0.02},
             "extra": extra if extra is not None else {"lr": 3e-4, "betas": [0.9, 0.95], "seed": seed},
         }
@@ -155,6 +156,12 @@ def make_run_dir(
 
 
 @pytest.fixture
+def names() -> SimpleNamespace:
+    """The synthetic runs' layer names: ``layers``, ``heavy`` (dips under alpha 2), ``evil`` and ``quote``."""
+    return SimpleNamespace(layers=DEFAULT_LAYERS, heavy=HEAVY_LAYER, evil=EVIL_LAYER, quote=QUOTE_LAYER)
+
+
+@pytest.fixture
 def make_run(tmp_path: Path) -> Callable[..., Path]:
     """Factory: ``make_run(name="run", **options)`` writes a synthetic run directory under tmp_path."""
 
@@ -162,6 +169,12 @@ def make_run(tmp_path: Path) -> Callable[..., Path]:
         return make_run_dir(tmp_path / name, **options)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def write_run_dir() -> Callable[..., Path]:
+    """``make_run_dir(path, **options)`` itself, for fixtures broader than one test."""
+    return make_run_dir
 
 
 @pytest.fixture
@@ -184,3 +197,64 @@ def evil_run_dir(make_run: Callable[..., Path]) -> Path:
         run_name="<b>run</b>\"&'",
         extra={"note": "</script><script>alert(3)</script>", "amp": "a&b"},
     )
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """Pixels of an 8-bit, non-interlaced PNG as an (H, W, channels) uint8 array (enough for screenshots).
+
+    Filters None, Sub and Up are vectorised; Average and Paeth run byte by byte (about 1 s for a full page).
+    """
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG")
+    pos, idat, header = 8, [], None
+    while pos < len(data):
+        length, tag = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        if tag == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif tag == b"IDAT":
+            idat.append(body)
+        elif tag == b"IEND":
+            break
+    if header is None:
+        raise ValueError("PNG without IHDR")
+    w, h, depth, ctype, _, _, interlace = header
+    if depth != 8 or interlace:
+        raise ValueError(f"unsupported PNG: depth {depth}, interlace {interlace}")
+    bpp = {0: 1, 2: 3, 4: 2, 6: 4}[ctype]
+    stride = w * bpp
+    raw = zlib.decompress(b"".join(idat))
+    out = np.zeros((h, stride), dtype=np.uint8)
+    prev = np.zeros(stride, dtype=np.uint8)
+    for y in range(h):
+        start = y * (stride + 1)
+        kind = raw[start]
+        line = np.frombuffer(raw, dtype=np.uint8, count=stride, offset=start + 1)
+        if kind == 0:
+            cur = line.copy()
+        elif kind == 1:
+            cur = (np.cumsum(line.reshape(w, bpp).astype(np.int64), axis=0) % 256).astype(np.uint8).reshape(stride)
+        elif kind == 2:
+            cur = line + prev
+        else:
+            buf, up = bytearray(line.tobytes()), prev.tobytes()
+            for x in range(stride):
+                a = buf[x - bpp] if x >= bpp else 0
+                b = up[x]
+                if kind == 3:
+                    buf[x] = (buf[x] + ((a + b) >> 1)) & 255
+                else:
+                    c = up[x - bpp] if x >= bpp else 0
+                    pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+                    buf[x] = (buf[x] + (a if pa <= pb and pa <= pc else (b if pb <= pc else c))) & 255
+            cur = np.frombuffer(bytes(buf), dtype=np.uint8)
+        out[y] = cur
+        prev = cur
+    return out.reshape(h, w, bpp)
+
+
+@pytest.fixture
+def png_pixels() -> Callable[[bytes], np.ndarray]:
+    """The PNG decoder, as a fixture so test modules need not import conftest."""
+    return decode_png

@@ -1,0 +1,247 @@
+"""Hill's tail index of magnitudes, with a data-driven, bias-reduced default choice of k."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "HillResult",
+    "TOP_CAP",
+    "MIN_K",
+    "default_top_count",
+    "top_magnitudes",
+    "hill",
+    "hill_from_top",
+]
+
+TOP_CAP = 2**16
+"""Most order statistics the default ever needs: huge layers cost one ``topk`` of 65,536 values, not a sort."""
+
+MIN_K = 10
+"""Smallest k the default considers; rows with fewer than ``10 * MIN_K`` valid values give NaN."""
+
+# The default's tuning, measured in benchmarks/tail_accuracy.py (see docs/estimators.md):
+_KMAX_FRACTION = 10  # candidates k <= n / 10: beyond that the quadratic bias model misfits alpha-stable data
+_REFERENCE_FRACTION = 10  # Lepski references j >= k_max / 10: smaller j are too noisy to detect any bias
+_LEPSKI_C = 3.0  # threshold in standard deviations; 2.5 stops early on noise, 3.5 misses the stable's bend
+_GRID_RATIO = 1.15  # geometric candidate grid: ~50 candidates per row whatever n is
+
+
+class HillResult(NamedTuple):
+    """A tail index with its uncertainty, batched like the input rows.
+
+    ``alpha`` is the tail index (``P(|X| > x) ~ x**-alpha``; under 2: infinite variance; under 4: infinite
+    kurtosis), ``se`` its asymptotic standard error, ``k`` the number of order statistics used (float tensor,
+    so the three pack into one buffer for the checkpoint copy).
+    """
+
+    alpha: torch.Tensor
+    se: torch.Tensor
+    k: torch.Tensor
+
+
+def default_top_count(n: int) -> int:
+    """How many of the largest ``|x|`` the default ``k`` needs from n values: ``min(n, n // 10 + 1, 2**16)``.
+
+    The default searches ``k <= n // 10`` (capped at ``2**16 - 1``), which needs the top ``k + 1`` order
+    statistics. Keep this many per layer (``torch.topk``) and pass them to :func:`hill_from_top`.
+    """
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    return min(n, n // _KMAX_FRACTION + 1, TOP_CAP)
+
+
+def top_magnitudes(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The m largest valid ``|x|`` per row, descending, and the number of valid entries per row.
+
+    Valid means finite and non-zero: a non-finite entry is bad data (the monitor counts it separately) and a zero
+    is an atom (dead units, unused embedding rows) that carries no tail information, so both are missing.
+    Missing entries appear as zeros at the end of ``top`` when a row has fewer than m valid values.
+    Returns ``(top, count)``: ``top`` is ``(..., min(m, n))`` in x's dtype, ``count`` is int64 ``(...)``.
+    """
+    a = x.abs()
+    valid = torch.isfinite(a) & (a > 0)
+    a = a.masked_fill(~valid, 0)
+    top = a.topk(min(m, x.shape[-1]), dim=-1, largest=True, sorted=True).values
+    return top, valid.sum(-1)
+
+
+def hill(x: torch.Tensor, k: int | None = None) -> HillResult:
+    """Tail index of ``|x|`` over the last dimension: Hill (1975), or by default a bias-reduced Hill.
+
+    With ``X(1) >= X(2) >= ...`` the valid (finite, non-zero) values of ``|x|`` sorted descending:
+
+    * ``k`` given: ``alpha = 1 / (mean(log X(1..k)) - log X(k+1))``, ``se = alpha / sqrt(k)``
+      (Hill 1975; Hall 1982 for the standard error). Needs k + 1 valid values, else NaN.
+    * ``k=None``: the exponential-regression estimator of Beirlant, Dierckx, Goegebeur & Matthys (1999) and
+      Feuerverger & Hall (1999) with the second-order parameter rho fixed at -1, plus the next-order term:
+      the scaled log-spacings ``Z_i = i (log X(i) - log X(i+1))`` are regressed on ``[1, i/k, (i/k)**2]``,
+      ``i = 1..k``; ``1/alpha`` is the intercept (the Hill curve's value with its bias extrapolated away).
+      k is chosen per row by a Lepski (1990) rule: the largest k in a geometric grid over ``[10, n/10]``
+      such that no earlier candidate ``j >= k_max/10`` differs from it by more than 3 standard deviations
+      of the difference. ``se = alpha * sqrt(v_k)`` with ``v_k ~ 9/k`` the regression's variance factor.
+      Needs ``n >= 100`` valid values, else NaN. Measured at n = 100,000 over 200 seeds: median absolute
+      relative error 2.0% (Pareto 1.5), 2.4% (|t(2)|), 2.6% (|t(3)|), 3.0% (|stable(1.7)|); Gaussian data
+      reads alpha ~ 10 (light). Fixed rules do worse (docs/estimators.md).
+
+    ``alpha`` is ``inf`` where the estimate of ``1/alpha`` is ``<= 0`` (no power-law tail: Gaussian, bounded,
+    or all top values tied). In a training run, alpha under 2 means a layer's gradient entries have infinite
+    variance. ``x``: ``(..., n)``, any float dtype, CPU or CUDA; results ``(...)`` in float32 (float64 for float64
+    input). No host-device synchronisation. Implemented as :func:`top_magnitudes` then :func:`hill_from_top`.
+    """
+    n = x.shape[-1]
+    if k is not None:
+        _check_k(k)
+    m = default_top_count(n) if k is None else min(k + 1, n)
+    top, count = top_magnitudes(x, m)
+    return _hill_sorted(top.to(_work_dtype(x)), count, count, k, _result_dtype(x))
+
+
+def hill_from_top(top: torch.Tensor, n: int | torch.Tensor, k: int | None = None) -> HillResult:
+    """:func:`hill` from the largest order statistics only: what the monitor keeps at a checkpoint.
+
+    ``top``: ``(..., m)``, the m largest ``|x|`` of each row (descending; merged across ranks is fine). Entries
+    that are zero or non-finite are missing, as in :func:`top_magnitudes`; ``top`` is re-sorted after they are
+    dropped, so an unsorted merge or a leading ``inf`` does no harm. ``n``: how many valid values each row had
+    (int or tensor ``(...)``); it sets the default's largest candidate ``k_max = min(n // 10, m - 1, 2**16 - 1)``,
+    so keep ``m = default_top_count(n)`` values. With ``k`` given, ``n`` only bounds it (``k + 1 <= n``).
+    Formulas, references and the missing-data rule: :func:`hill`.
+    """
+    if k is not None:
+        _check_k(k)
+    t = top.to(_work_dtype(top))
+    valid = torch.isfinite(t) & (t > 0)
+    # One sort of m <= 65,536 values per layer at a checkpoint: cheap, and it makes merged or dirty tops safe.
+    t = t.masked_fill(~valid, 0).sort(dim=-1, descending=True).values
+    return _hill_sorted(t, valid.sum(-1), n, k, _result_dtype(top))
+
+
+def _hill_sorted(
+    top: torch.Tensor, count: torch.Tensor, n: int | torch.Tensor, k: int | None, out_dtype: torch.dtype
+) -> HillResult:
+    """Dispatch on k; ``top`` is descending with missing entries as trailing zeros, ``count`` the valid count."""
+    if isinstance(n, torch.Tensor):
+        n = n.to(device=top.device, dtype=torch.int64)
+    if k is None:
+        alpha, se, k_used = _adaptive(top, count, n)
+    else:
+        alpha, se, k_used = _fixed(top, count, n, k)
+    return HillResult(alpha.to(out_dtype), se.to(out_dtype), k_used.to(out_dtype))
+
+
+def _fixed(top: torch.Tensor, count: torch.Tensor, n: int | torch.Tensor, k: int):
+    batch, dev, dt = top.shape[:-1], top.device, top.dtype
+    k_used = torch.full(batch, float(k), dtype=dt, device=dev)
+    if top.shape[-1] < k + 1:
+        nan = torch.full(batch, math.nan, dtype=dt, device=dev)
+        return nan, nan, k_used
+    logs = top[..., : k + 1].log()
+    gamma = logs[..., :k].mean(-1) - logs[..., k]
+    ok = (count >= k + 1) & (n >= k + 1)
+    # gamma == 0 (the top k+1 tied) gives 1/0 = inf: no tail, which is what a constant row has.
+    alpha = torch.where(ok, 1.0 / gamma, math.nan)
+    return alpha, alpha / math.sqrt(k), k_used
+
+
+def _candidate_grid(limit: int, device: torch.device) -> torch.Tensor:
+    """The shared geometric grid ``round(10 * 1.15**t) < limit``, built on the device: a host list would
+    need a synchronising host-to-device copy. Each row appends its own ``k_max`` to it."""
+    count = 0
+    while math.floor(MIN_K * _GRID_RATIO**count + 0.5) < limit:
+        count += 1
+    t = torch.arange(count, device=device, dtype=torch.float64)
+    return torch.floor(MIN_K * _GRID_RATIO**t + 0.5).to(torch.int64)
+
+
+def _regression_weights(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First row of ``(X'X)^-1`` for the design ``[1, i/k, (i/k)**2]``, ``i = 1..k``, elementwise in k.
+
+    Returns the intercept's weights on ``sum_i Z_i (i/k)**p``, ``p = 0, 1, 2`` (shape ``k.shape + (3,)``), and
+    its variance factor ``v_k = [(X'X)^-1]_00`` (``~ 9/k``): ``Var(1/alpha_k) = v_k / alpha**2`` for exact
+    exponential spacings. Closed forms (Faulhaber sums) keep this exact and data-independent; scaling i by k
+    keeps ``X'X`` well conditioned for every k.
+    """
+    g = k
+    s0 = g
+    s1 = (g + 1) / 2
+    s2 = (g + 1) * (2 * g + 1) / (6 * g)
+    s3 = (g + 1) ** 2 / (4 * g)
+    s4 = (g + 1) * (2 * g + 1) * (3 * g**2 + 3 * g - 1) / (30 * g**3)
+    c0 = s2 * s4 - s3 * s3
+    c1 = s2 * s3 - s1 * s4
+    c2 = s1 * s3 - s2 * s2
+    det = s0 * c0 + s1 * c1 + s2 * c2
+    w = torch.stack([c0, c1, c2], dim=-1) / det[..., None]
+    return w, w[..., 0]
+
+
+def _adaptive(top: torch.Tensor, count: torch.Tensor, n: int | torch.Tensor):
+    batch, dev, dt = top.shape[:-1], top.device, top.dtype
+    m = top.shape[-1]
+    if m - 1 < MIN_K:
+        nan = torch.full(batch, math.nan, dtype=dt, device=dev)
+        return nan, nan, nan
+    k_cap = min(m - 1, TOP_CAP - 1)
+    if isinstance(n, torch.Tensor):
+        k_max = torch.minimum(n // _KMAX_FRACTION, count - 1).clamp(max=k_cap)
+    else:
+        k_max = (count - 1).clamp(max=min(n // _KMAX_FRACTION, k_cap))
+
+    # Scaled log-spacings: for a Pareto tail they are i.i.d. exponential with mean 1/alpha (Renyi), and the
+    # Hill estimate at k is their mean; a tail that is only asymptotically Pareto bends their mean as powers
+    # of i/n, which the regression below absorbs.
+    logs = top.log()
+    i = torch.arange(1, m, device=dev, dtype=dt)
+    z = i * (logs[..., :-1] - logs[..., 1:])
+    # Entries past a row's valid count are garbage (log 0); only candidates k <= count - 1 are ever read.
+    z = torch.where(torch.isfinite(z), z, 0)
+
+    # Candidates: the shared grid below k_max, then k_max itself, so the result depends on the data and k_max
+    # only (not on how many order statistics the caller kept).
+    grid = _candidate_grid(k_cap, dev)
+    cand = torch.cat([grid.expand(*batch, -1), k_max[..., None]], dim=-1)  # (..., K), ascending where admissible
+    admissible = (cand <= k_max[..., None]) & (cand >= MIN_K)
+    kf = cand.clamp(min=1).to(dt)
+    idx = (cand - 1).clamp(min=0, max=m - 2)
+    sums = torch.stack([torch.cumsum(z * i**p, -1).gather(-1, idx) / kf**p for p in range(3)], dim=-1)
+    w, v = _regression_weights(kf)
+    gamma = (sums * w).sum(-1)  # (..., K): the intercept, 1/alpha, at each candidate k
+
+    # Lepski: accept k while every earlier admissible estimate at j >= k_max / 10 agrees with it within c
+    # standard deviations of the difference; for nested least-squares fits Var(g_j - g_k) = (v_j - v_k) g**2.
+    j_min = (k_max // _REFERENCE_FRACTION).clamp(min=MIN_K)
+    reference = admissible & (cand >= j_min[..., None])
+    sd = (v[..., :, None] - v[..., None, :]).clamp(min=0).sqrt()
+    earlier = cand[..., :, None] < cand[..., None, :]
+    diff = (gamma[..., :, None] - gamma[..., None, :]).abs()
+    violation = reference[..., :, None] & earlier & (diff > _LEPSKI_C * sd * gamma.abs()[..., None, :])
+    # Inadmissible candidates (grid points past k_max) neither stop the scan nor get chosen.
+    passed = (~(admissible & violation.any(-2))).to(torch.int64).cumprod(-1).bool() & admissible
+    position = torch.arange(cand.shape[-1], device=dev)
+    best = torch.where(passed, position, -1).amax(-1)
+    found = best >= 0
+    best = best.clamp(min=0)[..., None]
+
+    g_hat = gamma.gather(-1, best)[..., 0]
+    alpha = torch.where(g_hat > 0, 1.0 / g_hat, math.inf)
+    alpha = torch.where(found, alpha, math.nan)
+    se = alpha * v.gather(-1, best)[..., 0].sqrt()
+    return alpha, se, torch.where(found, kf.gather(-1, best)[..., 0], math.nan)
+
+
+def _check_k(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int or None, got {k!r}")
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    # Order statistics are few (<= 65,536 per row), so float64 is cheap and keeps log-spacings of close
+    # neighbours exact; MPS has no float64.
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
+def _result_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32

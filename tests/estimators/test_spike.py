@@ -1,0 +1,369 @@
+"""Tests for the streaming spike detector and its host-side cooldown (heavytail/estimators/spike.py)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from heavytail.estimators import spike
+from heavytail.estimators.spike import Cooldown, SpikeConfig, SpikeState
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+# A short warm-up keeps the series in these tests short; everything else is the default.
+FAST = SpikeConfig(warmup=30)
+
+
+# ----------------------------------------------------------------------------- slow, obvious reference
+
+
+def reference(xs, config: SpikeConfig):
+    """The recursion of ``spike.update`` for one stream, written as a plain float64 loop."""
+    rate = lambda h: 1.0 - 2.0 ** (-1.0 / h)  # noqa: E731
+    n, level, trend, scale = 0, 0.0, 0.0, 0.0
+    log_domain = config.domain != "linear"
+    flags, scores = [], []
+    for x in xs:
+        x = float(x)
+        if config.domain == "auto" and log_domain and math.isfinite(x) and x < 0:
+            base = math.exp(level)
+            level, trend, scale, log_domain = base, trend * base, scale * base, False
+        if log_domain:
+            y = math.log(x) if math.isfinite(x) and x > 0 else math.nan
+        else:
+            y = x
+        if not math.isfinite(y):
+            flags.append(False)
+            scores.append(0.0)
+            continue
+        forecast = level + trend
+        r = y - forecast
+        floor = 1e-6 if log_domain else 1e-6 * abs(forecast)
+        sigma = max(math.sqrt(math.pi / 2) * scale, floor, 1e-300)
+        z = r / sigma if n > 0 else 0.0
+        baseline = math.exp(forecast) if log_domain else forecast
+        excess = x - baseline
+        gate = config.atol + config.rtol * abs(baseline)
+        warmed = n >= config.warmup
+        if config.two_sided:
+            flags.append(warmed and abs(z) > config.threshold and abs(excess) > gate)
+        else:
+            flags.append(warmed and z > config.threshold and excess > gate)
+        scores.append(z)
+        c = min(max(r, -config.clip * sigma), config.clip * sigma) if warmed else r
+        if n == 0:
+            level = y
+        else:
+            new_level = forecast + rate(config.halflife) * c
+            if math.isfinite(config.trend_halflife):
+                trend += rate(config.trend_halflife) * (new_level - level - trend)
+            scale += max(1.0 / n, rate(config.scale_halflife)) * (abs(c) - scale)
+            level = new_level
+        n += 1
+    return np.array(flags), np.array(scores)
+
+
+def run(xs: torch.Tensor, config: SpikeConfig = FAST, dtype=torch.float32, state=None):
+    """Feed a (steps, S) series; returns the final state, flags (steps, S) and scores (steps, S)."""
+    steps, num = xs.shape
+    state = spike.init(num, device=xs.device, config=config, dtype=dtype) if state is None else state
+    flags, scores = [], []
+    for t in range(steps):
+        state, f, s = spike.update(state, xs[t], config)
+        flags.append(f)
+        scores.append(s)
+    return state, torch.stack(flags), torch.stack(scores)
+
+
+def loss_curve(steps: int, streams: int = 1, noise: float = 0.01, seed: int = 0, df: float | None = 3.0):
+    """Decaying loss a + b (1 + t/tau)^-c times exp(noise): Student-t noise (df) or Gaussian (df=None)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(steps)[:, None]
+    curve = 2.0 + 6.0 * (1.0 + t / 150.0) ** -0.7
+    eps = rng.standard_normal((steps, streams)) if df is None else rng.standard_t(df, (steps, streams))
+    return curve * np.exp(noise * eps)
+
+
+def with_spikes(x: np.ndarray, at, magnitude: float = 3.0) -> np.ndarray:
+    x = x.copy()
+    x[list(at)] *= magnitude
+    return x
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "config",
+    [
+        FAST,
+        SpikeConfig(warmup=30, domain="linear", two_sided=True, rtol=0.0, atol=0.01),
+        SpikeConfig(warmup=30, trend_halflife=math.inf, clip=3.0, halflife=4.0),
+    ],
+    ids=["default", "linear-two-sided", "no-trend"],
+)
+def test_matches_float64_reference(device, config):
+    x = loss_curve(400, streams=3, noise=0.02, seed=1)
+    x = with_spikes(x, [100, 101, 250], 2.5)
+    x[[60, 200], 1] = [math.nan, math.inf]
+    x[300:305, 2] = 0.0  # skipped in the log domain, a real value in the linear one
+    _, flags, scores = run(torch.tensor(x, device=device), config, dtype=torch.float64)
+    for i in range(x.shape[1]):
+        ref_flags, ref_scores = reference(x[:, i], config)
+        np.testing.assert_array_equal(flags[:, i].cpu().numpy(), ref_flags)
+        np.testing.assert_allclose(scores[:, i].cpu().numpy(), ref_scores, rtol=1e-9, atol=1e-9)
+    assert flags.any()  # the spikes were seen
+
+
+def test_auto_domain_switches_on_negative_values_like_reference():
+    # A loss that is positive for a while, then goes negative (a log-likelihood, an RL objective).
+    rng = np.random.default_rng(2)
+    x = np.concatenate([1.0 + 0.02 * rng.standard_normal(80), -0.5 + 0.02 * rng.standard_normal(80)])
+    x[140] = 3.0  # a spike after the switch
+    state, flags, scores = run(torch.tensor(x[:, None]), FAST, dtype=torch.float64)
+    ref_flags, ref_scores = reference(x, FAST)
+    np.testing.assert_array_equal(flags[:, 0].numpy(), ref_flags)
+    np.testing.assert_allclose(scores[:, 0].numpy(), ref_scores, rtol=1e-9, atol=1e-9)
+    assert not state.log_domain[0] and state.count[0] == 160
+    assert flags[140, 0] and flags.sum() == 1
+
+
+def test_float32_state_tracks_float64_reference():
+    x = with_spikes(loss_curve(500, seed=3), [200, 350], 2.0)
+    _, flags, scores = run(torch.tensor(x, dtype=torch.float32), FAST)
+    ref_flags, ref_scores = reference(x[:, 0], FAST)
+    np.testing.assert_array_equal(flags[:, 0].numpy(), ref_flags)
+    np.testing.assert_allclose(scores[:, 0].numpy(), ref_scores, rtol=1e-3, atol=1e-3)
+
+
+def test_batched_equals_separate_runs():
+    x = torch.tensor(with_spikes(loss_curve(300, streams=5, noise=0.03, seed=4), [150], 2.0))
+    x[77, 3] = math.nan
+    state, flags, scores = run(x, FAST, dtype=torch.float64)
+    for i in range(x.shape[1]):
+        s_i, f_i, z_i = run(x[:, i : i + 1], FAST, dtype=torch.float64)
+        torch.testing.assert_close(z_i[:, 0], scores[:, i], rtol=1e-12, atol=1e-12)
+        assert torch.equal(f_i[:, 0], flags[:, i])
+        for a, b in zip(s_i, state):
+            torch.testing.assert_close(a[0], b[i], rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_is_skipped_and_not_flagged(bad):
+    x = loss_curve(200, streams=2, seed=5)
+    state, _, _ = run(torch.tensor(x[:120]), FAST)
+    before = state
+    state, flags, scores = spike.update(state, torch.tensor([bad, x[120, 1]]), FAST)
+    assert not flags[0] and scores[0] == 0.0
+    for a, b in zip(state, before):
+        assert torch.equal(a[0], b[0])  # stream 0 untouched
+    assert state.count[1] == before.count[1] + 1  # stream 1 went on
+    # Skipping is the same as the value never arriving.
+    _, f_skip, z_skip = run(torch.tensor(x[121:, :1]), FAST, state=SpikeState(*(t[:1] for t in state)))
+    _, f_ref, z_ref = run(torch.tensor(np.delete(x, 120, axis=0)[120:, :1]), FAST,
+                          state=SpikeState(*(t[:1] for t in before)))
+    assert torch.equal(z_skip, z_ref) and torch.equal(f_skip, f_ref)
+
+
+def test_zero_and_negative_norms_do_not_crash_or_poison():
+    x = torch.tensor(loss_curve(150, seed=6))
+    x[60:70] = 0.0  # a layer with no gradient for a while
+    state, flags, scores = run(x, SpikeConfig(warmup=30, domain="log"))
+    assert not flags.any() and torch.isfinite(scores).all()
+    assert state.count[0] == 140 and torch.isfinite(state.level).all() and torch.isfinite(state.scale).all()
+    state, flags, _ = spike.update(state, torch.tensor([-1.0]), SpikeConfig(warmup=30, domain="log"))
+    assert state.count[0] == 140 and not flags[0]  # "log": negative values are skipped, not switched on
+
+
+def test_constant_and_all_zero_streams():
+    const = torch.full((300, 2), 2.5)
+    const[:, 1] = 0.0
+    for domain in ("auto", "linear"):
+        state, flags, scores = run(const, SpikeConfig(warmup=30, domain=domain))
+        assert not flags.any() and torch.isfinite(scores).all()
+    # A jump after a perfectly constant series is still a spike (the scale floor keeps the score finite).
+    _, flags, scores = spike.update(state, torch.tensor([5.0, 0.0]), SpikeConfig(warmup=30, domain="linear"))
+    assert flags.tolist() == [True, False] and torch.isfinite(scores).all()
+
+
+def test_accepts_low_precision_scalars_and_keeps_state_dtype():
+    state = spike.init(1, config=FAST)
+    for v in [1.0, 1.1, 0.9] * 20:
+        state, flags, score = spike.update(state, torch.tensor(v, dtype=torch.bfloat16), FAST)
+    assert state.level.dtype == torch.float32 and score.dtype == torch.float32 and flags.dtype == torch.bool
+    assert flags.shape == (1,) and state.count[0] == 60
+    with pytest.raises(RuntimeError):
+        spike.update(state, torch.ones(3), FAST)  # wrong number of streams
+
+
+# ----------------------------------------------------------------------------- detection behaviour
+
+
+def test_flags_obvious_spike_once_and_not_its_neighbours():
+    x = with_spikes(loss_curve(600, noise=0.01, seed=7, df=None), [400], 3.0)
+    _, flags, scores = run(torch.tensor(x), SpikeConfig())
+    assert torch.nonzero(flags[:, 0]).flatten().tolist() == [400]
+    assert scores[400, 0] > 50
+
+
+def test_quiet_on_decaying_curve_with_noise_and_on_smooth_decay():
+    noisy = loss_curve(3000, streams=4, noise=0.01, seed=8, df=None)
+    smooth = loss_curve(3000, streams=1, noise=0.0)
+    _, flags, _ = run(torch.tensor(np.concatenate([noisy, smooth], axis=1)), SpikeConfig())
+    assert not flags.any()
+
+
+def test_a_spike_does_not_hide_the_next_one():
+    # Winsorized updates: a 5-step 4x spike barely moves the baseline, so a 2x spike 10 steps later is seen.
+    x = with_spikes(with_spikes(loss_curve(600, seed=9, df=None), range(300, 305), 4.0), [315], 2.0)
+    _, flags, _ = run(torch.tensor(x), SpikeConfig())
+    assert torch.nonzero(flags[:, 0]).flatten().tolist() == [300, 301, 302, 303, 304, 315]
+
+
+def test_upward_only_by_default_two_sided_on_request():
+    x = with_spikes(loss_curve(400, seed=10, df=None), [300], 1 / 3)
+    _, flags, _ = run(torch.tensor(x), SpikeConfig())
+    assert not flags.any()
+    _, flags, scores = run(torch.tensor(x), SpikeConfig(two_sided=True))
+    assert torch.nonzero(flags[:, 0]).flatten().tolist() == [300] and scores[300, 0] < -50
+
+
+def test_rtol_atol_gate():
+    x = with_spikes(loss_curve(400, noise=0.001, seed=11, df=None), [300], 1.08)  # 8%: huge in z, small in size
+    _, flags, _ = run(torch.tensor(x), SpikeConfig(rtol=0.0))
+    assert flags[300, 0]
+    _, flags, _ = run(torch.tensor(x), SpikeConfig(rtol=0.1))
+    assert not flags.any()
+    _, flags, _ = run(torch.tensor(x), SpikeConfig(rtol=0.0, atol=1.0))
+    assert not flags.any()
+
+
+def test_warmup():
+    x = loss_curve(200, noise=0.01, seed=12, df=None)
+    x = with_spikes(x, [20, 120], 4.0)
+    state, flags, scores = run(torch.tensor(x), SpikeConfig(warmup=100))
+    assert torch.nonzero(flags[:, 0]).flatten().tolist() == [120]
+    assert scores[20, 0] > SpikeConfig().threshold  # scored during warm-up, just not flagged
+    assert spike.compute(state, SpikeConfig(warmup=100)).warmed_up.all()
+    assert not spike.compute(state, SpikeConfig(warmup=300)).warmed_up.any()
+
+
+def test_compute_reports_the_forecast():
+    x = loss_curve(500, noise=0.01, seed=13, df=None)
+    state, _, _ = run(torch.tensor(x), FAST)
+    summary = spike.compute(state, FAST)
+    assert abs(summary.baseline[0].item() / loss_curve(501, noise=0.0)[500, 0] - 1) < 0.01
+    assert 0.005 < summary.scale[0].item() < 0.02  # the 1% Gaussian log-noise, in sigma units
+
+
+# ----------------------------------------------------------------------------- contracts
+
+
+def test_update_makes_no_host_sync(monkeypatch):
+    x = torch.tensor(with_spikes(loss_curve(80, streams=3, seed=14), [60], 3.0))
+    x[10, 1], x[20, 2] = math.nan, -1.0
+    state = spike.init(3, config=FAST)
+
+    def forbidden(name):
+        def raise_(*args, **kwargs):
+            raise AssertionError(f"host sync: Tensor.{name} called inside spike.update")
+        return raise_
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    for config in (FAST, SpikeConfig(warmup=30, two_sided=True, domain="linear")):
+        s = state
+        for t in range(x.shape[0]):
+            s, flags, score = spike.update(s, x[t], config)
+    monkeypatch.undo()
+    assert flags.shape == (3,)
+
+
+def test_state_round_trip_resumes_without_rewarming():
+    x = with_spikes(loss_curve(1200, streams=3, noise=0.02, seed=15), [700, 1000], 2.5)
+    xt = torch.tensor(x)
+    _, flags_full, scores_full = run(xt)
+    state, flags_a, scores_a = run(xt[:500])
+    buf = io.BytesIO()
+    torch.save(state._asdict(), buf)
+    buf.seek(0)
+    restored = SpikeState(**torch.load(buf, weights_only=True))
+    _, flags_b, scores_b = run(xt[500:], state=restored)
+    assert torch.equal(torch.cat([flags_a, flags_b]), flags_full)
+    assert torch.equal(torch.cat([scores_a, scores_b]), scores_full)
+    assert not flags_b[:200].any()  # no false alert after the restart
+    assert flags_b[200].all()  # and no re-warming: the spike 200 steps after it is caught
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_lives_on_the_input_device(device):
+    state = spike.init(4, device=device)
+    assert all(t.device.type == device and t.shape == (4,) for t in state)
+    state, flags, score = spike.update(state, torch.rand(4, device=device) + 0.5)
+    assert flags.device.type == device and score.device.type == device
+    assert all(t.device.type == device for t in state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA (torch.compile on CPU takes ~20 s)")
+def test_compiles_to_one_graph_and_matches_eager_on_cuda():
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        compiled = torch.compile(spike.update, fullgraph=True)
+        x = torch.tensor(with_spikes(loss_curve(200, streams=8, seed=16), [150], 3.0), device="cuda")
+        eager, compiled_state = spike.init(8, device="cuda", config=FAST), spike.init(8, device="cuda", config=FAST)
+        for t in range(x.shape[0]):
+            eager, f_e, z_e = spike.update(eager, x[t], FAST)
+            compiled_state, f_c, z_c = compiled(compiled_state, x[t], FAST)
+            assert torch.equal(f_e, f_c)
+            torch.testing.assert_close(z_e, z_c, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("warmup", 1), ("halflife", 0.0), ("halflife", math.inf), ("trend_halflife", -1.0),
+     ("scale_halflife", 0.0), ("threshold", 0.0), ("clip", -1.0), ("rtol", -0.1), ("atol", -1.0), ("domain", "exp")],
+)
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SpikeConfig(**{field: value})
+
+
+def test_config_is_hashable_with_documented_defaults():
+    assert hash(SpikeConfig()) == hash(SpikeConfig())
+    assert SpikeConfig(trend_halflife=math.inf).trend_halflife == math.inf
+    for name, value in SpikeConfig().__dict__.items():
+        assert SpikeConfig.__dataclass_fields__[name].default == value
+
+
+# ----------------------------------------------------------------------------- cooldown
+
+
+def test_cooldown_one_event_one_alert_per_stream():
+    cd = Cooldown(num_streams=2, steps=5)
+    flags = {0: [1, 0], 1: [1, 1], 2: [1, 0], 4: [0, 0], 9: [1, 0], 10: [0, 1]}
+    alerts = {s: cd(flags.get(s, [0, 0]), step=s) for s in range(12)}
+    # Stream 0 flags at 0, 1, 2: one alert; at 9 it had been quiet 6 > 5 steps: a new alert.
+    assert [s for s in alerts if alerts[s][0]] == [0, 9]
+    # Stream 1 flags at 1 and 10 (quiet for 8 steps in between): two alerts.
+    assert [s for s in alerts if alerts[s][1]] == [1, 10]
+
+
+def test_cooldown_counts_steps_itself_and_round_trips():
+    cd = Cooldown(num_streams=1, steps=2)
+    assert [cd([f])[0] for f in (1, 1, 0, 0, 1, 0, 0, 0, 1)] == [True, False, False, False, True] + [False] * 3 + [True]
+    saved = cd.state_dict()
+    again = Cooldown(num_streams=1)
+    again.load_state_dict(saved)
+    assert again([True]) == cd([True]) == [False]
+    with pytest.raises(ValueError, match="steps"):
+        Cooldown(1, steps=-1)
