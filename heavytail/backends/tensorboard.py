@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 # Per-block charts multiply the layout by the number of blocks; past this many the custom-scalars tab becomes
 # slower to render than the plain scalars tab it is meant to improve on, so only the all-layers chart is kept.
 MAX_BLOCK_CHARTS = 64
@@ -162,6 +164,7 @@ class TensorBoardBackend:
                 values.setdefault(family, []).append(value)
         # One event holding every scalar of the checkpoint: add_scalar per key costs ~50 us and one event each,
         # which at 10,000 parameters x 10 families is seconds per checkpoint and a much larger file.
+        # _get_file_writer is what SummaryWriter's own add_* methods write through; it has no public twin.
         summary = self._summary_cls(
             value=[self._summary_cls.Value(tag=key, simple_value=float(v)) for key, v in metrics.items()]
         )
@@ -179,8 +182,6 @@ class TensorBoardBackend:
                 continue
             finite = [float(v) for v in family_values if math.isfinite(v)]
             if finite:
-                import numpy as np
-
                 self._writer.add_histogram(f"{family}_hist", np.asarray(finite, dtype=np.float64), step)
         self._writer.flush()
 

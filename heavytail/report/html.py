@@ -9,6 +9,7 @@ escaped so that no ``</script>`` can close its element.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -449,10 +450,10 @@ def render_report(run: Run, *, max_columns: int = 600) -> str:
     )
 
     rf = ratio_family(run)
-    specs = heatmap_specs("adam/ratio_max" if rf != "shadow/ratio_max" else rf)
+    specs = heatmap_specs(rf)
     if rf == "adam/ratio_max" and run.layers("shadow/ratio_max"):
-        specs.append(heatmap_specs("shadow/ratio_max")[-1])
-        specs[-1] = HeatmapSpec(**{**specs[-1].__dict__, "section_id": "sec-shadow-ratio"})
+        # Both: AdamW's own denominator and a shadow kept alongside it (to check the shadow against the real one).
+        specs.append(dataclasses.replace(heatmap_specs("shadow/ratio_max")[-1], section_id="sec-shadow-ratio"))
     for spec in specs:
         nav.append((spec.section_id, spec.title.split(" (")[0]))
         layers, hsteps, values = run.matrix(spec.family)

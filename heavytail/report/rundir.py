@@ -211,8 +211,11 @@ class Run:
         if not isinstance(self.records, RecordTable):
             self.records = RecordTable.from_records(self.records)
         self._table: RecordTable = self.records  # type: ignore[assignment]
-        params = self.meta.get("params") if isinstance(self.meta, Mapping) else None
-        names = [p["name"] for p in params or () if isinstance(p, Mapping) and isinstance(p.get("name"), str)]
+        if not isinstance(self.meta, dict):
+            raise TypeError(f"Run.meta must be a dict, got {type(self.meta).__name__}")
+        params = self.meta.get("params")
+        params = params if isinstance(params, list) else []
+        names = [p["name"] for p in params if isinstance(p, Mapping) and isinstance(p.get("name"), str)]
         self._param_order = {name: i for i, name in enumerate(names)}
         self._index = self._build_index(frozenset(names))
 

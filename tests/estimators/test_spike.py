@@ -60,7 +60,7 @@ def reference(xs, config: SpikeConfig):
         else:
             new_level = forecast + rate(config.halflife) * c
             if math.isfinite(config.trend_halflife):
-                trend += rate(config.trend_halflife) * (new_level - level - trend)
+                trend += max(1.0 / n, rate(config.trend_halflife)) * (new_level - level - trend)
             scale += max(1.0 / n, rate(config.scale_halflife)) * (abs(c) - scale)
             level = new_level
         n += 1
@@ -237,10 +237,10 @@ def test_upward_only_by_default_two_sided_on_request():
 
 
 def test_rtol_atol_gate():
-    x = with_spikes(loss_curve(400, noise=0.001, seed=11, df=None), [300], 1.08)  # 8%: huge in z, small in size
+    x = with_spikes(loss_curve(400, noise=0.001, seed=11, df=None), [300], 1.15)  # 15%: huge in z, small in size
     _, flags, _ = run(torch.tensor(x), SpikeConfig(rtol=0.0))
     assert flags[300, 0]
-    _, flags, _ = run(torch.tensor(x), SpikeConfig(rtol=0.1))
+    _, flags, _ = run(torch.tensor(x), SpikeConfig(rtol=0.2))
     assert not flags.any()
     _, flags, _ = run(torch.tensor(x), SpikeConfig(rtol=0.0, atol=1.0))
     assert not flags.any()

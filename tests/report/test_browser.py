@@ -96,7 +96,12 @@ def pages(tmp_path_factory: pytest.TempPathFactory, write_run_dir: Callable[...,
     lion = write_run_dir(tmp / "lion", optimizer="Lion", with_adam=False, seed=1)
     evil = write_run_dir(
         tmp / "evil",
-        layers=["embed.weight", "<script>alert(1)</script>", "blocks.\"&'.weight", "x</script><img src=x onerror=alert(2)>"],
+        layers=[
+            "embed.weight",
+            "<script>alert(1)</script>",
+            "blocks.\"&'.weight",
+            "x</script><img src=x onerror=alert(2)>",
+        ],
         heavy_layer="<script>alert(1)</script>",
         run_name="<b>run</b>\"&'",
         extra={"note": "</script><script>alert(3)</script>"},
@@ -165,7 +170,8 @@ def test_report_elements_after_scripts(pages: dict[str, Page]) -> None:
 def test_injected_markup_stays_text(pages: dict[str, Page]) -> None:
     dom = pages["evil"].dom
     assert len(re.findall(r"<script\b", dom)) == 2
-    assert "<img" not in dom and "onerror=alert" not in dom.replace("onerror=alert(2)&gt;", "")
+    assert re.findall(r"<img\b", dom) == []
+    assert re.findall(r"<[^>]*\son\w+=", dom) == []  # no element got an event-handler attribute
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
     assert "<b>run</b>" not in dom
 
@@ -179,7 +185,8 @@ def test_screenshot_is_not_blank(tmp_path: Path, write_run_dir: Callable[..., Pa
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     pixels = png_pixels(shot.read_bytes())[..., :3]
     assert pixels.shape[:2] == (2000, 1400)
-    colours = np.unique(pixels.reshape(-1, 3) // 4, axis=0)  # coarse, so anti-aliasing alone does not count
+    coarse = (pixels // 4).astype(np.int32)  # so that anti-aliasing alone does not count
+    colours = np.unique((coarse[..., 0] << 12) | (coarse[..., 1] << 6) | coarse[..., 2])
     assert len(colours) > 200
     header = pixels[5:60, 5:1395].reshape(-1, 3)
     assert np.mean(np.all(np.abs(header.astype(int) - (0x18, 0x22, 0x3B)) < 6, axis=1)) > 0.5  # the dark header
@@ -192,7 +199,7 @@ HOVER_PROBE = """<script>
   var out = [];
   function tip() {
     var t = document.getElementById("ht-tooltip");
-    return (t.style.display === "block" ? "shown: " : "hidden: ") + t.textContent.replace(/\\n/g, " ");
+    return t.style.display === "block" ? "shown: " + t.textContent : "hidden";
   }
   function hover(el, fx, fy) {
     var r = el.getBoundingClientRect();
@@ -225,4 +232,4 @@ def test_hover_read_outs(tmp_path: Path, write_run_dir: Callable[..., Path]) -> 
     assert value < 2.0
     assert marker.startswith("shown: step 300: 1 alert") and "tail_index_drop (critical)" in marker
     assert line.startswith("shown: step ") and "loss: " in line
-    assert outside == "hidden: "
+    assert outside == "hidden"

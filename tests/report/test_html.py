@@ -68,9 +68,7 @@ def _data(text: str) -> dict:
     parser = _parse(text)
     blobs = [
         body
-        for (tag, attrs), body in zip(
-            [t for t in parser.tags if t[0] == "script"], parser.scripts, strict=True
-        )
+        for (tag, attrs), body in zip([t for t in parser.tags if t[0] == "script"], parser.scripts, strict=True)
         if attrs.get("type") == "application/json"
     ]
     assert len(blobs) == 1
@@ -148,7 +146,9 @@ def test_alert_marker_tooltip_lists_rule_and_message(run_dir: Path) -> None:
     text = write_report(run_dir).read_text(encoding="utf-8")
     marker = re.search(r'<g class="ht-alert-marker" data-tip="([^"]*)"><title>([^<]*)</title>', text)
     assert marker is not None
-    assert "loss_spike (warning): loss 7.9 at step" in marker.group(2) or "tail_index_drop (critical)" in marker.group(2)
+    assert "loss_spike (warning): loss 7.9 at step" in marker.group(2) or "tail_index_drop (critical)" in marker.group(
+        2
+    )
 
 
 def test_heaviest_table_ranks_the_dipping_layer(run_dir: Path, names) -> None:
@@ -195,12 +195,17 @@ def test_downsampling_keeps_the_worst_value(make_run, names) -> None:
 
 
 def test_many_layers_and_steps(make_run) -> None:
-    layers = [f"model.layers.{i}.mlp.w{i % 3}.weight" for i in range(200)]
-    run = load_run(make_run(layers=layers, n_checkpoints=700, every=1, with_noise=False))
-    text = render_report(run, max_columns=300)
+    layers = [f"model.layers.{i}.mlp.w{i % 3}.weight" for i in range(150)]
+    run = load_run(make_run(layers=layers, n_checkpoints=300, every=1, with_noise=False))
+    text = render_report(run, max_columns=120)
     tail = next(h for h in _data(text)["heatmaps"].values() if h["label"] == "tail index α")
-    assert (tail["rows"], tail["cols"]) == (200, 300)
-    assert len(text) < 3_000_000
+    assert (tail["rows"], tail["cols"]) == (150, 120)
+    assert len(text) < 2_000_000
+    # Names that would overlap are left out of the axis, but the one that dipped under 2 is always named.
+    axis = re.search(r'data-family="grad/hill_alpha".*?</svg>', text, re.S).group(0)
+    labelled = re.findall(r'class="mono"[^>]*>([^<]+)<title>', axis)
+    assert 10 < len(labelled) < 150
+    assert any(label.endswith(layers[3][-20:]) for label in labelled)
 
 
 def test_missing_families_say_not_recorded(make_run) -> None:
@@ -227,7 +232,9 @@ def test_shadow_ratio_stands_in_for_optimizers_without_a_denominator(make_run, n
 
 
 def test_run_without_loss_or_alerts(tmp_path: Path) -> None:
-    run = Run(path=tmp_path, meta={}, records=[(1, 0.0, {"grad/hill_alpha/w": 3.0}), (2, 1.0, {"grad/hill_alpha/w": None})])
+    run = Run(
+        path=tmp_path, meta={}, records=[(1, 0.0, {"grad/hill_alpha/w": 3.0}), (2, 1.0, {"grad/hill_alpha/w": None})]
+    )
     text = write_report(run).read_text(encoding="utf-8")
     assert "no <code>loss</code> values" in text
     assert "No alerts were raised in this run." in text
@@ -236,9 +243,40 @@ def test_run_without_loss_or_alerts(tmp_path: Path) -> None:
 
 
 def test_single_checkpoint_and_all_null_family(tmp_path: Path) -> None:
-    run = Run(path=tmp_path, meta={}, records=[(7, 0.0, {"loss": 3.0, "grad/hill_alpha/w": None, "grad/kurtosis/w": None})])
+    run = Run(
+        path=tmp_path, meta={}, records=[(7, 0.0, {"loss": 3.0, "grad/hill_alpha/w": None, "grad/kurtosis/w": None})]
+    )
     text = write_report(run).read_text(encoding="utf-8")
     assert text.count('class="ht-chart ht-heatmap"') == 2
+
+
+def test_odd_alerts_and_meta_do_not_break_the_page(tmp_path: Path) -> None:
+    meta = {"params": "not a list", "every": "often", "started": "yesterday", "model": {"name": "<GPT>"}}
+    alerts = [
+        {"rule": "custom", "severity": "fatal", "message": "<x>"},  # no step, unknown severity
+        {"step": 2, "rule": "loss_spike", "severity": "info", "message": 42, "value": None},
+    ]
+    run = Run(path=tmp_path, meta=meta, records=[(1, 0.0, {"loss": 1.0}), (2, 1.0, {"loss": 2.0})], alerts=alerts)
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "&lt;x&gt;" in text and "sev-other" in text
+    assert text.count('class="ht-alert-marker"') == 1  # the alert without a step is listed, not drawn
+    assert "&lt;GPT&gt;" in text and "yesterday" in text
+    assert_self_contained(text)
+
+
+def test_diverging_loss_uses_a_log_axis(tmp_path: Path) -> None:
+    records = [(i, float(i), {"loss": 3.0 * 10 ** (i / 10)}) for i in range(1, 60)]
+    text = write_report(Run(path=tmp_path, meta={}, records=records)).read_text(encoding="utf-8")
+    assert "loss (log scale)" in text
+
+
+def test_long_layer_names_are_shortened_on_the_axis_only(tmp_path: Path) -> None:
+    name = "model." + ".".join(f"block{i}" for i in range(20)) + ".weight"
+    run = Run(path=tmp_path, meta={}, records=[(1, 0.0, {f"grad/hill_alpha/{name}": 3.0})])
+    text = render_report(run)
+    assert "…" + name[-39:] in text  # the label keeps the informative end of the name
+    assert f"<title>{name}</title>" in text  # the full name is one hover away
+    assert name in next(iter(_data(text)["heatmaps"].values()))["layers"]
 
 
 def test_missing_run_dir_raises(tmp_path: Path) -> None:
@@ -312,8 +350,16 @@ def test_compare_report(make_run, tmp_path: Path, names) -> None:
     )
     text = out.read_text(encoding="utf-8")
     assert_self_contained(text)
-    assert "&lt;i&gt;&quot;fair&quot;&lt;/i&gt; &amp; square." in text and "<i>\"fair\"" not in text
-    for section in ("sec-comparison", "sec-loss", "sec-layers", "sec-tail-index", "sec-ratio", "sec-alerts", "sec-meta"):
+    assert "&lt;i&gt;&quot;fair&quot;&lt;/i&gt; &amp; square." in text and '<i>"fair"' not in text
+    for section in (
+        "sec-comparison",
+        "sec-loss",
+        "sec-layers",
+        "sec-tail-index",
+        "sec-ratio",
+        "sec-alerts",
+        "sec-meta",
+    ):
         assert _at(text, section)
     table = _at(text, "summary-table")
     table = table[: table.index("</table>")]

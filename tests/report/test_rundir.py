@@ -154,7 +154,8 @@ def test_nan_and_infinity_tokens_are_read(make_run) -> None:
     path = make_run(n_checkpoints=3)
     _write_lines(
         path / "metrics.jsonl",
-        _lines(path / "metrics.jsonl") + ['{"step": 40, "wall_time": 1.0, "metrics": {"loss": NaN, "grad/norm": Infinity}}'],
+        _lines(path / "metrics.jsonl")
+        + ['{"step": 40, "wall_time": 1.0, "metrics": {"loss": NaN, "grad/norm": Infinity}}'],
     )
     run = load_run(path)
     assert run.records[-1].metrics["loss"] is None
