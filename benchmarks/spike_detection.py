@@ -193,7 +193,8 @@ def main(argv=None):
     # The oracle flags when its score passes the threshold that gives it the detector's false-alert count.
     ocaught = oracle_recall(oracle, spikes, x.shape, config.warmup, max(false_alerts, 1))
     print(f"  healthy steps={healthy_steps}  false flags={false_flags}  false alerts after cooldown={false_alerts}")
-    print(f"  oracle (knows the healthy trace and noise scale) at the same false-alert count: recall={ocaught.mean():.4f}"
+    print(f"  z-oracle (knows the healthy trace and noise scale) at the same false-alert count: "
+          f"recall={ocaught.mean():.4f}"
           f" [{' '.join(f'{ocaught[_bucket(mags, lo, hi)].mean():.4f}' for lo, hi in BUCKETS)}]")
     print(f"recall={caught.mean():.4f} false_per_10k={per10k:.3f}")
 

@@ -86,7 +86,7 @@ def main() -> None:
                 continue
             target = min(alpha, 2.0) if col.startswith("stable") else alpha
             cells.append(f"{np.median(np.abs(est[col] / target - 1)):.1%}")
-        print(f"{name:24s}" + "".join(f"{c:>{width}s}" for c in cells) + f"{np.median(est['k']):>20.0f}")
+        print(f"{name:24s}" + "".join(f"{c:>{width}s}" for c in cells) + f"{np.median(est['k']):>20.0f}", flush=True)
 
     est = estimate(GAUSSIAN[1], args.seeds, args.n, columns)
     print(f"\ngaussian (no power-law tail): median alpha_hat [share of seeds with alpha_hat > 4; stable: = 2]")

@@ -21,8 +21,10 @@ from torch import nn
 from heavytail import __version__
 from heavytail.alerts import AlertEngine
 from heavytail.backends import backend_factory, is_backend
+from heavytail.backends.jsonl import dumps_record
 from heavytail.config import MonitorConfig
-from heavytail.estimators import spike
+from heavytail.distributed import DistContext, local_numel, unwrap_model
+from heavytail.estimators import noise, spike
 from heavytail.estimators.gradient_pass import (
     ABSMAX,
     COUNT,
@@ -37,7 +39,7 @@ from heavytail.estimators.gradient_pass import (
 )
 from heavytail.estimators.hill import default_top_count, hill_from_top, top_magnitudes
 from heavytail.estimators.kurtosis import gaussian_kurtosis_quantile, kurtosis_from_power_sums
-from heavytail.hooks.gradients import BackwardTap
+from heavytail.hooks.gradients import BackwardTap, LocalSampleTap
 from heavytail.hooks.optimizer import OptimizerTap, check_owns, denominators
 from heavytail.hooks.selection import select_parameters
 
@@ -46,11 +48,23 @@ logger = logging.getLogger("heavytail")
 # Models a monitor is attached to: attaching twice would double-count every statistic.
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Monitor]" = weakref.WeakKeyDictionary()
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+
+# Columns of the per-tensor interval accumulators. Sums merge across ranks by addition, the others by max, so a
+# sharded (FSDP2) run is merged exactly at checkpoints with two all-reduces.
+SUM_FIELDS = ("count", "s1", "s2", "s3", "s4", "nonfinite", "ratio_spikes", "preclip_s2", "ratio_p99",
+              "ratio_entries")
+MAX_FIELDS = ("absmax", "ratio_max", "steps", "bad_steps", "ratio_steps")
+_S = {name: i for i, name in enumerate(SUM_FIELDS)}
+_M = {name: i for i, name in enumerate(MAX_FIELDS)}
 
 
 class _SafeBackend:
-    """Isolates a backend: its first failure is reported once, later ones are counted, training goes on."""
+    """Isolates a backend: its first failure is reported once, later ones are counted silently, training goes on.
+
+    A failing backend keeps being called (a network blip may pass); the others, and the JSONL record, never
+    depend on it.
+    """
 
     def __init__(self, name: str, backend: Any) -> None:
         self.name = name
@@ -67,8 +81,8 @@ class _SafeBackend:
             self.failures += 1
             if self.failures == 1:
                 warnings.warn(
-                    f"heavytail: backend {self.name!r} failed in {method}() and is isolated from now on: "
-                    f"{type(exc).__name__}: {exc}",
+                    f"heavytail: backend {self.name!r} failed in {method}(); training goes on and further failures "
+                    f"of this backend are counted silently: {type(exc).__name__}: {exc}",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -106,7 +120,8 @@ class Monitor:
 
     Steps are counted by the optimizer's step hooks. Between checkpoints every statistic is a tensor on the
     gradients' device; every ``every`` steps one packed tensor is copied to the host and written as a record.
-    Without an optimizer, call :meth:`step` after each update.
+    Without an optimizer, call :meth:`step` after each update. ``scaler``: the ``torch.amp.GradScaler`` in use,
+    so norms measured before ``unscale_`` are divided by the loss scale on the device.
     """
 
     def __init__(
@@ -116,47 +131,55 @@ class Monitor:
         *,
         config: MonitorConfig | None = None,
         scaler: Any = None,
+        process_group: Any = None,
         **kwargs: Any,
     ) -> None:
         if config is None:
             config = MonitorConfig(**kwargs)
         elif kwargs:
             config = MonitorConfig(**{**config.to_init_dict(), **kwargs})
-        self.config = config
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
+        optimizer = _unwrap_optimizer(optimizer)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Monitor: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if model in _ATTACHED:
+        inner = unwrap_model(model)
+        if inner in _ATTACHED:
             raise RuntimeError(
-                f"Monitor: a heavytail monitor is already attached to this {type(model).__name__}; close() it first"
+                f"Monitor: a heavytail monitor is already attached to this {type(inner).__name__}; close() it first"
             )
-        watched = select_parameters(model, config.include, config.exclude)
+        watched = select_parameters(inner, config.include, config.exclude)
         self.names = [n for n, _ in watched]
         self.params = [p for _, p in watched]
         if optimizer is not None:
             check_owns(optimizer, self.params, self.names)
-        self.model = model
+        self.model = inner
         self.optimizer = optimizer
         self.scaler = scaler
-        self.device = self.params[0].device
-        self.numels = [p.numel() for p in self.params]
+        self.dist = DistContext.detect(self.params, process_group)
+        self.device = _local(self.params[0]).device
+        self.numels = [local_numel(p) for p in self.params]
         num_layers = len(self.params)
 
         self.log_dir = Path(config.log_dir) if config.log_dir is not None else _default_log_dir()
-        self.run_name = config.run_name or self.log_dir.name
+        if config.run_name is None:
+            config.run_name = self.log_dir.name
+        self.config = config
+        self.run_name = config.run_name
         self._backends = self._open_backends()
         self._alert_callbacks: list[Callable[[dict], None]] = []
 
-        # The coordinate sample: fixed at attach so the temporal noise of each coordinate can be followed.
-        generator = torch.Generator().manual_seed(config.seed)
-        sample_rows = []
+        # The coordinate sample: fixed at attach so each coordinate's noise can be followed over steps. Under
+        # FSDP2 each rank samples its own shard.
+        generator = torch.Generator().manual_seed(config.seed + (self.dist.rank if self.dist.sharded else 0))
+        rows = []
         for n in self.numels:
             if n >= config.sample_size:
-                sample_rows.append(torch.randperm(n, generator=generator)[: config.sample_size])
-            else:  # fewer entries than samples: take every entry, repeating (documented in docs/metrics.md)
-                sample_rows.append(torch.arange(config.sample_size) % max(n, 1))
-        self._sample_index = torch.stack(sample_rows)
+                rows.append(torch.randperm(n, generator=generator)[: config.sample_size])
+            else:  # fewer entries than samples: every entry, repeated (docs/metrics.md)
+                rows.append(torch.arange(config.sample_size) % max(n, 1))
+        self._sample_index = torch.stack(rows)
+        self._sample_index_dev = self._sample_index.to(self.device)
         self._pass = GradientPass(self.numels, self._sample_index, chunk_numel=config.chunk_numel,
                                   dtype=config.stats_dtype)
         self._spike_config = self._make_spike_config()
@@ -167,17 +190,29 @@ class Monitor:
         self._loss_n = 0
         self._tails: torch.Tensor | None = None
         self._pending_flags: collections.deque = collections.deque()
-        self._pending_flight: list[tuple[dict, torch.Tensor]] = []
+        self._pending_flight: list[tuple[dict, tuple[torch.Tensor, torch.Tensor, int]]] = []
         self._skips = {"sparse": 0, "complex": 0}
-        self._microbatches = 0
         self._closed = False
+        # Micro-batches (backward passes) per optimizer step: two or more means gradient accumulation, whose
+        # micro-batch gradients are a noise source.
+        self._backwards = 0
+        self._accumulating = False
+        self._micro_prev: torch.Tensor | None = None
+        self._micro: list[torch.Tensor] = []
+        self._noise_slots = {"temporal": 0, "microbatch": 0, "rank": 0}
         self._state = self._init_state(num_layers)
-        self._state["acc_global"][2] = -math.inf  # running max of the loss
 
         self._optimizer_tap = OptimizerTap(optimizer, self._before_step, self._after_step) if optimizer else None
         self._backward_tap = BackwardTap(self.params, self._on_backward_end)
-        _ATTACHED[model] = self
-        self._write_meta()
+        self._local_tap = None
+        if self.dist.active and not self.dist.sharded:
+            # DDP: each rank's gradient before the all-reduce, sampled as it is accumulated (rank noise).
+            self._state["rank_local"] = torch.zeros(num_layers, config.sample_size, device=self.device,
+                                                    dtype=config.stats_dtype)
+            self._local_tap = LocalSampleTap(self.params, self._sample_index_dev, self._state["rank_local"])
+        _ATTACHED[inner] = self
+        if self.dist.writer:
+            self._write_meta()
 
     # ------------------------------------------------------------------ set-up
 
@@ -185,25 +220,26 @@ class Monitor:
         specs = list(self.config.backends)
         if "jsonl" not in specs:
             specs.insert(0, "jsonl")
-        opened: list[_SafeBackend] = []
+        resolved: list[tuple[str, Any]] = []
         for spec in specs:
             if isinstance(spec, str):
-                factory = backend_factory(spec)  # raises ValueError for an unknown name, before anything opens
-                opened.append((spec, factory))  # type: ignore[arg-type]
+                resolved.append((spec, backend_factory(spec)))  # unknown names raise before anything opens
             elif is_backend(spec):
-                opened.append((type(spec).__name__, spec))  # type: ignore[arg-type]
+                resolved.append((type(spec).__name__, spec))
             else:
                 raise TypeError(f"Monitor: backend {spec!r} is neither a known name nor an object with log() and "
                                 "close()")
+        if not self.dist.writer:
+            return []  # one metrics stream per run: rank 0 writes
         backends = []
-        for name, item in opened:  # type: ignore[misc]
-            if isinstance(item, type) or callable(item) and not is_backend(item):
+        for name, item in resolved:
+            if isinstance(item, type) or not is_backend(item):
                 item = item(log_dir=self.log_dir, config=self.config)
             backends.append(_SafeBackend(name, item))
         return backends
 
     def _make_spike_config(self) -> spike.SpikeConfig:
-        overrides = {}
+        overrides: dict[str, Any] = {}
         if self.config.spike_z is not None:
             overrides["threshold"] = float(self.config.spike_z)
         if self.config.spike_warmup is not None:
@@ -212,32 +248,40 @@ class Monitor:
 
     def _init_state(self, num_layers: int) -> dict[str, Any]:
         cfg, dev, dt = self.config, self.device, self.config.stats_dtype
-        z = lambda *shape, dtype=dt: torch.zeros(*shape, device=dev, dtype=dtype)  # noqa: E731
+        betas = len(cfg.shadow_betas)
+        temporal = noise.init(num_layers, cfg.sample_size, cfg.noise_window, dev)
         state: dict[str, Any] = {
-            # Interval accumulators (additive or max-reducible, so distributed ranks merge them exactly).
-            "acc": z(num_layers, 9),
-            "acc_steps": z(num_layers),  # steps in which the tensor had a finite gradient
-            "acc_bad_steps": z(num_layers),  # steps excluded for non-finite entries
-            "acc_preclip_s2": z(num_layers),
-            "acc_ratio_steps": z(num_layers),
-            "acc_ratio_p99": z(num_layers),
-            "acc_spike_frac": z(num_layers),
-            "acc_shadow": z(len(cfg.shadow_betas), num_layers, 3),  # ratio max, spike-frac sum, steps
-            "acc_global": z(6),  # loss sum, loss count, loss max, grad s2 sum, grad norm max, steps
-            # Noise: per-coordinate EMA of the sampled gradient, and a ring of deviations from it.
-            "noise_mean": z(num_layers, cfg.sample_size),
-            "noise_seen": z(num_layers),
-            "noise_ring": z(num_layers, cfg.sample_size, cfg.noise_window, dtype=torch.float32),
-            "noise_valid": z(num_layers, cfg.noise_window, dtype=torch.bool),
-            "shadow_v": z(len(cfg.shadow_betas), num_layers, cfg.sample_size),
-            "shadow_t": z(len(cfg.shadow_betas), num_layers),
-            "preclip_s2": z(num_layers),
-            # Flight recorder: compact per-layer statistics of the last steps (norm, max |g|, kurtosis) + loss.
+            "acc_sum": torch.zeros(num_layers, len(SUM_FIELDS), device=dev, dtype=dt),
+            "acc_max": torch.zeros(num_layers, len(MAX_FIELDS), device=dev, dtype=dt),
+            # loss sum, loss count, squared global norm sum | loss max, global norm max, steps
+            "glob_sum": torch.zeros(3, device=dev, dtype=dt),
+            "glob_max": torch.tensor([-math.inf, 0.0, 0.0], device=dev, dtype=dt),
+            # Shadow denominators on the sampled coordinates, and their interval figures.
+            "shadow_v": torch.zeros(betas, num_layers, cfg.sample_size, device=dev, dtype=dt),
+            "shadow_t": torch.zeros(betas, num_layers, device=dev, dtype=dt),
+            "shadow_sum": torch.zeros(betas, num_layers, device=dev, dtype=dt),  # spike-fraction sum
+            "shadow_max": torch.zeros(betas, num_layers, 2, device=dev, dtype=dt),  # ratio max, steps
+            # Temporal noise: per-coordinate EMA of the sampled gradient and a ring of deviations from it.
+            "noise_mean": torch.zeros(num_layers, cfg.sample_size, device=dev, dtype=dt),
+            "noise_seen": torch.zeros(num_layers, device=dev, dtype=dt),
+            "noise_temporal": temporal.values,
+            "noise_temporal_valid": temporal.valid,
+            "preclip_s2": torch.zeros(num_layers, device=dev, dtype=dt),
+            # Flight recorder: per-layer norm, max |g| and kurtosis, and the loss, of the last steps.
             "flight": torch.full((cfg.flight_steps, num_layers, 3), math.nan, device=dev, dtype=torch.float32),
             "flight_loss": torch.full((cfg.flight_steps,), math.nan, device=dev, dtype=torch.float32),
             "spike": spike.init(2 + num_layers, device=dev, config=self._spike_config),
         }
+        if self.dist.active and not self.dist.sharded:
+            rank = noise.init(num_layers, cfg.sample_size, cfg.noise_window, dev)
+            state["noise_rank"], state["noise_rank_valid"] = rank.values, rank.valid
         return state
+
+    def _ensure_microbatch_ring(self) -> None:
+        if "noise_microbatch" not in self._state:
+            cfg = self.config
+            ring = noise.init(len(self.params), cfg.sample_size, cfg.noise_window, self.device)
+            self._state["noise_microbatch"], self._state["noise_microbatch_valid"] = ring.values, ring.valid
 
     def _write_meta(self) -> None:
         meta = {
@@ -246,6 +290,8 @@ class Monitor:
             "started": time.time(),
             "torch_version": torch.__version__,
             "device": str(self.device),
+            "world_size": self.dist.world,
+            "sharded": self.dist.sharded,
             "model": type(self.model).__name__,
             "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
             "every": self.config.every,
@@ -274,7 +320,7 @@ class Monitor:
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Record this step's loss for the ``loss`` metrics and the loss-spike detector (no synchronization).
 
-        Call it once per micro-batch (the step's loss is the mean) before ``optimizer.step()``.
+        Call it once per micro-batch (the step's loss is their mean) before ``optimizer.step()``.
         """
         if self._closed:
             return
@@ -298,8 +344,13 @@ class Monitor:
         return fn
 
     def flush(self) -> None:
-        """Write a checkpoint record now for the steps since the last one (nothing if there were none)."""
-        if self._closed or self.step_count == self._interval_start:
+        """Write a checkpoint record now for the steps since the last one (nothing if there were none).
+
+        Under torch.distributed, every rank must call it (it merges statistics across ranks).
+        """
+        if self._closed:
+            return
+        if self.step_count == self._interval_start:
             self._drain_alerts()
             return
         if self._tails is None:
@@ -314,9 +365,9 @@ class Monitor:
             self.flush()
         finally:
             self._closed = True
-            if self._optimizer_tap is not None:
-                self._optimizer_tap.remove()
-            self._backward_tap.remove()
+            for tap in (self._optimizer_tap, self._backward_tap, self._local_tap):
+                if tap is not None:
+                    tap.remove()
             for backend in self._backends:
                 backend.close()
             if _ATTACHED.get(self.model) is self:
@@ -336,34 +387,48 @@ class Monitor:
         grads: list[torch.Tensor | None] = []
         for p in self.params:
             g = p.grad
-            if g is not None and (g.is_sparse or g.layout != torch.strided):
-                self._skips["sparse"] += 1
-                g = None
-            elif g is not None and g.is_complex():
-                self._skips["complex"] += 1
-                g = None
-            elif g is not None and hasattr(g, "to_local"):  # a DTensor under FSDP2: this rank's shard
-                g = g.to_local()
+            if g is not None:
+                g = _local(g)
+                if g.layout != torch.strided:
+                    self._skips["sparse"] += 1
+                    g = None
+                elif g.is_complex():
+                    self._skips["complex"] += 1
+                    g = None
             grads.append(g)
         return grads
 
     def _on_backward_end(self) -> None:
-        if self._closed or not self.config.track_preclip:
+        """After each backward pass: pre-clip norms, and micro-batch samples under gradient accumulation."""
+        if self._closed:
             return
-        self._microbatches += 1
-        grads = [p.grad for p in self.params]
+        self._backwards += 1
+        if not (self.config.track_preclip or self._accumulating):
+            return
+        grads = [_local(p.grad) if p.grad is not None else None for p in self.params]
         rows = [i for i, g in enumerate(grads) if g is not None and g.layout == torch.strided and not g.is_complex()]
         if not rows:
             return
         tensors = [grads[i] for i in rows]
-        tensors = [g.to_local() if hasattr(g, "to_local") else g for g in tensors]
-        norms = torch.stack(torch._foreach_norm(tensors)).to(self.config.stats_dtype)
-        if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None and self.scaler.is_enabled():
-            # Hooks see gradients multiplied by the loss scale; divide on the device, never read the scale.
-            norms = norms / self.scaler._scale.to(norms.dtype)
-        s2 = torch.zeros_like(self._state["preclip_s2"])
-        s2[torch.tensor(rows, device=self.device)] = norms * norms
-        self._state["preclip_s2"] = s2
+        index = torch.tensor(rows, device=self.device)
+        dtype = self.config.stats_dtype
+        if self.config.track_preclip:
+            norms = torch.stack(torch._foreach_norm(tensors)).to(dtype)
+            if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None \
+                    and self.scaler.is_enabled():
+                # Hooks see gradients multiplied by the loss scale: divide on the device, never read the scale.
+                norms = norms / self.scaler._scale.to(norms.dtype)
+            s2 = torch.zeros_like(self._state["preclip_s2"])
+            s2[index] = norms * norms
+            self._state["preclip_s2"] = s2
+        if self._accumulating:
+            # The accumulated gradient's samples; successive differences are the micro-batch gradients.
+            samples = torch.zeros(len(self.params), self.config.sample_size, device=self.device, dtype=dtype)
+            samples[index] = torch.stack(
+                [g.reshape(-1)[self._sample_index_dev[i]].to(dtype) for i, g in zip(rows, tensors)])
+            previous = self._micro_prev if self._micro_prev is not None else torch.zeros_like(samples)
+            self._micro.append(samples - previous)
+            self._micro_prev = samples
 
     def _before_step(self) -> None:
         if self._closed:
@@ -372,6 +437,9 @@ class Monitor:
             self._stream_step()
             if (self.step_count + 1) % self.config.every == 0:
                 self._tails = self._tail_indices()
+        self._accumulating = self._backwards > 1
+        self._backwards = 0
+        self._micro, self._micro_prev = [], None
 
     def _stream_step(self) -> None:
         cfg, st = self.config, self._state
@@ -381,26 +449,25 @@ class Monitor:
         stats = res.stats
         entries = stats[:, COUNT] + stats[:, NONFINITE]
         valid = (entries > 0) & (stats[:, NONFINITE] == 0)
-        validf = valid.to(stats.dtype)
         clean = torch.where(valid[:, None], stats, torch.zeros_like(stats))
-
-        acc = st["acc"]
-        acc[:, COUNT : S4 + 1] += clean[:, COUNT : S4 + 1]
-        acc[:, NONFINITE] += stats[:, NONFINITE]
-        acc[:, ABSMAX] = torch.maximum(acc[:, ABSMAX], clean[:, ABSMAX])
-        st["acc_steps"] += validf
-        st["acc_bad_steps"] += ((entries > 0) & ~valid).to(stats.dtype)
-        st["acc_preclip_s2"] += torch.where(valid, st["preclip_s2"], 0.0)
-
-        # Denominator ratios: real (AdamW's own v) where the optimizer has one.
         ratio_ok = valid & torch.isfinite(stats[:, RATIO_MAX])
-        acc[:, RATIO_MAX] = torch.maximum(acc[:, RATIO_MAX], torch.where(ratio_ok, stats[:, RATIO_MAX], 0.0))
-        spike_frac = stats[:, RATIO_SPIKES] / stats[:, COUNT].clamp_min(1)
-        acc[:, RATIO_SPIKES] += torch.where(ratio_ok, stats[:, RATIO_SPIKES], 0.0)
-        st["acc_ratio_steps"] += ratio_ok.to(stats.dtype)
-        st["acc_spike_frac"] += torch.where(ratio_ok, spike_frac, 0.0)
         p99 = torch.nanquantile(res.ratio_samples, 0.99, dim=1)
-        st["acc_ratio_p99"] += torch.where(ratio_ok & torch.isfinite(p99), p99, 0.0)
+
+        add = torch.stack([
+            clean[:, COUNT], clean[:, S1], clean[:, S2], clean[:, S3], clean[:, S4], stats[:, NONFINITE],
+            torch.where(ratio_ok, stats[:, RATIO_SPIKES], 0.0),
+            torch.where(valid, st["preclip_s2"], 0.0),
+            torch.where(ratio_ok & torch.isfinite(p99), p99, 0.0),
+            torch.where(ratio_ok, stats[:, COUNT], 0.0),
+        ], dim=1)
+        st["acc_sum"] += add
+        acc_max = st["acc_max"]
+        acc_max[:, _M["absmax"]] = torch.maximum(acc_max[:, _M["absmax"]], clean[:, ABSMAX])
+        acc_max[:, _M["ratio_max"]] = torch.maximum(acc_max[:, _M["ratio_max"]],
+                                                    torch.where(ratio_ok, stats[:, RATIO_MAX], 0.0))
+        acc_max[:, _M["steps"]] += valid.to(stats.dtype)
+        acc_max[:, _M["bad_steps"]] += ((entries > 0) & ~valid).to(stats.dtype)
+        acc_max[:, _M["ratio_steps"]] += ratio_ok.to(stats.dtype)
 
         g = res.grad_samples
         self._stream_shadow(g, valid)
@@ -409,17 +476,16 @@ class Monitor:
         # Global figures and the loss.
         s2 = clean[:, S2]
         gnorm = s2.sum().sqrt()
-        glob = st["acc_global"]
         if self._loss_sum is not None:
             loss = self._loss_sum / self._loss_n
-            glob[0] += torch.where(torch.isfinite(loss), loss, 0.0)
-            glob[1] += torch.isfinite(loss).to(glob.dtype)
-            glob[2] = torch.where(torch.isfinite(loss), torch.maximum(glob[2], loss), glob[2])
         else:
             loss = torch.full((), math.nan, device=self.device, dtype=stats.dtype)
-        glob[3] += s2.sum()
-        glob[4] = torch.maximum(glob[4], gnorm)
-        glob[5] += 1
+        finite_loss = torch.isfinite(loss)
+        st["glob_sum"] += torch.stack([torch.where(finite_loss, loss, 0.0), finite_loss.to(stats.dtype), s2.sum()])
+        glob_max = st["glob_max"]
+        glob_max[0] = torch.where(finite_loss, torch.maximum(glob_max[0], loss), glob_max[0])
+        glob_max[1] = torch.maximum(glob_max[1], gnorm)
+        glob_max[2] += 1
         self._loss_sum, self._loss_n = None, 0
 
         # Spike detectors on the loss, the global norm and each layer's norm; flags go to the host asynchronously.
@@ -428,49 +494,62 @@ class Monitor:
                              layer_norm]).to(torch.float32)
         st["spike"], flags, scores = spike.update(st["spike"], streams, self._spike_config)
         kurt = kurtosis_from_power_sums(clean[:, COUNT], clean[:, S1], clean[:, S2], clean[:, S3], clean[:, S4])
-        slot = self.step_count % self.config.flight_steps
+        slot = self.step_count % cfg.flight_steps
         st["flight"][slot] = torch.stack([layer_norm, clean[:, ABSMAX], kurt], dim=1).to(torch.float32)
         st["flight_loss"][slot] = loss.to(torch.float32)
-        packed = torch.cat([
-            flags.to(torch.float32), scores.to(torch.float32), streams,
-            stats[:, NONFINITE].to(torch.float32), spike_frac.to(torch.float32),
-            torch.where(ratio_ok, stats[:, RATIO_MAX], math.nan).to(torch.float32),
-        ])
-        self._queue_flags(packed)
+        if self.dist.writer:
+            spike_frac = stats[:, RATIO_SPIKES] / stats[:, COUNT].clamp_min(1)
+            packed = torch.cat([
+                flags.to(torch.float32), scores.to(torch.float32), streams,
+                stats[:, NONFINITE].to(torch.float32), spike_frac.to(torch.float32),
+                torch.where(ratio_ok, stats[:, RATIO_MAX], math.nan).to(torch.float32),
+            ])
+            self._queue_flags(packed)
 
     def _stream_shadow(self, g: torch.Tensor, valid: torch.Tensor) -> None:
-        """Shadow denominators: an EMA of g^2 on the sampled coordinates, one per beta2, as AdamW would keep."""
+        """Shadow denominators: an EMA of g^2 on the sampled coordinates, one per beta2, as AdamW would keep.
+
+        r = |g_t| / (sqrt(v_{t-1} / (1 - beta2^(t-1))) + 1e-8), before v is updated with g_t, exactly like the
+        real ``adam/`` ratio, so every optimizer gets figures comparable with AdamW's.
+        """
         cfg, st = self.config, self._state
         g = torch.nan_to_num(g, nan=0.0)
         betas = torch.tensor(cfg.shadow_betas, device=self.device, dtype=g.dtype)[:, None, None]
         v, t = st["shadow_v"], st["shadow_t"]
         bias = 1.0 - betas[:, :, 0] ** t  # (B, L); 0 before the first step
         denom = (v / bias.clamp_min(1e-30)[:, :, None]).sqrt() + 1e-8
-        r = g.abs()[None] / denom
-        ok = (valid[None] & (t > 0))  # (B, L)
-        r_max = torch.where(ok, r.amax(dim=2), 0.0)
+        r = torch.where(v > 0, g.abs()[None] / denom, 0.0)
+        ok = valid[None] & (t > 0)  # (B, L)
         frac = (r * r > cfg.spike_threshold).to(g.dtype).mean(dim=2)
-        acc = st["acc_shadow"]
-        acc[:, :, 0] = torch.maximum(acc[:, :, 0], r_max)
-        acc[:, :, 1] += torch.where(ok, frac, 0.0)
-        acc[:, :, 2] += ok.to(g.dtype)
+        st["shadow_sum"] += torch.where(ok, frac, 0.0)
+        shadow_max = st["shadow_max"]
+        shadow_max[:, :, 0] = torch.maximum(shadow_max[:, :, 0], torch.where(ok, r.amax(dim=2), 0.0))
+        shadow_max[:, :, 1] += ok.to(g.dtype)
         new_v = betas * v + (1 - betas) * (g * g)[None]
         st["shadow_v"] = torch.where(valid[None, :, None], new_v, v)
         st["shadow_t"] = t + valid.to(t.dtype)[None]
 
+    def _push_noise(self, source: str, deviation: torch.Tensor, valid: torch.Tensor) -> None:
+        ring = noise.NoiseRing(self._state[f"noise_{source}"], self._state[f"noise_{source}_valid"])
+        noise.push(ring, self._noise_slots[source], deviation, valid)
+        self._noise_slots[source] += 1
+
     def _stream_noise(self, g: torch.Tensor, valid: torch.Tensor) -> None:
-        """Temporal noise: each sampled coordinate's deviation from its own EMA, kept in a ring buffer."""
+        """Noise deviations on the sampled coordinates: temporal, micro-batch and per-rank sources."""
         cfg, st = self.config, self._state
         mean, seen = st["noise_mean"], st["noise_seen"]
-        deviation = g - mean
-        write = valid & (seen > 0)
-        slot = self.step_count % cfg.noise_window
-        ring = st["noise_ring"]
-        ring[:, :, slot] = torch.where(write[:, None], deviation, 0.0).to(ring.dtype)
-        st["noise_valid"][:, slot] = write
+        self._push_noise("temporal", g - mean, valid & (seen > 0))
         beta = torch.where(seen > 0, cfg.noise_beta, 0.0)[:, None]  # the first value initialises the EMA
         st["noise_mean"] = torch.where(valid[:, None], beta * mean + (1 - beta) * torch.nan_to_num(g), mean)
         st["noise_seen"] = seen + valid.to(seen.dtype)
+        if len(self._micro) >= 2:
+            self._ensure_microbatch_ring()
+            micro = torch.stack(self._micro)  # (M, L, S)
+            centre = micro.mean(dim=0)
+            for sample in micro:
+                self._push_noise("microbatch", sample - centre, valid)
+        if "rank_local" in st:
+            self._push_noise("rank", st["rank_local"] - g, valid)
 
     def _queue_flags(self, packed: torch.Tensor) -> None:
         """Start the copy of this step's flags to the host; they are read at the next step (no waiting)."""
@@ -487,7 +566,7 @@ class Monitor:
         if self._closed:
             return
         self.step_count += 1
-        # Read the flags copied during an earlier step, if the copy is done: never wait for the device.
+        # Read the flags copied during earlier steps, if their copy is done: never wait for the device.
         self._read_flags(wait=False, before_step=self.step_count)
         if self.step_count % self.config.every == 0:
             if self._tails is None:
@@ -515,157 +594,167 @@ class Monitor:
         """Hill tail index of each tensor's current gradient from its top order statistics, ``(L, 3)``.
 
         ``torch.topk`` per tensor (checkpoint steps only), then one batched ``hill_from_top`` per group of tensors
-        that kept the same number of order statistics.
+        that keep the same number of order statistics. Under FSDP2 each rank's top order statistics are gathered
+        and merged: the global top k lies inside the union of the per-rank tops.
         """
         cfg = self.config
-        num_layers = len(self.params)
-        out = torch.full((num_layers, 3), math.nan, device=self.device, dtype=torch.float32)
+        out = torch.full((len(self.params), 3), math.nan, device=self.device, dtype=torch.float32)
         groups: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
         with torch.no_grad():
-            for i, g in enumerate(self._gradients()):
-                n = self.numels[i]
-                if g is None or n < cfg.min_tail_samples:
+            for i, (p, g) in enumerate(zip(self.params, self._gradients())):
+                n = p.numel()  # the whole tensor's size, the same on every rank
+                if n < cfg.min_tail_samples:
                     continue
                 m = int(min(default_top_count(n), cfg.tail_top_max))
-                # Zeros and non-finite entries are missing data for the tail (the estimator's rule).
-                top, count = top_magnitudes(g.detach().reshape(-1), m)
-                rows, tops, counts = groups.setdefault(top.shape[-1], ([], [], []))
+                if g is None:
+                    top = torch.zeros(m, device=self.device)
+                    count = torch.zeros((), dtype=torch.int64, device=self.device)
+                else:
+                    # Zeros and non-finite entries are missing data for the tail (the estimator's rule).
+                    top, count = top_magnitudes(g.detach().reshape(-1), m)
+                    top = torch.nn.functional.pad(top.float(), (0, m - top.shape[-1]))
+                rows, tops, counts = groups.setdefault(m, ([], [], []))
                 rows.append(i)
                 tops.append(top)
                 counts.append(count)
             for rows, tops, counts in groups.values():
-                result = hill_from_top(torch.stack(tops), torch.stack(counts))
+                top, count = torch.stack(tops), torch.stack(counts)
+                if self.dist.sharded:
+                    top = self.dist.gather_cat(top, dim=1)
+                    count = self.dist.all_reduce_(count.clone(), "sum")
+                result = hill_from_top(top, count)
                 out[torch.tensor(rows, device=self.device)] = torch.stack(
                     [result.alpha.float(), result.se.float(), result.k.float()], dim=1)
         return out
 
-    def _noise_tails(self) -> torch.Tensor:
-        """Hill alpha, its standard error and the excess kurtosis of each tensor's sampled noise, ``(L, 3)``."""
-        st = self._state
-        ring = st["noise_ring"].to(torch.float64)  # (L, S, W)
-        valid = st["noise_valid"]  # (L, W)
-        num_layers, num_samples, window = ring.shape
-        out = torch.full((num_layers, 3), math.nan, device=self.device, dtype=torch.float32)
-        counts = valid.sum(dim=1) * num_samples  # (L,)
-        data = ring.reshape(num_layers, -1)
-        mask = valid[:, None, :].expand(-1, num_samples, -1).reshape(num_layers, -1)
-        # Kurtosis over the valid deviations only (masked central moments).
-        nvalid = counts.to(torch.float64).clamp_min(1)
-        mean = (data * mask).sum(1) / nvalid
-        centred = (data - mean[:, None]) * mask
-        m2 = (centred**2).sum(1) / nvalid
-        m4 = (centred**4).sum(1) / nvalid
-        kurt = m4 / (m2 * m2) - 3.0
-        out[:, 2] = torch.where(counts >= self.config.min_tail_samples, kurt, math.nan).to(torch.float32)
-        # Hill: slots not yet written read as 0, which the estimator treats as missing (zeros carry no tail).
-        n_total = num_samples * window
-        m = int(min(default_top_count(n_total), n_total))
-        top = torch.topk((data * mask).abs(), m, dim=1).values
-        result = hill_from_top(top, counts.clamp_min(1))
-        enough = counts >= self.config.min_tail_samples
-        out[:, 0] = torch.where(enough, result.alpha.float(), math.nan)
-        out[:, 1] = torch.where(enough, result.se.float(), math.nan)
+    def _noise_tails(self) -> dict[str, torch.Tensor]:
+        """Hill alpha, standard error and kurtosis of each noise source's deviations, ``(L, 3)`` per source."""
+        out = {}
+        for source in ("temporal", "microbatch", "rank"):
+            key = f"noise_{source}"
+            if key not in self._state:
+                continue
+            values, mask = noise.flatten(noise.NoiseRing(self._state[key], self._state[f"{key}_valid"]))
+            # Temporal noise is per rank under FSDP2 (each samples its shard); rank noise is per rank by nature.
+            if self.dist.active and (source == "rank" or self.dist.sharded):
+                values = self.dist.gather_cat(values, dim=1)
+                mask = self.dist.gather_cat(mask.to(values.dtype), dim=1) > 0
+            out[source] = noise.noise_tail(values, mask, self.config.min_tail_samples)
         return out
 
     def _checkpoint(self) -> None:
-        st, cfg = self._state, self.config
+        st = self._state
         tails = self._tails if self._tails is not None else torch.full(
             (len(self.params), 3), math.nan, device=self.device)
-        noise = self._noise_tails()
-        parts = {
-            "acc": st["acc"], "acc_steps": st["acc_steps"], "acc_bad_steps": st["acc_bad_steps"],
-            "acc_preclip_s2": st["acc_preclip_s2"], "acc_ratio_steps": st["acc_ratio_steps"],
-            "acc_ratio_p99": st["acc_ratio_p99"], "acc_spike_frac": st["acc_spike_frac"],
-            "acc_shadow": st["acc_shadow"], "acc_global": st["acc_global"], "tails": tails, "noise": noise,
-        }
+        noise_tails = self._noise_tails()
+        sums = torch.cat([st["acc_sum"].reshape(-1), st["glob_sum"], st["shadow_sum"].reshape(-1)])
+        maxes = torch.cat([st["acc_max"].reshape(-1), st["glob_max"], st["shadow_max"].reshape(-1)])
+        if self.dist.sharded:  # exact merge of the shards' interval statistics: two collectives per checkpoint
+            sums = self.dist.all_reduce_(sums.clone(), "sum")
+            maxes = self.dist.all_reduce_(maxes.clone(), "max")
+        parts = {"sums": sums, "maxes": maxes, "tails": tails}
+        parts.update({f"noise_{k}": v for k, v in noise_tails.items()})
         flat = torch.cat([t.reshape(-1).to(torch.float64) for t in parts.values()])
         host = flat.cpu().numpy()  # sync point: the one device->host copy of a checkpoint
         arrays, offset = {}, 0
         for name, t in parts.items():
-            arrays[name] = host[offset : offset + t.numel()].reshape(tuple(t.shape))
+            arrays[name] = host[offset : offset + t.numel()]
             offset += t.numel()
-        metrics = self._metrics_from(arrays)
-        self._read_flags(wait=True, before_step=self.step_count + 1)
-        for backend in self._backends:
-            backend.log(metrics, self.step_count)
-        self.alerts.process_record(self.step_count, metrics, self.names)
-        self._write_flight_records()
+        if self.dist.writer:
+            metrics = self._metrics_from(arrays)
+            self._read_flags(wait=True, before_step=self.step_count + 1)
+            for backend in self._backends:
+                backend.log(metrics, self.step_count)
+            self.alerts.process_record(self.step_count, metrics, self.names)
+            self._write_flight_records()
         self._reset_interval()
 
     def _metrics_from(self, a: dict[str, np.ndarray]) -> dict[str, float]:
         cfg = self.config
-        acc = a["acc"]
-        steps = a["acc_steps"]
-        count = acc[:, COUNT]
-        metrics: dict[str, float] = {}
-        with np.errstate(divide="ignore", invalid="ignore"):
-            norm = np.sqrt(acc[:, S2] / steps)
-            preclip = np.sqrt(a["acc_preclip_s2"] / steps)
-            n = count
-            mean = acc[:, S1] / n
-            m2 = acc[:, S2] / n - mean**2
-            m4 = (acc[:, S4] / n - 4 * mean * acc[:, S3] / n + 6 * mean**2 * acc[:, S2] / n - 3 * mean**4)
-            kurt = m4 / (m2 * m2) - 3.0
-            per_step_n = count / steps
-            gauss = np.asarray(gaussian_kurtosis_quantile(torch.as_tensor(np.nan_to_num(count, nan=4.0)).clamp_min(4),
-                                                          0.99), dtype=np.float64)
-            entries = count + acc[:, NONFINITE]
-            nonfinite_frac = acc[:, NONFINITE] / entries
-            ratio_steps = a["acc_ratio_steps"]
-            ratio_max = np.where(ratio_steps > 0, acc[:, RATIO_MAX], np.nan)
-            spike_frac = a["acc_spike_frac"] / ratio_steps
-            p99 = a["acc_ratio_p99"] / ratio_steps
-        del per_step_n
-        tails, noise = a["tails"], a["noise"]
-        shadow = a["acc_shadow"]
+        num_layers, num_betas = len(self.names), len(cfg.shadow_betas)
+        sums, maxes = a["sums"], a["maxes"]
+        acc_sum = sums[: num_layers * len(SUM_FIELDS)].reshape(num_layers, len(SUM_FIELDS))
+        glob_sum = sums[num_layers * len(SUM_FIELDS) : num_layers * len(SUM_FIELDS) + 3]
+        shadow_sum = sums[num_layers * len(SUM_FIELDS) + 3 :].reshape(num_betas, num_layers)
+        acc_max = maxes[: num_layers * len(MAX_FIELDS)].reshape(num_layers, len(MAX_FIELDS))
+        glob_max = maxes[num_layers * len(MAX_FIELDS) : num_layers * len(MAX_FIELDS) + 3]
+        shadow_max = maxes[num_layers * len(MAX_FIELDS) + 3 :].reshape(num_betas, num_layers, 2)
+        tails = a["tails"].reshape(num_layers, 3)
+        world = self.dist.world if self.dist.sharded else 1
+
+        col = lambda name: acc_sum[:, _S[name]]  # noqa: E731
+        steps = acc_max[:, _M["steps"]]
+        count = col("count")
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            norm = np.sqrt(col("s2") / steps)
+            preclip = np.sqrt(col("preclip_s2") / steps)
+            mean = col("s1") / count
+            m2 = col("s2") / count - mean**2
+            m4 = col("s4") / count - 4 * mean * col("s3") / count + 6 * mean**2 * col("s2") / count - 3 * mean**4
+            kurt = np.where(count >= 4, m4 / (m2 * m2) - 3.0, np.nan)
+            per_step = np.maximum(count / np.maximum(steps, 1), 4)
+            gauss = np.asarray(gaussian_kurtosis_quantile(torch.as_tensor(per_step), 0.99), dtype=np.float64)
+            entries = count + col("nonfinite")
+            nonfinite_frac = col("nonfinite") / entries
+            ratio_steps = acc_max[:, _M["ratio_steps"]]
+            ratio_max = np.where(ratio_steps > 0, acc_max[:, _M["ratio_max"]], np.nan)
+            spike_frac = col("ratio_spikes") / col("ratio_entries")
+            p99 = col("ratio_p99") / ratio_steps / world
         has_ratio = bool(np.any(ratio_steps > 0)) or _adam_like(self.optimizer)
+        noise_sources = {k[len("noise_"):]: v.reshape(num_layers, 3) for k, v in a.items() if k.startswith("noise_")}
+        metrics: dict[str, float] = {}
+        nan = math.nan
         for i, name in enumerate(self.names):
             present = steps[i] > 0
-            metrics[f"grad/norm/{name}"] = float(norm[i]) if present else math.nan
+            metrics[f"grad/norm/{name}"] = float(norm[i]) if present else nan
             if cfg.track_preclip:
-                metrics[f"grad/norm_preclip/{name}"] = float(preclip[i]) if present else math.nan
-            metrics[f"grad/max/{name}"] = float(acc[i, ABSMAX]) if present else math.nan
-            metrics[f"grad/kurtosis/{name}"] = float(kurt[i]) if present and count[i] >= 4 else math.nan
-            metrics[f"grad/kurtosis_gauss/{name}"] = float(gauss[i]) if present else math.nan
+                metrics[f"grad/norm_preclip/{name}"] = float(preclip[i]) if present else nan
+            metrics[f"grad/max/{name}"] = float(acc_max[i, _M["absmax"]]) if present else nan
+            metrics[f"grad/kurtosis/{name}"] = float(kurt[i]) if present else nan
+            metrics[f"grad/kurtosis_gauss/{name}"] = float(gauss[i]) if present else nan
             metrics[f"grad/hill_alpha/{name}"] = float(tails[i, 0])
             metrics[f"grad/hill_alpha_se/{name}"] = float(tails[i, 1])
             metrics[f"grad/hill_k/{name}"] = float(tails[i, 2])
-            metrics[f"grad/nonfinite_frac/{name}"] = float(nonfinite_frac[i]) if entries[i] > 0 else math.nan
-            metrics[f"noise/hill_alpha/{name}"] = float(noise[i, 0])
-            metrics[f"noise/hill_alpha_se/{name}"] = float(noise[i, 1])
-            metrics[f"noise/kurtosis/{name}"] = float(noise[i, 2])
+            metrics[f"grad/nonfinite_frac/{name}"] = float(nonfinite_frac[i]) if entries[i] > 0 else nan
+            for source, values in noise_sources.items():
+                prefix = "noise" if source == "temporal" else f"noise/{source}"
+                metrics[f"{prefix}/hill_alpha/{name}" if source == "temporal" else
+                        f"noise/{source}_hill_alpha/{name}"] = float(values[i, 0])
+                metrics[f"noise/hill_alpha_se/{name}" if source == "temporal" else
+                        f"noise/{source}_hill_alpha_se/{name}"] = float(values[i, 1])
+                metrics[f"noise/kurtosis/{name}" if source == "temporal" else
+                        f"noise/{source}_kurtosis/{name}"] = float(values[i, 2])
             if has_ratio:
                 metrics[f"adam/ratio_max/{name}"] = float(ratio_max[i])
                 metrics[f"adam/ratio_p99/{name}"] = float(p99[i])
                 metrics[f"adam/spike_frac/{name}"] = float(spike_frac[i])
             for b, beta in enumerate(cfg.shadow_betas):
                 tag = _shadow_tag(beta)
-                ok = shadow[b, i, 2] > 0
-                metrics[f"{tag}/ratio_max/{name}"] = float(shadow[b, i, 0]) if ok else math.nan
-                metrics[f"{tag}/spike_frac/{name}"] = float(shadow[b, i, 1] / shadow[b, i, 2]) if ok else math.nan
-        glob = a["acc_global"]
-        total_steps = glob[5]
-        metrics["grad/norm"] = float(math.sqrt(glob[3] / total_steps)) if total_steps > 0 else math.nan
-        metrics["grad/norm_max"] = float(glob[4]) if total_steps > 0 else math.nan
+                shadow_steps = shadow_max[b, i, 1]
+                ok = shadow_steps > 0
+                metrics[f"{tag}/ratio_max/{name}"] = float(shadow_max[b, i, 0]) if ok else nan
+                metrics[f"{tag}/spike_frac/{name}"] = float(shadow_sum[b, i] / shadow_steps / world) if ok else nan
+        total_steps = glob_max[2]
+        metrics["grad/norm"] = float(math.sqrt(glob_sum[2] / total_steps)) if total_steps > 0 else nan
+        metrics["grad/norm_max"] = float(glob_max[1]) if total_steps > 0 else nan
         if cfg.track_preclip:
-            metrics["grad/norm_preclip"] = float(math.sqrt(a["acc_preclip_s2"].sum() / total_steps)) \
-                if total_steps > 0 else math.nan
-        metrics["grad/bad_steps"] = float(a["acc_bad_steps"].max()) if len(self.names) else 0.0
+            metrics["grad/norm_preclip"] = float(math.sqrt(col("preclip_s2").sum() / total_steps)) \
+                if total_steps > 0 else nan
+        metrics["grad/bad_steps"] = float(acc_max[:, _M["bad_steps"]].max())
         metrics["steps"] = float(total_steps)
-        if glob[1] > 0:
-            metrics["loss"] = float(glob[0] / glob[1])
-            metrics["loss/max"] = float(glob[2])
-        for kind, n_skipped in self._skips.items():
-            if n_skipped:
-                metrics[f"grad/skipped_{kind}"] = float(n_skipped)
+        if glob_sum[1] > 0:
+            metrics["loss"] = float(glob_sum[0] / glob_sum[1])
+            metrics["loss/max"] = float(glob_max[0])
+        for kind, skipped in self._skips.items():
+            if skipped:
+                metrics[f"grad/skipped_{kind}"] = float(skipped)
         return metrics
 
     def _reset_interval(self) -> None:
         st = self._state
-        for key in ("acc", "acc_steps", "acc_bad_steps", "acc_preclip_s2", "acc_ratio_steps", "acc_ratio_p99",
-                    "acc_spike_frac", "acc_shadow", "acc_global"):
+        for key in ("acc_sum", "acc_max", "glob_sum", "shadow_sum", "shadow_max"):
             st[key].zero_()
-        st["acc_global"][2] = -math.inf
+        st["glob_max"].copy_(torch.tensor([-math.inf, 0.0, 0.0]))
         self._tails = None
         self._interval_start = self.step_count
         self._skips = {k: 0 for k in self._skips}
@@ -674,9 +763,9 @@ class Monitor:
 
     def _emit_alert(self, alert: dict) -> None:
         """Send one alert everywhere: backends (jsonl writes alerts.jsonl), logging, callbacks; keep its flight."""
-        # A device-side copy of the flight ring: written to disk at the next checkpoint, so no sync here.
-        self._pending_flight.append((alert, (self._state["flight"].clone(), self._state["flight_loss"].clone(),
-                                             self.step_count)))
+        # A device-side copy of the flight ring, written at the next checkpoint: no sync at alert time.
+        st = self._state
+        self._pending_flight.append((alert, (st["flight"].clone(), st["flight_loss"].clone(), self.step_count)))
         logger.warning("heavytail alert [%s] %s", alert["rule"], alert["message"])
         for backend in self._backends:
             backend.alert(alert)
@@ -688,18 +777,16 @@ class Monitor:
                               RuntimeWarning, stacklevel=2)
 
     def _drain_alerts(self) -> None:
-        self._read_flags(wait=True, before_step=self.step_count + 1)
-        self._write_flight_records()
+        if self.dist.writer:
+            self._read_flags(wait=True, before_step=self.step_count + 1)
+            self._write_flight_records()
 
     def _write_flight_records(self) -> None:
-        if not self._pending_flight:
-            return
         window = self.config.flight_steps
         for alert, (flight, flight_loss, at_step) in self._pending_flight:
-            flight_np = flight.cpu().numpy()  # sync point: alert flight records, written at checkpoints
+            flight_np = flight.cpu().numpy()  # sync point: flight records are written at checkpoints
             loss_np = flight_loss.cpu().numpy()  # sync point: same
-            first = max(0, at_step - window)
-            steps = list(range(first, at_step))
+            steps = list(range(max(0, at_step - window), at_step))
             slots = [s % window for s in steps]
             record = {
                 "step": alert["step"],
@@ -716,8 +803,6 @@ class Monitor:
             path = self.log_dir / alert["flight_record"]
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                from heavytail.backends.jsonl import dumps_record
-
                 path.write_text(dumps_record(record))
             except OSError as exc:
                 warnings.warn(f"heavytail: could not write flight record {path}: {exc}", RuntimeWarning, stacklevel=2)
@@ -734,6 +819,7 @@ class Monitor:
             "names": list(self.names),
             "step_count": self.step_count,
             "interval_start": self._interval_start,
+            "noise_slots": dict(self._noise_slots),
             "tensors": tensors,
             "spike": {k: v.detach().cpu().clone() for k, v in st["spike"]._asdict().items()},  # sync point
             "alerts": self.alerts.state_dict(),
@@ -746,14 +832,36 @@ class Monitor:
         if list(state["names"]) != self.names:
             raise ValueError("Monitor.load_state_dict: the saved state watches different parameters than this monitor")
         st = self._state
+        if "noise_microbatch" in state["tensors"]:
+            self._ensure_microbatch_ring()
         for key, value in state["tensors"].items():
             if key not in st or st[key].shape != value.shape:
                 raise ValueError(f"Monitor.load_state_dict: tensor {key!r} does not match this monitor's configuration")
+            if key == "rank_local":
+                continue  # filled by the hooks at every backward pass
             st[key] = value.to(st[key].device, st[key].dtype)
         st["spike"] = type(st["spike"])(**{k: v.to(self.device) for k, v in state["spike"].items()})
         self.step_count = int(state["step_count"])
         self._interval_start = int(state["interval_start"])
+        self._noise_slots.update({k: int(v) for k, v in state.get("noise_slots", {}).items()})
         self.alerts.load_state_dict(state["alerts"])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+
+
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim.Optimizer`` inside framework wrappers (Accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``), so the step hooks go on the optimizer that really steps."""
+    seen = 0
+    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and seen < 4:
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None:
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer
 
 
 def _shadow_tag(beta: float) -> str:

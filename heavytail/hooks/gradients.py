@@ -37,3 +37,32 @@ class BackwardTap:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class LocalSampleTap:
+    """Copies each parameter's gradient at its sampled coordinates as soon as it is accumulated.
+
+    Under DDP the post-accumulate-grad hook sees this rank's own gradient, before the bucketed all-reduce
+    replaces it with the average, so ``buffer[i]`` holds rank-local samples for the rank-noise estimator.
+    One small gather per parameter per backward pass: used only when data parallelism makes it worth it.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], sample_index: torch.Tensor, buffer: torch.Tensor):
+        self._index = sample_index
+        self._buffer = buffer
+        self._handles = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(params)]
+
+    def _make_hook(self, row: int) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            if grad is None or grad.layout != torch.strided or grad.is_complex():
+                return
+            with torch.no_grad():
+                self._buffer[row].copy_(grad.reshape(-1)[self._index[row]])
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -39,7 +39,7 @@ table.ht-table{border-collapse:collapse;width:100%;font-size:13px}
 .ht-table td.num,.ht-table th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .ht-table tr:hover td{background:#fafbfd}
 .ht-scroll-x{overflow-x:auto}
-#summary-table{width:auto;min-width:min(100%,720px)}#summary-table td.num,#summary-table th.num{min-width:150px}
+#summary-table,#settings-table{width:auto;min-width:min(100%,720px)}#summary-table td.num,#summary-table th.num{min-width:150px}
 .ht-scroll{max-height:520px;overflow:auto;border:1px solid var(--line);border-radius:6px}
 .ht-badge{display:inline-block;padding:0 7px;border-radius:9px;font-size:11px;font-weight:600;color:#fff;line-height:18px}
 .sev-critical{background:var(--crit)}.sev-warning{background:var(--warn)}.sev-info{background:var(--info)}

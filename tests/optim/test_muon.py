@@ -304,3 +304,13 @@ def test_deepcopy():
     p = clone.param_groups[0]["params"][0]
     assert "momentum_buffer" in clone.state[p]
     assert clone.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+
+
+def test_demo_gpt_split():
+    from heavytail.workload.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, d_model=16))
+    opt = muon_with_adamw(model)
+    hidden = [f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")]
+    assert _names(opt, "muon") == hidden
+    assert {"embed.weight", "pos.weight", "head.weight", "ln_f.weight"} <= set(_names(opt, "adamw"))
