@@ -45,7 +45,7 @@ class AlertEngine:
 
     def _new(self, rule: str, flags: Sequence[bool], step: int) -> list[bool]:
         cooldown = self._cooldowns.get(rule)
-        if cooldown is None or len(cooldown._last_flag) != len(flags):
+        if cooldown is None or cooldown.num_streams != len(flags):
             cooldown = self._cooldowns[rule] = Cooldown(len(flags), self.cooldown_steps)
         return cooldown(list(flags), step=step)
 

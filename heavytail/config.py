@@ -51,6 +51,10 @@ class MonitorConfig:
     spike_threshold: float = 5000.0
     """A coordinate is a hidden spike when (g / (sqrt(v_hat) + eps))^2 exceeds this (SPAM's 5000)."""
 
+    memory_inflation: float = 1.5
+    """Denominator memory: an episode opened by a large-gradient event lasts while sqrt(v_hat) stays above this
+    multiple of its pre-event value."""
+
     shadow_betas: Sequence[float] = (0.999, 0.95)
     """beta2 values of the shadow denominators (an EMA of g^2 on the sampled coordinates): what AdamW's
     denominator would have done with the same gradients, for every optimizer."""
@@ -115,6 +119,8 @@ class MonitorConfig:
                 raise ValueError(f"MonitorConfig.{name} must be a non-negative integer, got {value!r}")
         if not 0.0 <= self.noise_beta < 1.0:
             raise ValueError(f"MonitorConfig.noise_beta must be in [0, 1), got {self.noise_beta!r}")
+        if not self.memory_inflation > 1.0:
+            raise ValueError(f"MonitorConfig.memory_inflation must be greater than 1, got {self.memory_inflation!r}")
         if not self.spike_threshold > 0:
             raise ValueError(f"MonitorConfig.spike_threshold must be positive, got {self.spike_threshold!r}")
         if not self.tail_alpha_threshold > 0:

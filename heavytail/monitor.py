@@ -24,7 +24,7 @@ from heavytail.backends import backend_factory, is_backend
 from heavytail.backends.jsonl import dumps_record
 from heavytail.config import MonitorConfig
 from heavytail.distributed import DistContext, local_numel, unwrap_model
-from heavytail.estimators import noise, spike
+from heavytail.estimators import memory, noise, spike
 from heavytail.estimators.gradient_pass import (
     ABSMAX,
     COUNT,
@@ -40,7 +40,15 @@ from heavytail.estimators.gradient_pass import (
 from heavytail.estimators.hill import default_top_count, hill_from_top, top_magnitudes
 from heavytail.estimators.kurtosis import gaussian_kurtosis_quantile, kurtosis_from_power_sums
 from heavytail.hooks.gradients import BackwardTap, LocalSampleTap
-from heavytail.hooks.optimizer import OptimizerTap, check_owns, denominators
+from heavytail.hooks.optimizer import (
+    OptimizerTap,
+    check_owns,
+    denominators,
+    gather_samples,
+    optimizer_kind,
+    param_kinds,
+    premomentum_matrix,
+)
 from heavytail.hooks.selection import select_parameters
 
 logger = logging.getLogger("heavytail")
@@ -55,6 +63,12 @@ STATE_VERSION = 2
 SUM_FIELDS = ("count", "s1", "s2", "s3", "s4", "nonfinite", "ratio_spikes", "preclip_s2", "ratio_p99",
               "ratio_entries")
 MAX_FIELDS = ("absmax", "ratio_max", "steps", "bad_steps", "ratio_steps")
+# Per-tensor sums of the optimizer-update figures (sample based): update RMS ratio and its steps, update/gradient
+# ratio at denominator events (real, shadow) and their counts, Lion's flipped-sign fraction and its steps.
+UPDATE_FIELDS = ("rms_ratio", "rms_steps", "event_ratio_adam", "events_adam", "event_ratio_shadow", "events_shadow",
+                 "sign_flip", "sign_steps")
+MEMORY_FIELDS = ("started", "ended", "ended_steps")
+_U = {name: i for i, name in enumerate(UPDATE_FIELDS)}
 _S = {name: i for i, name in enumerate(SUM_FIELDS)}
 _M = {name: i for i, name in enumerate(MAX_FIELDS)}
 
@@ -157,6 +171,7 @@ class Monitor:
         self.optimizer = optimizer
         self.scaler = scaler
         self.dist = DistContext.detect(self.params, process_group)
+        self.kinds = param_kinds(optimizer, self.params)
         self.device = _local(self.params[0]).device
         self.numels = [local_numel(p) for p in self.params]
         num_layers = len(self.params)
@@ -200,6 +215,8 @@ class Monitor:
         self._micro_prev: torch.Tensor | None = None
         self._micro: list[torch.Tensor] = []
         self._noise_slots = {"temporal": 0, "microbatch": 0, "rank": 0}
+        self._before: dict[str, Any] = {}
+        self._muon_sv: torch.Tensor | None = None
         self._state = self._init_state(num_layers)
 
         self._optimizer_tap = OptimizerTap(optimizer, self._before_step, self._after_step) if optimizer else None
@@ -267,11 +284,18 @@ class Monitor:
             "noise_temporal": temporal.values,
             "noise_temporal_valid": temporal.valid,
             "preclip_s2": torch.zeros(num_layers, device=dev, dtype=dt),
+            # Denominator memory on the sampled coordinates (real denominator, first shadow) and update figures.
+            "memory_sum": torch.zeros(2, num_layers, len(MEMORY_FIELDS), device=dev, dtype=dt),
+            "update_sum": torch.zeros(num_layers, len(UPDATE_FIELDS), device=dev, dtype=dt),
             # Flight recorder: per-layer norm, max |g| and kurtosis, and the loss, of the last steps.
             "flight": torch.full((cfg.flight_steps, num_layers, 3), math.nan, device=dev, dtype=torch.float32),
             "flight_loss": torch.full((cfg.flight_steps,), math.nan, device=dev, dtype=torch.float32),
             "spike": spike.init(2 + num_layers, device=dev, config=self._spike_config),
         }
+        for family in ("adam", "shadow"):
+            mem = memory.init(num_layers, cfg.sample_size, dev, dt)
+            state[f"memory_{family}_level"], state[f"memory_{family}_age"] = mem.level, mem.age
+            state[f"memory_{family}_active"] = mem.active
         if self.dist.active and not self.dist.sharded:
             rank = noise.init(num_layers, cfg.sample_size, cfg.noise_window, dev)
             state["noise_rank"], state["noise_rank_valid"] = rank.values, rank.valid
@@ -383,17 +407,19 @@ class Monitor:
 
     # ------------------------------------------------------------------ step path (no host-device sync)
 
-    def _gradients(self) -> list[torch.Tensor | None]:
+    def _gradients(self, count_skips: bool = True) -> list[torch.Tensor | None]:
+        # count_skips: the step pass counts each skipped (tensor, step) once; the checkpoint's tail pass, which
+        # reads the same gradients again, must not count them a second time.
         grads: list[torch.Tensor | None] = []
         for p in self.params:
             g = p.grad
             if g is not None:
                 g = _local(g)
                 if g.layout != torch.strided:
-                    self._skips["sparse"] += 1
+                    self._skips["sparse"] += count_skips
                     g = None
                 elif g.is_complex():
-                    self._skips["complex"] += 1
+                    self._skips["complex"] += count_skips
                     g = None
             grads.append(g)
         return grads
@@ -437,6 +463,7 @@ class Monitor:
             self._stream_step()
             if (self.step_count + 1) % self.config.every == 0:
                 self._tails = self._tail_indices()
+                self._muon_sv = self._muon_spread()
         self._accumulating = self._backwards > 1
         self._backwards = 0
         self._micro, self._micro_prev = [], None
@@ -470,8 +497,17 @@ class Monitor:
         acc_max[:, _M["ratio_steps"]] += ratio_ok.to(stats.dtype)
 
         g = res.grad_samples
-        self._stream_shadow(g, valid)
+        events_adam = None
+        if den is not None:
+            v_hat = res.denom_samples / den.bias_correction.to(res.denom_samples.dtype)[:, None]
+            events_adam = self._stream_memory(0, "adam", res.ratio_samples, v_hat, ratio_ok)
+        events_shadow = self._stream_shadow(g, valid)
         self._stream_noise(g, valid)
+        if self.optimizer is not None:
+            self._stream_sign_flips(g, valid)
+            # Parameter samples before the update; _stream_updates compares them with the samples after it.
+            self._before = {"params": gather_samples(self.params, self._sample_index_dev, cfg.stats_dtype),
+                            "g": g, "valid": valid, "events_adam": events_adam, "events_shadow": events_shadow}
 
         # Global figures and the loss.
         s2 = clean[:, S2]
@@ -506,7 +542,83 @@ class Monitor:
             ])
             self._queue_flags(packed)
 
-    def _stream_shadow(self, g: torch.Tensor, valid: torch.Tensor) -> None:
+    def _stream_memory(self, index: int, family: str, ratio: torch.Tensor, v_hat: torch.Tensor,
+                       valid: torch.Tensor) -> torch.Tensor:
+        """Advance the denominator-memory episodes of one family; returns this step's event mask ``(L, S)``."""
+        st = self._state
+        keys = (f"memory_{family}_level", f"memory_{family}_age", f"memory_{family}_active")
+        state, step = memory.update(memory.MemoryState(*(st[k] for k in keys)), ratio, v_hat, valid,
+                                    threshold=self.config.spike_threshold, inflation=self.config.memory_inflation)
+        for key, value in zip(keys, state):
+            st[key] = value
+        st["memory_sum"][index] += torch.stack([step.started, step.ended, step.ended_steps], dim=1)
+        return step.events
+
+    def _stream_sign_flips(self, g: torch.Tensor, valid: torch.Tensor) -> None:
+        """Lion: the fraction of sampled coordinates whose update sign the current gradient flipped, i.e. where
+        sign(beta1 m_{t-1} + (1 - beta1) g_t) differs from sign(m_{t-1}) (Chen et al. 2023's update direction)."""
+        rows = [i for i, kind in enumerate(self.kinds) if kind == "lion"]
+        if not rows:
+            return
+        groups = {id(q): grp for grp in self.optimizer.param_groups for q in grp["params"]}
+        momenta: list[torch.Tensor | None] = [None] * len(self.params)
+        beta1 = torch.zeros(len(self.params), 1, device=self.device, dtype=g.dtype)
+        for i in rows:
+            state = self.optimizer.state.get(self.params[i])
+            if state and "exp_avg" in state:
+                momenta[i] = _local(state["exp_avg"])
+                beta1[i] = float(groups[id(self.params[i])]["betas"][0])
+        m = gather_samples(momenta, self._sample_index_dev, g.dtype)
+        c = beta1 * m + (1 - beta1) * g
+        live = torch.isfinite(m) & (m != 0)
+        flipped = ((torch.sign(c) != torch.sign(m)) & live).sum(dim=1)
+        ok = valid & (live.sum(dim=1) > 0)
+        frac = flipped / live.sum(dim=1).clamp_min(1)
+        upd = self._state["update_sum"]
+        upd[:, _U["sign_flip"]] += torch.where(ok, frac, 0.0)
+        upd[:, _U["sign_steps"]] += ok.to(upd.dtype)
+
+    def _stream_updates(self) -> None:
+        """After the optimizer step: update RMS over gradient RMS, and |update| / |g| at denominator events."""
+        before = self._before
+        self._before = {}
+        if not before:
+            return
+        after = gather_samples(self.params, self._sample_index_dev, self.config.stats_dtype)
+        delta = (after - before["params"]).abs()
+        g = before["g"].abs()
+        upd = self._state["update_sum"]
+        g_rms = (g * g).mean(dim=1).sqrt()
+        ratio = (delta * delta).mean(dim=1).sqrt() / g_rms
+        ok = before["valid"] & (g_rms > 0) & torch.isfinite(ratio)
+        upd[:, _U["rms_ratio"]] += torch.where(ok, ratio, 0.0)
+        upd[:, _U["rms_steps"]] += ok.to(upd.dtype)
+        for family in ("adam", "shadow"):
+            events = before[f"events_{family}"]
+            if events is None:
+                continue
+            hit = events & (g > 0) & torch.isfinite(delta)
+            upd[:, _U[f"event_ratio_{family}"]] += torch.where(hit, delta / g.clamp_min(1e-30), 0.0).sum(dim=1)
+            upd[:, _U[f"events_{family}"]] += hit.sum(dim=1).to(upd.dtype)
+
+    def _muon_spread(self) -> torch.Tensor | None:
+        """Muon: singular values of the matrix it is about to orthogonalise, per 2-D tensor, at checkpoints only:
+        sigma_max / sigma_min and sigma_max / median sigma (how unequal the directions Muon will equalise are)."""
+        rows = [i for i, kind in enumerate(self.kinds) if kind == "muon" and self.params[i].dim() == 2]
+        if not rows or self.dist.sharded:
+            return None
+        out = torch.full((len(self.params), 2), math.nan, device=self.device, dtype=torch.float32)
+        for i in rows:
+            matrix = premomentum_matrix(self.optimizer, self.params[i])
+            if matrix is None:
+                continue
+            sv = torch.linalg.svdvals(matrix.detach().float())
+            top = sv[0]
+            out[i, 0] = top / sv[-1]
+            out[i, 1] = top / sv.median()
+        return out
+
+    def _stream_shadow(self, g: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Shadow denominators: an EMA of g^2 on the sampled coordinates, one per beta2, as AdamW would keep.
 
         r = |g_t| / (sqrt(v_{t-1} / (1 - beta2^(t-1))) + 1e-8), before v is updated with g_t, exactly like the
@@ -525,9 +637,11 @@ class Monitor:
         shadow_max = st["shadow_max"]
         shadow_max[:, :, 0] = torch.maximum(shadow_max[:, :, 0], torch.where(ok, r.amax(dim=2), 0.0))
         shadow_max[:, :, 1] += ok.to(g.dtype)
+        events = self._stream_memory(1, "shadow", r[0], v[0] / bias[0].clamp_min(1e-30)[:, None], ok[0])
         new_v = betas * v + (1 - betas) * (g * g)[None]
         st["shadow_v"] = torch.where(valid[None, :, None], new_v, v)
         st["shadow_t"] = t + valid.to(t.dtype)[None]
+        return events
 
     def _push_noise(self, source: str, deviation: torch.Tensor, valid: torch.Tensor) -> None:
         ring = noise.NoiseRing(self._state[f"noise_{source}"], self._state[f"noise_{source}_valid"])
@@ -565,6 +679,8 @@ class Monitor:
     def _after_step(self) -> None:
         if self._closed:
             return
+        with torch.no_grad():
+            self._stream_updates()
         self.step_count += 1
         # Read the flags copied during earlier steps, if their copy is done: never wait for the device.
         self._read_flags(wait=False, before_step=self.step_count)
@@ -601,7 +717,7 @@ class Monitor:
         out = torch.full((len(self.params), 3), math.nan, device=self.device, dtype=torch.float32)
         groups: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
         with torch.no_grad():
-            for i, (p, g) in enumerate(zip(self.params, self._gradients())):
+            for i, (p, g) in enumerate(zip(self.params, self._gradients(count_skips=False))):
                 n = p.numel()  # the whole tensor's size, the same on every rank
                 if n < cfg.min_tail_samples:
                     continue
@@ -647,12 +763,15 @@ class Monitor:
         tails = self._tails if self._tails is not None else torch.full(
             (len(self.params), 3), math.nan, device=self.device)
         noise_tails = self._noise_tails()
-        sums = torch.cat([st["acc_sum"].reshape(-1), st["glob_sum"], st["shadow_sum"].reshape(-1)])
+        sums = torch.cat([st["acc_sum"].reshape(-1), st["glob_sum"], st["shadow_sum"].reshape(-1),
+                          st["memory_sum"].reshape(-1), st["update_sum"].reshape(-1)])
         maxes = torch.cat([st["acc_max"].reshape(-1), st["glob_max"], st["shadow_max"].reshape(-1)])
         if self.dist.sharded:  # exact merge of the shards' interval statistics: two collectives per checkpoint
             sums = self.dist.all_reduce_(sums.clone(), "sum")
             maxes = self.dist.all_reduce_(maxes.clone(), "max")
         parts = {"sums": sums, "maxes": maxes, "tails": tails}
+        if self._muon_sv is not None:
+            parts["muon_sv"] = self._muon_sv
         parts.update({f"noise_{k}": v for k, v in noise_tails.items()})
         flat = torch.cat([t.reshape(-1).to(torch.float64) for t in parts.values()])
         host = flat.cpu().numpy()  # sync point: the one device->host copy of a checkpoint
@@ -675,7 +794,13 @@ class Monitor:
         sums, maxes = a["sums"], a["maxes"]
         acc_sum = sums[: num_layers * len(SUM_FIELDS)].reshape(num_layers, len(SUM_FIELDS))
         glob_sum = sums[num_layers * len(SUM_FIELDS) : num_layers * len(SUM_FIELDS) + 3]
-        shadow_sum = sums[num_layers * len(SUM_FIELDS) + 3 :].reshape(num_betas, num_layers)
+        offset = num_layers * len(SUM_FIELDS) + 3
+        shadow_sum = sums[offset : offset + num_betas * num_layers].reshape(num_betas, num_layers)
+        offset += num_betas * num_layers
+        memory_sum = sums[offset : offset + 2 * num_layers * len(MEMORY_FIELDS)].reshape(2, num_layers, -1)
+        offset += 2 * num_layers * len(MEMORY_FIELDS)
+        update_sum = sums[offset:].reshape(num_layers, len(UPDATE_FIELDS))
+        muon_sv = a["muon_sv"].reshape(num_layers, 2) if "muon_sv" in a else None
         acc_max = maxes[: num_layers * len(MAX_FIELDS)].reshape(num_layers, len(MAX_FIELDS))
         glob_max = maxes[num_layers * len(MAX_FIELDS) : num_layers * len(MAX_FIELDS) + 3]
         shadow_max = maxes[num_layers * len(MAX_FIELDS) + 3 :].reshape(num_betas, num_layers, 2)
@@ -702,6 +827,8 @@ class Monitor:
             p99 = col("ratio_p99") / ratio_steps / world
         has_ratio = bool(np.any(ratio_steps > 0)) or _adam_like(self.optimizer)
         noise_sources = {k[len("noise_"):]: v.reshape(num_layers, 3) for k, v in a.items() if k.startswith("noise_")}
+        first_shadow = _shadow_tag(cfg.shadow_betas[0]) if cfg.shadow_betas else None
+        upd = lambda i, name: update_sum[i, _U[name]]  # noqa: E731
         metrics: dict[str, float] = {}
         nan = math.nan
         for i, name in enumerate(self.names):
@@ -728,6 +855,24 @@ class Monitor:
                 metrics[f"adam/ratio_max/{name}"] = float(ratio_max[i])
                 metrics[f"adam/ratio_p99/{name}"] = float(p99[i])
                 metrics[f"adam/spike_frac/{name}"] = float(spike_frac[i])
+            for index, prefix, events in ((0, "adam", "events_adam"), (1, first_shadow, "events_shadow")):
+                if prefix is None or (index == 0 and not has_ratio):
+                    continue
+                started, ended, ended_steps = memory_sum[index, i]
+                metrics[f"{prefix}/memory_steps/{name}"] = float(ended_steps / ended) if ended > 0 else nan
+                metrics[f"{prefix}/memory_events/{name}"] = float(started)
+                n_events = upd(i, events)
+                metrics[f"{prefix}/event_update_ratio/{name}"] = (
+                    float(upd(i, f"event_ratio_{events[len('events_'):]}") / n_events) if n_events > 0 else nan)
+            if self.optimizer is not None:
+                steps_u = upd(i, "rms_steps")
+                metrics[f"update/rms_ratio/{name}"] = float(upd(i, "rms_ratio") / steps_u) if steps_u > 0 else nan
+            if self.kinds[i] == "lion":
+                flips = upd(i, "sign_steps")
+                metrics[f"lion/sign_flip_frac/{name}"] = float(upd(i, "sign_flip") / flips) if flips > 0 else nan
+            if muon_sv is not None and self.kinds[i] == "muon" and self.params[i].dim() == 2:
+                metrics[f"muon/sv_cond/{name}"] = float(muon_sv[i, 0])
+                metrics[f"muon/sv_max_median/{name}"] = float(muon_sv[i, 1])
             for b, beta in enumerate(cfg.shadow_betas):
                 tag = _shadow_tag(beta)
                 shadow_steps = shadow_max[b, i, 1]
@@ -752,7 +897,8 @@ class Monitor:
 
     def _reset_interval(self) -> None:
         st = self._state
-        for key in ("acc_sum", "acc_max", "glob_sum", "shadow_sum", "shadow_max"):
+        self._muon_sv = None
+        for key in ("acc_sum", "acc_max", "glob_sum", "shadow_sum", "shadow_max", "memory_sum", "update_sum"):
             st[key].zero_()
         st["glob_max"].copy_(torch.tensor([-math.inf, 0.0, 0.0]))
         self._tails = None
@@ -869,7 +1015,7 @@ def _shadow_tag(beta: float) -> str:
 
 
 def _adam_like(optimizer: torch.optim.Optimizer | None) -> bool:
-    """Whether some parameter group divides by an AdamW-style denominator (betas and a scalar eps)."""
+    """Whether some parameter group divides by an adaptive denominator (Adam-like or Adafactor)."""
     if optimizer is None:
         return False
-    return any("betas" in g and isinstance(g.get("eps"), float) for g in optimizer.param_groups)
+    return any(optimizer_kind(g) in ("adam", "adafactor") for g in optimizer.param_groups)

@@ -161,7 +161,7 @@ def update(
 
     A flag means this step's value is far above what the stream's own recent level, trend and noise predict:
     a loss spike or a gradient-norm spike. Non-finite values, and values <= 0 in the log domain, leave that
-    stream's state untouched, score 0 and never flag (the non-finite rule reports them). About 60 elementwise
+    stream's state untouched, score 0 and never flag (the non-finite rule reports them). About 70 elementwise
     ops on (S,) tensors; ``torch.compile(update, fullgraph=True)`` fuses them.
 
     Args:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import math
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -47,16 +48,60 @@ def _group_of(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
     return {id(p): group for group in optimizer.param_groups for p in group["params"]}
 
 
+def optimizer_kind(group: Mapping[str, Any]) -> str:
+    """What plays the denominator for a parameter group (DESIGN's table): adam, adafactor, lion, muon, sgd, other."""
+    if "ns_coefficients" in group or "ns_steps" in group:
+        return "muon"
+    if "beta2_decay" in group:
+        return "adafactor"
+    if "betas" in group and isinstance(group.get("eps"), float):
+        return "adam"
+    if "betas" in group:
+        return "lion"
+    if "momentum" in group and "dampening" in group:
+        return "sgd"
+    return "other"
+
+
+def param_kinds(optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor]) -> list[str]:
+    """:func:`optimizer_kind` of each parameter's group ("none" without an optimizer)."""
+    if optimizer is None:
+        return ["none"] * len(params)
+    groups = _group_of(optimizer)
+    return [optimizer_kind(groups[id(p)]) if id(p) in groups else "none" for p in params]
+
+
+def _adafactor_variance(state: Mapping[str, Any], group: Mapping[str, Any], p: torch.Tensor) -> torch.Tensor | None:
+    """Adafactor's second-moment estimate v_hat, materialised from its factors as ``torch.optim.Adafactor`` does.
+
+    Factored (2-D and up): v_hat = row_var @ col_var / mean(row_var) (Shazeer & Stern 2018); vectors keep a full
+    ``variance``. The optimizer divides by max(sqrt(v_hat), eps1), so v_hat is clamped at eps1^2 here.
+    """
+    eps1 = group["eps"][0] if isinstance(group.get("eps"), (tuple, list)) else None
+    if eps1 is None:
+        eps1 = torch.finfo(p.dtype).eps
+    if state.get("row_var") is not None and state.get("col_var") is not None:
+        row, col = state["row_var"], state["col_var"]
+        v = (row @ col) / row.mean(dim=-2, keepdim=True).clamp(min=eps1)
+    elif state.get("variance") is not None:
+        v = state["variance"]
+    else:
+        return None
+    return v.clamp(min=eps1 * eps1)
+
+
 def denominators(
     optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor], device: torch.device
 ) -> Denominators | None:
-    """AdamW's denominator for each watched parameter, as the *next* ``step()`` will divide by it.
+    """The optimizer's denominator for each watched parameter, as the *next* ``step()`` will divide by it.
 
-    For optimizers that keep ``exp_avg_sq`` with ``betas`` and ``eps`` in their group (Adam, AdamW, NAdam,
-    RAdam and their fused/foreach forms, and the AdamW half of Muon+AdamW): v_{t-1}, its bias correction
-    1 - beta2^(t-1) from the optimizer's own step counter, and eps (``max_exp_avg_sq`` under AMSGrad). ``None``
-    entries mark parameters without one (first step, or an optimizer with no denominator: Lion, Muon, SGD);
-    the shadow denominators cover those. Reads tensors only: no host-device synchronization.
+    - Adam-like groups (``exp_avg_sq`` with ``betas`` and a scalar ``eps``: Adam, AdamW, NAdam, RAdam, fused or
+      foreach, and the AdamW half of Muon+AdamW): v_{t-1}, its bias correction 1 - beta2^(t-1) from the
+      optimizer's own step counter, and eps (``max_exp_avg_sq`` under AMSGrad).
+    - Adafactor: the factored estimate v_hat materialised per tensor (a transient of the tensor's size), no bias
+      correction (its beta2 schedule has none), eps folded into v_hat as the optimizer clamps it.
+    ``None`` entries mark parameters without one (first step, or Lion, Muon, SGD); the shadow denominators
+    cover those. Reads tensors only: no host-device synchronization.
     """
     if optimizer is None:
         return None
@@ -70,22 +115,31 @@ def denominators(
     for p in params:
         state = optimizer.state.get(p)
         group = groups.get(id(p))
-        if not state or group is None or "exp_avg_sq" not in state or "betas" not in group:
+        v = None
+        if state and group is not None:
+            if "exp_avg_sq" in state and "betas" in group and isinstance(group.get("eps"), float):
+                amsgrad = group.get("amsgrad") and "max_exp_avg_sq" in state
+                v = state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]
+                step = state.get("step", one)
+                steps.append(step if isinstance(step, torch.Tensor) else torch.tensor(float(step)))
+                beta2s.append(float(group["betas"][1]))
+                epss.append(float(group["eps"]))
+            elif "beta2_decay" in group:
+                v = _adafactor_variance(state, group, p)
+                if v is not None:
+                    steps.append(one)
+                    beta2s.append(0.0)  # 1 - 0^1 = 1: no bias correction
+                    epss.append(0.0)
+        if v is None:
             vs.append(None)
             steps.append(one)
             beta2s.append(0.0)
             epss.append(0.0)
             continue
         found = True
-        v = state["max_exp_avg_sq"] if group.get("amsgrad") and "max_exp_avg_sq" in state else state["exp_avg_sq"]
         vs.append(v)
-        step = state.get("step", one)
-        steps.append(step if isinstance(step, torch.Tensor) else torch.tensor(float(step)))
-        beta2s.append(float(group["betas"][1]))
-        epss.append(float(group["eps"]))
     if not found:
         return None
-    # Steps live on the host (default) or on the device (capturable/fused): stack per device, then move.
     try:
         step_vec = torch.stack([s.reshape(()) for s in steps]).to(device, torch.float64, non_blocking=True)
     except RuntimeError:  # step counters on several devices
@@ -93,3 +147,26 @@ def denominators(
     beta2 = torch.tensor(beta2s, dtype=torch.float64).to(device, non_blocking=True)
     bias_correction = 1.0 - beta2**step_vec
     return Denominators(vs, bias_correction, torch.tensor(epss, dtype=torch.float64).to(device, non_blocking=True))
+
+
+def gather_samples(tensors: Sequence[torch.Tensor | None], sample_index: torch.Tensor, dtype: torch.dtype,
+                   fill: float = math.nan) -> torch.Tensor:
+    """Each tensor's entries at its sampled coordinates, ``(L, S)`` (``fill`` where a tensor is None)."""
+    out = torch.full(tuple(sample_index.shape), fill, device=sample_index.device, dtype=dtype)
+    rows = [i for i, t in enumerate(tensors) if t is not None]
+    if rows:
+        out[torch.tensor(rows, device=sample_index.device)] = torch.stack(
+            [tensors[i].detach().reshape(-1)[sample_index[i]].to(dtype) for i in rows])
+    return out
+
+
+def premomentum_matrix(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor | None:
+    """The matrix Muon is about to orthogonalise for ``p``: buf_t = lerp(buf_{t-1}, g_t, 1 - mu), then the
+    Nesterov form lerp(g_t, buf_t, mu) (``torch.optim.Muon``); ``None`` before the first step or without grad."""
+    state = optimizer.state.get(p)
+    group = _group_of(optimizer).get(id(p))
+    if not state or group is None or "momentum_buffer" not in state or p.grad is None:
+        return None
+    mu = float(group["momentum"])
+    buf = state["momentum_buffer"].lerp(p.grad, 1 - mu)
+    return p.grad.lerp(buf, mu) if group.get("nesterov", True) else buf

@@ -87,7 +87,8 @@ def load_corpus(path: str | os.PathLike[str] | None = None, max_bytes: int = DEF
     parts: list[str] = []
     budget = max_bytes
     for file in files:
-        data = file.read_bytes()
+        with open(file, "rb") as f:
+            data = f.read(budget + 1)  # never more than the cap needs: a user may point at a multi-GB file
         if not data.strip():
             continue
         if len(data) + 1 > budget:
