@@ -95,7 +95,8 @@ def hill(x: torch.Tensor, k: int | None = None) -> HillResult:
     ``alpha`` is ``inf`` where the estimate of ``1/alpha`` is ``<= 0`` (no power-law tail: Gaussian, bounded,
     or all top values tied). In a training run, alpha under 2 means a layer's gradient entries have infinite
     variance. ``x``: ``(..., n)``, any float dtype, CPU or CUDA; results ``(...)`` in float32 (float64 for float64
-    input). No host-device synchronisation. Implemented as :func:`top_magnitudes` then :func:`hill_from_top`.
+    input). No host-device synchronisation. Equal to :func:`hill_from_top` on :func:`top_magnitudes` of
+    ``default_top_count(n)`` values, which is how it runs (less the re-sort ``topk`` makes unnecessary).
     """
     n = x.shape[-1]
     if k is not None:
@@ -157,7 +158,7 @@ def _candidate_grid(limit: int, device: torch.device) -> torch.Tensor:
     count = 0
     while math.floor(MIN_K * _GRID_RATIO**count + 0.5) < limit:
         count += 1
-    t = torch.arange(count, device=device, dtype=torch.float64)
+    t = torch.arange(count, device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
     return torch.floor(MIN_K * _GRID_RATIO**t + 0.5).to(torch.int64)
 
 

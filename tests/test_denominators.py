@@ -1,0 +1,84 @@
+"""Denominator figures for every optimizer: AdamW, Adafactor, Lion, Muon(+AdamW), SGD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import heavytail as ht
+from heavytail.optim import Lion, muon_with_adamw
+from tests.conftest import TinyNet, read_records, train
+
+
+def _run(tmp_path, make_optimizer, steps=6, every=3, **kwargs):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = make_optimizer(model)
+    with ht.Monitor(model, opt, every=every, log_dir=tmp_path, **kwargs) as mon:
+        train(model, opt, mon, steps=steps)
+    return model, opt, read_records(tmp_path)
+
+
+def test_sgd_update_ratio_is_the_learning_rate(tmp_path):
+    _, _, records = _run(tmp_path, lambda m: torch.optim.SGD(m.parameters(), lr=0.05))
+    m = records[-1]["metrics"]
+    # Plain SGD moves every coordinate by lr * g: update RMS over gradient RMS is exactly the learning rate.
+    assert m["update/rms_ratio/fc1.weight"] == pytest.approx(0.05, rel=1e-6)
+    assert "adam/ratio_max/fc1.weight" not in m
+    assert m["shadow999/ratio_max/fc1.weight"] > 0
+    assert m["shadow95/spike_frac/fc1.weight"] >= 0
+
+
+def test_adafactor_ratio_uses_the_factored_second_moment(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    expected = []
+
+    def hook(o, args, kwargs):
+        p = model.fc1.weight
+        state = o.state.get(p)
+        if not state:
+            return
+        eps1 = torch.finfo(p.dtype).eps
+        row, col = state["row_var"], state["col_var"]
+        v = ((row @ col) / row.mean(dim=-2, keepdim=True).clamp(min=eps1)).clamp(min=eps1 * eps1)
+        r = p.grad.double().abs() / v.double().sqrt()
+        expected.append(float(r.max()))
+
+    with ht.Monitor(model, opt, every=1, log_dir=tmp_path) as mon:
+        opt.register_step_pre_hook(hook)
+        train(model, opt, mon, steps=4)
+    records = read_records(tmp_path)
+    got = [r["metrics"]["adam/ratio_max/fc1.weight"] for r in records[1:]]
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_lion_reports_sign_flips_and_shadow_ratios(tmp_path):
+    _, _, records = _run(tmp_path, lambda m: Lion(m.parameters(), lr=1e-4))
+    m = records[-1]["metrics"]
+    assert 0.0 <= m["lion/sign_flip_frac/fc1.weight"] <= 1.0
+    assert "adam/ratio_max/fc1.weight" not in m
+    assert m["shadow999/ratio_max/fc2.weight"] > 0
+    assert m["update/rms_ratio/fc1.weight"] > 0
+
+
+def test_muon_with_adamw_reports_both_families(tmp_path):
+    _, opt, records = _run(tmp_path, lambda m: muon_with_adamw(m, lr=0.02, adamw_lr=1e-3))
+    m = records[-1]["metrics"]
+    assert m["muon/sv_cond/fc2.weight"] >= m["muon/sv_max_median/fc2.weight"] >= 1.0
+    assert "muon/sv_cond/embed.weight" not in m  # the embedding is trained by AdamW
+    assert m["adam/ratio_max/embed.weight"] is not None  # the AdamW half has a real denominator
+    assert m["adam/ratio_max/fc2.weight"] is None  # Muon has none: the shadow stands in
+    assert m["shadow999/ratio_max/fc2.weight"] > 0
+
+
+def test_denominator_memory_is_reported_for_adam(tmp_path):
+    # A tiny threshold makes every sampled coordinate an event, so episodes open and close within the run.
+    _, _, records = _run(tmp_path, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.5)),
+                         steps=30, every=30, spike_threshold=1.0)
+    m = records[-1]["metrics"]
+    assert m["adam/memory_events/fc1.weight"] > 0
+    assert m["adam/memory_steps/fc1.weight"] >= 1
+    assert m["adam/event_update_ratio/fc1.weight"] > 0
+    assert m["shadow999/memory_events/fc1.weight"] > 0
