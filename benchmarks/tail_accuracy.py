@@ -89,14 +89,14 @@ def main() -> None:
         print(f"{name:24s}" + "".join(f"{c:>{width}s}" for c in cells) + f"{np.median(est['k']):>20.0f}", flush=True)
 
     est = estimate(GAUSSIAN[1], args.seeds, args.n, columns)
-    print(f"\ngaussian (no power-law tail): median alpha_hat [share of seeds with alpha_hat > 4; stable: = 2]")
+    print("\ngaussian (no power-law tail): median alpha_hat [share of seeds with alpha_hat > 4; stable: = 2]")
     cells = []
     for col in columns:
         share = np.mean(est[col] >= 2.0) if col.startswith("stable") else np.mean(est[col] > 4)
         cells.append(f"{np.median(est[col]):.3g} [{share:.0%}]")
     print(f"{'gaussian':24s}" + "".join(f"{c:>{width}s}" for c in cells) + f"{np.median(est['k']):>20.0f}")
-    print(f"\n* stable: Mohammadi et al. block-sum estimator on the signed data; its target is min(alpha, 2)")
-    print(f"  (finite-variance data is in the Gaussian domain); '-' = one-sided data, outside its model.")
+    print("\n* stable: Mohammadi et al. block-sum estimator on the signed data; its target is min(alpha, 2)")
+    print("  (finite-variance data is in the Gaussian domain); '-' = one-sided data, outside its model.")
     print(f"({time.perf_counter() - start:.0f} s on {torch.get_num_threads()} CPU threads)")
 
 

@@ -61,6 +61,11 @@ class DistContext:
         return torch.cat(parts, dim=dim)
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
 def local_numel(p: torch.Tensor) -> int:
     """Entries of this rank's part of ``p`` (its shard under FSDP2)."""
     return p.to_local().numel() if _is_dtensor(p) else p.numel()

@@ -23,7 +23,7 @@ from heavytail.alerts import AlertEngine
 from heavytail.backends import backend_factory, is_backend
 from heavytail.backends.jsonl import dumps_record
 from heavytail.config import MonitorConfig
-from heavytail.distributed import DistContext, local_numel, unwrap_model
+from heavytail.distributed import DistContext, local, local_numel, unwrap_model
 from heavytail.estimators import memory, noise, spike
 from heavytail.estimators.gradient_pass import (
     ABSMAX,
@@ -172,7 +172,7 @@ class Monitor:
         self.scaler = scaler
         self.dist = DistContext.detect(self.params, process_group)
         self.kinds = param_kinds(optimizer, self.params)
-        self.device = _local(self.params[0]).device
+        self.device = local(self.params[0]).device
         self.numels = [local_numel(p) for p in self.params]
         num_layers = len(self.params)
 
@@ -414,7 +414,7 @@ class Monitor:
         for p in self.params:
             g = p.grad
             if g is not None:
-                g = _local(g)
+                g = local(g)
                 if g.layout != torch.strided:
                     self._skips["sparse"] += count_skips
                     g = None
@@ -431,8 +431,9 @@ class Monitor:
         self._backwards += 1
         if not (self.config.track_preclip or self._accumulating):
             return
-        grads = [_local(p.grad) if p.grad is not None else None for p in self.params]
-        rows = [i for i, g in enumerate(grads) if g is not None and g.layout == torch.strided and not g.is_complex()]
+        grads = [local(p.grad) if p.grad is not None else None for p in self.params]
+        rows = [i for i, g in enumerate(grads)
+                if g is not None and g.layout == torch.strided and not g.is_complex() and g.numel() > 0]
         if not rows:
             return
         tensors = [grads[i] for i in rows]
@@ -566,7 +567,7 @@ class Monitor:
         for i in rows:
             state = self.optimizer.state.get(self.params[i])
             if state and "exp_avg" in state:
-                momenta[i] = _local(state["exp_avg"])
+                momenta[i] = local(state["exp_avg"])
                 beta1[i] = float(groups[id(self.params[i])]["betas"][0])
         m = gather_samples(momenta, self._sample_index_dev, g.dtype)
         c = beta1 * m + (1 - beta1) * g
@@ -752,7 +753,10 @@ class Monitor:
                 continue
             values, mask = noise.flatten(noise.NoiseRing(self._state[key], self._state[f"{key}_valid"]))
             # Temporal noise is per rank under FSDP2 (each samples its shard); rank noise is per rank by nature.
-            if self.dist.active and (source == "rank" or self.dist.sharded):
+            # With two ranks each rank's deviation is exactly minus the other's (they sum to zero): gathering would
+            # only duplicate every magnitude, which ties the order statistics, so rank 0's alone are used.
+            mirrored = source == "rank" and self.dist.world == 2
+            if self.dist.active and (source == "rank" or self.dist.sharded) and not mirrored:
                 values = self.dist.gather_cat(values, dim=1)
                 mask = self.dist.gather_cat(mask.to(values.dtype), dim=1) > 0
             out[source] = noise.noise_tail(values, mask, self.config.min_tail_samples)
@@ -769,6 +773,13 @@ class Monitor:
         if self.dist.sharded:  # exact merge of the shards' interval statistics: two collectives per checkpoint
             sums = self.dist.all_reduce_(sums.clone(), "sum")
             maxes = self.dist.all_reduce_(maxes.clone(), "max")
+        elif self.dist.active:
+            # DDP: the gradients already agree across ranks, the losses do not (each rank sees its own batch).
+            num_sum = st["acc_sum"].numel()
+            sums, maxes = sums.clone(), maxes.clone()
+            sums[num_sum : num_sum + 2] = self.dist.all_reduce_(sums[num_sum : num_sum + 2].clone(), "sum")
+            num_max = st["acc_max"].numel()
+            maxes[num_max : num_max + 1] = self.dist.all_reduce_(maxes[num_max : num_max + 1].clone(), "max")
         parts = {"sums": sums, "maxes": maxes, "tails": tails}
         if self._muon_sv is not None:
             parts["muon_sv"] = self._muon_sv
@@ -991,11 +1002,6 @@ class Monitor:
         self._interval_start = int(state["interval_start"])
         self._noise_slots.update({k: int(v) for k, v in state.get("noise_slots", {}).items()})
         self.alerts.load_state_dict(state["alerts"])
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor: the local shard of a DTensor (FSDP2), the tensor itself otherwise."""
-    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
 
 
 def _unwrap_optimizer(optimizer: Any) -> Any:

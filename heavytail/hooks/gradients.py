@@ -55,7 +55,7 @@ class LocalSampleTap:
     def _make_hook(self, row: int) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
             grad = param.grad
-            if grad is None or grad.layout != torch.strided or grad.is_complex():
+            if grad is None or grad.layout != torch.strided or grad.is_complex() or grad.numel() == 0:
                 return
             with torch.no_grad():
                 self._buffer[row].copy_(grad.reshape(-1)[self._index[row]])

@@ -7,6 +7,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from heavytail.distributed import local
 from heavytail.estimators.gradient_pass import Denominators
 
 
@@ -119,7 +120,7 @@ def denominators(
         if state and group is not None:
             if "exp_avg_sq" in state and "betas" in group and isinstance(group.get("eps"), float):
                 amsgrad = group.get("amsgrad") and "max_exp_avg_sq" in state
-                v = state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]
+                v = local(state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"])
                 step = state.get("step", one)
                 steps.append(step if isinstance(step, torch.Tensor) else torch.tensor(float(step)))
                 beta2s.append(float(group["betas"][1]))
@@ -153,7 +154,8 @@ def gather_samples(tensors: Sequence[torch.Tensor | None], sample_index: torch.T
                    fill: float = math.nan) -> torch.Tensor:
     """Each tensor's entries at its sampled coordinates, ``(L, S)`` (``fill`` where a tensor is None)."""
     out = torch.full(tuple(sample_index.shape), fill, device=sample_index.device, dtype=dtype)
-    rows = [i for i, t in enumerate(tensors) if t is not None]
+    tensors = [None if t is None else local(t) for t in tensors]
+    rows = [i for i, t in enumerate(tensors) if t is not None and t.numel() > 0]  # a shard may be empty
     if rows:
         out[torch.tensor(rows, device=sample_index.device)] = torch.stack(
             [tensors[i].detach().reshape(-1)[sample_index[i]].to(dtype) for i in rows])

@@ -26,7 +26,10 @@ def _matches(pattern: Any, name: str, owner: type | None) -> bool:
         return pattern.search(name) is not None
     if isinstance(pattern, str):
         if pattern.startswith("re:"):
-            return re.search(pattern[3:], name) is not None
+            try:
+                return re.search(pattern[3:], name) is not None
+            except re.error as exc:  # name the pattern: a bare re.error does not say which option was wrong
+                raise ValueError(f"include/exclude: invalid regex {pattern!r}: {exc}") from None
         return fnmatch.fnmatchcase(name, pattern)
     raise TypeError(f"include/exclude: a pattern must be a glob string, 're:<regex>', a compiled regex or a module "
                     f"type, got {pattern!r}")

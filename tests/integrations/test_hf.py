@@ -1,0 +1,152 @@
+"""The Hugging Face integration with a real ``transformers.Trainer``: records, loss, steps, resume, hooks removed."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")  # the dev extra installs it: CI runs these tests
+
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+from transformers.trainer_callback import PrinterCallback, ProgressCallback  # noqa: E402
+
+from heavytail.integrations.hf import STATE_FILE, HeavyTailCallback  # noqa: E402
+from tests.conftest import read_records  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers():
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    yield
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Sequences of random token ids, their own labels (a causal LM's targets)."""
+
+    def __init__(self, n: int = 64, length: int = 16, vocab: int = 100) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, length), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16, bos_token_id=0,
+                        eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def make_trainer(tmp_path, callback, *, model=None, max_steps=12, accumulation=1, logging_steps=4, **kw) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulation,
+        logging_steps=logging_steps,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy=kw.pop("save_strategy", "no"),
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        **kw,
+    )
+    trainer = Trainer(model=model or tiny_gpt2(), args=args, train_dataset=RandomTokens(), callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_trainer_records_loss_and_steps(tmp_path, accumulation):
+    callback = HeavyTailCallback(every=4)
+    trainer = make_trainer(tmp_path, callback, accumulation=accumulation)
+    model = trainer.model
+    trainer.train()
+
+    monitor = callback.monitor
+    assert monitor.log_dir == tmp_path / "out" / "heavytail"
+    assert monitor.step_count == trainer.state.global_step == 12
+    records = read_records(monitor.log_dir)
+    assert [r["step"] for r in records] == [4, 8, 12]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "transformer.h.0.attn.c_attn.weight" in names
+    for record in records:
+        m = record["metrics"]
+        assert m["steps"] == 4
+        for name in names:
+            if name == "lm_head.weight":
+                continue  # tied to transformer.wte.weight: watched once, under its first name
+            assert math.isfinite(m[f"grad/norm/{name}"]), name
+        assert math.isfinite(m["loss"])
+    # The monitor's loss is the Trainer's own logged loss (mean over the same logging window of 4 steps).
+    logged = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+    assert [h["step"] for h in logged] == [4, 8, 12]
+    for record, h in zip(records, logged):
+        assert record["metrics"]["loss"] == pytest.approx(h["loss"], rel=1e-4)
+    # Hooks are gone after training: the model's forward hook, the optimizer's step hooks.
+    assert not model._forward_hooks
+    inner = trainer.optimizer.optimizer
+    assert not inner._optimizer_step_pre_hooks and not inner._optimizer_step_post_hooks
+
+
+def test_trainer_post_clip_gradient(tmp_path):
+    """The step hook sees the clipped gradient; grad/norm_preclip the one before clipping."""
+    callback = HeavyTailCallback(every=1)
+    trainer = make_trainer(tmp_path, callback, max_steps=3, max_grad_norm=1e-3, logging_steps=1)
+    trainer.train()
+    records = read_records(callback.monitor.log_dir)
+    assert len(records) == 3
+    for record in records:
+        m = record["metrics"]
+        assert m["grad/norm"] == pytest.approx(1e-3, rel=1e-3)
+        assert m["grad/norm_preclip"] > 10 * m["grad/norm"]
+
+
+def test_trainer_watches_only_attention_weights(tmp_path):
+    """Watch only the attention weights: by name glob or by module type (GPT-2's attention is a Conv1D)."""
+    by_name = HeavyTailCallback(every=4, include=["*attn.c_attn.weight"])
+    trainer = make_trainer(tmp_path / "a", by_name, max_steps=4)
+    trainer.train()
+    keys = read_records(by_name.monitor.log_dir)[-1]["metrics"]
+    watched = sorted(k.split("/", 2)[2] for k in keys if k.startswith("grad/norm/"))
+    assert watched == ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"]
+
+    by_type = HeavyTailCallback(every=4, include=[Conv1D], exclude=["*mlp*", "*.bias"])
+    trainer = make_trainer(tmp_path / "b", by_type, max_steps=4)
+    trainer.train()
+    keys = read_records(by_type.monitor.log_dir)[-1]["metrics"]
+    watched = sorted(k.split("/", 2)[2] for k in keys if k.startswith("grad/norm/"))
+    assert watched == [f"transformer.h.{i}.attn.{m}.weight" for i in (0, 1) for m in ("c_attn", "c_proj")]
+
+
+def test_trainer_resume_restores_monitor_state(tmp_path):
+    first = HeavyTailCallback(every=3)
+    trainer = make_trainer(tmp_path, first, max_steps=6, save_strategy="steps", save_steps=3)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    assert (checkpoint / STATE_FILE).is_file()
+
+    resumed = HeavyTailCallback(every=3)
+    trainer = make_trainer(tmp_path, resumed, max_steps=6)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.monitor.step_count == trainer.state.global_step == 6
+    steps = [r["step"] for r in read_records(resumed.monitor.log_dir)]
+    assert steps == [3, 6, 6]  # the first run's two records, then the resumed run's record at step 6
+
+
+def test_bad_monitor_arguments_fail_when_the_callback_is_built():
+    with pytest.raises(ValueError, match="every"):
+        HeavyTailCallback(every=0)
