@@ -77,8 +77,10 @@ def _hex(c: str) -> tuple[int, int, int]:
 class ColorScale:
     """Piecewise-linear colours over a linear or log axis, with an optional break (a hard colour change).
 
-    Values under ``break_at`` take the ``below`` stops, the others the ``stops``; values outside ``[lo, hi]`` are
-    clamped; NaN takes ``missing``.
+    ``lo``, ``hi`` and the stops are on the scale's axis, which is the value plus ``shift``: excess kurtosis
+    (Gaussian 0, never under -2) is coloured on a log axis of ``excess + 3``, the Pearson kurtosis, so negative
+    values have a place. Values under ``break_at`` (value units) take the ``below`` stops, the others the
+    ``stops``; values outside ``[lo, hi]`` are clamped; NaN takes ``missing``.
     """
 
     lo: float
@@ -88,19 +90,31 @@ class ColorScale:
     below: tuple[tuple[float, str], ...] = ()
     break_at: float | None = None
     missing: str = "#d3d8e0"
+    shift: float = 0.0
+
+    def _axis(self, a: np.ndarray) -> np.ndarray:
+        a = np.clip(a, self.lo, self.hi)
+        return np.log10(a) if self.log else a
 
     def _t(self, v: np.ndarray) -> np.ndarray:
-        v = np.clip(v, self.lo, self.hi)
-        return np.log10(v) if self.log else v
+        return self._axis(v + self.shift)
+
+    def value_at(self, f: float) -> float:
+        """The value (not the axis position) at fraction ``f`` of the legend bar."""
+        if self.log:
+            a = 10 ** (math.log10(self.lo) + f * (math.log10(self.hi) - math.log10(self.lo)))
+        else:
+            a = self.lo + f * (self.hi - self.lo)
+        return a - self.shift
 
     def pos(self, v: float) -> float:
         """Where ``v`` sits on the legend bar, 0 at ``lo`` and 1 at ``hi``."""
         t = self._t(np.asarray([v], dtype=np.float64))[0]
-        t0, t1 = self._t(np.asarray([self.lo, self.hi], dtype=np.float64))
+        t0, t1 = self._axis(np.asarray([self.lo, self.hi], dtype=np.float64))
         return float((t - t0) / (t1 - t0)) if t1 > t0 else 0.0
 
     def _interp(self, t: np.ndarray, stops: tuple[tuple[float, str], ...]) -> np.ndarray:
-        xs = self._t(np.asarray([s[0] for s in stops], dtype=np.float64))
+        xs = self._axis(np.asarray([s[0] for s in stops], dtype=np.float64))
         cols = np.asarray([_hex(s[1]) for s in stops], dtype=np.float64)
         return np.stack([np.interp(t, xs, cols[:, k]) for k in range(3)], axis=-1)
 
@@ -108,7 +122,7 @@ class ColorScale:
         """uint8 colours, shape ``values.shape + (3,)``."""
         v = np.asarray(values, dtype=np.float64)
         nan = ~np.isfinite(v) & ~np.isinf(v)
-        t = self._t(np.where(nan, self.lo, v))
+        t = self._t(np.where(nan, self.lo - self.shift, v))
         out = self._interp(t, self.stops)
         if self.break_at is not None and self.below:
             under = v < self.break_at
@@ -139,12 +153,27 @@ _MAGNITUDE_COLOURS = {
 }
 
 
-def log_scale(kind: str, lo: float, hi: float) -> ColorScale:
-    """A log colour scale from pale (``lo``) to dark (``hi``) in the palette ``kind`` (kurtosis or ratio)."""
+def log_scale(kind: str, lo: float, hi: float, shift: float = 0.0) -> ColorScale:
+    """A log colour scale from pale (``lo``) to dark (``hi``) in the palette ``kind`` (kurtosis or ratio).
+
+    ``lo`` and ``hi`` are on the axis ``value + shift`` (see :class:`ColorScale`).
+    """
     colours = _MAGNITUDE_COLOURS[kind]
     n = len(colours) - 1
     stops = tuple((lo * (hi / lo) ** (i / n), c) for i, c in enumerate(colours))
-    return ColorScale(lo=lo, hi=hi, stops=stops, log=True)
+    return ColorScale(lo=lo, hi=hi, stops=stops, log=True, shift=shift)
+
+
+KURTOSIS_SHIFT = 3.0
+"""Excess kurtosis is coloured on a log axis of ``excess + 3`` (Pearson's kurtosis: 1 at the least possible
+value, 3 for a Gaussian)."""
+
+
+def kurtosis_scale(matrices: Sequence[np.ndarray]) -> ColorScale:
+    """The colour scale of excess kurtosis: log of ``excess + 3`` from 1 (excess -2) to the decade above the
+    largest value (at least 100)."""
+    shifted = [np.asarray(m, dtype=np.float64) + KURTOSIS_SHIFT for m in matrices]
+    return log_scale("kurtosis", 1.0, decade_hi(shifted, 100.0), shift=KURTOSIS_SHIFT)
 
 
 def decade_hi(matrices: Sequence[np.ndarray], floor: float) -> float:
@@ -395,10 +424,7 @@ def render_legend(scale: ColorScale, kind: str, *, gauss: float | None = None) -
     n = 160
     for i in range(n):
         f0 = i / n
-        if scale.log:
-            v = 10 ** (math.log10(scale.lo) + (f0 + 0.5 / n) * (math.log10(scale.hi) - math.log10(scale.lo)))
-        else:
-            v = scale.lo + (f0 + 0.5 / n) * (scale.hi - scale.lo)
+        v = scale.value_at(f0 + 0.5 / n)
         out.append(
             f'<rect x="{bar_x + f0 * bar_w:.2f}" y="{bar_y}" width="{bar_w / n + 0.4:.2f}" height="{bar_h}" '
             f'fill="{scale.css(v)}"/>'
@@ -430,28 +456,34 @@ def render_legend(scale: ColorScale, kind: str, *, gauss: float | None = None) -
         band(scale.lo, 2.0, "α < 2: infinite variance", "#b3261e", bold=True)
         band(2.0, 4.0, "infinite kurtosis")
         band(4.0, scale.hi, "light tails")
+    elif kind == "kurtosis":
+        # Ticks in excess-kurtosis units on the log axis of excess + shift.
+        top = scale.hi - scale.shift
+        values = [-2.0, 0.0] + [10.0**d for d in range(1, 12) if 10.0**d <= top + 1e-9]
+        stride = max(1, math.ceil((len(values) - 2) / 6))
+        for i, v in enumerate(values):
+            if v >= scale.lo - scale.shift - 1e-9 and (i < 2 or (i - 2) % stride == 0 or v == values[-1]):
+                tick(v, tick_label(v) if v >= 0 else f"{v:g}")
+        g = gauss if gauss is not None and math.isfinite(gauss) else 0.0
+        x = bar_x + scale.pos(g) * bar_w
+        out.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{bar_y - 3}" y2="{bar_y + bar_h}" stroke="#1c2230" stroke-width="1.5"/>'
+        )
+        out.append(
+            f'<text x="{x:.1f}" y="{bar_y - 6}" font-size="11" text-anchor="start">Gaussian 99% ({fmt(g, 2)})</text>'
+        )
     else:
         decades = range(round(math.log10(scale.lo)), round(math.log10(scale.hi)) + 1)
         stride = max(1, math.ceil(len(decades) / 7))
         for i, d in enumerate(decades):
             if i % stride == 0 or d == decades[-1]:
                 tick(10.0**d, tick_label(10.0**d) if d >= 0 else f"{10.0**d:g}")
-        if kind == "kurtosis":
-            g = gauss if gauss is not None and math.isfinite(gauss) and gauss > 0 else 3.0
-            x = bar_x + scale.pos(g) * bar_w
-            out.append(
-                f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{bar_y - 3}" y2="{bar_y + bar_h}" stroke="#1c2230" stroke-width="1.5"/>'
-            )
-            out.append(
-                f'<text x="{x:.1f}" y="{bar_y - 6}" font-size="11" text-anchor="start">Gaussian ({fmt(g, 3)})</text>'
-            )
-        else:
-            r = math.sqrt(5000.0)
-            x = bar_x + scale.pos(r) * bar_w
-            out.append(
-                f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{bar_y - 3}" y2="{bar_y + bar_h}" stroke="#1c2230" stroke-width="1.5"/>'
-            )
-            out.append(f'<text x="{x:.1f}" y="{bar_y - 6}" font-size="11" text-anchor="middle">r² = 5000</text>')
+        r = math.sqrt(5000.0)
+        x = bar_x + scale.pos(r) * bar_w
+        out.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{bar_y - 3}" y2="{bar_y + bar_h}" stroke="#1c2230" stroke-width="1.5"/>'
+        )
+        out.append(f'<text x="{x:.1f}" y="{bar_y - 6}" font-size="11" text-anchor="middle">r² = 5000</text>')
     sx = bar_x + bar_w + 26
     out.append(f'<rect x="{sx}" y="{bar_y}" width="13" height="13" fill="{scale.missing}" stroke="#8a93a5"/>')
     out.append(f'<text x="{sx + 19}" y="{bar_y + 11}" font-size="11">no value</text>')

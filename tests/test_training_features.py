@@ -1,0 +1,116 @@
+"""Gradient accumulation, AMP (bf16 autocast, fp16 GradScaler), clipping and torch.compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import heavytail as ht
+from tests.conftest import TinyNet, read_records, tiny_batch
+
+
+def _loop(model, opt, mon, steps, micro=1, clip=None, scaler=None, autocast=None, poison_step=None):
+    totals = []
+    for step in range(steps):
+        for i in range(micro):
+            idx, y = tiny_batch(step * micro + i)
+            with torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False):
+                loss = nn.functional.mse_loss(model(idx), y) / micro
+            (scaler.scale(loss) if scaler else loss).backward()
+            mon.observe_loss(loss * micro)
+        if poison_step == step:
+            model.fc1.weight.grad[0, 0] = float("inf")
+        if clip is not None:
+            if scaler:
+                scaler.unscale_(opt)
+            totals.append(float(nn.utils.clip_grad_norm_(model.parameters(), clip)))
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    return totals
+
+
+@pytest.mark.parametrize("micro", [1, 4])
+def test_gradient_accumulation_counts_optimizer_steps_and_measures_microbatch_noise(tmp_path, micro):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(model.fc1.weight.grad.detach().clone()))
+    with ht.Monitor(model, opt, every=3, log_dir=tmp_path) as mon:
+        _loop(model, opt, mon, steps=6, micro=micro)
+        assert mon.step_count == 6
+    records = read_records(tmp_path)
+    assert [r["step"] for r in records] == [3, 6]
+    last = records[-1]["metrics"]
+    # grad/ metrics see the accumulated gradient the optimizer consumes.
+    rms = math.sqrt(sum(float((g.double() ** 2).sum()) for g in seen[3:]) / 3)
+    assert last["grad/norm/fc1.weight"] == pytest.approx(rms, rel=1e-9)
+    if micro == 1:
+        assert "noise/microbatch_hill_alpha/fc1.weight" not in last
+    else:
+        # Micro-batch gradients minus their mean: a noise source from the second step on.
+        assert last["noise/microbatch_kurtosis/fc1.weight"] is not None
+        assert last["noise/microbatch_hill_alpha/fc1.weight"] is not None
+
+
+def test_bf16_autocast(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with ht.Monitor(model, opt, every=4, log_dir=tmp_path) as mon:
+        _loop(model, opt, mon, steps=4, autocast=torch.bfloat16)
+    m = read_records(tmp_path)[-1]["metrics"]
+    assert math.isfinite(m["grad/norm/fc1.weight"]) and math.isfinite(m["loss"])
+    assert m["grad/kurtosis/fc1.weight"] is not None
+
+
+def test_clipping_reports_the_preclip_norm(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with ht.Monitor(model, opt, every=1, log_dir=tmp_path) as mon:
+        totals = _loop(model, opt, mon, steps=3, clip=1e-3)
+    for record, total in zip(read_records(tmp_path), totals):
+        m = record["metrics"]
+        assert m["grad/norm_preclip"] == pytest.approx(total, rel=1e-5)  # what clip_grad_norm_ returned
+        assert m["grad/norm"] == pytest.approx(1e-3, rel=1e-3)  # what the optimizer consumed
+
+
+def test_fp16_grad_scaler_unscales_and_skipped_steps_are_not_counted(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    with ht.Monitor(model, opt, every=1, log_dir=tmp_path, scaler=scaler) as mon:
+        _loop(model, opt, mon, steps=4, scaler=scaler, poison_step=2)
+        assert mon.step_count == 3  # the scaler skipped the poisoned step: no optimizer update, not counted
+    records = read_records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        m = record["metrics"]
+        # Measured at the end of backward on scaled gradients, divided by the scale on the device.
+        assert m["grad/norm_preclip"] == pytest.approx(m["grad/norm"], rel=1e-4)
+
+
+def test_compiled_model_gives_the_same_records_as_eager(tmp_path):
+    runs = {}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        net = torch.compile(model) if mode == "compiled" else model
+        with ht.Monitor(net, opt, every=1, log_dir=tmp_path / mode) as mon:
+            _loop(net, opt, mon, steps=3)
+        runs[mode] = read_records(tmp_path / mode)
+    for eager, compiled in zip(runs["eager"], runs["compiled"]):
+        for key, value in eager["metrics"].items():
+            if key.startswith(("grad/norm/", "grad/kurtosis/", "grad/max/")) and value is not None:
+                assert compiled["metrics"][key] == pytest.approx(value, rel=1e-4), key
+        assert set(compiled["metrics"]) == set(eager["metrics"])
