@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -117,6 +120,26 @@ class MonitorConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"MonitorConfig.{name} must be a non-negative integer, got {value!r}")
+        # Type checks first, so a wrong type is an error naming the field, never a bare TypeError from a comparison.
+        for name in ("noise_beta", "memory_inflation", "spike_threshold", "tail_alpha_threshold", "hidden_spike_frac"):
+            _require_real(name, getattr(self, name))
+        if self.log_dir is not None and not isinstance(self.log_dir, (str, os.PathLike)):
+            raise ValueError(f"MonitorConfig.log_dir must be a path (str or os.PathLike) or None, got {self.log_dir!r}")
+        if self.run_name is not None and not isinstance(self.run_name, str):
+            raise ValueError(f"MonitorConfig.run_name must be a string or None, got {self.run_name!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"MonitorConfig.seed must be an integer, got {self.seed!r}")
+        if self.spike_z is not None:
+            _require_real("spike_z", self.spike_z)
+            if not self.spike_z > 0:
+                raise ValueError(f"MonitorConfig.spike_z must be positive or None, got {self.spike_z!r}")
+        if self.spike_warmup is not None and (isinstance(self.spike_warmup, bool) or
+                                              not isinstance(self.spike_warmup, int) or self.spike_warmup < 2):
+            raise ValueError(f"MonitorConfig.spike_warmup must be an integer >= 2 or None, got {self.spike_warmup!r}")
+        if not isinstance(self.track_preclip, bool):
+            raise ValueError(f"MonitorConfig.track_preclip must be True or False, got {self.track_preclip!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"MonitorConfig.extra must be a dict, got {self.extra!r}")
         if not 0.0 <= self.noise_beta < 1.0:
             raise ValueError(f"MonitorConfig.noise_beta must be in [0, 1), got {self.noise_beta!r}")
         if not self.memory_inflation > 1.0:
@@ -127,6 +150,11 @@ class MonitorConfig:
             raise ValueError(f"MonitorConfig.tail_alpha_threshold must be positive, got {self.tail_alpha_threshold!r}")
         if not 0.0 <= self.hidden_spike_frac < 1.0:
             raise ValueError(f"MonitorConfig.hidden_spike_frac must be in [0, 1), got {self.hidden_spike_frac!r}")
+        if isinstance(self.shadow_betas, numbers.Real):
+            self.shadow_betas = (self.shadow_betas,)
+        if not isinstance(self.shadow_betas, Sequence) or any(
+                isinstance(b, bool) or not isinstance(b, numbers.Real) for b in self.shadow_betas):
+            raise ValueError(f"MonitorConfig.shadow_betas must be a sequence of numbers, got {self.shadow_betas!r}")
         self.shadow_betas = tuple(float(b) for b in self.shadow_betas)
         if any(not 0.0 < b < 1.0 for b in self.shadow_betas):
             raise ValueError(f"MonitorConfig.shadow_betas must lie in (0, 1), got {self.shadow_betas!r}")
@@ -135,6 +163,8 @@ class MonitorConfig:
         self.backends = tuple(self.backends)
         if isinstance(self.alerts, str):
             self.alerts = (self.alerts,)
+        if not isinstance(self.alerts, Sequence):
+            raise ValueError(f"MonitorConfig.alerts must be a sequence of rule names, got {self.alerts!r}")
         self.alerts = tuple(self.alerts)
         unknown = [a for a in self.alerts if a not in ALERT_RULES]
         if unknown:
@@ -143,6 +173,15 @@ class MonitorConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, (str, type)) or not isinstance(value, Sequence)):
                 setattr(self, name, (value,))
+            for pattern in getattr(self, name) or ():
+                if not isinstance(pattern, (str, re.Pattern, type)):
+                    raise TypeError(f"MonitorConfig.{name}: a pattern must be a glob string, 're:<regex>', a compiled "
+                                    f"regex or a module type, got {pattern!r}")
+                if isinstance(pattern, str) and pattern.startswith("re:"):
+                    try:
+                        re.compile(pattern[3:])
+                    except re.error as exc:
+                        raise ValueError(f"MonitorConfig.{name}: invalid regex {pattern!r}: {exc}") from None
         if self.stats_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"MonitorConfig.stats_dtype must be torch.float32 or torch.float64, got {self.stats_dtype!r}")
 
@@ -156,6 +195,11 @@ class MonitorConfig:
         for f in dataclasses.fields(self):
             out[f.name] = _jsonable(getattr(self, f.name))
         return out
+
+
+def _require_real(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"MonitorConfig.{name} must be a number, got {value!r}")
 
 
 def _jsonable(value: Any) -> Any:

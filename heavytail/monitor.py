@@ -61,7 +61,7 @@ STATE_VERSION = 2
 # Columns of the per-tensor interval accumulators. Sums merge across ranks by addition, the others by max, so a
 # sharded (FSDP2) run is merged exactly at checkpoints with two all-reduces.
 SUM_FIELDS = ("count", "s1", "s2", "s3", "s4", "nonfinite", "ratio_spikes", "preclip_s2", "ratio_p99",
-              "ratio_entries")
+              "ratio_entries", "entries")
 MAX_FIELDS = ("absmax", "ratio_max", "steps", "bad_steps", "ratio_steps")
 # Per-tensor sums of the optimizer-update figures (sample based): update RMS ratio and its steps, update/gradient
 # ratio at denominator events (real, shadow) and their counts, Lion's flipped-sign fraction and its steps.
@@ -183,6 +183,9 @@ class Monitor:
         self.run_name = config.run_name
         self._backends = self._open_backends()
         self._alert_callbacks: list[Callable[[dict], None]] = []
+        # Failures outside the backends (a user callback, flight-record files) are reported once each, as backends.
+        self._failed_callbacks: set[int] = set()
+        self._flight_failures = 0
 
         # The coordinate sample: fixed at attach so each coordinate's noise can be followed over steps. Under
         # FSDP2 each rank samples its own shard.
@@ -487,6 +490,7 @@ class Monitor:
             torch.where(valid, st["preclip_s2"], 0.0),
             torch.where(ratio_ok & torch.isfinite(p99), p99, 0.0),
             torch.where(ratio_ok, stats[:, COUNT], 0.0),
+            entries,  # every entry seen, bad steps included: the denominator of the non-finite fraction
         ], dim=1)
         st["acc_sum"] += add
         acc_max = st["acc_max"]
@@ -830,7 +834,7 @@ class Monitor:
             kurt = np.where(count >= 4, m4 / (m2 * m2) - 3.0, np.nan)
             per_step = np.maximum(count / np.maximum(steps, 1), 4)
             gauss = np.asarray(gaussian_kurtosis_quantile(torch.as_tensor(per_step), 0.99), dtype=np.float64)
-            entries = count + col("nonfinite")
+            entries = col("entries")
             nonfinite_frac = col("nonfinite") / entries
             ratio_steps = acc_max[:, _M["ratio_steps"]]
             ratio_max = np.where(ratio_steps > 0, acc_max[:, _M["ratio_max"]], np.nan)
@@ -930,8 +934,11 @@ class Monitor:
             try:
                 fn(dict(alert))
             except Exception as exc:  # a user callback must not break training either
-                warnings.warn(f"heavytail: on_alert callback {fn!r} raised {type(exc).__name__}: {exc}",
-                              RuntimeWarning, stacklevel=2)
+                if id(fn) not in self._failed_callbacks:
+                    self._failed_callbacks.add(id(fn))
+                    warnings.warn(f"heavytail: on_alert callback {fn!r} raised {type(exc).__name__}: {exc}; it is "
+                                  "still called for later alerts, and further failures are not reported",
+                                  RuntimeWarning, stacklevel=2)
 
     def _drain_alerts(self) -> None:
         if self.dist.writer:
@@ -960,9 +967,14 @@ class Monitor:
             path = self.log_dir / alert["flight_record"]
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(dumps_record(record))
+                tmp = path.with_name(path.name + ".tmp")  # whole or absent, even if the run dies mid-write
+                tmp.write_text(dumps_record(record))
+                os.replace(tmp, path)
             except OSError as exc:
-                warnings.warn(f"heavytail: could not write flight record {path}: {exc}", RuntimeWarning, stacklevel=2)
+                self._flight_failures += 1
+                if self._flight_failures == 1:
+                    warnings.warn(f"heavytail: could not write flight record {path}: {exc}; further failures are "
+                                  "not reported", RuntimeWarning, stacklevel=2)
         self._pending_flight = []
 
     # ------------------------------------------------------------------ state
@@ -1006,13 +1018,17 @@ class Monitor:
 
 def _unwrap_optimizer(optimizer: Any) -> Any:
     """The ``torch.optim.Optimizer`` inside framework wrappers (Accelerate's ``AcceleratedOptimizer``, Lightning's
-    ``LightningOptimizer``), so the step hooks go on the optimizer that really steps."""
-    seen = 0
-    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and seen < 4:
+    ``LightningOptimizer``, DeepSpeed's), so the step hooks go on the optimizer that really steps.
+
+    A wrapper is recognised by an ``optimizer`` attribute holding an optimizer, not by its own type:
+    ``AcceleratedOptimizer`` subclasses ``torch.optim.Optimizer`` without running its ``__init__``, so it has no hook
+    registry, and while it accumulates gradients its ``step()`` returns without stepping the inner optimizer.
+    """
+    for _ in range(4):  # wrappers nest (Accelerate around DeepSpeed around torch)
         inner = getattr(optimizer, "optimizer", None)
-        if inner is None:
+        if inner is None or inner is optimizer or not hasattr(inner, "param_groups"):
             break
-        optimizer, seen = inner, seen + 1
+        optimizer = inner
     return optimizer
 
 

@@ -17,15 +17,49 @@ class OptimizerTap:
     Uses ``Optimizer.register_step_pre_hook`` / ``register_step_post_hook``, so the training loop does not change
     and steps that never reach the optimizer (``GradScaler`` skips a step with inf/NaN gradients) are not counted.
     ``remove()`` takes both hooks off; calling it twice is harmless.
+
+    ``step(closure)``: the closure runs *inside* ``step()``, after the pre-hook, and it is what computes the
+    gradients (Lightning steps every optimizer this way: forward, backward and clipping happen in the closure). So
+    when a closure is given, the pre-hook wraps it and ``before()`` runs right after its first call returns, on the
+    fresh gradients and before the update. Later calls (LBFGS's line search) do not count again. If the optimizer
+    never calls the closure, ``before()`` runs in the post-hook, so every step is still seen once.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, before: Callable[[], None], after: Callable[[], None]):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Monitor: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._before = before
+        self._after = after
+        self._before_pending = False
         self._handles = [
-            optimizer.register_step_pre_hook(lambda opt, args, kwargs: before()),
-            optimizer.register_step_post_hook(lambda opt, args, kwargs: after()),
+            optimizer.register_step_pre_hook(self._pre),
+            optimizer.register_step_post_hook(self._post),
         ]
+
+    def _pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # ``args`` starts with the optimizer itself (torch passes the bound call's arguments).
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._before()
+            return None
+        self._before_pending = True
+
+        def closure_then_before() -> Any:
+            result = closure()
+            if self._before_pending:
+                self._before_pending = False
+                self._before()
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_before}
+        return (args[0], closure_then_before, *args[2:]), kwargs
+
+    def _post(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._before_pending:  # a closure the optimizer never called
+            self._before_pending = False
+            self._before()
+        self._after()
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -155,7 +189,8 @@ def gather_samples(tensors: Sequence[torch.Tensor | None], sample_index: torch.T
     """Each tensor's entries at its sampled coordinates, ``(L, S)`` (``fill`` where a tensor is None)."""
     out = torch.full(tuple(sample_index.shape), fill, device=sample_index.device, dtype=dtype)
     tensors = [None if t is None else local(t) for t in tensors]
-    rows = [i for i, t in enumerate(tensors) if t is not None and t.numel() > 0]  # a shard may be empty
+    # A shard may be empty; a complex tensor has no real samples (casting would drop its imaginary part).
+    rows = [i for i, t in enumerate(tensors) if t is not None and t.numel() > 0 and not t.is_complex()]
     if rows:
         out[torch.tensor(rows, device=sample_index.device)] = torch.stack(
             [tensors[i].detach().reshape(-1)[sample_index[i]].to(dtype) for i in rows])

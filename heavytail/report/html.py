@@ -35,6 +35,7 @@ from heavytail.report.charts import (
     decade_hi,
     esc,
     fmt,
+    kurtosis_scale,
     log_scale,
     render_heatmap,
     render_legend,
@@ -47,6 +48,8 @@ from heavytail.report.stats import (
     all_values,
     layer_stats,
     ratio_family,
+    shadow_beta,
+    shadow_ratio_families,
     summarize,
 )
 
@@ -83,33 +86,148 @@ def heatmap_specs(ratio_family: str | None = None) -> list[HeatmapSpec]:
         HeatmapSpec(
             "grad/kurtosis",
             "sec-kurtosis",
-            "Gradient kurtosis",
-            "Sample kurtosis of each layer's gradient entries (<code>grad/kurtosis</code>), log colour scale; "
-            "a Gaussian gives 3. When α &lt; 4 the true kurtosis is infinite and the sample value grows with the "
-            "number of entries, so read it next to the Gaussian reference for the same count "
-            "(<code>grad/kurtosis_gauss</code>, in the table below).",
-            "kurtosis",
+            "Gradient excess kurtosis",
+            "Sample <i>excess</i> kurtosis of each layer's gradient entries (<code>grad/kurtosis</code>, "
+            "m₄/m₂² − 3): 0 for a Gaussian, −2 at the least, large for heavy tails. Coloured on a log scale of "
+            "excess + 3 (Pearson's kurtosis), so values under 0 (flatter than a Gaussian) have colours too. When "
+            "α &lt; 4 the true kurtosis is infinite and the sample value grows with the number of entries, so read "
+            "it next to the Gaussian reference for the same count (<code>grad/kurtosis_gauss</code>, the 0.99 "
+            "quantile of a Gaussian sample's excess kurtosis, near 0 for large layers; marked on the legend and in "
+            "the table below).",
+            "excess kurtosis",
             "max",
         ),
         HeatmapSpec(
             ratio,
             "sec-ratio",
-            "Denominator ratio (AdamW)" if ratio.startswith("adam/") else "Shadow denominator ratio",
+            "Denominator ratio (AdamW)" if ratio.startswith("adam/") else _shadow_title(ratio),
             (
                 "Largest |g<sub>t</sub>| / (√v̂<sub>t−1</sub> + ε) over each layer's coordinates "
                 "(<code>adam/ratio_max</code>): how far a new gradient stands above what the optimizer's "
                 "second-moment denominator expects. Large values mean a gradient spike arrives bigger than the "
                 "denominator remembers; r² over 5000 (r ≈ 71) is the SPAM spike threshold. Log colour scale."
                 if ratio.startswith("adam/")
-                else "The same ratio against a <i>shadow</i> denominator (<code>shadow/ratio_max</code>): an EMA "
-                "of g² with AdamW's β₂ kept on sampled coordinates, showing what AdamW's denominator would have "
-                "done on this optimizer's gradients. Log colour scale."
+                else f"The same ratio against a <i>shadow</i> denominator (<code>{esc(ratio)}</code>): an EMA "
+                f"of g² with β₂ = {_beta_text(ratio)} kept on sampled coordinates, showing what an AdamW "
+                "denominator would have done on this run's gradients, whatever the optimizer. Log colour scale."
             ),
             "ratio max",
             "max",
         ),
     ]
     return specs
+
+
+def _beta_text(family: str) -> str:
+    beta = shadow_beta(family)
+    return f"{beta:g}" if math.isfinite(beta) else "AdamW's"
+
+
+def _shadow_title(family: str) -> str:
+    beta = shadow_beta(family)
+    return f"Shadow denominator ratio (β₂ = {beta:g})" if math.isfinite(beta) else "Shadow denominator ratio"
+
+
+def ratio_spec(family: str, section_id: str) -> HeatmapSpec:
+    """The heatmap of one denominator-ratio family (AdamW's own or a shadow's) under ``section_id``."""
+    return dataclasses.replace(heatmap_specs(family)[-1], section_id=section_id)
+
+
+# Noise sources other than the temporal one, with what each sees.
+NOISE_SOURCES: tuple[tuple[str, str, str, str], ...] = (
+    (
+        "noise/microbatch_hill_alpha",
+        "sec-noise-microbatch",
+        "Noise tail index α, micro-batch source",
+        "Tail index of the deviations of each micro-batch's gradient from their mean under gradient "
+        "accumulation (<code>noise/microbatch_hill_alpha</code>).",
+    ),
+    (
+        "noise/rank_hill_alpha",
+        "sec-noise-rank",
+        "Noise tail index α, per-rank source",
+        "Tail index of each data-parallel rank's local gradient minus the all-reduced one "
+        "(<code>noise/rank_hill_alpha</code>).",
+    ),
+    (
+        "probe/hill_alpha",
+        "sec-noise-probe",
+        "Noise tail index α, probe",
+        "The noise probe (<code>probe/hill_alpha</code>): many mini-batch gradients of one held-out batch at a "
+        "checkpoint, weights fixed, noise = a mini-batch gradient minus their mean (Simsekli et al. 2019). Hill "
+        "with a threshold per coordinate over its mini-batches; with few mini-batches a Gaussian noise reads "
+        "about 4 (<code>probe/hill_alpha_gauss</code>), not infinity. Same colours as above.",
+    ),
+)
+
+
+def noise_source_specs(runs: Sequence[Run]) -> list[HeatmapSpec]:
+    """Heatmaps of the noise sources beyond the temporal one that any of ``runs`` recorded."""
+    return [
+        HeatmapSpec(family, section_id, title, description, "noise tail index α", "min")
+        for family, section_id, title, description in NOISE_SOURCES
+        if any(r.layers(family) for r in runs)
+    ]
+
+
+_NOISE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("noise/hill_alpha", "temporal α"),
+    ("noise/microbatch_hill_alpha", "micro-batch α"),
+    ("noise/rank_hill_alpha", "rank α"),
+    ("probe/hill_alpha", "probe α"),
+    ("probe/stable_alpha", "probe stable α"),
+    ("probe/kurtosis", "probe excess kurtosis"),
+    ("probe/moment_slope_p1", "probe slope p=1"),
+    ("probe/moment_slope_p1.5", "probe slope p=1.5"),
+    ("probe/resolved_frac", "probe resolved"),
+)
+
+
+def render_noise_table(run: Run) -> str:
+    """Per layer, the median over the run of every noise source's tail index and the probe's figures."""
+    columns = [(f, label) for f, label in _NOISE_COLUMNS if run.layers(f)]
+    if not columns:
+        return _missing("noise/hill_alpha")
+    medians: dict[str, dict[str, float]] = {}
+    for family, _ in columns:
+        layers, _, values = run.matrix(family)
+        for name, row in zip(layers, values):
+            finite = row[np.isfinite(row)]
+            medians.setdefault(name, {})[family] = float(np.median(finite)) if finite.size else math.nan
+    order = [name for name in run.layers("grad/hill_alpha") if name in medians]
+    order += [name for name in medians if name not in order]
+    head = "<tr><th>layer</th>" + "".join(f"<th class='num'>{esc(label)}</th>" for _, label in columns) + "</tr>"
+    rows = []
+    for name in order:
+        cells = [f"<td class='ht-layer'>{esc(name)}</td>"]
+        for family, _ in columns:
+            v = medians[name].get(family, math.nan)
+            is_alpha = family.endswith("hill_alpha")
+            cells.append(_cell(v, ALPHA_SCALE if is_alpha else None, 3, low=is_alpha and v < 2))
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    gauss = all_values(run, "probe/hill_alpha_gauss")
+    ref = (
+        f" The probe's Hill estimator reads {fmt(float(np.median(gauss)), 3)} on Gaussian noise of its number of "
+        "mini-batches: a probe α near that is a light tail."
+        if gauss.size
+        else ""
+    )
+    note = (
+        '<p class="ht-desc">Median over the run of each noise source, per layer. Temporal: each sampled '
+        "coordinate's gradient minus its running mean over steps; micro-batch: under gradient accumulation; rank: "
+        "per data-parallel rank; probe: mini-batch gradients of a held-out batch at checkpoints, with its stable "
+        "index (2 = Gaussian), mean excess kurtosis, and the slope of log E|ξ|<sup>p</sup> against "
+        "log |∇f|<sup>p</sup> across coordinates (0: noise independent of the gradient, bounded p-th moment; "
+        "1: noise proportional to the gradient), fitted on the coordinates whose gradient the probe resolves "
+        f"(the resolved fraction).{ref}</p>"
+    )
+    return (
+        f"{note}<div class='ht-scroll'><table class='ht-table' id='noise-table'>{head}{''.join(rows)}</table></div>"
+    )
+
+
+def _nav_label(spec: HeatmapSpec) -> str:
+    return spec.title if "β₂" in spec.title or "," in spec.title else spec.title.split(" (")[0]
 
 
 def _duration(seconds: float) -> str:
@@ -254,10 +372,10 @@ def render_heaviest(run: Run, top: int = 20) -> str:
     if has_se:
         head.append("<th class='num'>± s.e.</th>")
     head.append(
-        "<th class='num'>min α</th><th class='num'>checkpoints α &lt; 2</th><th class='num'>median kurtosis</th>"
+        "<th class='num'>min α</th><th class='num'>checkpoints α &lt; 2</th><th class='num'>median excess kurtosis</th>"
     )
     if has_gauss:
-        head.append("<th class='num'>Gaussian ref.</th>")
+        head.append("<th class='num'>Gaussian 99% ref.</th>")
     ratio_label = esc(rf) if rf else "ratio"
     head.append(f"<th class='num'>median {ratio_label}</th><th class='num'>max {ratio_label}</th>")
     rows = []
@@ -291,12 +409,14 @@ def _scales(runs: Sequence[Run]) -> dict[str, tuple[ColorScale, str]]:
         "grad/hill_alpha": (ALPHA_SCALE, "alpha"),
         "noise/hill_alpha": (ALPHA_SCALE, "alpha"),
     }
-    kurt = [r.matrix("grad/kurtosis")[2] for r in runs]
-    out["grad/kurtosis"] = (log_scale("kurtosis", 1.0, decade_hi(kurt, 100.0)), "kurtosis")
-    ratios = [r.matrix(f)[2] for r in runs for f in ("adam/ratio_max", "shadow/ratio_max")]
+    for family, *_ in NOISE_SOURCES:
+        out[family] = (ALPHA_SCALE, "alpha")
+    out["grad/kurtosis"] = (kurtosis_scale([r.matrix("grad/kurtosis")[2] for r in runs]), "kurtosis")
+    families = {"adam/ratio_max", "shadow/ratio_max"} | {f for r in runs for f in shadow_ratio_families(r)}
+    ratios = [r.matrix(f)[2] for r in runs for f in families]
     ratio_scale = log_scale("ratio", 1.0, decade_hi(ratios, 100.0))
-    out["adam/ratio_max"] = (ratio_scale, "ratio")
-    out["shadow/ratio_max"] = (ratio_scale, "ratio")
+    for family in families:
+        out[family] = (ratio_scale, "ratio")
     return out
 
 
@@ -451,13 +571,16 @@ def render_report(run: Run, *, max_columns: int = 600) -> str:
 
     rf = ratio_family(run)
     specs = heatmap_specs(rf)
-    if rf == "adam/ratio_max" and run.layers("shadow/ratio_max"):
-        # Both: AdamW's own denominator and a shadow kept alongside it (to check the shadow against the real one).
-        specs.append(dataclasses.replace(heatmap_specs("shadow/ratio_max")[-1], section_id="sec-shadow-ratio"))
+    # The noise sources beyond the temporal one go right after it.
+    specs[2:2] = noise_source_specs([run])
+    # Every other denominator ratio the run recorded: the shadows next to AdamW's own (to check the shadow
+    # against the real one), or the other betas of the shadow.
+    for i, family in enumerate(f for f in shadow_ratio_families(run) if f != rf):
+        specs.append(ratio_spec(family, f"sec-shadow-ratio{'' if i == 0 else f'-{i + 1}'}"))
     for spec in specs:
-        nav.append((spec.section_id, spec.title.split(" (")[0]))
+        nav.append((spec.section_id, _nav_label(spec)))
         layers, hsteps, values = run.matrix(spec.family)
-        scale, kind = scales[spec.family]
+        scale, kind = scales.get(spec.family, (ALPHA_SCALE, "alpha"))
         if layers:
             chart = _legend_block(spec, scale, kind, gauss) + render_heatmap(
                 page, spec, layers, hsteps, values, scale, max_columns=max_columns
@@ -466,6 +589,9 @@ def render_report(run: Run, *, max_columns: int = 600) -> str:
             chart = _missing(spec.family)
         body.append(_section(spec.section_id, spec.title, chart, spec.description))
 
+    if any(run.layers(f) for f, _ in _NOISE_COLUMNS[1:]):
+        nav.append(("sec-noise-sources", "Noise sources"))
+        body.append(_section("sec-noise-sources", "Noise sources per layer", render_noise_table(run)))
     nav += [("sec-heaviest", "Heaviest tails"), ("sec-alerts", "Alerts"), ("sec-meta", "Run details")]
     body.append(_section("sec-heaviest", "Layers with the heaviest tails", render_heaviest(run)))
     body.append(_section("sec-alerts", "Alerts", render_alerts(run)))
@@ -580,7 +706,7 @@ def _summary_table(
             for n in names
         ],
     )
-    row("median kurtosis", [esc(fmt(summaries[n].kurtosis_median, 3)) for n in names])
+    row("median excess kurtosis", [esc(fmt(summaries[n].kurtosis_median, 3)) for n in names])
     row("denominator ratio source", [esc(summaries[n].ratio_family or "not recorded") for n in names])
     row("median ratio max", [esc(fmt(summaries[n].ratio_median, 3)) for n in names])
     row("largest ratio max", [esc(fmt(summaries[n].ratio_max, 3)) for n in names])
@@ -657,6 +783,63 @@ def _per_layer_table(runs: Mapping[str, Run]) -> str:
         "<div class='ht-scroll'><table class='ht-table' id='layer-table'>"
         f"<thead>{head1}{head2}</thead><tbody>{''.join(rows)}</tbody></table></div>"
     )
+
+
+# Figures of the side-by-side per-layer tables, in order; each is shown when some run recorded it.
+_FAMILY_TABLES: tuple[tuple[str, str], ...] = (
+    ("grad/hill_alpha", "Gradient tail index α (coordinate tail)"),
+    ("noise/hill_alpha", "Noise tail index α (temporal)"),
+    ("noise/microbatch_hill_alpha", "Noise tail index α (micro-batch)"),
+    ("noise/rank_hill_alpha", "Noise tail index α (rank)"),
+    ("probe/hill_alpha", "Noise tail index α (probe, Hill)"),
+    ("probe/stable_alpha", "Noise stable index α (probe; 2 = Gaussian)"),
+    ("probe/moment_slope_p1", "Probe: slope of log E|ξ| against log |∇f|"),
+    ("grad/kurtosis", "Gradient excess kurtosis"),
+    ("adam/ratio_max", "Denominator ratio max (the optimizer's own)"),
+    ("shadow999/ratio_max", "Shadow denominator ratio max (β₂ = 0.999)"),
+    ("shadow95/ratio_max", "Shadow denominator ratio max (β₂ = 0.95)"),
+    ("adam/spike_frac", "Spike fraction (the optimizer's own denominator)"),
+    ("shadow999/spike_frac", "Spike fraction (shadow, β₂ = 0.999)"),
+    ("shadow95/spike_frac", "Spike fraction (shadow, β₂ = 0.95)"),
+    ("adam/memory_steps", "Denominator memory, steps (the optimizer's own)"),
+    ("shadow999/memory_steps", "Denominator memory, steps (shadow, β₂ = 0.999)"),
+    ("shadow95/memory_steps", "Denominator memory, steps (shadow, β₂ = 0.95)"),
+)
+
+
+def _family_tables(runs: Mapping[str, Run]) -> str:
+    names = list(runs)
+    blocks = []
+    for n_shown, (family, title) in enumerate((f, t) for f, t in _FAMILY_TABLES if any(r.layers(f) for r in runs.values())):
+        layers: list[str] = []
+        medians: dict[str, dict[str, float]] = {}
+        for n, r in runs.items():
+            fam_layers, _, values = r.matrix(family)
+            for name, row in zip(fam_layers, values):
+                if name not in medians:
+                    layers.append(name)
+                    medians[name] = {}
+                finite = row[np.isfinite(row)]
+                medians[name][n] = float(np.median(finite)) if finite.size else math.nan
+        is_alpha = family.endswith("hill_alpha")
+        head = "<tr><th>layer</th>" + "".join(f"<th class='num'>{esc(n)}</th>" for n in names) + "</tr>"
+        rows = []
+        for layer in layers:
+            cells = [f"<td class='ht-layer'>{esc(layer)}</td>"]
+            for n in names:
+                v = medians[layer].get(n, math.nan)
+                cells.append(_cell(v, ALPHA_SCALE if is_alpha else None, 3, low=is_alpha and v < 2))
+            rows.append(f"<tr>{''.join(cells)}</tr>")
+        table = (
+            f"<div class='ht-scroll'><table class='ht-table' data-family='{esc(family)}'>{head}{''.join(rows)}"
+            "</table></div>"
+        )
+        opened = " open" if n_shown < 2 else ""
+        blocks.append(
+            f"<details class='ht-family'{opened}><summary>{esc(title)} · <code>{esc(family)}</code></summary>"
+            f"{table}</details>"
+        )
+    return "\n".join(blocks) if blocks else _missing("grad/hill_alpha")
 
 
 def render_compare_report(
@@ -739,9 +922,30 @@ def render_compare_report(
         )
     )
 
-    for spec in heatmap_specs():
-        nav.append((spec.section_id, spec.title.split(" (")[0]))
-        scale, kind = scales[spec.family]
+    body.append(
+        _section(
+            "sec-family-tables",
+            "Per-layer medians, side by side",
+            _family_tables(loaded),
+            "For each figure, the median over the run of every layer, one column per run. Tail indices: red swatch "
+            "under 2. Denominators: <code>adam/</code> is the optimizer's own (AdamW, and the AdamW half of "
+            "Muon+AdamW), <code>shadowNNN/</code> the shadow EMA of g² with β₂ = 0.NNN that every run keeps; "
+            "spike fraction: the share of coordinates with r² over the threshold; memory: how many steps the "
+            "denominator stays inflated after a spike.",
+        )
+    )
+    nav.append(("sec-family-tables", "Per-layer medians"))
+
+    specs = heatmap_specs()
+    specs[2:2] = noise_source_specs(list(loaded.values()))
+    shadows: list[str] = []
+    for r in loaded.values():
+        shadows += [f for f in shadow_ratio_families(r) if f not in shadows]
+    for i, family in enumerate(shadows):
+        specs.append(ratio_spec(family, f"sec-shadow-ratio{'' if i == 0 else f'-{i + 1}'}"))
+    for spec in specs:
+        nav.append((spec.section_id, _nav_label(spec)))
+        scale, kind = scales.get(spec.family, (ALPHA_SCALE, "alpha"))
         cells = []
         any_layers = False
         for n, r in loaded.items():

@@ -19,12 +19,25 @@ def _nanstat(fn: Callable[[np.ndarray], Any], values: np.ndarray) -> float:
     return float(fn(finite)) if finite.size else math.nan
 
 
+def shadow_beta(family: str) -> float:
+    """The beta2 a shadow family's tag stands for (``shadow999/...`` -> 0.999, ``shadow95`` -> 0.95); NaN if none."""
+    tag = family.split("/", 1)[0][len("shadow"):]
+    return float("0." + tag) if tag.isdigit() else math.nan
+
+
+def shadow_ratio_families(run: Run) -> list[str]:
+    """The shadow-denominator ratio families of a run (``shadow999/ratio_max``, ...), largest beta2 first."""
+    found = [f for f in run.families() if f.startswith("shadow") and f.endswith("/ratio_max") and run.layers(f)]
+    return sorted(found, key=lambda f: (-shadow_beta(f) if math.isfinite(shadow_beta(f)) else 0.0, f))
+
+
 def ratio_family(run: Run) -> str | None:
-    """The denominator-ratio family a run has: AdamW's own, else the shadow denominator's, else None."""
-    for family in ("adam/ratio_max", "shadow/ratio_max"):
-        if run.layers(family):
-            return family
-    return None
+    """The denominator-ratio family a run has: AdamW's own, else a shadow denominator's (the largest beta2,
+    closest to AdamW's default 0.999), else None."""
+    if run.layers("adam/ratio_max"):
+        return "adam/ratio_max"
+    shadows = shadow_ratio_families(run)
+    return shadows[0] if shadows else None
 
 
 def layer_stats(run: Run) -> dict[str, dict[str, float]]:
@@ -49,6 +62,7 @@ def layer_stats(run: Run) -> dict[str, dict[str, float]]:
     )
     add("grad/hill_alpha_se", {"alpha_se_median": lambda r: _nanstat(np.median, r)})
     add("noise/hill_alpha", {"noise_alpha_median": lambda r: _nanstat(np.median, r)})
+    add("probe/hill_alpha", {"probe_alpha_median": lambda r: _nanstat(np.median, r)})
     add("grad/kurtosis", {"kurtosis_median": lambda r: _nanstat(np.median, r)})
     add("grad/kurtosis_gauss", {"kurtosis_gauss_median": lambda r: _nanstat(np.median, r)})
     rf = ratio_family(run)

@@ -23,7 +23,7 @@ class HandModel(nn.Module):
         super().__init__()
         dtypes = dtypes or {}
         for name, shape in shapes.items():
-            self.register_parameter(name, nn.Parameter(torch.zeros(*shape, dtype=dtypes.get(name, torch.float32))))
+            self.register_parameter(name, nn.Parameter(torch.zeros(tuple(shape), dtype=dtypes.get(name, torch.float32))))
 
     def set_grads(self, grads: Mapping[str, torch.Tensor | None]) -> None:
         for name, g in grads.items():

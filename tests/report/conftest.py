@@ -93,14 +93,15 @@ def make_run_dir(
             alpha = base_alpha[name] + 0.15 * rng.standard_normal()
             if name == heavy and near:
                 alpha = 1.6 + 0.1 * rng.standard_normal()
-            kurt = 3.0 * math.exp(2.0 / max(alpha - 1.0, 0.3)) * (1 + 0.1 * abs(rng.standard_normal()))
+            # Excess kurtosis (Gaussian 0), as the monitor writes it; a light layer may read a little under 0.
+            kurt = 3.0 * math.exp(2.0 / max(alpha - 1.0, 0.3)) * (1 + 0.1 * abs(rng.standard_normal())) - 3.5
             ratio = 3.0 + 2.0 * abs(rng.standard_normal()) + (120.0 if step == spike and name == heavy else 0.0)
             m[f"grad/hill_alpha/{name}"] = alpha
             m[f"grad/hill_alpha_se/{name}"] = alpha / math.sqrt(80)
             m[f"grad/kurtosis/{name}"] = kurt
-            m[f"grad/kurtosis_gauss/{name}"] = 3.0 - 6.0 / 4097
+            m[f"grad/kurtosis_gauss/{name}"] = 0.18  # the 0.99 quantile of a Gaussian's excess kurtosis, n = 4096
             m[f"grad/norm/{name}"] = 0.3 + 0.05 * i + 0.02 * rng.standard_normal()
-            m[f"grad/max/{name}"] = 0.05 * kurt
+            m[f"grad/max/{name}"] = 0.05 * (kurt + 3.0)
             if with_adam:
                 m[f"adam/ratio_max/{name}"] = ratio
                 m[f"adam/spike_frac/{name}"] = 0.001 * (ratio > 50)

@@ -183,7 +183,7 @@ def test_downsampling_keeps_the_worst_value(make_run, names) -> None:
     run = load_run(make_run(n_checkpoints=1000, every=1))
     data = _data(render_report(run, max_columns=100))
     tail = next(h for h in data["heatmaps"].values() if h["label"] == "tail index α")
-    kurt = next(h for h in data["heatmaps"].values() if h["label"] == "kurtosis")
+    kurt = next(h for h in data["heatmaps"].values() if h["label"] == "excess kurtosis")
     assert tail["cols"] == 100 and len(tail["lo"]) == len(tail["hi"]) == 100
     assert tail["lo"][0] == 1 and tail["hi"][-1] == 1000
     _, _, alpha = run.matrix("grad/hill_alpha")
