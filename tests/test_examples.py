@@ -62,7 +62,7 @@ def test_examples_are_found():
 
 
 @pytest.mark.parametrize("name", _examples())
-def test_example_runs_with_small_settings(name, tmp_path, quiet, capsys):
+def test_example_runs_with_small_settings(name, tmp_path, quiet):
     if name not in SMALL:
         pytest.fail(f"examples/{name}.py has no small-settings argv: add it to SMALL in tests/test_examples.py")
     module = _load(name)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -91,6 +93,9 @@ def test_trainer_records_loss_and_steps(tmp_path, accumulation):
                 continue  # tied to transformer.wte.weight: watched once, under its first name
             assert math.isfinite(m[f"grad/norm/{name}"]), name
         assert math.isfinite(m["loss"])
+    # Under accumulation the monitor sees every micro-batch's backward: the micro-batch noise source.
+    assert ("noise/microbatch_kurtosis/transformer.h.0.attn.c_attn.weight" in records[-1]["metrics"]) == (
+        accumulation > 1)
     # The monitor's loss is the Trainer's own logged loss (mean over the same logging window of 4 steps).
     logged = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
     assert [h["step"] for h in logged] == [4, 8, 12]
@@ -145,6 +150,13 @@ def test_trainer_resume_restores_monitor_state(tmp_path):
     assert resumed.monitor.step_count == trainer.state.global_step == 6
     steps = [r["step"] for r in read_records(resumed.monitor.log_dir)]
     assert steps == [3, 6, 6]  # the first run's two records, then the resumed run's record at step 6
+
+
+def test_integrations_package_imports_no_framework():
+    code = ("import sys, heavytail.integrations; "
+            "print(sorted({'transformers', 'lightning', 'pytorch_lightning', 'accelerate'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_bad_monitor_arguments_fail_when_the_callback_is_built():

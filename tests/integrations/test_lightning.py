@@ -104,6 +104,8 @@ def test_fit_records_exact_gradients_and_loss(tmp_path, accumulation):
         # The loss: the mean of this step's micro-batch losses (Lightning's division by accumulation undone).
         micro = task.losses[step * accumulation : (step + 1) * accumulation]
         assert m["loss"] == pytest.approx(sum(micro) / accumulation, rel=1e-5)
+    # Under accumulation the monitor sees every micro-batch's backward: the micro-batch noise source.
+    assert ("noise/microbatch_kurtosis/net.fc1.weight" in records[-1]["metrics"]) == (accumulation > 1)
     # Hooks are gone after fit.
     optimizer = trainer.optimizers[0]
     assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks

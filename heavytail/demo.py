@@ -1,0 +1,456 @@
+"""The demo runner: train the embedded workload with the monitor on, write the report, print what it found."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, TextIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from heavytail.config import MonitorConfig
+from heavytail.monitor import Monitor
+from heavytail.optim import Lion, muon_with_adamw
+from heavytail.report import Run, load_run, write_report
+from heavytail.workload import SIZES, DemoWorkload, build_demo
+
+__all__ = [
+    "DEFAULT_LR",
+    "DEFAULT_STEPS",
+    "OPTIMIZERS",
+    "DemoResult",
+    "ProgressBar",
+    "TrainedRun",
+    "demo_loss",
+    "make_optimizer",
+    "run_demo",
+    "summary_text",
+    "train_monitored",
+]
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "lion", "muon", "sgd")
+"""Optimizers the demo and the comparison know by name."""
+
+DEFAULT_LR: dict[str, float] = {
+    "adamw": 1e-3,
+    "lion": 1e-4,
+    "muon": 0.02,
+    "sgd": 0.3,
+}
+"""Learning rates for the demo workload (peak, after warm-up), tuned on the ``small`` size so that each optimizer
+trains: see docs/cli.md for the sweep. Muon's entry is the Muon learning rate of the hidden matrices; its AdamW
+half (embeddings, head, norms, biases) uses the ``adamw`` entry."""
+
+DEFAULT_STEPS = 300
+"""Optimizer steps of ``heavytail demo`` (about 1-3 minutes on two CPU cores at the ``small`` size)."""
+
+DEFAULT_MICRO_BATCHES = 32
+"""Mini-batches of the held-out batch per noise probe."""
+
+RUN_FILES = ("metrics.jsonl", "alerts.jsonl", "meta.json", "report.html")
+RUN_DIRS = ("flight", "tensorboard")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizers
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float | None = None, *, adamw_lr: float | None = None
+                   ) -> torch.optim.Optimizer:
+    """One of :data:`OPTIMIZERS` for ``model``, with the demo's hyper-parameters.
+
+    - ``adamw``: ``torch.optim.AdamW``, betas (0.9, 0.95) (the usual LLM setting, and the same as Muon's AdamW
+      half, so the monitor's ``shadow95`` denominator is a replica of the real one), eps 1e-8;
+    - ``lion``: :class:`heavytail.optim.Lion`, betas (0.9, 0.99) (Chen et al. 2023);
+    - ``muon``: :func:`heavytail.optim.muon_with_adamw`: Muon (momentum 0.95, Nesterov) on hidden matrices,
+      AdamW (betas (0.9, 0.95)) at ``adamw_lr`` (default ``DEFAULT_LR["adamw"]``) on the rest;
+    - ``sgd``: ``torch.optim.SGD`` with momentum 0.9.
+
+    No weight decay for any of them: it is held equal (at zero) so that only the update rule differs.
+    ``lr`` defaults to :data:`DEFAULT_LR`.
+    """
+    name = name.lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    lr = DEFAULT_LR[name] if lr is None else float(lr)
+    if not lr > 0:
+        raise ValueError(f"learning rate of {name} must be positive, got {lr}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    if name == "lion":
+        return Lion(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if name == "muon":
+        return muon_with_adamw(model, lr=lr, adamw_lr=DEFAULT_LR["adamw"] if adamw_lr is None else adamw_lr,
+                               weight_decay=0.0)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def warmup_steps(steps: int) -> int:
+    """Linear learning-rate warm-up length: 5% of the run, at least 1 and at most 100 steps."""
+    return max(1, min(100, steps // 20))
+
+
+def demo_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The workload's loss on ``(inputs, targets)``: mean next-token cross-entropy (the probe's ``loss_fn``)."""
+    _, loss = model(batch[0], batch[1])
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "--:--"
+    seconds = int(round(seconds))
+    m, s = divmod(seconds, 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ProgressBar:
+    """A one-line progress bar on a stream (stderr): step, loss, steps per second, time left.
+
+    On a terminal the line is redrawn in place at most ten times a second; on a pipe or a file one line is
+    written every 10% (no carriage returns in logs). ``stream=None`` draws nothing.
+    """
+
+    def __init__(self, total: int, label: str = "", stream: TextIO | None = sys.stderr, width: int = 24) -> None:
+        self.total = max(1, int(total))
+        self.label = label
+        self.stream = stream
+        self.width = width
+        self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+        self._last_draw = -math.inf
+        self._last_decile = -1
+        self.extra = ""
+
+    def needs_draw(self, step: int) -> bool:
+        """Whether :meth:`update` at ``step`` would draw (so the caller reads the loss only then)."""
+        if self.stream is None:
+            return False
+        if step >= self.total:
+            return True
+        if self.tty:
+            return time.perf_counter() - self._last_draw >= 0.1
+        return step * 10 // self.total > self._last_decile
+
+    def line(self, step: int, loss: float | None) -> str:
+        elapsed = time.perf_counter() - self.start
+        rate = step / elapsed if elapsed > 0 else math.nan
+        left = (self.total - step) / rate if rate > 0 else math.nan
+        filled = int(self.width * step / self.total)
+        bar = "#" * filled + "." * (self.width - filled)
+        loss_text = f"loss {loss:.4f}" if loss is not None and math.isfinite(loss) else "loss -"
+        head = f"{self.label} " if self.label else ""
+        extra = f" {self.extra}" if self.extra else ""
+        return (f"{head}[{bar}] {step}/{self.total} {loss_text} {rate:.2f} it/s "
+                f"{_clock(elapsed)}<{_clock(left)}{extra}")
+
+    def update(self, step: int, loss: float | None) -> None:
+        if not self.needs_draw(step):
+            return
+        self._last_draw = time.perf_counter()
+        self._last_decile = step * 10 // self.total
+        text = self.line(step, loss)
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not None and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+@contextlib.contextmanager
+def _alerts_off_the_terminal(active: bool) -> Iterator[None]:
+    """While a progress bar draws, the monitor's alert log lines would break it: hold them (they are in
+    alerts.jsonl and the summary)."""
+    log = logging.getLogger("heavytail")
+    if not active or log.handlers:
+        yield
+        return
+    handler, propagate = logging.NullHandler(), log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One monitored training run
+
+
+@dataclass
+class TrainedRun:
+    """What :func:`train_monitored` did."""
+
+    run_dir: Path
+    steps: int
+    seconds: float
+    losses: list[float]
+    """The loss at every step (read from the device after training, one copy)."""
+    alerts: list[dict] = field(default_factory=list)
+    probe: bool = False
+    """Whether the noise probe ran at checkpoints (the monitor supports it)."""
+
+
+def clear_run_dir(path: Path) -> None:
+    """Remove a previous run's files from ``path`` (only the files a heavytail run writes), so the new run's
+    JSONL is not appended to the old one's."""
+    for name in RUN_FILES:
+        (path / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        if (path / name).is_dir():
+            shutil.rmtree(path / name)
+
+
+def train_monitored(
+    workload: DemoWorkload,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps: int,
+    log_dir: str | os.PathLike[str],
+    every: int,
+    probe: bool = True,
+    micro_batches: int = DEFAULT_MICRO_BATCHES,
+    run_name: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    progress: TextIO | None = sys.stderr,
+    label: str = "",
+    config: Mapping[str, Any] | None = None,
+) -> TrainedRun:
+    """Train ``model`` on ``workload.batches`` for ``steps`` steps with a :class:`~heavytail.Monitor` attached.
+
+    Batch ``t`` is ``workload.batches.get(t)`` (the seed fixes the order), the learning rate warms up linearly
+    over :func:`warmup_steps` and then stays constant, and nothing else is done to the gradients (no clipping),
+    so the monitor sees the optimizer's raw behaviour. With ``probe`` the monitor runs the noise probe at every
+    checkpoint on ``workload.held_out`` split into ``micro_batches`` mini-batches (when the monitor supports it).
+    ``config`` overrides :class:`~heavytail.MonitorConfig` fields. The run directory is cleared of a previous
+    run's files first.
+    """
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    clear_run_dir(log_dir)
+    fields = dict(every=every, log_dir=log_dir, run_name=run_name or log_dir.name, extra=dict(extra or {}),
+                  probe_every=1 if probe else 0)
+    fields.update(config or {})
+    cfg = MonitorConfig(**fields)
+    warm = warmup_steps(steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / warm))
+    bar = ProgressBar(steps, label=label, stream=progress)
+    losses = torch.empty(steps)
+    alerts: list[dict] = []
+    model.train()
+    start = time.perf_counter()
+    with _alerts_off_the_terminal(progress is not None), Monitor(model, optimizer, config=cfg) as monitor:
+        probing = bool(probe) and hasattr(monitor, "set_probe")
+        if probing:
+            monitor.set_probe(demo_loss, workload.held_out, micro_batches=micro_batches)
+        monitor.on_alert(alerts.append)
+        for step in range(steps):
+            x, y = workload.batches.get(step)
+            _, loss = model(x, y)
+            loss.backward()
+            monitor.observe_loss(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            losses[step] = loss.detach()
+            if bar.needs_draw(step + 1):
+                bar.extra = f"alerts {len(alerts)}" if alerts else ""
+                bar.update(step + 1, float(losses[step]))
+    seconds = time.perf_counter() - start
+    bar.close()
+    return TrainedRun(run_dir=log_dir, steps=steps, seconds=seconds, losses=losses.tolist(), alerts=alerts,
+                      probe=probing)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The demo
+
+
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` wrote and found."""
+
+    run_dir: Path
+    report: Path
+    trained: TrainedRun
+    summary: str
+    workload: dict[str, Any]
+
+
+def default_every(steps: int) -> int:
+    """Checkpoint interval giving about 20 checkpoints over the run (at least every step, at most every 100)."""
+    return max(1, min(100, steps // 20))
+
+
+def run_demo(
+    *,
+    steps: int = DEFAULT_STEPS,
+    out: str | os.PathLike[str] = "heavytail_runs/demo",
+    text: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    size: str = "small",
+    every: int | None = None,
+    optimizer: str = "adamw",
+    lr: float | None = None,
+    probe: bool = True,
+    device: str | torch.device = "cpu",
+    progress: TextIO | None = sys.stderr,
+) -> DemoResult:
+    """Train the embedded workload (:func:`heavytail.workload.build_demo`) with the monitor on and write the report.
+
+    The run directory is ``out`` (a previous run's files there are replaced) and the report ``out/report.html``.
+    Returns the paths, the training record and the :func:`summary_text` of the run.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    if steps < 1:
+        raise ValueError(f"steps must be positive, got {steps}")
+    every = default_every(steps) if every is None else every
+    if every < 1:
+        raise ValueError(f"every must be positive, got {every}")
+    name = optimizer.lower()
+    workload = build_demo(seed=seed, text=text, steps=steps, device=device, size=size)
+    lr = DEFAULT_LR.get(name) if lr is None else lr
+    opt = make_optimizer(name, workload.model, lr)
+    extra = {
+        "demo": "heavytail demo",
+        "optimizer_name": name,
+        "lr": lr,
+        "warmup_steps": warmup_steps(steps),
+        "seed": seed,
+        **{f"workload/{k}": v for k, v in workload.config.items()},
+    }
+    trained = train_monitored(workload, workload.model, opt, steps=steps, log_dir=out, every=every, probe=probe,
+                              run_name=f"demo-{name}", extra=extra, progress=progress, label=f"{name}")
+    run = load_run(out)
+    report = write_report(run)
+    summary = summary_text(run, trained, workload.config, report=report)
+    return DemoResult(run_dir=Path(out), report=report, trained=trained, summary=summary, workload=workload.config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Summary
+
+
+def _median_by_layer(run: Run, family: str) -> dict[str, float]:
+    layers, _, values = run.matrix(family)
+    out = {}
+    for name, row in zip(layers, values):
+        finite = row[np.isfinite(row)]
+        out[name] = float(np.median(finite)) if finite.size else math.nan
+    return out
+
+
+def _num(v: float, digits: int = 3) -> str:
+    if v is None or not math.isfinite(v):
+        return "-" if v is None or math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return f"{v:.{digits}g}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    m, s = divmod(seconds, 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def summary_text(run: Run, trained: TrainedRun | None = None, workload: Mapping[str, Any] | None = None, *,
+                 report: Path | None = None, top: int = 5, first_alerts: int = 3) -> str:
+    """A short plain-text account of a run: loss, heaviest-tailed layers, noise tails, alerts, where things are."""
+    lines: list[str] = []
+    meta = run.meta
+    steps = int(run.steps[-1]) if len(run.steps) else 0
+    _, loss = run.series("loss")
+    finite = loss[np.isfinite(loss)]
+    what = f"{meta.get('model', 'model')}"
+    if workload:
+        what += f" ({workload.get('size', '?')}, {workload.get('n_params', 0):,} parameters)"
+    took = f" in {_duration(trained.seconds)} ({trained.steps / trained.seconds:.1f} it/s)" if trained else ""
+    lines.append(f"{steps} steps of {what} with {meta.get('optimizer', '?')}{took}.")
+    if finite.size:
+        lines.append(f"Loss (checkpoint means): {finite[0]:.3f} at the first checkpoint, {finite[-1]:.3f} at the last.")
+
+    alpha = _median_by_layer(run, "grad/hill_alpha")
+    se = _median_by_layer(run, "grad/hill_alpha_se")
+    noise = _median_by_layer(run, "noise/hill_alpha")
+    probe = _median_by_layer(run, "probe/hill_alpha")
+    stable = _median_by_layer(run, "probe/stable_alpha")
+    ranked = sorted((a, n) for n, a in alpha.items() if math.isfinite(a))
+    if ranked:
+        lines.append("")
+        lines.append(f"Heaviest-tailed layers (median over {len(run.steps)} checkpoints; alpha < 2: infinite variance):")
+        width = max(len(n) for _, n in ranked[:top])
+        cols = "coordinate alpha (grad/hill_alpha)"
+        if noise:
+            cols += " | noise alpha, temporal"
+        if probe:
+            cols += " | probe (Hill, stable)"
+        lines.append(f"  {'layer'.ljust(width)}  {cols}")
+        for a, n in ranked[:top]:
+            text = f"  {n.ljust(width)}  {_num(a)} +/- {_num(se.get(n, math.nan), 2)}"
+            if noise:
+                text += f" | {_num(noise.get(n, math.nan))}"
+            if probe:
+                text += f" | {_num(probe.get(n, math.nan))}, {_num(stable.get(n, math.nan))}"
+            lines.append(text)
+    if noise or probe:
+        lines.append("")
+        lines.append("Noise tail indices (median over layers and checkpoints):")
+        if noise:
+            vals = np.asarray([v for v in noise.values() if math.isfinite(v)])
+            if vals.size:
+                heaviest = min((v, n) for n, v in noise.items() if math.isfinite(v))
+                lines.append(f"  temporal (noise/hill_alpha): {np.median(vals):.3g}; heaviest {heaviest[1]} "
+                             f"{heaviest[0]:.3g}")
+        if probe:
+            vals = np.asarray([v for v in probe.values() if math.isfinite(v)])
+            gauss = _median_by_layer(run, "probe/hill_alpha_gauss")
+            ref = np.nanmedian(list(gauss.values())) if gauss else math.nan
+            if vals.size:
+                heaviest = min((v, n) for n, v in probe.items() if math.isfinite(v))
+                lines.append(f"  probe (probe/hill_alpha): {np.median(vals):.3g} (Gaussian noise reads {ref:.3g}); "
+                             f"heaviest {heaviest[1]} {heaviest[0]:.3g}")
+    elif trained is not None and not trained.probe:
+        lines.append("")
+        lines.append("Noise probe: not available in this monitor version (no Monitor.set_probe).")
+
+    lines.append("")
+    alerts = run.alerts
+    if alerts:
+        rules = Counter(str(a.get("rule", "?")) for a in alerts)
+        lines.append(f"Alerts: {len(alerts)} (" + ", ".join(f"{k} x{v}" for k, v in rules.most_common()) + ")")
+        for a in alerts[:first_alerts]:
+            lines.append(f"  step {a.get('step')} [{a.get('severity', '?')}] {a.get('rule', '?')}: "
+                         f"{a.get('message', '')}")
+        if len(alerts) > first_alerts:
+            lines.append(f"  ... {len(alerts) - first_alerts} more in {run.path / 'alerts.jsonl'}")
+    else:
+        lines.append("Alerts: none.")
+    lines.append("")
+    lines.append(f"Run directory: {run.path}")
+    if report is not None:
+        lines.append(f"Report:        {report}")
+    return "\n".join(lines)
