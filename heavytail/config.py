@@ -37,6 +37,11 @@ class MonitorConfig:
     exclude: Sequence[Any] | None = None
     """Parameters not to watch, in the same forms as ``include``; applied after it."""
 
+    group_by: Any = None
+    """Aggregate tensors into groups for very large models: a regex whose first match in a parameter name is the
+    group (``r"blocks\.\d+"``: one set of keys per block) or a callable from name to group. Groups merge
+    exactly (power sums add, tops merge); ``None`` reports every tensor."""
+
     run_name: str | None = None
     """A name for the run in backends and reports. Defaults to the run directory's name."""
 
@@ -182,6 +187,14 @@ class MonitorConfig:
                         re.compile(pattern[3:])
                     except re.error as exc:
                         raise ValueError(f"MonitorConfig.{name}: invalid regex {pattern!r}: {exc}") from None
+        if self.group_by is not None and not callable(self.group_by):
+            if not isinstance(self.group_by, str):
+                raise ValueError(f"MonitorConfig.group_by must be a regex string, a callable or None, got "
+                                 f"{self.group_by!r}")
+            try:
+                re.compile(self.group_by)
+            except re.error as exc:
+                raise ValueError(f"MonitorConfig.group_by: invalid regex {self.group_by!r}: {exc}") from None
         if self.stats_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"MonitorConfig.stats_dtype must be torch.float32 or torch.float64, got {self.stats_dtype!r}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import logging
 import math
 import os
@@ -172,6 +173,12 @@ class Monitor:
         self.scaler = scaler
         self.dist = DistContext.detect(self.params, process_group)
         self.kinds = param_kinds(optimizer, self.params)
+        # Output units: one per tensor, or one per group of tensors (``group_by``) for very large models.
+        self.units, self._unit_members = _resolve_units(self.names, config.group_by)
+        self._unit_index = np.zeros(len(self.names), dtype=np.int64)
+        for u, members in enumerate(self._unit_members):
+            self._unit_index[members] = u
+        self._grouped = len(self.units) != len(self.names)
         self.device = local(self.params[0]).device
         self.numels = [local_numel(p) for p in self.params]
         num_layers = len(self.params)
@@ -326,6 +333,8 @@ class Monitor:
                 {"name": n, "shape": list(p.shape), "numel": p.numel(), "dtype": str(p.dtype).replace("torch.", "")}
                 for n, p in zip(self.names, self.params)
             ],
+            "groups": {u: [self.names[i] for i in members] for u, members in zip(self.units, self._unit_members)}
+            if self._grouped else None,
             "config": self.config.to_dict(),
             "extra": self.config.extra,
         }
@@ -712,34 +721,46 @@ class Monitor:
     # ------------------------------------------------------------------ checkpoint path
 
     def _tail_indices(self) -> torch.Tensor:
-        """Hill tail index of each tensor's current gradient from its top order statistics, ``(L, 3)``.
+        """Hill tail index of each unit's current gradient from its top order statistics, ``(U, 3)``.
 
-        ``torch.topk`` per tensor (checkpoint steps only), then one batched ``hill_from_top`` per group of tensors
-        that keep the same number of order statistics. Under FSDP2 each rank's top order statistics are gathered
-        and merged: the global top k lies inside the union of the per-rank tops.
+        ``torch.topk`` per tensor (checkpoint steps only), then one batched ``hill_from_top`` per group of units
+        that keep the same number of order statistics. A unit of several tensors (``group_by``) merges its
+        members' tops; under FSDP2 each rank's tops are gathered and merged. Either way the unit's global top k
+        lies inside the union of the parts' tops, so the merge is exact.
         """
         cfg = self.config
-        out = torch.full((len(self.params), 3), math.nan, device=self.device, dtype=torch.float32)
+        out = torch.full((len(self.units), 3), math.nan, device=self.device, dtype=torch.float32)
         groups: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
+        grads = self._gradients(count_skips=False)
         with torch.no_grad():
-            for i, (p, g) in enumerate(zip(self.params, self._gradients(count_skips=False))):
-                n = p.numel()  # the whole tensor's size, the same on every rank
+            for u, members in enumerate(self._unit_members):
+                n = sum(self.params[i].numel() for i in members)  # the whole unit's size, the same on every rank
                 if n < cfg.min_tail_samples:
                     continue
                 m = int(min(default_top_count(n), cfg.tail_top_max))
-                if g is None:
+                tops, counts = [], []
+                for i in members:
+                    g = grads[i]
+                    if g is None or g.numel() == 0:
+                        continue
+                    # Zeros and non-finite entries are missing data for the tail (the estimator's rule).
+                    top, count = top_magnitudes(g.detach().reshape(-1), m)
+                    tops.append(top.float())
+                    counts.append(count)
+                if not tops:
                     top = torch.zeros(m, device=self.device)
                     count = torch.zeros((), dtype=torch.int64, device=self.device)
                 else:
-                    # Zeros and non-finite entries are missing data for the tail (the estimator's rule).
-                    top, count = top_magnitudes(g.detach().reshape(-1), m)
-                    top = torch.nn.functional.pad(top.float(), (0, m - top.shape[-1]))
-                rows, tops, counts = groups.setdefault(m, ([], [], []))
-                rows.append(i)
-                tops.append(top)
-                counts.append(count)
-            for rows, tops, counts in groups.values():
-                top, count = torch.stack(tops), torch.stack(counts)
+                    top = torch.cat(tops)
+                    top = torch.topk(top, m).values if top.shape[-1] > m else top
+                    top = torch.nn.functional.pad(top, (0, m - top.shape[-1]))
+                    count = torch.stack(counts).sum()
+                rows, unit_tops, unit_counts = groups.setdefault(m, ([], [], []))
+                rows.append(u)
+                unit_tops.append(top)
+                unit_counts.append(count)
+            for rows, unit_tops, unit_counts in groups.values():
+                top, count = torch.stack(unit_tops), torch.stack(unit_counts)
                 if self.dist.sharded:
                     top = self.dist.gather_cat(top, dim=1)
                     count = self.dist.all_reduce_(count.clone(), "sum")
@@ -763,13 +784,19 @@ class Monitor:
             if self.dist.active and (source == "rank" or self.dist.sharded) and not mirrored:
                 values = self.dist.gather_cat(values, dim=1)
                 mask = self.dist.gather_cat(mask.to(values.dtype), dim=1) > 0
-            out[source] = noise.noise_tail(values, mask, self.config.min_tail_samples)
+            if not self._grouped:
+                out[source] = noise.noise_tail(values, mask, self.config.min_tail_samples)
+                continue
+            # A group pools its members' deviations (checkpoint only: one estimate per group).
+            out[source] = torch.cat([
+                noise.noise_tail(values[members].reshape(1, -1), mask[members].reshape(1, -1),
+                                 self.config.min_tail_samples) for members in self._unit_members])
         return out
 
     def _checkpoint(self) -> None:
         st = self._state
         tails = self._tails if self._tails is not None else torch.full(
-            (len(self.params), 3), math.nan, device=self.device)
+            (len(self.units), 3), math.nan, device=self.device)
         noise_tails = self._noise_tails()
         sums = torch.cat([st["acc_sum"].reshape(-1), st["glob_sum"], st["shadow_sum"].reshape(-1),
                           st["memory_sum"].reshape(-1), st["update_sum"].reshape(-1)])
@@ -799,7 +826,7 @@ class Monitor:
             self._read_flags(wait=True, before_step=self.step_count + 1)
             for backend in self._backends:
                 backend.log(metrics, self.step_count)
-            self.alerts.process_record(self.step_count, metrics, self.names)
+            self.alerts.process_record(self.step_count, metrics, self.units)
             self._write_flight_records()
         self._reset_interval()
 
@@ -819,8 +846,22 @@ class Monitor:
         acc_max = maxes[: num_layers * len(MAX_FIELDS)].reshape(num_layers, len(MAX_FIELDS))
         glob_max = maxes[num_layers * len(MAX_FIELDS) : num_layers * len(MAX_FIELDS) + 3]
         shadow_max = maxes[num_layers * len(MAX_FIELDS) + 3 :].reshape(num_betas, num_layers, 2)
-        tails = a["tails"].reshape(num_layers, 3)
         world = self.dist.world if self.dist.sharded else 1
+        # Sums of step counts, before groups max-merge them: the means of per-step figures divide by these.
+        ratio_steps_sum = acc_max[:, _M["ratio_steps"]].copy()
+        shadow_steps_sum = shadow_max[:, :, 1].copy()
+        if self._grouped:
+            unit = self._unit_index
+            acc_sum, update_sum = _by_unit(acc_sum, unit, np.add), _by_unit(update_sum, unit, np.add)
+            acc_max = _by_unit(acc_max, unit, np.maximum)
+            ratio_steps_sum = _by_unit(ratio_steps_sum, unit, np.add)
+            shadow_sum = _by_unit(shadow_sum, unit, np.add, axis=1)
+            shadow_steps_sum = _by_unit(shadow_steps_sum, unit, np.add, axis=1)
+            shadow_max = _by_unit(shadow_max, unit, np.maximum, axis=1)
+            memory_sum = _by_unit(memory_sum, unit, np.add, axis=1)
+            muon_sv = _by_unit(muon_sv, unit, np.fmax) if muon_sv is not None else None
+        num_units = len(self.units)
+        tails = a["tails"].reshape(num_units, 3)
 
         col = lambda name: acc_sum[:, _S[name]]  # noqa: E731
         steps = acc_max[:, _M["steps"]]
@@ -839,14 +880,16 @@ class Monitor:
             ratio_steps = acc_max[:, _M["ratio_steps"]]
             ratio_max = np.where(ratio_steps > 0, acc_max[:, _M["ratio_max"]], np.nan)
             spike_frac = col("ratio_spikes") / col("ratio_entries")
-            p99 = col("ratio_p99") / ratio_steps / world
+            p99 = col("ratio_p99") / ratio_steps_sum / world
         has_ratio = bool(np.any(ratio_steps > 0)) or _adam_like(self.optimizer)
-        noise_sources = {k[len("noise_"):]: v.reshape(num_layers, 3) for k, v in a.items() if k.startswith("noise_")}
+        noise_sources = {k[len("noise_"):]: v.reshape(num_units, 3) for k, v in a.items() if k.startswith("noise_")}
         first_shadow = _shadow_tag(cfg.shadow_betas[0]) if cfg.shadow_betas else None
         upd = lambda i, name: update_sum[i, _U[name]]  # noqa: E731
         metrics: dict[str, float] = {}
         nan = math.nan
-        for i, name in enumerate(self.names):
+        kinds = [self.kinds[members[0]] for members in self._unit_members]
+        matrices = [any(self.params[j].dim() == 2 for j in members) for members in self._unit_members]
+        for i, name in enumerate(self.units):
             present = steps[i] > 0
             metrics[f"grad/norm/{name}"] = float(norm[i]) if present else nan
             if cfg.track_preclip:
@@ -882,15 +925,15 @@ class Monitor:
             if self.optimizer is not None:
                 steps_u = upd(i, "rms_steps")
                 metrics[f"update/rms_ratio/{name}"] = float(upd(i, "rms_ratio") / steps_u) if steps_u > 0 else nan
-            if self.kinds[i] == "lion":
+            if kinds[i] == "lion":
                 flips = upd(i, "sign_steps")
                 metrics[f"lion/sign_flip_frac/{name}"] = float(upd(i, "sign_flip") / flips) if flips > 0 else nan
-            if muon_sv is not None and self.kinds[i] == "muon" and self.params[i].dim() == 2:
+            if muon_sv is not None and kinds[i] == "muon" and matrices[i]:
                 metrics[f"muon/sv_cond/{name}"] = float(muon_sv[i, 0])
                 metrics[f"muon/sv_max_median/{name}"] = float(muon_sv[i, 1])
             for b, beta in enumerate(cfg.shadow_betas):
                 tag = _shadow_tag(beta)
-                shadow_steps = shadow_max[b, i, 1]
+                shadow_steps = shadow_steps_sum[b, i]
                 ok = shadow_steps > 0
                 metrics[f"{tag}/ratio_max/{name}"] = float(shadow_max[b, i, 0]) if ok else nan
                 metrics[f"{tag}/spike_frac/{name}"] = float(shadow_sum[b, i] / shadow_steps / world) if ok else nan
@@ -1014,6 +1057,38 @@ class Monitor:
         self._interval_start = int(state["interval_start"])
         self._noise_slots.update({k: int(v) for k, v in state.get("noise_slots", {}).items()})
         self.alerts.load_state_dict(state["alerts"])
+
+
+def _resolve_units(names: list[str], group_by: Any) -> tuple[list[str], list[list[int]]]:
+    """Output units: each tensor on its own, or groups of tensors named by ``group_by``.
+
+    ``group_by`` is a callable from parameter name to group name, or a regex whose first match in a name is the
+    group (``r"blocks\.\d+"`` makes one unit per transformer block); names it does not match stay on their own.
+    """
+    if group_by is None:
+        return list(names), [[i] for i in range(len(names))]
+    if callable(group_by):
+        key = group_by
+    else:
+        pattern = re.compile(group_by)
+
+        def key(name: str) -> str:
+            found = pattern.search(name)
+            return found.group(0) if found else name
+
+    units: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        units.setdefault(str(key(name)), []).append(i)
+    return list(units), list(units.values())
+
+
+def _by_unit(values: np.ndarray, unit: np.ndarray, op: Any, axis: int = 0) -> np.ndarray:
+    """Merge per-tensor rows (along ``axis``) into per-unit rows with ``op`` (``np.add``, ``np.maximum``, ...)."""
+    moved = np.moveaxis(values, axis, 0)
+    initial = {np.add: 0.0, np.maximum: -np.inf, np.fmax: np.nan}[op]
+    out = np.full((int(unit.max()) + 1, *moved.shape[1:]), initial, dtype=np.float64)
+    op.at(out, unit, moved)
+    return np.moveaxis(out, 0, axis)
 
 
 def _unwrap_optimizer(optimizer: Any) -> Any:

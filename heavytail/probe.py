@@ -103,6 +103,7 @@ def noise_probe(
     micro_batches: int = 32,
     sample_index: torch.Tensor,
     moments: Sequence[float] = DEFAULT_MOMENTS,
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> ProbeResult:
     """Mini-batch gradient noise of a held batch, on sampled coordinates, without disturbing training.
 
@@ -119,6 +120,10 @@ def noise_probe(
     statistics and counters) are saved before and restored after, bit for bit, also when ``loss_fn`` raises.
     Dropout in train mode draws from the RNG, whose state is restored, so training's random stream goes on
     unchanged.
+
+    ``groups`` (lists of indices into ``params``) makes the result's rows groups of tensors instead of single
+    tensors: a group pools its members' sampled coordinates (the monitor's ``group_by``), and its norm is the
+    norm of the members' concatenated gradient.
 
     Cost: ``micro_batches`` forward and backward passes over ``1/micro_batches`` of ``batch`` each (about one
     forward+backward of the whole batch plus per-call overhead), and ``L x micro_batches x S`` floats. Parameters
@@ -179,8 +184,27 @@ def noise_probe(
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-    stats = noise_statistics(samples.transpose(0, 1), moments=moments)
-    return stats._replace(grad_norm=norms.T.contiguous())
+    samples, norms = samples.transpose(0, 1), norms.T  # (L, M, S), (L, M)
+    if groups is not None:
+        samples, norms = _pool_groups(samples, norms, groups)
+    stats = noise_statistics(samples, moments=moments)
+    return stats._replace(grad_norm=norms.contiguous())
+
+
+def _pool_groups(samples: torch.Tensor, norms: torch.Tensor, groups: Sequence[Sequence[int]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of groups: members' coordinates side by side, zero-padded (zeros are missing to every estimate)."""
+    num_layers, m, s = samples.shape
+    width = max((len(g) for g in groups), default=1) * s
+    pooled = torch.zeros(len(groups), m, width, device=samples.device, dtype=samples.dtype)
+    pooled_norms = torch.zeros(len(groups), m, device=norms.device, dtype=norms.dtype)
+    for u, members in enumerate(groups):
+        members = list(members)
+        if not members:
+            continue
+        pooled[u, :, : len(members) * s] = samples[members].transpose(0, 1).reshape(m, -1)
+        pooled_norms[u] = norms[members].pow(2).sum(dim=0).sqrt()
+    return pooled, pooled_norms
 
 
 def split_batch(batch: Any, parts: int) -> list[Any]:

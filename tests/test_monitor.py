@@ -244,3 +244,34 @@ def test_include_by_pattern_and_module_type(tmp_path, tiny_model):
         assert mon.names == ["embed.weight"]
     with ht.Monitor(tiny_model, include=["re:^(fc2|head)\\.weight$"], log_dir=tmp_path / "c") as mon:
         assert mon.names == ["fc2.weight", "head.weight"]
+
+
+def test_group_by_merges_tensors_exactly(tmp_path):
+    records = {}
+    captured = []
+    for mode, group_by in (("tensors", None), ("groups", r"fc\d")):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        if mode == "tensors":
+            opt.register_step_pre_hook(lambda o, a, k, m=model: captured.append(
+                torch.cat([m.fc1.weight.grad.reshape(-1), m.fc1.bias.grad.reshape(-1)]).double()))
+        with ht.Monitor(model, opt, every=1, log_dir=tmp_path / mode, group_by=group_by) as mon:
+            train(model, opt, mon, steps=2)
+        records[mode] = read_records(tmp_path / mode)
+    meta = json.loads((tmp_path / "groups" / "meta.json").read_text())
+    assert meta["groups"]["fc1"] == ["fc1.weight", "fc1.bias"]
+    for tensors, groups, g in zip(records["tensors"], records["groups"], captured):
+        t, m = tensors["metrics"], groups["metrics"]
+        assert "grad/norm/fc1.weight" not in m and "grad/norm/embed.weight" in m
+        assert m["grad/norm/fc1"] == pytest.approx(math.hypot(t["grad/norm/fc1.weight"], t["grad/norm/fc1.bias"]))
+        assert m["grad/max/fc1"] == max(t["grad/max/fc1.weight"], t["grad/max/fc1.bias"])
+        assert m["grad/kurtosis/fc1"] == pytest.approx(scipy.stats.kurtosis(g.numpy()), rel=1e-6)
+        assert m["grad/hill_alpha/fc1"] == pytest.approx(float(hill(g).alpha), rel=1e-4)
+        assert m["noise/hill_alpha_se/fc1"] is None or m["noise/hill_alpha_se/fc1"] > 0
+        assert m["grad/norm/embed.weight"] == t["grad/norm/embed.weight"]
+
+
+def test_group_by_rejects_a_bad_regex(tmp_path, tiny_model):
+    with pytest.raises(ValueError, match="MonitorConfig.group_by: invalid regex"):
+        ht.Monitor(tiny_model, log_dir=tmp_path, group_by="blocks.(")

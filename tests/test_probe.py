@@ -232,3 +232,17 @@ def test_unused_parameters_give_nan_not_errors() -> None:
     r = noise_probe(model, params, loss_fn, torch.randn(64, 4), micro_batches=8, sample_index=_index(params, 4))
     assert math.isnan(float(r.hill_alpha[2])) and math.isnan(float(r.stable_alpha[2]))
     assert float(r.grad_norm[2].abs().sum()) == 0.0
+
+
+def test_groups_pool_their_members() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+    params = list(model.parameters())
+    held = (torch.randn(64, 6), torch.randn(64, 1))
+    index = torch.stack([torch.randperm(p.numel())[:4] if p.numel() >= 4 else torch.arange(4) % p.numel()
+                         for p in params])
+    whole = noise_probe(model, params, mse, held, micro_batches=8, sample_index=index)
+    grouped = noise_probe(model, params, mse, held, micro_batches=8, sample_index=index, groups=[[0, 1], [2, 3]])
+    assert grouped.hill_alpha.shape == (2,) and grouped.grad_norm.shape == (2, 8)
+    torch.testing.assert_close(grouped.grad_norm[0], whole.grad_norm[:2].pow(2).sum(0).sqrt())
+    assert grouped.noise_moment.shape[-1] == 8  # two members' 4 coordinates side by side

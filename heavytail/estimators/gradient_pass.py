@@ -1,11 +1,13 @@
 """One pass over every monitored gradient: power sums, max |g|, non-finite counts, denominator ratios, samples.
 
-This is the only estimator that touches whole gradients on every step, so it is built for cost: gradients are
-packed into bounded chunks (``chunk_numel`` entries, never a copy of the whole model) and each chunk is reduced
-per tensor with ``torch.segment_reduce``, so the number of kernel launches per step grows with the number of
-chunks, not with the number of parameter tensors. Large tensors are split across chunks and their partial
-results merged (sums add, maxima take the max). Everything stays on the gradients' device: the result is a
-tensor, never a Python number.
+This is the only estimator that touches whole gradients on every step, so it is built for cost. Gradients are
+packed into bounded chunks (at most ``chunk_numel`` entries, never a copy of the whole model) in the statistics
+dtype, each tensor's piece starting on a block boundary (blocks of ``BLOCK`` entries, the last block of a piece
+padded with zeros). Every reduction is then a reduction of a ``(blocks, BLOCK)`` matrix along its rows, which is
+a contiguous, vectorised loop on every device, and the per-block partials (a few thousand numbers per chunk) are
+merged per tensor with ``torch.segment_reduce``. So the number of kernel launches per step grows with the number
+of chunks, that is with the parameter count, and not with the number of parameter tensors; and no temporary
+grows with the entry count beyond the chunk: scratch is three chunk-sized buffers.
 
 Per tensor ``l`` with entries g (non-finite entries are counted and then read as 0 so they never reach the sums):
 
@@ -16,12 +18,16 @@ Per tensor ``l`` with entries g (non-finite entries are counted and then read as
   coordinates with v = 0 (never had a gradient) count as r = 0;
 - the values of g, r and v at a fixed set of sampled coordinates per tensor (for the noise and shadow estimators).
 
-A Triton kernel could fuse all of this into one read of g (and of v); this is the reference ``torch`` path,
-which on CPU is also the fast one.
+Cost per entry, all element-wise work in the statistics dtype: one packing copy of g, three passes for the
+non-finite count and the clean-up, three products (g^2, g^3, g^4) and seven row reductions; with a denominator,
+one packing copy of v and six more passes. No boolean temporaries (they are several times slower than float ones
+on the CPU) and no per-entry index tensors. A fused kernel (Triton on CUDA, or Inductor's C++ on the CPU) reads g
+and v once and writes only the per-block partials; this is the reference ``torch`` path it must agree with.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -29,6 +35,15 @@ import torch
 
 STAT_FIELDS = ("count", "s1", "s2", "s3", "s4", "absmax", "nonfinite", "ratio_max", "ratio_spikes")
 COUNT, S1, S2, S3, S4, ABSMAX, NONFINITE, RATIO_MAX, RATIO_SPIKES = range(len(STAT_FIELDS))
+
+BLOCK = 256
+"""Entries per block. Pieces start on block boundaries, so a block's partial sums belong to one tensor; padding
+costs at most ``BLOCK - 1`` entries per tensor."""
+
+CPU_SCRATCH_BYTES = 1 << 22
+"""On the CPU a chunk's scratch buffers are kept under 4 MiB each: larger ones are returned to the operating
+system when freed (glibc's mmap threshold) and page-faulted back in at the next step, which costs more than the
+arithmetic (measured: 8 MiB buffers made the pass 5x slower)."""
 
 
 class Denominators(NamedTuple):
@@ -57,15 +72,27 @@ class _Piece:
     layer: int  # row in the result
     start: int  # first flat index of the tensor covered by this piece
     stop: int
+    whole: bool  # the piece is the whole tensor (no slicing needed)
+    pad: int  # zero entries after the piece, up to the next block boundary
 
 
 @dataclass
 class _Chunk:
     pieces: list[_Piece]
-    lengths: torch.Tensor  # (P,) entries per piece, on device
-    rows: torch.Tensor  # (P,) result row per piece, on device
-    sample_src: torch.Tensor  # positions inside the chunk's flat buffer of samples that fall in this chunk
+    numel: int  # entries of the packed buffer, padding included: a multiple of the block
+    blocks: torch.Tensor  # (P,) blocks per piece, on device
+    sample_src: torch.Tensor  # positions inside the chunk's packed buffer of samples that fall in this chunk
     sample_dst: torch.Tensor  # flat positions in the (L*S) sample buffer they go to
+
+
+@dataclass
+class _Plan:
+    chunks: list[_Chunk]
+    block: int
+    rows: torch.Tensor  # (sum P,) result row of every piece of every chunk, in chunk order
+    lengths: torch.Tensor  # (sum P,) entries of every piece, in the statistics dtype
+    block_rows: list[torch.Tensor]  # per chunk, (P,) rows again (to broadcast per-row scalars to blocks)
+    scratch: int  # entries of the largest chunk
 
 
 class GradientPass:
@@ -87,15 +114,28 @@ class GradientPass:
         self.sample_index = sample_index  # (L, S) int64 on the host, indices into each flattened tensor
         self.chunk_numel = int(chunk_numel)
         self.dtype = dtype
-        self._plans: dict[tuple[bool, ...], list[_Chunk]] = {}
+        self._plans: dict[tuple[bool, ...], _Plan] = {}
+        self._pads: dict[torch.device, torch.Tensor] = {}
 
-    def _plan(self, present: tuple[bool, ...], device: torch.device) -> list[_Chunk]:
+    def _capacity(self, device: torch.device) -> tuple[int, int]:
+        """(block, chunk capacity in entries) for ``device``; the capacity is a multiple of the block."""
+        cap = self.chunk_numel
+        if device.type == "cpu":
+            cap = min(cap, CPU_SCRATCH_BYTES // torch.empty((), dtype=self.dtype).element_size())
+        block = min(BLOCK, cap)
+        return block, max(block, cap // block * block)
+
+    def _plan(self, present: tuple[bool, ...], device: torch.device) -> _Plan:
         plan = self._plans.get(present)
         if plan is not None:
             return plan
+        block, cap = self._capacity(device)
         samples = self.sample_index  # built on the host, so planning never waits on the device
         num_samples = samples.shape[1]
         chunks: list[_Chunk] = []
+        rows: list[int] = []
+        lengths: list[int] = []
+        block_rows: list[torch.Tensor] = []
         pieces: list[_Piece] = []
         fill = 0
 
@@ -110,12 +150,16 @@ class GradientPass:
                 cols = torch.nonzero(inside).flatten()
                 src.append(idx[cols] - piece.start + offset)
                 dst.append(piece.layer * num_samples + cols)
-                offset += piece.stop - piece.start
+                offset += piece.stop - piece.start + piece.pad
+            chunk_rows = [p.layer for p in pieces]
+            rows.extend(chunk_rows)
+            lengths.extend(p.stop - p.start for p in pieces)
+            block_rows.append(torch.tensor(chunk_rows, device=device))
             chunks.append(
                 _Chunk(
                     pieces=pieces,
-                    lengths=torch.tensor([p.stop - p.start for p in pieces], device=device),
-                    rows=torch.tensor([p.layer for p in pieces], device=device),
+                    numel=offset,
+                    blocks=torch.tensor([(p.stop - p.start + p.pad) // block for p in pieces], device=device),
                     sample_src=torch.cat(src).to(device),
                     sample_dst=torch.cat(dst).to(device),
                 )
@@ -127,15 +171,30 @@ class GradientPass:
                 continue
             start = 0
             while start < numel:
-                take = min(numel - start, self.chunk_numel - fill)
-                pieces.append(_Piece(layer, start, start + take))
-                fill += take
+                take = min(numel - start, cap - fill)  # cap - fill is a multiple of the block
+                pad = -take % block
+                pieces.append(_Piece(layer, start, start + take, take == numel, pad))
+                fill += take + pad
                 start += take
-                if fill >= self.chunk_numel:
+                if fill >= cap:
                     close()
         close()
-        self._plans[present] = chunks
-        return chunks
+        plan = _Plan(
+            chunks=chunks,
+            block=block,
+            rows=torch.tensor(rows, dtype=torch.long, device=device),
+            lengths=torch.tensor(lengths, dtype=self.dtype, device=device),
+            block_rows=block_rows,
+            scratch=max((c.numel for c in chunks), default=0),
+        )
+        self._plans[present] = plan
+        return plan
+
+    def _pad(self, device: torch.device) -> torch.Tensor:
+        pad = self._pads.get(device)
+        if pad is None:
+            pad = self._pads[device] = torch.zeros(BLOCK, device=device, dtype=self.dtype)
+        return pad
 
     def __call__(
         self,
@@ -149,80 +208,111 @@ class GradientPass:
         present = tuple(g is not None for g in grads)
         device = next((g.device for g in grads if g is not None), torch.device("cpu"))
         dtype = self.dtype
-        stats = torch.zeros(num_layers, len(STAT_FIELDS), device=device, dtype=dtype)
-        stats[:, RATIO_MAX] = float("nan")
-        num_samples = self.sample_index.shape[1]
         nan = float("nan")
+        stats = torch.zeros(num_layers, len(STAT_FIELDS), device=device, dtype=dtype)
+        num_samples = self.sample_index.shape[1]
         g_samples = torch.full((num_layers * num_samples,), nan, device=device, dtype=dtype)
-        r_samples = torch.full_like(g_samples, nan)
         v_samples = torch.full_like(g_samples, nan)
         has_denominator = denominators is not None and any(v is not None for v in denominators.v)
+        plan = self._plan(present, device)
+        block = plan.block
+        pad = self._pad(device)
         if has_denominator:
-            ratio_rows = torch.tensor([v is not None and present[i] for i, v in enumerate(denominators.v)])
-            stats[:, RATIO_MAX] = 0.0
+            inv_sqrt_bc = denominators.bias_correction.to(device, dtype).rsqrt()
+            eps = denominators.eps.to(device, dtype)
+            threshold = math.sqrt(spike_threshold)  # r^2 > T  <=>  r > sqrt(T), for r >= 0
+        # Three chunk-sized scratch buffers serve every chunk of this call.
+        scratch = [torch.empty(plan.scratch, device=device, dtype=dtype) for _ in range(3)]
+        sums: list[torch.Tensor] = []
+        maxima: list[torch.Tensor] = []
 
-        for chunk in self._plan(present, device):
-            flat = [grads[p.layer].reshape(-1)[p.start : p.stop] for p in chunk.pieces]
-            x = (torch.cat(flat) if len(flat) > 1 else flat[0]).to(dtype)
-            finite = torch.isfinite(x)
-            x = torch.where(finite, x, 0.0)
-            x2 = x * x
-            lengths = chunk.lengths
-            seg = torch.stack(
-                [
-                    torch.segment_reduce(finite.to(dtype), "sum", lengths=lengths),
-                    torch.segment_reduce(x, "sum", lengths=lengths),
-                    torch.segment_reduce(x2, "sum", lengths=lengths),
-                    torch.segment_reduce(x2 * x, "sum", lengths=lengths),
-                    torch.segment_reduce(x2 * x2, "sum", lengths=lengths),
-                ],
-                dim=1,
-            )
-            stats[:, COUNT : S4 + 1].index_add_(0, chunk.rows, seg)
-            absmax = torch.segment_reduce(x.abs(), "max", lengths=lengths)
-            stats[:, ABSMAX].scatter_reduce_(0, chunk.rows, absmax, "amax")
-            nonfinite = lengths.to(dtype) - seg[:, 0]
-            stats[:, NONFINITE].index_add_(0, chunk.rows, nonfinite)
+        for chunk, rows in zip(plan.chunks, plan.block_rows):
+            n = chunk.numel
+            nb = n // block
+            x, t, u = (buf[:n] for buf in scratch)
+            parts: list[torch.Tensor] = []
+            for p in chunk.pieces:
+                flat = grads[p.layer].reshape(-1)
+                parts.append(flat if p.whole else flat[p.start : p.stop])
+                if p.pad:
+                    parts.append(pad[: p.pad])
+            torch.cat(parts, out=x)  # the packing copy, upcast to the statistics dtype on the way
+            xb, tb, ub = x.view(nb, block), t.view(nb, block), u.view(nb, block)
+            # Non-finite entries: x * 0 is 0 where finite and NaN where not; counted, then read as 0.
+            torch.mul(x, 0.0, out=t).nan_to_num_(nan=1.0)
+            nonfinite = tb.sum(1)
+            x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             g_samples[chunk.sample_dst] = x[chunk.sample_src]
+            s1 = xb.sum(1)
+            absmax = torch.maximum(xb.amax(1), xb.amin(1).neg_())
+            torch.mul(x, x, out=t)
+            s2 = tb.sum(1)
+            torch.mul(t, x, out=u)
+            s3 = ub.sum(1)
+            s4 = tb.square_().sum(1)
+            block_sums = [nonfinite, s1, s2, s3, s4]
+            block_max = [absmax]
 
             if has_denominator:
                 if any(denominators.v[p.layer] is not None for p in chunk.pieces):
-                    r, v = self._ratio(x, chunk, denominators)
-                    ratio_max = torch.segment_reduce(r, "max", lengths=lengths)
-                    stats[:, RATIO_MAX].scatter_reduce_(0, chunk.rows, ratio_max, "amax")
-                    spikes = torch.segment_reduce((r * r > spike_threshold).to(dtype), "sum", lengths=lengths)
-                    stats[:, RATIO_SPIKES].index_add_(0, chunk.rows, spikes)
-                    r_samples[chunk.sample_dst] = r[chunk.sample_src]
-                    v_samples[chunk.sample_dst] = v[chunk.sample_src]
+                    self._pack_v(chunk, denominators, t, pad)
+                    v_samples[chunk.sample_dst] = t[chunk.sample_src]
+                    c = torch.repeat_interleave(inv_sqrt_bc[rows], chunk.blocks, output_size=nb)[:, None]
+                    e = torch.repeat_interleave(eps[rows], chunk.blocks, output_size=nb)[:, None]
+                    # d = sqrt(v) / sqrt(bc) + eps / [v > 0]: infinite where v = 0, so r = |g| / d reads 0 there.
+                    torch.sqrt(tb, out=ub).mul_(c)
+                    torch.gt(tb, 0.0, out=tb)
+                    torch.addcdiv(ub, e.expand(nb, block), tb, out=ub)
+                    r = torch.div(xb, ub, out=ub).abs_()
+                    block_max.append(r.amax(1))
+                    block_sums.append(torch.gt(r, threshold, out=tb).sum(1))
+                else:
+                    zeros = torch.zeros(nb, device=device, dtype=dtype)
+                    block_max.append(zeros)
+                    block_sums.append(zeros)
+            sums.append(torch.segment_reduce(torch.stack(block_sums, 1), "sum", lengths=chunk.blocks, axis=0))
+            maxima.append(torch.segment_reduce(torch.stack(block_max, 1), "max", lengths=chunk.blocks, axis=0))
 
+        if plan.chunks:
+            piece_sums = torch.cat(sums)  # (pieces, 5 or 6)
+            piece_max = torch.cat(maxima)  # (pieces, 1 or 2)
+            rows = plan.rows
+            stats[:, COUNT].index_add_(0, rows, plan.lengths - piece_sums[:, 0])
+            stats[:, S1 : S4 + 1].index_add_(0, rows, piece_sums[:, 1:5])
+            stats[:, NONFINITE].index_add_(0, rows, piece_sums[:, 0])
+            stats[:, ABSMAX].scatter_reduce_(0, rows, piece_max[:, 0], "amax")
+            if has_denominator:
+                stats[:, RATIO_SPIKES].index_add_(0, rows, piece_sums[:, 5])
+                stats[:, RATIO_MAX].scatter_reduce_(0, rows, piece_max[:, 1], "amax")
+
+        shape = (num_layers, num_samples)
+        g_samples, v_samples = g_samples.view(shape), v_samples.view(shape)
         if has_denominator:
+            ratio_rows = torch.tensor([v is not None and present[i] for i, v in enumerate(denominators.v)])
             missing = ~ratio_rows.to(device)
             stats[:, RATIO_MAX] = torch.where(missing, nan, stats[:, RATIO_MAX])
             stats[:, RATIO_SPIKES] = torch.where(missing, nan, stats[:, RATIO_SPIKES])
-        shape = (num_layers, num_samples)
-        return PassResult(stats, g_samples.view(shape), r_samples.view(shape), v_samples.view(shape))
+            v_samples = torch.where(missing[:, None], nan, v_samples)
+            r_samples = g_samples.abs() / (v_samples.sqrt() * inv_sqrt_bc[:, None] + eps[:, None])
+            r_samples = torch.where(v_samples > 0, r_samples, torch.where(missing[:, None], nan, 0.0))
+        else:
+            stats[:, RATIO_MAX] = nan
+            r_samples = torch.full_like(g_samples, nan)
+        return PassResult(stats, g_samples, r_samples, v_samples)
 
-    def _ratio(self, x: torch.Tensor, chunk: _Chunk, den: Denominators) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = self.dtype
-        parts = []
-        for piece in chunk.pieces:
-            v = den.v[piece.layer]
+    def _pack_v(self, chunk: _Chunk, den: Denominators, out: torch.Tensor, pad: torch.Tensor) -> None:
+        """Pack the chunk's denominators like its gradients; pieces without one read v = 0 (so r = 0)."""
+        parts: list[torch.Tensor] = []
+        for p in chunk.pieces:
+            v = den.v[p.layer]
             if v is None:
-                # NaN v gives NaN r; those rows are set to NaN after the pass anyway.
-                parts.append(torch.full((piece.stop - piece.start,), float("nan"), device=x.device, dtype=dtype))
+                parts.append(torch.zeros(p.stop - p.start, device=out.device, dtype=out.dtype))
             else:
-                parts.append(v.reshape(-1)[piece.start : piece.stop])
-        v = torch.cat([p.to(dtype) for p in parts]) if len(parts) > 1 else parts[0].to(dtype)
-        bias_correction = den.bias_correction.to(dtype)[chunk.rows]
-        eps = den.eps.to(dtype)[chunk.rows]
-        if len(parts) > 1:
-            bias_correction = torch.repeat_interleave(bias_correction, chunk.lengths)
-            eps = torch.repeat_interleave(eps, chunk.lengths)
-        r = x.abs() / (torch.sqrt(v / bias_correction) + eps)
-        # A coordinate whose denominator has never seen a gradient (v = 0: an embedding row not yet used) gets
-        # |g|/eps, which is the optimizer's first update of it, not a spike the denominator hides: read it as 0.
-        r = torch.where(v > 0, r, 0.0)
-        return r, v
+                flat = v.reshape(-1)
+                parts.append(flat if p.whole else flat[p.start : p.stop])
+            if p.pad:
+                parts.append(pad[: p.pad])
+        torch.cat(parts, out=out)
 
 
 def gradient_pass(
