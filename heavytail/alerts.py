@@ -68,14 +68,16 @@ class AlertEngine:
         self._emit(alert)
 
     def _rule(self, rule: str, step: int, flags: np.ndarray, scores: np.ndarray, values: np.ndarray,
-              names: Sequence[str], metric: str, threshold: float, describe: Callable[[str, float, float], str]
-              ) -> None:
+              names: Sequence[str], metric: str, threshold: float, describe: Callable[[str, float, float], str],
+              prefer_first: bool = False) -> None:
         if rule not in self.rules:
             return
         new = np.asarray(self._new(rule, [bool(f) for f in flags], step))
         if not new.any():
             return
-        order = [i for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf)) if new[i]]
+        order = [i for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable") if new[i]]
+        if prefer_first and new[0]:  # a global stream that flagged heads the alert; the layers follow
+            order = [0] + [i for i in order if i != 0]
         top = order[0]
         others = [names[i] for i in order[1:]]
         message = describe(names[top], float(values[top]), float(scores[top]))
@@ -106,7 +108,7 @@ class AlertEngine:
                    lambda n, v, s: (f"gradient norm {v:.4g} at step {step} is {s:.1f} robust standard deviations "
                                     f"above its recent level") if n == "global" else
                    (f"gradient norm of {n} ({v:.4g}) at step {step} is {s:.1f} robust standard deviations above "
-                    f"its recent level"))
+                    f"its recent level"), prefer_first=True)
         self._rule("nonfinite_grad", step, nonfinite > 0, nonfinite, nonfinite, list(names), "grad/nonfinite_count",
                    0.0, lambda n, v, s: f"{int(v)} non-finite gradient entries in {n} at step {step} (excluded from "
                                         f"the statistics)")

@@ -246,3 +246,61 @@ def test_groups_pool_their_members() -> None:
     assert grouped.hill_alpha.shape == (2,) and grouped.grad_norm.shape == (2, 8)
     torch.testing.assert_close(grouped.grad_norm[0], whole.grad_norm[:2].pow(2).sum(0).sqrt())
     assert grouped.noise_moment.shape[-1] == 8  # two members' 4 coordinates side by side
+
+
+# ---------------------------------------------------------------------------------------------- monitor wiring
+
+from heavytail import Monitor  # noqa: E402
+from tests.conftest import TinyNet, read_records, tiny_batch  # noqa: E402
+
+needs_wiring = pytest.mark.skipif(not hasattr(Monitor, "set_probe"), reason="Monitor.set_probe is not wired in")
+
+
+def _train_tiny(tmp_path, probe: bool, steps: int = 8) -> tuple[list[dict], list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    held = tiny_batch(999, batch=16)
+
+    def loss_fn(m, batch):
+        return nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    with Monitor(model, opt, every=2, probe_every=2 if probe else 0, log_dir=tmp_path, sample_size=16,
+                 min_tail_samples=10) as mon:
+        if probe:
+            mon.set_probe(loss_fn, held, micro_batches=4)
+        for step in range(steps):
+            idx, y = tiny_batch(step)
+            loss = loss_fn(model, (idx, y))
+            loss.backward()
+            mon.observe_loss(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return read_records(tmp_path), [p.detach().clone() for p in model.parameters()]
+
+
+@needs_wiring
+def test_monitor_probes_every_probe_every_checkpoints_without_changing_training(tmp_path) -> None:
+    plain, weights_plain = _train_tiny(tmp_path / "plain", probe=False)
+    probed, weights_probed = _train_tiny(tmp_path / "probed", probe=True)
+    for a, b in zip(weights_plain, weights_probed):
+        assert torch.equal(a, b)
+    with_probe = [r["step"] for r in probed if any(k.startswith("probe/") for k in r["metrics"])]
+    assert with_probe == [4, 8]  # checkpoints 2 and 4 of every=2
+    keys = [k for k in probed[1]["metrics"] if k.startswith("probe/")]
+    for figure in ("hill_alpha", "stable_alpha", "kurtosis", "moment_slope_p1", "moment_intercept_p1.5"):
+        assert f"probe/{figure}/fc1.weight" in keys
+    # The step statistics are the probe-free run's: the probe's backward passes were not counted.
+    for r_plain, r_probed in zip(plain, probed):
+        for key, value in r_plain["metrics"].items():
+            assert r_probed["metrics"][key] == value, key
+
+
+@needs_wiring
+def test_set_probe_checks_its_arguments(tmp_path) -> None:
+    model = TinyNet()
+    with Monitor(model, torch.optim.SGD(model.parameters(), lr=0.1), log_dir=tmp_path, probe_every=1) as mon:
+        with pytest.raises(ValueError, match="micro_batches"):
+            mon.set_probe(lambda m, b: m(b).sum(), torch.zeros(8, 3, dtype=torch.long), micro_batches=1)
+        with pytest.raises(ValueError, match="fewer than micro_batches"):
+            mon.set_probe(lambda m, b: m(b).sum(), torch.zeros(8, 3, dtype=torch.long), micro_batches=16)

@@ -50,7 +50,8 @@ def tiny_gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def make_trainer(tmp_path, callback, *, model=None, max_steps=12, accumulation=1, logging_steps=4, **kw) -> Trainer:
+def make_trainer(tmp_path, callback, *, model=None, max_steps=12, accumulation=1, logging_steps=4,
+                 trainer_class=Trainer, eval_dataset=None, **kw) -> Trainer:
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
         max_steps=max_steps,
@@ -65,7 +66,8 @@ def make_trainer(tmp_path, callback, *, model=None, max_steps=12, accumulation=1
         seed=0,
         **kw,
     )
-    trainer = Trainer(model=model or tiny_gpt2(), args=args, train_dataset=RandomTokens(), callbacks=[callback])
+    trainer = trainer_class(model=model or tiny_gpt2(), args=args, train_dataset=RandomTokens(),
+                            eval_dataset=eval_dataset, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
@@ -74,7 +76,9 @@ def make_trainer(tmp_path, callback, *, model=None, max_steps=12, accumulation=1
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_trainer_records_loss_and_steps(tmp_path, accumulation):
     callback = HeavyTailCallback(every=4)
-    trainer = make_trainer(tmp_path, callback, accumulation=accumulation)
+    # Evaluation every 2 steps: its forward passes (eval mode, no grad) must not leak into the training loss.
+    trainer = make_trainer(tmp_path, callback, accumulation=accumulation, eval_strategy="steps", eval_steps=2,
+                           eval_dataset=RandomTokens(n=8))
     model = trainer.model
     trainer.train()
 
@@ -97,7 +101,7 @@ def test_trainer_records_loss_and_steps(tmp_path, accumulation):
     assert ("noise/microbatch_kurtosis/transformer.h.0.attn.c_attn.weight" in records[-1]["metrics"]) == (
         accumulation > 1)
     # The monitor's loss is the Trainer's own logged loss (mean over the same logging window of 4 steps).
-    logged = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+    logged = [h for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
     assert [h["step"] for h in logged] == [4, 8, 12]
     for record, h in zip(records, logged):
         assert record["metrics"]["loss"] == pytest.approx(h["loss"], rel=1e-4)
@@ -105,6 +109,34 @@ def test_trainer_records_loss_and_steps(tmp_path, accumulation):
     assert not model._forward_hooks
     inner = trainer.optimizer.optimizer
     assert not inner._optimizer_step_pre_hooks and not inner._optimizer_step_post_hooks
+
+
+def test_loss_computed_outside_the_model(tmp_path):
+    """Label smoothing pops the labels: the model returns no loss. The callback warns, then takes the user's."""
+    silent = HeavyTailCallback(every=2)
+    trainer = make_trainer(tmp_path / "a", silent, max_steps=4, label_smoothing_factor=0.1)
+    with pytest.warns(RuntimeWarning, match="returned no loss"):
+        trainer.train()
+    assert all("loss" not in r["metrics"] for r in read_records(silent.monitor.log_dir))
+
+    fed = HeavyTailCallback(every=2)
+
+    class OwnLoss(Trainer):
+        loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides it by the accumulation
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logits = model(input_ids=inputs["input_ids"]).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     inputs["labels"][:, 1:].reshape(-1))
+            fed.observe_loss(loss)
+            return loss
+
+    trainer = make_trainer(tmp_path / "b", fed, max_steps=4, trainer_class=OwnLoss, accumulation=2,
+                           logging_steps=2)
+    trainer.train()
+    records = read_records(fed.monitor.log_dir)
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert [r["metrics"]["loss"] for r in records] == pytest.approx(logged, rel=1e-4)
 
 
 def test_trainer_post_clip_gradient(tmp_path):

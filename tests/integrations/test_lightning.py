@@ -84,10 +84,19 @@ def fit(tmp_path, callbacks, *, max_steps=12, accumulation=1, ckpt_path=None, **
     return trainer, task
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_fit_records_exact_gradients_and_loss(tmp_path, accumulation):
+def fp16_with_scaler():
+    """``16-mixed`` with a real ``GradScaler`` (on CPU Lightning would pick bf16 without one): the loss reaches
+    ``on_before_backward`` multiplied by the loss scale, and the gradients at the end of backward too."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))]}
+
+
+@pytest.mark.parametrize(("accumulation", "precision"), [(1, None), (2, None), (2, "fp16-scaler")])
+def test_fit_records_exact_gradients_and_loss(tmp_path, accumulation, precision):
     callback, grads = HeavyTailCallback(every=1), GradientLog()
-    trainer, task = fit(tmp_path, [callback, grads], max_steps=6, accumulation=accumulation)
+    kw = fp16_with_scaler() if precision else {}
+    trainer, task = fit(tmp_path, [callback, grads], max_steps=6, accumulation=accumulation, **kw)
 
     monitor = callback.monitor
     assert monitor.log_dir == tmp_path / "heavytail"
@@ -101,6 +110,8 @@ def test_fit_records_exact_gradients_and_loss(tmp_path, accumulation):
         # The gradients of *this* step (Lightning computes them inside optimizer.step's closure).
         for name in names:
             assert m[f"grad/norm/{name}"] == pytest.approx(norms[name], rel=1e-5), (step, name)
+            # No clipping here: before clipping is the same gradient, and under fp16 the scale is divided out.
+            assert m[f"grad/norm_preclip/{name}"] == pytest.approx(norms[name], rel=1e-5), (step, name)
         # The loss: the mean of this step's micro-batch losses (Lightning's division by accumulation undone).
         micro = task.losses[step * accumulation : (step + 1) * accumulation]
         assert m["loss"] == pytest.approx(sum(micro) / accumulation, rel=1e-5)
