@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant before the first round")
     parser.add_argument("--every", type=int, default=100, help="the monitor's checkpoint interval")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="which time the last line reports: wall (default) or this process's CPU time, which "
+                             "other processes on a shared machine disturb less (CPU only: on CUDA the GPU sets the pace)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated subset of " + ", ".join(VARIANTS) + " (baseline is always run)")
     parser.add_argument("--allow-cpu-gpt2", action="store_true",
@@ -176,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.steps % args.every:
         parser.error(f"--steps ({args.steps}) must be a multiple of --every ({args.every}) so every round holds "
                      "the same number of checkpoints")
+    if args.clock == "cpu" and args.device == "cuda":
+        parser.error("--clock cpu: on CUDA the step time is the GPU's; use the wall clock (CUDA events)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.model == "gpt2-small" and args.device == "cpu" and not args.allow_cpu_gpt2:
@@ -238,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"{name:<11} {med * 1e3:>10.2f} {pct[name]:>9.2f}% {med_cpu * 1e3:>12.2f} {cpu_pct:>12.2f}%")
     if "monitored" in names:
         print(f"(monitored: {checkpoints} checkpoints in all, one every {args.every} steps, inside the timed steps)")
+    if args.clock == "cpu":
+        pct = {name: 100.0 * (statistics.median(cpu[name]) - base_cpu) / base_cpu for name in names}
     figures = {f"{k}_pct": pct.get(k, math.nan) for k in ("monitored", "floor", "naive", "histogram")}
     print(f"overhead_pct={figures['monitored_pct']:.2f} floor_pct={figures['floor_pct']:.2f} "
           f"naive_pct={figures['naive_pct']:.2f} histogram_pct={figures['histogram_pct']:.2f}")

@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -159,13 +160,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     output) print one line ``heavytail: error: ...`` on stderr and return non-zero: 2 for a run directory that
     cannot be read and for bad arguments (argparse's convention), 1 for the rest. Ctrl-C returns 130. Anything
     else is a bug and surfaces with its traceback; ``HEAVYTAIL_DEBUG=1`` shows the traceback of the expected
-    ones too.
+    ones too. Warnings (a run directory without meta.json, a cut last line) print as one line
+    ``heavytail: warning: ...``.
     """
-    from heavytail.report import RunDirError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from heavytail.report import RunDirError
+
     try:
         if args.command == "demo":
             return _demo(args)
@@ -193,6 +201,10 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
         text = f"{exc.filename}: {text}"
     return text or type(exc).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"heavytail: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def _error(message: str) -> None:

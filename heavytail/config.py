@@ -39,7 +39,7 @@ class MonitorConfig:
 
     group_by: Any = None
     """Aggregate tensors into groups for very large models: a regex whose first match in a parameter name is the
-    group (``r"blocks\.\d+"``: one set of keys per block) or a callable from name to group. Groups merge
+    group (``r"blocks\\.\\d+"``: one set of keys per block) or a callable from name to group. Groups merge
     exactly (power sums add, tops merge); ``None`` reports every tensor."""
 
     run_name: str | None = None
@@ -79,6 +79,10 @@ class MonitorConfig:
 
     stats_dtype: torch.dtype = torch.float64
     """Accumulation dtype of the power sums (float64 keeps kurtosis exact; float32 halves the traffic)."""
+
+    kernel: str = "auto"
+    """The per-step gradient pass: ``"triton"`` (fused multi-tensor kernels, CUDA), ``"torch"`` (the packed
+    reference, any device) or ``"auto"`` (Triton on CUDA when it is installed, else torch)."""
 
     chunk_numel: int = 1 << 23
     """Gradients are reduced in packed chunks of at most this many entries: the temporary memory bound."""
@@ -187,6 +191,8 @@ class MonitorConfig:
                         re.compile(pattern[3:])
                     except re.error as exc:
                         raise ValueError(f"MonitorConfig.{name}: invalid regex {pattern!r}: {exc}") from None
+        if self.kernel not in ("auto", "torch", "triton"):
+            raise ValueError(f"MonitorConfig.kernel must be 'auto', 'torch' or 'triton', got {self.kernel!r}")
         if self.group_by is not None and not callable(self.group_by):
             if not isinstance(self.group_by, str):
                 raise ValueError(f"MonitorConfig.group_by must be a regex string, a callable or None, got "

@@ -207,6 +207,7 @@ class Monitor:
         self._sample_index_dev = self._sample_index.to(self.device)
         self._pass = GradientPass(self.numels, self._sample_index, chunk_numel=config.chunk_numel,
                                   dtype=config.stats_dtype)
+        self._triton = _triton_pass(config.kernel, self.device)
         self._spike_config = self._make_spike_config()
         self.alerts = AlertEngine(config, self.log_dir, self._emit_alert, warmup=self._spike_config.warmup)
         self.step_count = 0
@@ -485,7 +486,10 @@ class Monitor:
         cfg, st = self.config, self._state
         grads = self._gradients()
         den = denominators(self.optimizer, self.params, self.device)
-        res = self._pass(grads, den, spike_threshold=cfg.spike_threshold)
+        if self._triton is not None:
+            res = self._triton(grads, self._sample_index_dev, den, spike_threshold=cfg.spike_threshold)
+        else:
+            res = self._pass(grads, den, spike_threshold=cfg.spike_threshold)
         stats = res.stats
         entries = stats[:, COUNT] + stats[:, NONFINITE]
         valid = (entries > 0) & (stats[:, NONFINITE] == 0)
@@ -1059,11 +1063,24 @@ class Monitor:
         self.alerts.load_state_dict(state["alerts"])
 
 
+def _triton_pass(kernel: str, device: torch.device) -> Callable | None:
+    """The Triton gradient pass when the configuration and the machine call for it, else None (torch path)."""
+    if kernel == "torch":
+        return None
+    from heavytail.estimators import triton_pass
+
+    if triton_pass.available(device) and (device.type == "cuda" or kernel == "triton"):
+        return triton_pass.triton_gradient_pass
+    if kernel == "triton":
+        raise ValueError("MonitorConfig.kernel='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+    return None
+
+
 def _resolve_units(names: list[str], group_by: Any) -> tuple[list[str], list[list[int]]]:
     """Output units: each tensor on its own, or groups of tensors named by ``group_by``.
 
     ``group_by`` is a callable from parameter name to group name, or a regex whose first match in a name is the
-    group (``r"blocks\.\d+"`` makes one unit per transformer block); names it does not match stay on their own.
+    group (``r"blocks\\.\\d+"`` makes one unit per transformer block); names it does not match stay on their own.
     """
     if group_by is None:
         return list(names), [[i] for i in range(len(names))]

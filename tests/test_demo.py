@@ -22,6 +22,15 @@ from heavytail.report import load_run
 from heavytail.workload import build_demo
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared two-core machine, two spinning OpenMP threads make tiny steps 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def small_text(tmp_path_factory) -> Path:
     """A Zipfian word salad of 30,000 words: enough for the tiny workload, tokenized in milliseconds."""

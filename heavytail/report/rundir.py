@@ -242,6 +242,10 @@ class Run:
         params = self.meta.get("params")
         params = params if isinstance(params, list) else []
         names = [p["name"] for p in params if isinstance(p, Mapping) and isinstance(p.get("name"), str)]
+        # A monitor with ``group_by`` reports groups of tensors under the group's name (meta.json "groups").
+        groups = self.meta.get("groups")
+        if isinstance(groups, Mapping):
+            names += [g for g in groups if isinstance(g, str) and g not in names]
         self._param_order = {name: i for i, name in enumerate(names)}
         self._index = self._build_index(frozenset(names))
 
@@ -348,14 +352,14 @@ def load_run(path: str | Path) -> Run:
     metrics_path = path / "metrics.jsonl"
     if not metrics_path.is_file():
         raise RunDirError(f"{path}: no metrics.jsonl, so this is not a heavytail run directory")
-    meta = _read_meta(path / "meta.json")
-
     builder = _TableBuilder()
     for lineno, obj in _read_jsonl(metrics_path):
         step, wall_time, metrics = _check_record(metrics_path, lineno, obj)
         builder.add(step, wall_time, metrics)
     if not builder.steps:
         raise RunDirError(f"{metrics_path}: empty, the run wrote no checkpoint record")
+    # After the records: a directory that is no run at all gets its error, not a warning about meta.json first.
+    meta = _read_meta(path / "meta.json")
 
     alerts: list[dict[str, Any]] = []
     alerts_path = path / "alerts.jsonl"

@@ -6,17 +6,16 @@ import logging
 
 import pytest
 import torch
+from accelerate import Accelerator  # the dev extra installs the frameworks: these tests run, never skip, in CI
+from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
-accelerate = pytest.importorskip("accelerate")  # the dev extra installs it: CI runs these tests
+import heavytail as ht
+from heavytail.integrations.accelerate import monitor as accelerate_monitor
+from heavytail.integrations.accelerate import unwrap
+from tests.conftest import TinyNet, read_records, tiny_batch
 
-from accelerate import Accelerator  # noqa: E402
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
-
-import heavytail as ht  # noqa: E402
-from heavytail.integrations.accelerate import monitor as accelerate_monitor  # noqa: E402
-from heavytail.integrations.accelerate import unwrap  # noqa: E402
-from tests.conftest import TinyNet, read_records, tiny_batch  # noqa: E402
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 
 @pytest.fixture(autouse=True)
@@ -101,3 +100,19 @@ def test_log_dir_defaults_to_the_project_dir(tmp_path):
         run(accelerator, model, optimizer, loader, mon)
     assert mon.log_dir == tmp_path / "project" / "heavytail"
     assert [r["step"] for r in read_records(mon.log_dir)] == [8, 16]
+
+
+def test_unwrap_helpers_reach_the_real_objects():
+    from heavytail.integrations import loss_scaler, unwrap_model, unwrap_optimizer
+
+    accelerator, model, optimizer, _ = prepared(1)
+    real = optimizer.optimizer
+    assert unwrap_optimizer(optimizer) is real and unwrap_optimizer(real) is real
+    assert unwrap_optimizer(None) is None
+    assert loss_scaler(optimizer) is None  # no scaler without fp16
+    scaler = torch.amp.GradScaler("cpu")
+    optimizer.scaler = scaler
+    assert loss_scaler(optimizer) is scaler and loss_scaler(real) is None
+    net = TinyNet()
+    assert unwrap_model(torch.compile(nn.DataParallel(net))) is net  # compile is lazy: nothing is compiled here
+    assert unwrap(model, optimizer) == (model, real)

@@ -9,17 +9,15 @@ import sys
 
 import pytest
 import torch
+import transformers  # the dev extra installs the frameworks: these tests run, never skip, in CI
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers.pytorch_utils import Conv1D
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-transformers = pytest.importorskip("transformers")  # the dev extra installs it: CI runs these tests
+from heavytail.integrations.hf import STATE_FILE, HeavyTailCallback
+from tests.conftest import read_records
 
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
-from transformers.pytorch_utils import Conv1D  # noqa: E402
-from transformers.trainer_callback import PrinterCallback, ProgressCallback  # noqa: E402
-
-from heavytail.integrations.hf import STATE_FILE, HeavyTailCallback  # noqa: E402
-from tests.conftest import read_records  # noqa: E402
-
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
 
 @pytest.fixture(autouse=True)
@@ -107,6 +105,7 @@ def test_trainer_records_loss_and_steps(tmp_path, accumulation):
         assert record["metrics"]["loss"] == pytest.approx(h["loss"], rel=1e-4)
     # Hooks are gone after training: the model's forward hook, the optimizer's step hooks.
     assert not model._forward_hooks
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
     inner = trainer.optimizer.optimizer
     assert not inner._optimizer_step_pre_hooks and not inner._optimizer_step_post_hooks
 

@@ -6,14 +6,13 @@ import logging
 import math
 import warnings
 
+import lightning.pytorch as pl  # the dev extra installs the frameworks: these tests run, never skip, in CI
 import pytest
 import torch
 from torch import nn
 
-pl = pytest.importorskip("lightning.pytorch")  # the dev extra installs it: CI runs these tests
-
-from heavytail.integrations.lightning import HeavyTailCallback  # noqa: E402
-from tests.conftest import TinyNet, read_records, tiny_batch  # noqa: E402
+from heavytail.integrations.lightning import HeavyTailCallback
+from tests.conftest import TinyNet, read_records, tiny_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
