@@ -51,6 +51,7 @@ from heavytail.hooks.optimizer import (
     premomentum_matrix,
 )
 from heavytail.hooks.selection import select_parameters
+from heavytail.probe import noise_probe, split_batch
 
 logger = logging.getLogger("heavytail")
 
@@ -228,6 +229,11 @@ class Monitor:
         self._noise_slots = {"temporal": 0, "microbatch": 0, "rank": 0}
         self._before: dict[str, Any] = {}
         self._muon_sv: torch.Tensor | None = None
+        # The noise probe (set_probe): loss function, held batch, mini-batches; the packed column names of its
+        # last result; and a flag that keeps the probe's own backward passes out of the step statistics.
+        self._probe: tuple[Callable[[nn.Module, Any], torch.Tensor], Any, int] | None = None
+        self._probe_names: list[str] = []
+        self._probing = False
         self._state = self._init_state(num_layers)
 
         self._optimizer_tap = OptimizerTap(optimizer, self._before_step, self._after_step) if optimizer else None
@@ -375,6 +381,30 @@ class Monitor:
         self._before_step()
         self._after_step()
 
+    def set_probe(self, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, *,
+                  micro_batches: int = 32) -> None:
+        """Give the noise probe a held batch: at every ``config.probe_every``-th checkpoint it splits ``batch``
+        into ``micro_batches`` mini-batches and runs :func:`heavytail.probe.noise_probe`.
+
+        ``loss_fn(model, mini_batch)`` returns the scalar loss to back-propagate (apply autocast inside it if
+        training uses it). The probe saves and restores every ``.grad``, the RNG states, the modules' modes and
+        the buffers, so training is unchanged; its backward passes are not counted as micro-batches. Cost per
+        probe: ``micro_batches`` forward+backward passes over ``1/micro_batches`` of ``batch`` each. Records get
+        ``probe/<figure>/<name>`` keys (``hill_alpha``, ``hill_alpha_se``, ``hill_alpha_gauss``,
+        ``stable_alpha``, ``kurtosis``, ``moment_slope_p1``, ``moment_intercept_p1``, ``moment_slope_p1.5``,
+        ``moment_intercept_p1.5``, ``resolved_frac``, ``grad_norm``; see docs/probe.md). Not run under
+        torch.distributed (each rank would probe its own copy); a warning says so once.
+        """
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 2:
+            raise ValueError(f"Monitor.set_probe: micro_batches must be an integer >= 2, got {micro_batches!r}")
+        if not callable(loss_fn):
+            raise TypeError(f"Monitor.set_probe: loss_fn must be callable, got {type(loss_fn).__name__}")
+        split_batch(batch, micro_batches)  # a batch that cannot be split fails here, not at a checkpoint
+        if self.config.probe_every == 0:
+            warnings.warn("heavytail: set_probe() with MonitorConfig.probe_every = 0: the probe will not run; set "
+                          "probe_every to run it every that many checkpoints", RuntimeWarning, stacklevel=2)
+        self._probe = (loss_fn, batch, micro_batches)
+
     def on_alert(self, fn: Callable[[dict], None]) -> Callable[[dict], None]:
         """Register ``fn(alert_record)`` to be called for every alert; returns ``fn`` (usable as a decorator)."""
         self._alert_callbacks.append(fn)
@@ -439,7 +469,7 @@ class Monitor:
 
     def _on_backward_end(self) -> None:
         """After each backward pass: pre-clip norms, and micro-batch samples under gradient accumulation."""
-        if self._closed:
+        if self._closed or self._probing:
             return
         self._backwards += 1
         if not (self.config.track_preclip or self._accumulating):
@@ -818,6 +848,9 @@ class Monitor:
         parts = {"sums": sums, "maxes": maxes, "tails": tails}
         if self._muon_sv is not None:
             parts["muon_sv"] = self._muon_sv
+        probe = self._run_probe()
+        if probe is not None:
+            parts["probe"] = probe
         parts.update({f"noise_{k}": v for k, v in noise_tails.items()})
         flat = torch.cat([t.reshape(-1).to(torch.float64) for t in parts.values()])
         host = flat.cpu().numpy()  # sync point: the one device->host copy of a checkpoint
@@ -955,7 +988,40 @@ class Monitor:
         for kind, skipped in self._skips.items():
             if skipped:
                 metrics[f"grad/skipped_{kind}"] = float(skipped)
+        if "probe" in a:
+            probe = a["probe"].reshape(num_units, len(self._probe_names))
+            for i, name in enumerate(self.units):
+                for j, figure in enumerate(self._probe_names):
+                    metrics[f"probe/{figure}/{name}"] = float(probe[i, j])
         return metrics
+
+    def _run_probe(self) -> torch.Tensor | None:
+        """The noise probe's packed figures ``(U, K)`` when this checkpoint is a probe checkpoint, else None.
+
+        Checkpoint n (counted from the step, so a resumed run probes at the same checkpoints) probes when
+        ``n % probe_every == 0``.
+        """
+        cfg = self.config
+        if self._probe is None or cfg.probe_every == 0:
+            return None
+        if math.ceil(self.step_count / cfg.every) % cfg.probe_every:
+            return None
+        if self.dist.active:
+            if not getattr(self, "_probe_warned", False):
+                self._probe_warned = True
+                warnings.warn("heavytail: the noise probe does not run under torch.distributed", RuntimeWarning,
+                              stacklevel=3)
+            return None
+        loss_fn, batch, micro_batches = self._probe
+        self._probing = True
+        try:
+            result = noise_probe(self.model, self.params, loss_fn, batch, micro_batches=micro_batches,
+                                 sample_index=self._sample_index_dev,
+                                 groups=self._unit_members if self._grouped else None)
+        finally:
+            self._probing = False
+        self._probe_names, values = result.packed()
+        return values
 
     def _reset_interval(self) -> None:
         st = self._state

@@ -2,7 +2,7 @@
 
 ``import heavytail.integrations`` imports no framework: each adapter lives in its own module
 (``heavytail.integrations.hf``, ``.lightning``, ``.accelerate``) and imports its framework there. This package
-only holds the two helpers they share, which need nothing beyond torch.
+only holds the helpers they share (unwrapping models, optimizers and loss scalers), which need only torch.
 """
 
 from __future__ import annotations

@@ -13,9 +13,8 @@ from torch.optim.optimizer import Optimizer
 __all__ = ["HEAD_NAMES", "MuonWithAdamW", "muon_with_adamw", "split_params"]
 
 #: Last component of a module path that marks an output head (nanoGPT ``head``, Hugging Face ``lm_head``,
-#: ``classifier`` and ``score``, torchtitan ``output``). Heads map to a vocabulary, not to a hidden space, and
-#: Muon's authors keep them (and embeddings) on AdamW: orthogonalising a vocab x d update equalises the step of
-#: rare and frequent tokens, which is what hurts.
+#: ``classifier`` and ``score``, torchtitan ``output``). Heads and embeddings are not maps between hidden spaces,
+#: and Muon's authors found they train better with AdamW (Jordan et al. 2024), so every Muon recipe excludes them.
 HEAD_NAMES = frozenset({"head", "lm_head", "output", "classifier", "score"})
 
 _KINDS = ("muon", "adamw")
@@ -56,13 +55,11 @@ def split_params(
                 embedding_params.extend(module.parameters(recurse=False))
         embedding_ids = {id(p) for p in embedding_params}
         # A head tied to the embedding through a *different* Parameter object sharing storage is still the
-        # embedding; named_parameters() only folds ties that reuse the same object. Meta tensors have no storage.
-        embedding_ptrs = {p.data_ptr() for p in embedding_params if p.device.type != "meta" and p.data_ptr()}
+        # embedding; named_parameters() only folds ties that reuse the same object.
+        embedding_ptrs = {_storage_ptr(p) for p in embedding_params} - {None}
 
         def wants_adamw(name: str, p: Tensor) -> bool:
-            if id(p) in embedding_ids:
-                return True
-            if p.device.type != "meta" and p.data_ptr() and p.data_ptr() in embedding_ptrs:
+            if id(p) in embedding_ids or _storage_ptr(p) in embedding_ptrs:
                 return True
             module_path = name.rsplit(".", 1)[0] if "." in name else ""
             return module_path.rsplit(".", 1)[-1] in HEAD_NAMES
@@ -75,6 +72,16 @@ def split_params(
         else:
             muon.append((name, p))
     return muon, adamw
+
+
+def _storage_ptr(p: Tensor) -> int | None:
+    # Meta tensors and some tensor subclasses (sharded DTensors) have no usable data pointer.
+    if p.device.type == "meta":
+        return None
+    try:
+        return p.data_ptr() or None
+    except RuntimeError:
+        return None
 
 
 def muon_with_adamw(
@@ -281,7 +288,8 @@ class MuonWithAdamW(Optimizer):
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
+                f"loaded state dict has {len(saved_groups)} parameter groups, "
+                f"this optimizer has {len(self.param_groups)}"
             )
         parts: dict[str, dict[str, Any]] = {kind: {"state": {}, "param_groups": []} for kind in self._inner}
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):

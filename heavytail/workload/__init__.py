@@ -78,7 +78,7 @@ def build_demo(
     max_bytes: int = DEFAULT_MAX_BYTES,
     held_out_size: int | None = None,
 ) -> DemoWorkload:
-    """Build the demo: corpus, word-level tokenizer, GPT of preset ``size`` (see :data:`SIZES`), batches, held-out batch.
+    """Build the demo: corpus, tokenizer, a GPT of preset ``size`` (see :data:`SIZES`), batches, a held-out batch.
 
     ``text`` is a path to a text file or a directory of ``.txt``/``.py``/``.md`` files (the CLI's ``--text``);
     by default the corpus is the Python standard library's source (see :func:`load_corpus`), so the demo runs

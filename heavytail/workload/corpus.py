@@ -35,7 +35,9 @@ def stdlib_path() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def corpus_files(root: str | os.PathLike[str], suffixes: tuple[str, ...] = TEXT_SUFFIXES, skip=frozenset()) -> list[Path]:
+def corpus_files(
+    root: str | os.PathLike[str], suffixes: tuple[str, ...] = TEXT_SUFFIXES, skip: frozenset[str] = frozenset()
+) -> list[Path]:
     """Files under ``root`` with one of ``suffixes``, sorted by relative POSIX path, skipping directories in ``skip``.
 
     Sorting by relative path (not ``os.walk`` order, which follows the file system) is what makes the corpus, and

@@ -74,8 +74,8 @@ def make_trainer(tmp_path, callback, *, model=None, max_steps=12, accumulation=1
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_trainer_records_loss_and_steps(tmp_path, accumulation):
     callback = HeavyTailCallback(every=4)
-    # Evaluation every 2 steps: its forward passes (eval mode, no grad) must not leak into the training loss.
-    trainer = make_trainer(tmp_path, callback, accumulation=accumulation, eval_strategy="steps", eval_steps=2,
+    # Evaluation every 4 steps: its forward passes (eval mode, no grad) must not leak into the training loss.
+    trainer = make_trainer(tmp_path, callback, accumulation=accumulation, eval_strategy="steps", eval_steps=4,
                            eval_dataset=RandomTokens(n=8))
     model = trainer.model
     trainer.train()

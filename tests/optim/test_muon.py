@@ -213,7 +213,9 @@ def test_state_dict_round_trip():
     assert [g["lr"] for g in opt2.param_groups] == [0.02, 1e-2]
     assert opt2.param_groups[0] is opt2.muon.param_groups[0]
     assert opt2.param_groups[1] is opt2.adamw.param_groups[0]
-    torch.testing.assert_close(opt2.state[clone.fc.weight]["momentum_buffer"], opt.state[model.fc.weight]["momentum_buffer"])
+    torch.testing.assert_close(
+        opt2.state[clone.fc.weight]["momentum_buffer"], opt.state[model.fc.weight]["momentum_buffer"]
+    )
     train(model, opt, batches[3:])
     train(clone, opt2, batches[3:])
     for a, b in zip(model.parameters(), clone.parameters()):

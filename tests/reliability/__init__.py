@@ -12,8 +12,22 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """Run each test with one intra-op thread (imported by every module here, so it applies to all of them).
+
+    These tests drive tiny tensors, where OpenMP only adds cost, and on a busy 2-core CI machine an op that opens a
+    parallel region for any size (``torch.repeat_interleave`` does: grain size 1) waits milliseconds for a core.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class HandModel(nn.Module):
@@ -23,7 +37,8 @@ class HandModel(nn.Module):
         super().__init__()
         dtypes = dtypes or {}
         for name, shape in shapes.items():
-            self.register_parameter(name, nn.Parameter(torch.zeros(tuple(shape), dtype=dtypes.get(name, torch.float32))))
+            dtype = dtypes.get(name, torch.float32)
+            self.register_parameter(name, nn.Parameter(torch.zeros(tuple(shape), dtype=dtype)))
 
     def set_grads(self, grads: Mapping[str, torch.Tensor | None]) -> None:
         for name, g in grads.items():

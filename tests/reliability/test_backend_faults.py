@@ -23,15 +23,18 @@ import torch
 
 import heavytail as ht
 from tests.conftest import read_alerts, read_records
-from tests.reliability import FailingBackend, HandModel, RecordingBackend, heavytail_warnings, read_lines
+from tests.reliability import (  # noqa: F401 (one_intra_op_thread: an autouse fixture)
+    FailingBackend,
+    HandModel,
+    RecordingBackend,
+    heavytail_warnings,
+    one_intra_op_thread,
+    read_lines,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = {"w": (8, 8), "b": (8,)}
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
-
-# Tests of the JSONL backend's behaviour on a full disk that needs /tmp/patches/reliability-jsonl.diff (a write cut
-# short by the disk leaves half a line that the next record is glued to). Strict: drop this mark with the patch.
-NEEDS_JSONL_PATCH = pytest.mark.xfail(strict=True, reason="whole-line writes: /tmp/patches/reliability-jsonl.diff")
 
 
 def _drive(model: HandModel, mon: ht.Monitor, steps: int, nan_every: int = 3) -> None:
@@ -286,13 +289,12 @@ _FSIZE_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics are Linux's")
-@NEEDS_JSONL_PATCH
 def test_jsonl_disk_full_mid_record_then_space_returns(tmp_path):
     script = tmp_path / "fsize.py"
     script.write_text(_FSIZE_SCRIPT)
     run = tmp_path / "run"
     out = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["steps"] == [1, 2, 3, 4, 5, 6]  # the other backends never noticed

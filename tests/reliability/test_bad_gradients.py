@@ -29,7 +29,7 @@ from heavytail.estimators.gradient_pass import (
     gradient_pass,
 )
 from tests.conftest import read_alerts, read_records
-from tests.reliability import HandModel, same_metrics
+from tests.reliability import HandModel, one_intra_op_thread, same_metrics  # noqa: F401 (autouse fixture)
 
 NAN, INF = math.nan, math.inf
 SHAPES = {"a": (6, 7), "b": (40,), "c": (3,)}

@@ -19,6 +19,7 @@ from torch import nn
 
 import heavytail as ht
 from heavytail import MonitorConfig
+from tests.reliability import one_intra_op_thread  # noqa: F401 (autouse fixture)
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
@@ -110,6 +111,8 @@ CONFIG_CASES = [
     ("track_preclip", "yes", ValueError),
     ("probe_every", -1, ValueError), ("probe_every", 1.5, ValueError),
     ("extra", [1, 2], ValueError),
+    ("group_by", 3, ValueError), ("group_by", "blocks.(", ValueError),
+    ("kernel", "cuda", ValueError),
 ]
 # Validated when the monitor attaches, with the errors tested above (a backend or pattern of a wrong type).
 ATTACH_VALIDATED = {"backends", "include", "exclude"}

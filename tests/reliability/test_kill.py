@@ -17,12 +17,10 @@ import torch
 
 import heavytail as ht
 from tests.conftest import TinyNet, train
-from tests.reliability import read_lines
+from tests.reliability import one_intra_op_thread, read_lines  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 
-# A cut last line left by a kill is dropped when a resumed run reopens the file: /tmp/patches/reliability-jsonl.diff.
-NEEDS_JSONL_PATCH = pytest.mark.xfail(strict=True, reason="whole-line writes: /tmp/patches/reliability-jsonl.diff")
 
 _TRAIN_SCRIPT = textwrap.dedent(
     """
@@ -65,9 +63,9 @@ def test_sigkill_mid_training_leaves_valid_files_and_resumes(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(_TRAIN_SCRIPT)
     run, ckpt = tmp_path / "run", tmp_path / "ckpt.pt"
-    proc = subprocess.Popen([sys.executable, str(script), str(run), str(ckpt)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), str(run), str(ckpt)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
         while _line_count(run / "metrics.jsonl") < 3 or not ckpt.exists():
@@ -109,7 +107,6 @@ def test_sigkill_mid_training_leaves_valid_files_and_resumes(tmp_path):
     assert resumed == [saved + 5, saved + 10]  # the step counter went on from the checkpoint
 
 
-@NEEDS_JSONL_PATCH
 def test_a_line_cut_by_a_kill_is_dropped_when_the_run_resumes(tmp_path):
     """What a kill during a write leaves (a record without its end) never gets the next record glued to it."""
     run = tmp_path / "run"
