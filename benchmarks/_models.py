@@ -10,6 +10,7 @@ Two GPTs, both the nanoGPT layout of :mod:`heavytail.workload.model` (pre-LN blo
   token embedding as in GPT-2, built from scratch (no download): 124.4 M parameters in 148 tensors. On CUDA it
   trains in bf16 autocast with fused AdamW on batches of 8 x 1024 tokens. On a CPU one such step takes minutes,
   so the CPU form uses batch 1 x 128 and is meant for memory accounting and smoke runs, not for timings.
+- ``smoke``: a toy GPT (vocab 64, one block of width 16) that only keeps the benchmark scripts' tests fast.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 from heavytail.workload.model import GPT, GPTConfig, make_gpt
 
-MODELS = ("tiny", "gpt2-small")
+MODELS = ("tiny", "gpt2-small", "smoke")
 
 
 @dataclass
@@ -83,6 +84,9 @@ def workload(name: str, device: str | torch.device = "cpu") -> Workload:
         if device.type == "cuda":
             return Workload(name, config, batch_size=8, seq_len=1024, device=device, tied_head=True)
         return Workload(name, config, batch_size=1, seq_len=128, device=device, tied_head=True)
+    if name == "smoke":
+        config = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, d_model=16)
+        return Workload(name, config, batch_size=2, seq_len=8, device=device, tied_head=False)
     raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
 
 

@@ -43,9 +43,9 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "lion", "muon", "sgd")
 
 DEFAULT_LR: dict[str, float] = {
     "adamw": 1e-3,
-    "lion": 1e-4,
+    "lion": 3e-4,
     "muon": 0.02,
-    "sgd": 0.3,
+    "sgd": 0.05,
 }
 """Learning rates for the demo workload (peak, after warm-up), tuned on the ``small`` size so that each optimizer
 trains: see docs/cli.md for the sweep. Muon's entry is the Muon learning rate of the hidden matrices; its AdamW

@@ -69,15 +69,3 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def local_numel(p: torch.Tensor) -> int:
     """Entries of this rank's part of ``p`` (its shard under FSDP2)."""
     return p.to_local().numel() if _is_dtensor(p) else p.numel()
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, so parameter
-    names read the same with and without them."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model

@@ -24,7 +24,8 @@ from heavytail.alerts import AlertEngine
 from heavytail.backends import backend_factory, is_backend
 from heavytail.backends.jsonl import dumps_record
 from heavytail.config import MonitorConfig
-from heavytail.distributed import DistContext, local, local_numel, unwrap_model
+from heavytail.distributed import DistContext, local, local_numel
+from heavytail.wrappers import unwrap_model, unwrap_optimizer
 from heavytail.estimators import memory, noise, spike
 from heavytail.estimators.gradient_pass import (
     ABSMAX,
@@ -156,7 +157,7 @@ class Monitor:
             config = MonitorConfig(**{**config.to_init_dict(), **kwargs})
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
-        optimizer = _unwrap_optimizer(optimizer)
+        optimizer = unwrap_optimizer(optimizer)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Monitor: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         inner = unwrap_model(model)
@@ -1172,22 +1173,6 @@ def _by_unit(values: np.ndarray, unit: np.ndarray, op: Any, axis: int = 0) -> np
     out = np.full((int(unit.max()) + 1, *moved.shape[1:]), initial, dtype=np.float64)
     op.at(out, unit, moved)
     return np.moveaxis(out, 0, axis)
-
-
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    """The ``torch.optim.Optimizer`` inside framework wrappers (Accelerate's ``AcceleratedOptimizer``, Lightning's
-    ``LightningOptimizer``, DeepSpeed's), so the step hooks go on the optimizer that really steps.
-
-    A wrapper is recognised by an ``optimizer`` attribute holding an optimizer, not by its own type:
-    ``AcceleratedOptimizer`` subclasses ``torch.optim.Optimizer`` without running its ``__init__``, so it has no hook
-    registry, and while it accumulates gradients its ``step()`` returns without stepping the inner optimizer.
-    """
-    for _ in range(4):  # wrappers nest (Accelerate around DeepSpeed around torch)
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or inner is optimizer or not hasattr(inner, "param_groups"):
-            break
-        optimizer = inner
-    return optimizer
 
 
 def _shadow_tag(beta: float) -> str:

@@ -23,11 +23,11 @@ from tests.test_demo import one_thread, small_text  # noqa: F401  (fixtures)
 def test_compare_writes_summary_and_report(tmp_path: Path, small_text: Path) -> None:  # noqa: F811
     out = tmp_path / "cmp"
     result = run_compare(["adamw", "lion", "sgd"], steps=4, every=2, out=out, size="tiny", text=small_text,
-                         lrs={"lion": 3e-4}, progress=None, command="heavytail compare (test)")
+                         lrs={"lion": 3e-4, "sgd": 0.05}, progress=None, command="heavytail compare (test)")
     summary = json.loads((out / "summary.json").read_text())
     assert result.summary_path == out / "summary.json" and result.report == out / "compare.html"
     assert list(summary["optimizers"]) == ["adamw", "lion", "sgd"]
-    assert summary["learning_rates"] == {"adamw": 1e-3, "lion": 3e-4, "sgd": 0.3}
+    assert summary["learning_rates"] == {"adamw": 1e-3, "lion": 3e-4, "sgd": 0.05}
     assert summary["differs"] == ["optimizer", "lr"]
     assert {"model init", "data order", "seed", "steps", "batch", "monitor config"} <= set(summary["held_equal"])
     assert summary["settings"]["steps"] == 4 and summary["settings"]["size"] == "tiny"

@@ -36,9 +36,10 @@ import torch
 STAT_FIELDS = ("count", "s1", "s2", "s3", "s4", "absmax", "nonfinite", "ratio_max", "ratio_spikes")
 COUNT, S1, S2, S3, S4, ABSMAX, NONFINITE, RATIO_MAX, RATIO_SPIKES = range(len(STAT_FIELDS))
 
-BLOCK = 256
+BLOCK = 64
 """Entries per block. Pieces start on block boundaries, so a block's partial sums belong to one tensor; padding
-costs at most ``BLOCK - 1`` entries per tensor."""
+costs at most ``BLOCK - 1`` entries per tensor (measured on the CPU: 64 is as fast as 256 on large tensors and 20%
+faster at 10,000 tensors of 400 entries, which 256 pads by 28%)."""
 
 CPU_SCRATCH_BYTES = 1 << 22
 """On the CPU a chunk's scratch buffers are kept under 4 MiB each: larger ones are returned to the operating

@@ -1,0 +1,64 @@
+"""The performance benchmarks run end to end with tiny settings, so they never rot (figures are not checked)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+NUMBER = r"-?\d+\.\d+"
+
+
+def run(script: str, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          timeout=600, cwd=BENCHMARKS.parent)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_overhead_prints_every_variant_and_the_final_line():
+    proc = run("overhead.py", "--model", "smoke", "--steps", "2", "--every", "2", "--rounds", "2", "--warmup", "1",
+               "--threads", "1")
+    assert re.fullmatch(rf"overhead_pct={NUMBER} floor_pct={NUMBER} naive_pct={NUMBER} histogram_pct={NUMBER}",
+                        last_line(proc)), last_line(proc)
+    for variant in ("baseline", "monitored", "floor", "naive", "histogram"):
+        assert re.search(rf"^{variant}\s", proc.stdout, re.M), variant
+    assert "2 checkpoints in all" in proc.stdout  # 2 rounds x 2 steps at every=2
+
+
+def test_overhead_cpu_clock_and_a_subset_of_variants():
+    proc = run("overhead.py", "--model", "smoke", "--steps", "1", "--every", "1", "--rounds", "1", "--warmup", "0",
+               "--variants", "monitored", "--clock", "cpu")
+    assert re.fullmatch(rf"overhead_pct={NUMBER} floor_pct=nan naive_pct=nan histogram_pct=nan", last_line(proc))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "3", "--every", "2"], "multiple of --every"),
+    (["--model", "gpt2-small"], "--device cuda"),
+])
+def test_overhead_refuses_settings_it_cannot_time_honestly(args, message):
+    proc = run("overhead.py", *args, expect_ok=False)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_scaling_prints_both_sweeps():
+    proc = run("scaling.py", "--counts", "3,30", "--total", "6000", "--base", "2000", "--size-count", "3",
+               "--steps", "2", "--checkpoints", "1", "--threads", "1", "--profile", "30")
+    keys = ["tensors_3_ms", "tensors_30_ms", "size_1x_ms", "size_4x_ms", "size_16x_ms"]
+    assert re.fullmatch(" ".join(rf"{k}={NUMBER}" for k in keys), last_line(proc)), last_line(proc)
+    assert "where a streaming step's time goes at 30 tensors" in proc.stdout
+
+
+def test_memory_names_the_state_and_prints_the_final_line():
+    proc = run("memory.py", "--models", "smoke")
+    assert re.fullmatch(rf"extra_bytes=\d+ param_bytes=\d+ extra_pct={NUMBER[2:]}", last_line(proc)), last_line(proc)
+    assert "_state" in proc.stdout and "transient peak of the hooks" in proc.stdout
