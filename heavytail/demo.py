@@ -124,7 +124,7 @@ class ProgressBar:
     """A one-line progress bar on a stream (stderr): step, loss, steps per second, time left.
 
     On a terminal the line is redrawn in place at most ten times a second; on a pipe or a file one line is
-    written every 10% (no carriage returns in logs). ``stream=None`` draws nothing.
+    written at the first step and then every 10% (no carriage returns in logs). ``stream=None`` draws nothing.
     """
 
     def __init__(self, total: int, label: str = "", stream: TextIO | None = sys.stderr, width: int = 24) -> None:

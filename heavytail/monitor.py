@@ -199,13 +199,7 @@ class Monitor:
         # The coordinate sample: fixed at attach so each coordinate's noise can be followed over steps. Under
         # FSDP2 each rank samples its own shard.
         generator = torch.Generator().manual_seed(config.seed + (self.dist.rank if self.dist.sharded else 0))
-        rows = []
-        for n in self.numels:
-            if n >= config.sample_size:
-                rows.append(torch.randperm(n, generator=generator)[: config.sample_size])
-            else:  # fewer entries than samples: every entry, repeated (docs/metrics.md)
-                rows.append(torch.arange(config.sample_size) % max(n, 1))
-        self._sample_index = torch.stack(rows)
+        self._sample_index = torch.stack([_sample_coordinates(n, config.sample_size, generator) for n in self.numels])
         self._sample_index_dev = self._sample_index.to(self.device)
         self._pass = GradientPass(self.numels, self._sample_index, chunk_numel=config.chunk_numel,
                                   dtype=config.stats_dtype)
@@ -1128,6 +1122,24 @@ class Monitor:
         self._interval_start = int(state["interval_start"])
         self._noise_slots.update({k: int(v) for k, v in state.get("noise_slots", {}).items()})
         self.alerts.load_state_dict(state["alerts"])
+
+
+def _sample_coordinates(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``size`` distinct coordinates of a tensor of ``n`` entries, sorted (every entry, repeated, when n < size).
+
+    Drawn without materialising a permutation of n (a 500M-entry layer would need 4 GB for it): random draws,
+    duplicates removed, topped up until there are enough.
+    """
+    if n < size:  # fewer entries than samples: every entry, repeated (docs/metrics.md)
+        return torch.arange(size) % max(n, 1)
+    if n <= 4 * size:
+        return torch.randperm(n, generator=generator)[:size].sort().values
+    chosen = torch.empty(0, dtype=torch.long)
+    while chosen.numel() < size:
+        draws = torch.randint(0, n, (size + size // 4 + 8,), generator=generator)
+        chosen = torch.unique(torch.cat([chosen, draws]))
+    keep = torch.randperm(chosen.numel(), generator=generator)[:size]
+    return chosen[keep].sort().values
 
 
 def _triton_pass(kernel: str, device: torch.device) -> Callable | None:

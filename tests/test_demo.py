@@ -116,7 +116,7 @@ def test_progress_bar_writes_lines_to_a_pipe() -> None:
             bar.update(step, 5.0 - step / 100)
     bar.close()
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 10  # one line per 10% on a pipe, no carriage returns
+    assert len(lines) == 11  # the first step, then one line per 10% on a pipe; no carriage returns
     assert "\r" not in stream.getvalue()
     assert lines[-1].startswith("adamw [########################] 100/100 loss 4.0000")
     assert "it/s" in lines[-1]

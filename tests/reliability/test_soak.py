@@ -1,0 +1,162 @@
+"""Endurance: 20,000 steps on a tiny model, and the size of one record for a model with 1,000 tensors.
+
+The soak checks what a long run would reveal: memory that creeps (Python objects, tensors kept alive, caches),
+hooks that multiply, files that grow faster than one record per checkpoint. It prints its figures (runtime, memory
+trend, bytes per record), which docs/reliability.md quotes.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import tracemalloc
+
+import pytest
+import torch
+from torch import nn
+
+import heavytail as ht
+from tests.reliability import one_intra_op_thread, read_lines  # noqa: F401 (autouse fixture)
+
+STEPS, EVERY = 20_000, 100
+WARM = 2_000  # steps after which memory must stay flat (allocator pools and plan caches filled)
+TRACE = (10_000, 11_000)  # a window traced with tracemalloc (it triples the cost of a step, so not the whole run)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: peak RSS is the best portable figure (flat peak is flat memory)
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _hooks(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    params = sum(len(p._post_accumulate_grad_hooks or {}) + len(p._backward_hooks or {}) for p in model.parameters())
+    return params + len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
+
+
+class Probe:
+    """A backend that samples the process at every checkpoint (after the JSONL backend wrote the record)."""
+
+    def __init__(self, model, opt, metrics_path) -> None:
+        self.model, self.opt, self.metrics_path = model, opt, metrics_path
+        self.rows: list[dict] = []
+
+    def log(self, metrics, step) -> None:
+        self.rows.append({
+            "step": step,
+            "rss": _rss_bytes(),
+            "blocks": sys.getallocatedblocks(),
+            "hooks": _hooks(self.model, self.opt),
+            "file": os.path.getsize(self.metrics_path),
+            "traced": tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None,
+        })
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_soak_20000_steps_memory_hooks_and_files_stay_flat(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    data = torch.randn(512, 4)
+    target = data.sum(dim=1, keepdim=True) + 0.1 * torch.randn(512, 1)
+    hooks_before = _hooks(model, opt)
+    probe = Probe(model, opt, tmp_path / "metrics.jsonl")
+    mon = ht.Monitor(model, opt, every=EVERY, log_dir=tmp_path, backends=[probe])
+    hooks_attached = _hooks(model, opt)
+    gc.collect()
+    start = time.perf_counter()
+    snapshot = None
+    for step in range(STEPS):
+        if step == TRACE[0]:
+            tracemalloc.start()
+            snapshot = tracemalloc.take_snapshot()
+        elif step == TRACE[1]:
+            grown = tracemalloc.take_snapshot().compare_to(snapshot, "lineno")
+            tracemalloc.stop()
+        i = (step * 16) % 512
+        loss = nn.functional.mse_loss(model(data[i : i + 16]), target[i : i + 16])
+        loss.backward()
+        mon.observe_loss(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    elapsed = time.perf_counter() - start
+    mon.close()
+
+    rows = probe.rows
+    records = read_lines(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(EVERY, STEPS + 1, EVERY))
+    assert [r["step"] for r in rows] == [r["step"] for r in records]
+
+    # Hooks: as many at every checkpoint as right after attach; none after close.
+    assert hooks_attached > hooks_before == 0
+    assert {r["hooks"] for r in rows} == {hooks_attached}
+    assert _hooks(model, opt) == hooks_before
+
+    # Memory: flat after warm-up. Python heap blocks within noise; RSS within a few MB (allocator slack).
+    warm = [r for r in rows if r["step"] >= WARM]
+    blocks = [r["blocks"] for r in warm]
+    rss = [r["rss"] for r in warm]
+    traced = [r["traced"] for r in rows if r["traced"] is not None]
+    block_growth = max(blocks[len(blocks) // 2 :]) - blocks[0]
+    rss_growth = max(rss[len(rss) // 2 :]) - rss[0]
+    trace_growth = traced[-1] - traced[0]
+    top = "\n".join(str(s) for s in grown[:5])
+    assert block_growth < 2_000, f"Python heap grew by {block_growth} blocks"
+    assert rss_growth < 8 << 20, f"RSS grew by {rss_growth / 2**20:.1f} MiB"
+    assert trace_growth < 64 << 10, f"traced Python memory grew by {trace_growth} B over {TRACE}:\n{top}"
+
+    # Files: one line per checkpoint, the same size each (it holds the same keys; digits vary).
+    sizes = [b - a for a, b in zip([0] + [r["file"] for r in rows], [r["file"] for r in rows])]
+    median = statistics.median(sizes)
+    assert all(abs(s - median) <= 0.1 * median for s in sizes), (min(sizes), median, max(sizes))
+    assert os.path.getsize(tmp_path / "metrics.jsonl") == sum(sizes)
+    alerts = read_lines(tmp_path / "alerts.jsonl")
+
+    print(f"\nsoak: {STEPS} steps in {elapsed:.1f} s ({1e3 * elapsed / STEPS:.2f} ms/step, monitor included); "
+          f"{len(alerts)} alerts")
+    print(f"soak: after warm-up ({WARM} steps) Python heap {blocks[0]} -> {blocks[-1]} blocks "
+          f"(max growth {block_growth}), RSS {rss[0] / 2**20:.1f} -> {rss[-1] / 2**20:.1f} MiB "
+          f"(max growth {rss_growth / 2**20:.2f} MiB), tracemalloc over steps {TRACE}: {trace_growth:+d} B")
+    print(f"soak: metrics.jsonl {len(records)} records, {min(sizes)}..{max(sizes)} bytes each (median {median:.0f})")
+
+
+def test_record_size_for_a_model_with_1000_tensors(tmp_path):
+    """One checkpoint of a model with 1,000 small parameter tensors: the bytes of one metrics.jsonl line."""
+
+    class Many(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(500)])  # 1,000 tensors (weight + bias)
+
+        def forward(self, x):
+            return sum(block(x).sum() for block in self.blocks)
+
+    model = Many()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with ht.Monitor(model, opt, every=1, log_dir=tmp_path / "tensors", sample_size=16, noise_window=4) as mon:
+        model(torch.randn(2, 4)).backward()
+        opt.step()
+        opt.zero_grad()
+        assert len(mon.names) == 1000
+    line = (tmp_path / "tensors" / "metrics.jsonl").read_bytes()
+    (record,) = [json.loads(x) for x in line.splitlines()]
+    keys, size = len(record["metrics"]), len(line)
+    longest_name = max(len(n) for n in mon.names)
+    per_key = size / keys
+    print(f"\nrecord for 1,000 tensors (AdamW, names up to {longest_name} chars): {size} bytes, {keys} keys, "
+          f"{per_key:.1f} bytes per key")
+    # The bound documented in docs/reliability.md: at most 40 keys per tensor, each at most
+    # (name + 40) bytes (the family prefix, quotes, colon, comma and a float repr of 17 significant digits).
+    assert keys <= 40 * 1000 + 40
+    assert size <= 40 * 1000 * (longest_name + 40) + 4096
