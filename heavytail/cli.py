@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer (default adamw)")
     demo.add_argument("--lr", type=_positive_float, default=None, help=f"learning rate (default per optimizer: {lr_table})")
     demo.add_argument("--no-probe", action="store_true", help="do not run the noise probe at checkpoints")
+    demo.add_argument("--threads", type=_positive_int, default=None,
+                      help="torch intra-op threads (default: one per core, or 1 when the machine is busy)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
 
     compare = sub.add_parser(
@@ -95,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="steps per checkpoint (default: steps / 20)")
     compare.add_argument("--text", default=None, help="train on this text instead of the Python stdlib source")
     compare.add_argument("--no-probe", action="store_true", help="do not run the noise probe at checkpoints")
+    compare.add_argument("--threads", type=_positive_int, default=None,
+                         help="torch intra-op threads, the same for every run (default: one per core, or 1 when "
+                         "the machine is busy)")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
 
     report = sub.add_parser(
@@ -113,7 +118,7 @@ def _demo(args: argparse.Namespace) -> int:
     progress = None if args.quiet else sys.stderr
     result = run_demo(steps=args.steps, out=args.out, text=args.text, seed=args.seed, size=args.size,
                       every=args.every, optimizer=args.optimizer, lr=args.lr, probe=not args.no_probe,
-                      progress=progress)
+                      progress=progress, threads=args.threads)
     print(result.summary)
     return EXIT_OK
 
@@ -129,7 +134,7 @@ def _compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     start = time.perf_counter()
     result = run_compare(optimizers, steps=args.steps, out=args.out, lrs=lrs, seed=args.seed, size=args.size,
                          every=args.every, text=args.text, probe=not args.no_probe,
-                         progress=None if args.quiet else sys.stderr,
+                         progress=None if args.quiet else sys.stderr, threads=args.threads,
                          command="heavytail " + " ".join(shlex.quote(a) for a in argv))
     seconds = time.perf_counter() - start
     print(f"Compared {', '.join(optimizers)}: {args.steps} steps each, {seconds:.0f}s in all.")

@@ -21,6 +21,7 @@ from heavytail.demo import (
     DEFAULT_MICRO_BATCHES,
     OPTIMIZERS,
     TrainedRun,
+    choose_threads,
     default_every,
     make_optimizer,
     train_monitored,
@@ -158,6 +159,7 @@ def run_compare(
     device: str | torch.device = "cpu",
     progress: TextIO | None = sys.stderr,
     command: str | None = None,
+    threads: int | None = None,
 ) -> CompareResult:
     """Train the demo workload once per optimizer under identical conditions and compare them.
 
@@ -165,7 +167,8 @@ def run_compare(
     same order (``batches.get(t)``), takes ``steps`` steps with the same warm-up and is monitored with the same
     configuration into ``<out>/<optimizer>/``; only the optimizer and its learning rate (``lrs``, default
     :data:`heavytail.demo.DEFAULT_LR`) differ. Writes ``<out>/summary.json`` (:func:`run_summary` per optimizer;
-    format in docs/cli.md) and ``<out>/compare.html``.
+    format in docs/cli.md) and ``<out>/compare.html``. ``threads``: torch's intra-op threads, the same for every
+    run (default: :func:`heavytail.demo.choose_threads`).
     """
     names = parse_optimizers(optimizers)
     if size not in SIZES:
@@ -181,6 +184,7 @@ def run_compare(
     chosen = {n: float((lrs or {}).get(n, DEFAULT_LR[n])) for n in names}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    threads = choose_threads(threads)
 
     workload = build_demo(seed=seed, text=text, steps=steps, device=device, size=size)
     settings: dict[str, Any] = {
@@ -199,7 +203,7 @@ def run_compare(
         "init_checksum": _checksum(list(workload.new_model().parameters())),
         "data_checksum": _checksum([t for s in range(3) for t in workload.batches.get(s)]),
         "device": str(device),
-        "torch_num_threads": torch.get_num_threads(),
+        "torch_threads": threads,
     }
     trained: dict[str, TrainedRun] = {}
     for name in names:

@@ -31,6 +31,7 @@ __all__ = [
     "DemoResult",
     "ProgressBar",
     "TrainedRun",
+    "choose_threads",
     "demo_loss",
     "make_optimizer",
     "run_demo",
@@ -94,6 +95,29 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None = None, *, adam
         return muon_with_adamw(model, lr=lr, adamw_lr=DEFAULT_LR["adamw"] if adamw_lr is None else adamw_lr,
                                weight_decay=0.0)
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def choose_threads(requested: int | None = None) -> int:
+    """Set and return torch's intra-op thread count for a demo or comparison run.
+
+    ``requested`` wins. Otherwise torch's default (one per core) stays, unless the machine is already busy (the
+    1-minute load average is at least the core count minus one half): then one thread, because spinning OpenMP
+    threads that wait for a core make a small model several times slower (measured on a shared two-core machine:
+    0.2 s per ``small`` step on one thread, 0.7-1.3 s on two).
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"threads must be positive, got {requested}")
+        torch.set_num_threads(requested)
+        return requested
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] >= cores - 0.5
+    except (AttributeError, OSError):  # no load average (Windows)
+        busy = False
+    if busy and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
 
 
 def warmup_steps(steps: int) -> int:
@@ -319,11 +343,13 @@ def run_demo(
     probe: bool = True,
     device: str | torch.device = "cpu",
     progress: TextIO | None = sys.stderr,
+    threads: int | None = None,
 ) -> DemoResult:
     """Train the embedded workload (:func:`heavytail.workload.build_demo`) with the monitor on and write the report.
 
     The run directory is ``out`` (a previous run's files there are replaced) and the report ``out/report.html``.
-    Returns the paths, the training record and the :func:`summary_text` of the run.
+    ``threads``: torch's intra-op threads (default: :func:`choose_threads`). Returns the paths, the training
+    record and the :func:`summary_text` of the run.
     """
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
@@ -333,6 +359,7 @@ def run_demo(
     if every < 1:
         raise ValueError(f"every must be positive, got {every}")
     name = optimizer.lower()
+    threads = choose_threads(threads)
     workload = build_demo(seed=seed, text=text, steps=steps, device=device, size=size)
     lr = DEFAULT_LR.get(name) if lr is None else lr
     opt = make_optimizer(name, workload.model, lr)
@@ -342,6 +369,7 @@ def run_demo(
         "lr": lr,
         "warmup_steps": warmup_steps(steps),
         "seed": seed,
+        "torch_threads": threads,
         **{f"workload/{k}": v for k, v in workload.config.items()},
     }
     trained = train_monitored(workload, workload.model, opt, steps=steps, log_dir=out, every=every, probe=probe,
@@ -388,7 +416,10 @@ def summary_text(run: Run, trained: TrainedRun | None = None, workload: Mapping[
     what = f"{meta.get('model', 'model')}"
     if workload:
         what += f" ({workload.get('size', '?')}, {workload.get('n_params', 0):,} parameters)"
-    took = f" in {_duration(trained.seconds)} ({trained.steps / trained.seconds:.1f} it/s)" if trained else ""
+    took = f" in {_duration(trained.seconds)} ({trained.steps / trained.seconds:.1f} it/s" if trained else ""
+    threads = (meta.get("extra") or {}).get("torch_threads")
+    if trained:
+        took += f", {threads} thread{'s' if threads != 1 else ''})" if threads else ")"
     lines.append(f"{steps} steps of {what} with {meta.get('optimizer', '?')}{took}.")
     if finite.size:
         lines.append(f"Loss (checkpoint means): {finite[0]:.3f} at the first checkpoint, {finite[-1]:.3f} at the last.")

@@ -25,6 +25,7 @@ from heavytail.backends import backend_factory, is_backend
 from heavytail.backends.jsonl import dumps_record
 from heavytail.config import MonitorConfig
 from heavytail.distributed import DistContext, local, local_numel
+from heavytail.transfer import to_device
 from heavytail.wrappers import unwrap_model, unwrap_optimizer
 from heavytail.estimators import memory, noise, spike
 from heavytail.estimators.gradient_pass import (
@@ -204,6 +205,7 @@ class Monitor:
         self._pass = GradientPass(self.numels, self._sample_index, chunk_numel=config.chunk_numel,
                                   dtype=config.stats_dtype)
         self._triton = _triton_pass(config.kernel, self.device)
+        self._shadow_betas = torch.tensor(config.shadow_betas, dtype=config.stats_dtype).to(self.device)
         self._spike_config = self._make_spike_config()
         self.alerts = AlertEngine(config, self.log_dir, self._emit_alert, warmup=self._spike_config.warmup)
         self.step_count = 0
@@ -365,7 +367,7 @@ class Monitor:
         if isinstance(loss, torch.Tensor):
             value = loss.detach().reshape(-1)[0].to(self.device, self.config.stats_dtype, non_blocking=True)
         else:
-            value = torch.tensor(float(loss), device=self.device, dtype=self.config.stats_dtype)
+            value = torch.full((), float(loss), device=self.device, dtype=self.config.stats_dtype)
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._loss_n += 1
 
@@ -475,7 +477,7 @@ class Monitor:
         if not rows:
             return
         tensors = [grads[i] for i in rows]
-        index = torch.tensor(rows, device=self.device)
+        index = to_device(rows, self.device, torch.int64)
         dtype = self.config.stats_dtype
         if self.config.track_preclip:
             norms = torch.stack(torch._foreach_norm(tensors)).to(dtype)
@@ -669,7 +671,7 @@ class Monitor:
         """
         cfg, st = self.config, self._state
         g = torch.nan_to_num(g, nan=0.0)
-        betas = torch.tensor(cfg.shadow_betas, device=self.device, dtype=g.dtype)[:, None, None]
+        betas = self._shadow_betas[:, None, None]
         v, t = st["shadow_v"], st["shadow_t"]
         bias = 1.0 - betas[:, :, 0] ** t  # (B, L); 0 before the first step
         denom = (v / bias.clamp_min(1e-30)[:, :, None]).sqrt() + 1e-8
@@ -1023,7 +1025,8 @@ class Monitor:
         self._muon_sv = None
         for key in ("acc_sum", "acc_max", "glob_sum", "shadow_sum", "shadow_max", "memory_sum", "update_sum"):
             st[key].zero_()
-        st["glob_max"].copy_(torch.tensor([-math.inf, 0.0, 0.0]))
+        st["glob_max"].zero_()
+        st["glob_max"][0] = -math.inf  # a fill on the device, not a host-to-device copy
         self._tails = None
         self._interval_start = self.step_count
         self._skips = {k: 0 for k in self._skips}

@@ -33,6 +33,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from heavytail.transfer import to_device
+
 STAT_FIELDS = ("count", "s1", "s2", "s3", "s4", "absmax", "nonfinite", "ratio_max", "ratio_spikes")
 COUNT, S1, S2, S3, S4, ABSMAX, NONFINITE, RATIO_MAX, RATIO_SPIKES = range(len(STAT_FIELDS))
 
@@ -119,6 +121,7 @@ class GradientPass:
         self.dtype = dtype
         self._plans: dict[tuple[bool, ...], _Plan] = {}
         self._pads: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        self._missing: dict[tuple[tuple[bool, ...], tuple[bool, ...]], torch.Tensor] = {}
 
     def _capacity(self, device: torch.device) -> tuple[int, int]:
         """(block, chunk capacity in entries) for ``device``; the capacity is a multiple of the block."""
@@ -157,15 +160,15 @@ class GradientPass:
             chunk_rows = [p.layer for p in pieces]
             rows.extend(chunk_rows)
             lengths.extend(p.stop - p.start for p in pieces)
-            block_rows.append(torch.tensor(chunk_rows, device=device))
+            block_rows.append(to_device(chunk_rows, device, torch.int64))
             chunks.append(
                 _Chunk(
                     pieces=pieces,
                     spec=[(p.layer, p.start, p.stop, p.whole, p.pad) for p in pieces],
                     numel=offset,
-                    blocks=torch.tensor([(p.stop - p.start + p.pad) // block for p in pieces], device=device),
-                    sample_src=torch.cat(src).to(device),
-                    sample_dst=torch.cat(dst).to(device),
+                    blocks=to_device([(p.stop - p.start + p.pad) // block for p in pieces], device, torch.int64),
+                    sample_src=to_device(torch.cat(src), device),
+                    sample_dst=to_device(torch.cat(dst), device),
                 )
             )
             pieces, fill = [], 0
@@ -186,8 +189,8 @@ class GradientPass:
         plan = _Plan(
             chunks=chunks,
             block=block,
-            rows=torch.tensor(rows, dtype=torch.long, device=device),
-            lengths=torch.tensor(lengths, dtype=self.dtype, device=device),
+            rows=to_device(rows, device, torch.int64),
+            lengths=to_device(lengths, device, self.dtype),
             block_rows=block_rows,
             scratch=max((c.numel for c in chunks), default=0),
         )
@@ -322,7 +325,10 @@ class GradientPass:
         shape = (num_layers, num_samples)
         g_samples, v_samples = g_samples.view(shape), v_samples.view(shape)
         if has_denominator:
-            missing = torch.tensor([not (v and g) for v, g in zip(has_v, present)]).to(device, non_blocking=True)
+            key = (present, tuple(has_v))
+            missing = self._missing.get(key)
+            if missing is None:  # built once per pattern: no host-to-device copy on the step path
+                missing = self._missing[key] = to_device([not (v and g) for v, g in zip(has_v, present)], device)
             stats[:, RATIO_MAX] = torch.where(missing, nan, stats[:, RATIO_MAX])
             stats[:, RATIO_SPIKES] = torch.where(missing, nan, stats[:, RATIO_SPIKES])
             v_samples = torch.where(missing[:, None], nan, v_samples)

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from heavytail.transfer import to_device
 from heavytail.estimators.gradient_pass import (
     ABSMAX,
     COUNT,
@@ -143,9 +144,8 @@ if tl is not None:
 
 
 def _pointer_table(tensors: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor:
-    # Host-built int64 table of data pointers (0 for none); a small host-to-device copy, no device read.
-    return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64).to(
-        device, non_blocking=True)
+    # Host-built int64 table of data pointers (0 for none); a pinned, asynchronous copy, no device read.
+    return to_device([0 if t is None else t.data_ptr() for t in tensors], device, torch.int64)
 
 
 def triton_gradient_pass(
@@ -197,7 +197,7 @@ def triton_gradient_pass(
                 work_tensor.append(i)
                 work_start.append(start)
                 work_len.append(min(CHUNK, n - start))
-        work = torch.tensor([work_tensor, work_start, work_len], dtype=torch.int64).to(device, non_blocking=True)
+        work = to_device([work_tensor, work_start, work_len], device, torch.int64)
         partial = torch.empty(len(work_tensor), 9, device=device, dtype=torch.float64)
         has_v = vdtype is not None
         vtl = _TL_DTYPES[vdtype] if has_v else tl.float32
@@ -208,7 +208,7 @@ def triton_gradient_pass(
         stats[:, _SUM_COLUMNS] = stats[:, _SUM_COLUMNS].index_add(0, owner, partial[:, [0, 1, 2, 3, 4, 6, 8]])
         maxima = torch.zeros(num_layers, 2, device=device, dtype=torch.float64)
         maxima.scatter_reduce_(0, owner[:, None].expand(-1, 2), partial[:, [5, 7]], "amax")
-        row_index = torch.tensor(rows, device=device)
+        row_index = to_device(rows, device, torch.int64)
         stats[row_index, ABSMAX] = maxima[row_index, 0]
         if has_v:
             stats[row_index, RATIO_MAX] = maxima[row_index, 1]
@@ -217,6 +217,6 @@ def triton_gradient_pass(
                 ptrs, vptrs, row_index, index, bias_correction, eps, g_samples, r_samples, v_samples, num_samples,
                 DTYPE=_TL_DTYPES[dtype], VDTYPE=vtl, HAS_V=has_v, SAMPLES=triton.next_power_of_2(num_samples))
     if denominators is not None:
-        missing = torch.tensor([v is None for v in vs], device=device)
+        missing = to_device([v is None for v in vs], device, torch.bool)
         stats[:, RATIO_SPIKES] = torch.where(missing, nan, stats[:, RATIO_SPIKES])
     return PassResult(stats, g_samples, r_samples, v_samples)

@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from heavytail.distributed import local
+from heavytail.transfer import to_device
 from heavytail.estimators.gradient_pass import Denominators
 
 
@@ -175,13 +176,13 @@ def denominators(
         vs.append(v)
     if not found:
         return None
-    try:
-        step_vec = torch.stack([s.reshape(()) for s in steps]).to(device, torch.float64, non_blocking=True)
-    except RuntimeError:  # step counters on several devices
+    if all(s.device.type == "cpu" for s in steps):  # the default: step counters on the host
+        step_vec = to_device(torch.stack([s.reshape(()) for s in steps]), device, torch.float64)
+    else:  # capturable/fused optimizers keep them on the device
         step_vec = torch.stack([s.to(device, torch.float64, non_blocking=True).reshape(()) for s in steps])
-    beta2 = torch.tensor(beta2s, dtype=torch.float64).to(device, non_blocking=True)
+    beta2 = to_device(beta2s, device, torch.float64)
     bias_correction = 1.0 - beta2**step_vec
-    return Denominators(vs, bias_correction, torch.tensor(epss, dtype=torch.float64).to(device, non_blocking=True))
+    return Denominators(vs, bias_correction, to_device(epss, device, torch.float64))
 
 
 def gather_samples(tensors: Sequence[torch.Tensor | None], sample_index: torch.Tensor, dtype: torch.dtype,
@@ -192,7 +193,7 @@ def gather_samples(tensors: Sequence[torch.Tensor | None], sample_index: torch.T
     # A shard may be empty; a complex tensor has no real samples (casting would drop its imaginary part).
     rows = [i for i, t in enumerate(tensors) if t is not None and t.numel() > 0 and not t.is_complex()]
     if rows:
-        out[torch.tensor(rows, device=sample_index.device)] = torch.stack(
+        out[to_device(rows, sample_index.device, torch.int64)] = torch.stack(
             [tensors[i].detach().reshape(-1)[sample_index[i]].to(dtype) for i in rows])
     return out
 
