@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens; offline) with the monitor and the noise probe on, write the run directory and its HTML report, "
         "and print a summary: heaviest-tailed layers, noise tail indices, alerts.",
     )
-    demo.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    demo.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
+                      help=f"optimizer steps (default {DEFAULT_STEPS})")
     demo.add_argument("--out", default="heavytail_runs/demo", help="run directory (default heavytail_runs/demo; a "
                       "previous run's files there are replaced)")
     demo.add_argument("--text", default=None, help="train on this text file or directory of .txt/.py/.md files "
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--every", type=_positive_int, default=None,
                       help="steps per checkpoint (default: steps / 20, about 20 checkpoints)")
     demo.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer (default adamw)")
-    demo.add_argument("--lr", type=_positive_float, default=None, help=f"learning rate (default per optimizer: {lr_table})")
+    demo.add_argument("--lr", type=_positive_float, default=None,
+                      help=f"learning rate (default per optimizer: {lr_table})")
     demo.add_argument("--no-probe", action="store_true", help="do not run the noise probe at checkpoints")
     demo.add_argument("--threads", type=_positive_int, default=None,
                       help="torch intra-op threads (default: one per core, or 1 when the machine is busy)")
@@ -88,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default all four)")
     compare.add_argument("--steps", type=_positive_int, default=DEFAULT_COMPARE_STEPS,
                          help=f"optimizer steps per run (default {DEFAULT_COMPARE_STEPS})")
-    compare.add_argument("--out", default="heavytail_runs/compare", help="output directory (default heavytail_runs/compare)")
+    compare.add_argument("--out", default="heavytail_runs/compare",
+                         help="output directory (default heavytail_runs/compare)")
     compare.add_argument("--lr", default=None, metavar="NAME=LR,...",
                          help=f"learning rates to override, e.g. adamw=3e-4,lion=1e-4 (defaults: {lr_table})")
-    compare.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order (default 0)")
+    compare.add_argument("--seed", type=int, default=0,
+                         help="seed of the initial weights and the data order (default 0)")
     compare.add_argument("--size", choices=list(SIZES), default="small", help="model and batch size (default small)")
     compare.add_argument("--every", type=_positive_int, default=None,
                          help="steps per checkpoint (default: steps / 20)")

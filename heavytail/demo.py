@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TextIO
+from typing import Any, Iterator, Mapping, TextIO
 
 import numpy as np
 import torch
@@ -393,6 +393,21 @@ def _median_by_layer(run: Run, family: str) -> dict[str, float]:
     return out
 
 
+MIN_RANKED_NUMEL = 1000
+"""Tensors with fewer entries are left out of the summary's heaviest-tail ranking (Hill keeps at most n/10)."""
+
+
+def _numels(meta: Mapping[str, Any]) -> dict[str, int]:
+    """Entries per parameter, and per group under ``group_by``, from meta.json."""
+    params = meta.get("params") if isinstance(meta.get("params"), list) else []
+    out = {p["name"]: int(p.get("numel") or 0) for p in params if isinstance(p, Mapping) and "name" in p}
+    groups = meta.get("groups")
+    if isinstance(groups, Mapping):
+        for group, members in groups.items():
+            out[group] = sum(out.get(m, 0) for m in members) if isinstance(members, list) else 0
+    return out
+
+
 def _num(v: float, digits: int = 3) -> str:
     if v is None or not math.isfinite(v):
         return "-" if v is None or math.isnan(v) else ("inf" if v > 0 else "-inf")
@@ -429,10 +444,18 @@ def summary_text(run: Run, trained: TrainedRun | None = None, workload: Mapping[
     noise = _median_by_layer(run, "noise/hill_alpha")
     probe = _median_by_layer(run, "probe/hill_alpha")
     stable = _median_by_layer(run, "probe/stable_alpha")
-    ranked = sorted((a, n) for n, a in alpha.items() if math.isfinite(a))
+    # A tensor of a few hundred entries (a norm's gain, a bias) leaves Hill about ten order statistics: its
+    # estimate is as uncertain as it is large, and would head the list on noise alone. Rank tensors (or groups)
+    # of at least MIN_RANKED_NUMEL entries; the others are in the report.
+    numel = _numels(meta)
+    certain = {n: a for n, a in alpha.items() if math.isfinite(a)
+               and (numel.get(n, 0) >= MIN_RANKED_NUMEL if numel else se.get(n, math.inf) <= a / 2)}
+    ranked = sorted((a, n) for n, a in certain.items())
+    uncertain = sum(1 for n, a in alpha.items() if math.isfinite(a) and n not in certain)
     if ranked:
         lines.append("")
-        lines.append(f"Heaviest-tailed layers (median over {len(run.steps)} checkpoints; alpha < 2: infinite variance):")
+        lines.append(f"Heaviest-tailed layers (median over {len(run.steps)} checkpoints; alpha < 2: "
+                     "infinite variance):")
         width = max(len(n) for _, n in ranked[:top])
         cols = "coordinate alpha (grad/hill_alpha)"
         if noise:
@@ -447,6 +470,9 @@ def summary_text(run: Run, trained: TrainedRun | None = None, workload: Mapping[
             if probe:
                 text += f" | {_num(probe.get(n, math.nan))}, {_num(stable.get(n, math.nan))}"
             lines.append(text)
+        if uncertain:
+            lines.append(f"  ({uncertain} small tensor{'s' if uncertain > 1 else ''} (norm gains, biases) left out: "
+                         "too few entries for a tail index to rank; all are in the report)")
     if noise or probe:
         lines.append("")
         lines.append("Noise tail indices (median over layers and checkpoints):")

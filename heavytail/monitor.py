@@ -442,8 +442,15 @@ class Monitor:
     def __enter__(self) -> "Monitor":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as err:  # the training loop's own exception is the one to see, not ours on top of it
+            warnings.warn(f"heavytail: close() failed while the training loop was raising: {type(err).__name__}: "
+                          f"{err}", RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ step path (no host-device sync)
 
@@ -906,7 +913,11 @@ class Monitor:
             mean = col("s1") / count
             m2 = col("s2") / count - mean**2
             m4 = col("s4") / count - 4 * mean * col("s3") / count + 6 * mean**2 * col("s2") / count - 3 * mean**4
-            kurt = np.where(count >= 4, m4 / (m2 * m2) - 3.0, np.nan)
+            # Raw power sums cancel catastrophically when |mean| >> std: the kurtosis error is about
+            # eps * (mean^2 / m2)^2, so past 1e-3 the figure is noise (it reads -15 or 5e8 at mean/std = 1e4, 1e6)
+            # and is reported as NaN rather than as a number.
+            conditioned = np.finfo(np.float64).eps * (mean**2 / m2) ** 2 < 1e-3
+            kurt = np.where((count >= 4) & conditioned, m4 / (m2 * m2) - 3.0, np.nan)
             per_step = np.maximum(count / np.maximum(steps, 1), 4)
             gauss = np.asarray(gaussian_kurtosis_quantile(torch.as_tensor(per_step), 0.99), dtype=np.float64)
             entries = col("entries")

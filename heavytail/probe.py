@@ -76,7 +76,8 @@ class ProbeResult(NamedTuple):
     def packed(self) -> tuple[list[str], torch.Tensor]:
         """The per-tensor figures as ``(names, values (L, K))``, for one checkpoint copy.
 
-        Names: ``hill_alpha``, ``hill_alpha_se``, ``hill_alpha_gauss``, ``stable_alpha``, ``kurtosis``, ``moment_slope_p<p>`` and
+        Names: ``hill_alpha``, ``hill_alpha_se``, ``hill_alpha_gauss``, ``stable_alpha``, ``kurtosis``,
+        ``moment_slope_p<p>`` and
         ``moment_intercept_p<p>`` for each p (``p1``, ``p1.5``), ``resolved_frac``, ``grad_norm`` (the mean
         mini-batch gradient norm). The monitor writes them as ``probe/<name>/<parameter>``.
         """

@@ -20,8 +20,8 @@ Per tensor ``l`` with entries g (non-finite entries are counted and then read as
 
 Cost per entry, all element-wise work in the statistics dtype: one packing copy of g, three passes for the
 non-finite count and the clean-up, three products (g^2, g^3, g^4) and seven row reductions; with a denominator,
-one packing copy of v and six more passes. No boolean temporaries (they are several times slower than float ones
-on the CPU) and no per-entry index tensors. A fused kernel (Triton on CUDA, or Inductor's C++ on the CPU) reads g
+one packing copy of v, seven more element-wise passes and two row reductions. No boolean temporaries (they are
+several times slower than float ones on the CPU) and no per-entry index tensors. A fused kernel (Triton on CUDA, or Inductor's C++ on the CPU) reads g
 and v once and writes only the per-block partials; this is the reference ``torch`` path it must agree with.
 """
 
@@ -257,11 +257,11 @@ class GradientPass:
         plan = self._plan(present, device)
         block = plan.block
         if has_denominator:
-            inv_sqrt_bc = denominators.bias_correction.to(device, dtype).rsqrt()
+            inv_bc = denominators.bias_correction.to(device, dtype).reciprocal()
             eps = denominators.eps.to(device, dtype)
             has_v = [v is not None for v in denominators.v]
             threshold = math.sqrt(spike_threshold)  # r^2 > T  <=>  r > sqrt(T), for r >= 0
-            tiny = torch.finfo(dtype).tiny
+            tiny = torch.full((), torch.finfo(dtype).tiny, device=device, dtype=dtype)
         # Three chunk-sized scratch buffers serve every chunk of this call.
         scratch = [torch.empty(plan.scratch, device=device, dtype=dtype) for _ in range(3)]
         sums: list[torch.Tensor] = []
@@ -292,12 +292,12 @@ class GradientPass:
                 if any(has_v[layer] for layer, *_ in chunk.spec):
                     self._pack(chunk, denominators.v, t, u)
                     v_samples.index_copy_(0, chunk.sample_dst, t.index_select(0, chunk.sample_src))
-                    c = torch.repeat_interleave(inv_sqrt_bc[rows], chunk.blocks, output_size=nb)[:, None]
+                    c = torch.repeat_interleave(inv_bc[rows], chunk.blocks, output_size=nb)[:, None]
                     e = torch.repeat_interleave(eps[rows], chunk.blocks, output_size=nb)[:, None]
-                    # d = sqrt(v) / sqrt(bc) + eps / [v > 0]: infinite where v = 0, so r = |g| / d reads 0 there.
-                    # sqrt of v + tiny: the CPU's sqrt is ~30x slower on zeros and subnormals (padding, unused
+                    # d = sqrt(v / bc) + eps / [v > 0]: infinite where v = 0, so r = |g| / d reads 0 there.
+                    # sqrt of tiny + v / bc: the CPU's sqrt is ~30x slower on zeros and subnormals (padding, unused
                     # embedding rows), and adding the smallest normal changes no v above 1e-290 (1e-30 in float32).
-                    torch.add(tb, tiny, out=ub).sqrt_().mul_(c)
+                    torch.addcmul(tiny, tb, c, out=ub).sqrt_()
                     torch.gt(tb, 0.0, out=tb)
                     torch.addcdiv(ub, e.expand(nb, block), tb, out=ub)
                     r = torch.div(xb, ub, out=ub).abs_()
@@ -332,7 +332,7 @@ class GradientPass:
             stats[:, RATIO_MAX] = torch.where(missing, nan, stats[:, RATIO_MAX])
             stats[:, RATIO_SPIKES] = torch.where(missing, nan, stats[:, RATIO_SPIKES])
             v_samples = torch.where(missing[:, None], nan, v_samples)
-            r_samples = g_samples.abs() / (v_samples.sqrt() * inv_sqrt_bc[:, None] + eps[:, None])
+            r_samples = g_samples.abs() / ((v_samples * inv_bc[:, None]).sqrt() + eps[:, None])
             r_samples = torch.where(v_samples > 0, r_samples, torch.where(missing[:, None], nan, 0.0))
         else:
             stats[:, RATIO_MAX] = nan

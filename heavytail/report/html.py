@@ -654,7 +654,8 @@ def _consistency_checks(runs: Mapping[str, Run]) -> list[tuple[bool, str]]:
         params = r.meta.get("params")
         if not isinstance(params, list):
             return None
-        return f"{len(params)} tensors, {sum(int(p.get('numel', 0) or 0) for p in params if isinstance(p, Mapping)):,} values"
+        numel = sum(int(p.get("numel", 0) or 0) for p in params if isinstance(p, Mapping))
+        return f"{len(params)} tensors, {numel:,} values"
 
     def seed(r: Run) -> Any:
         for where in ("extra", "config"):
@@ -810,7 +811,8 @@ _FAMILY_TABLES: tuple[tuple[str, str], ...] = (
 def _family_tables(runs: Mapping[str, Run]) -> str:
     names = list(runs)
     blocks = []
-    for n_shown, (family, title) in enumerate((f, t) for f, t in _FAMILY_TABLES if any(r.layers(f) for r in runs.values())):
+    present = [(f, t) for f, t in _FAMILY_TABLES if any(r.layers(f) for r in runs.values())]
+    for n_shown, (family, title) in enumerate(present):
         layers: list[str] = []
         medians: dict[str, dict[str, float]] = {}
         for n, r in runs.items():
