@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import time
+import traceback
 import warnings
 import weakref
 from datetime import datetime
@@ -233,8 +234,10 @@ class Monitor:
         self._probing = False
         self._state = self._init_state(num_layers)
 
-        self._optimizer_tap = OptimizerTap(optimizer, self._before_step, self._after_step) if optimizer else None
-        self._backward_tap = BackwardTap(self.params, self._on_backward_end)
+        self._failure: BaseException | None = None  # the first exception inside the monitor's own hooks
+        self._optimizer_tap = OptimizerTap(optimizer, self._guarded(self._before_step),
+                                           self._guarded(self._after_step)) if optimizer else None
+        self._backward_tap = BackwardTap(self.params, self._guarded(self._on_backward_end))
         self._local_tap = None
         if self.dist.active and not self.dist.sharded:
             # DDP: each rank's gradient before the all-reduce, sampled as it is accumulated (rank noise).
@@ -375,8 +378,8 @@ class Monitor:
         """Count one optimizer update; only needed when the monitor was built without an optimizer."""
         if self._optimizer_tap is not None:
             raise RuntimeError("Monitor.step(): steps are counted by the optimizer's hooks; do not call step()")
-        self._before_step()
-        self._after_step()
+        self._guarded(self._before_step)()
+        self._guarded(self._after_step)()
 
     def set_probe(self, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, *,
                   micro_batches: int = 32) -> None:
@@ -412,7 +415,7 @@ class Monitor:
 
         Under torch.distributed, every rank must call it (it merges statistics across ranks).
         """
-        if self._closed:
+        if self._closed or self._failure is not None:
             return
         if self.step_count == self._interval_start:
             self._drain_alerts()
@@ -451,6 +454,27 @@ class Monitor:
         except Exception as err:  # the training loop's own exception is the one to see, not ours on top of it
             warnings.warn(f"heavytail: close() failed while the training loop was raising: {type(err).__name__}: "
                           f"{err}", RuntimeWarning, stacklevel=2)
+
+    def _guarded(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """``hook`` as the taps call it: an exception inside the monitor never reaches the training loop.
+
+        The first one is reported once, with its traceback, and the monitor stops measuring (its state may be half
+        updated); training goes on and ``close()`` still removes the hooks. Under torch.distributed it is raised:
+        a rank that stopped would leave the others waiting in the next checkpoint's collectives for ever.
+        """
+        def call() -> None:
+            if self._failure is not None:
+                return
+            try:
+                hook()
+            except Exception as exc:
+                if self.dist.active:
+                    raise
+                self._failure = exc
+                warnings.warn(f"heavytail: the monitor failed and stops measuring; training goes on. Please report "
+                              f"this: {type(exc).__name__}: {exc}\n{traceback.format_exc()}", RuntimeWarning,
+                              stacklevel=2)
+        return call
 
     # ------------------------------------------------------------------ step path (no host-device sync)
 
