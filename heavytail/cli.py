@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"learning rate (default per optimizer: {lr_table})")
     demo.add_argument("--no-probe", action="store_true", help="do not run the noise probe at checkpoints")
     demo.add_argument("--threads", type=_positive_int, default=None,
-                      help="torch intra-op threads (default: one per core, or 1 when the machine is busy)")
+                      help="torch intra-op threads (default: 1 for tiny and small; for medium one per core, or 1 "
+                      "when the machine is busy)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
 
     compare = sub.add_parser(
@@ -102,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--text", default=None, help="train on this text instead of the Python stdlib source")
     compare.add_argument("--no-probe", action="store_true", help="do not run the noise probe at checkpoints")
     compare.add_argument("--threads", type=_positive_int, default=None,
-                         help="torch intra-op threads, the same for every run (default: one per core, or 1 when "
-                         "the machine is busy)")
+                         help="torch intra-op threads, the same for every run (default: 1 for tiny and small; for "
+                         "medium one per core, or 1 when the machine is busy)")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
 
     report = sub.add_parser(

@@ -43,7 +43,7 @@ __all__ = [
     "run_summary",
 ]
 
-DEFAULT_COMPARE_STEPS = 200
+DEFAULT_COMPARE_STEPS = 300
 """Steps per optimizer of ``heavytail compare`` when ``--steps`` is not given."""
 
 TAIL_FAMILIES = ("grad/hill_alpha", "noise/hill_alpha", "probe/hill_alpha", "probe/stable_alpha")
@@ -184,7 +184,7 @@ def run_compare(
     chosen = {n: float((lrs or {}).get(n, DEFAULT_LR[n])) for n in names}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = choose_threads(threads)
+    threads = choose_threads(threads, size)
 
     workload = build_demo(seed=seed, text=text, steps=steps, device=device, size=size)
     settings: dict[str, Any] = {

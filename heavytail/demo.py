@@ -97,19 +97,24 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None = None, *, adam
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
-def choose_threads(requested: int | None = None) -> int:
+def choose_threads(requested: int | None = None, size: str = "small") -> int:
     """Set and return torch's intra-op thread count for a demo or comparison run.
 
-    ``requested`` wins. Otherwise torch's default (one per core) stays, unless the machine is already busy (the
-    1-minute load average is at least the core count minus one half): then one thread, because spinning OpenMP
-    threads that wait for a core make a small model several times slower (measured on a shared two-core machine:
-    0.2 s per ``small`` step on one thread, 0.7-1.3 s on two).
+    ``requested`` wins. Otherwise one thread for the ``tiny`` and ``small`` sizes: their matrices are too small
+    for intra-op parallelism to pay (on two lightly loaded cores the demo ran 8 steps per second on two threads,
+    monitor included, and bare steps 9-10 per second on one), and when the machine is busy, OpenMP threads that spin waiting for a
+    core make them several times slower (0.7-1.3 s per step on two threads against 0.2 s on one). ``medium``
+    keeps torch's default (one per core) unless the machine is already busy (1-minute load average at least the
+    core count minus one half), then one.
     """
     if requested is not None:
         if requested < 1:
             raise ValueError(f"threads must be positive, got {requested}")
         torch.set_num_threads(requested)
         return requested
+    if size in ("tiny", "small"):
+        torch.set_num_threads(1)
+        return 1
     cores = os.cpu_count() or 1
     try:
         busy = os.getloadavg()[0] >= cores - 0.5
@@ -235,7 +240,7 @@ class TrainedRun:
     """The loss at every step (read from the device after training, one copy)."""
     alerts: list[dict] = field(default_factory=list)
     probe: bool = False
-    """Whether the noise probe ran at checkpoints (the monitor supports it)."""
+    """Whether the noise probe ran at checkpoints."""
 
 
 def clear_run_dir(path: Path) -> None:
@@ -269,7 +274,7 @@ def train_monitored(
     Batch ``t`` is ``workload.batches.get(t)`` (the seed fixes the order), the learning rate warms up linearly
     over :func:`warmup_steps` and then stays constant, and nothing else is done to the gradients (no clipping),
     so the monitor sees the optimizer's raw behaviour. With ``probe`` the monitor runs the noise probe at every
-    checkpoint on ``workload.held_out`` split into ``micro_batches`` mini-batches (when the monitor supports it).
+    checkpoint on ``workload.held_out`` split into ``micro_batches`` mini-batches.
     ``config`` overrides :class:`~heavytail.MonitorConfig` fields. The run directory is cleared of a previous
     run's files first.
     """
@@ -288,8 +293,7 @@ def train_monitored(
     model.train()
     start = time.perf_counter()
     with _alerts_off_the_terminal(progress is not None), Monitor(model, optimizer, config=cfg) as monitor:
-        probing = bool(probe) and hasattr(monitor, "set_probe")
-        if probing:
+        if probe:
             monitor.set_probe(demo_loss, workload.held_out, micro_batches=micro_batches)
         monitor.on_alert(alerts.append)
         for step in range(steps):
@@ -307,7 +311,7 @@ def train_monitored(
     seconds = time.perf_counter() - start
     bar.close()
     return TrainedRun(run_dir=log_dir, steps=steps, seconds=seconds, losses=losses.tolist(), alerts=alerts,
-                      probe=probing)
+                      probe=bool(probe))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,7 +363,7 @@ def run_demo(
     if every < 1:
         raise ValueError(f"every must be positive, got {every}")
     name = optimizer.lower()
-    threads = choose_threads(threads)
+    threads = choose_threads(threads, size)
     workload = build_demo(seed=seed, text=text, steps=steps, device=device, size=size)
     lr = DEFAULT_LR.get(name) if lr is None else lr
     opt = make_optimizer(name, workload.model, lr)
@@ -492,7 +496,7 @@ def summary_text(run: Run, trained: TrainedRun | None = None, workload: Mapping[
                              f"heaviest {heaviest[1]} {heaviest[0]:.3g}")
     elif trained is not None and not trained.probe:
         lines.append("")
-        lines.append("Noise probe: not available in this monitor version (no Monitor.set_probe).")
+        lines.append("Noise probe: off (--no-probe).")
 
     lines.append("")
     alerts = run.alerts

@@ -59,9 +59,9 @@ def test_demo_writes_run_directory_report_and_summary(tmp_path: Path, small_text
     assert "6/6" in bar.getvalue()  # the progress bar reached the end
     meta = json.loads((out / "meta.json").read_text())
     assert meta["extra"]["lr"] == DEFAULT_LR["adamw"] and meta["extra"]["workload/size"] == "tiny"
-    if result.trained.probe:  # once the monitor has the probe wiring
-        assert any(k.startswith("probe/hill_alpha/") for k in records[-1]["metrics"])
-        assert "probe (probe/hill_alpha)" in text
+    assert result.trained.probe  # the noise probe ran at every checkpoint
+    assert all(any(k.startswith("probe/hill_alpha/") for k in r["metrics"]) for r in records)
+    assert "probe (probe/hill_alpha)" in text
 
 
 def test_demo_replaces_a_previous_run(tmp_path: Path, small_text: Path) -> None:

@@ -41,14 +41,18 @@ def _index(params, s: int = 8) -> torch.Tensor:
     return torch.stack([torch.arange(s) % p.numel() for p in params])
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_training_state_is_restored_bit_for_bit(mode: str) -> None:
+def test_training_state_is_restored_bit_for_bit(mode: str, device: str) -> None:
     torch.manual_seed(0)
-    model = BNNet()
+    model = BNNet().to(device)
     model.train(mode == "train")
     model.drop.train(True)  # a module whose mode differs from its parent's must keep it
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(20, 6, generator=g), torch.randn(20, 1, generator=g)
+    x, y = torch.randn(20, 6, generator=g).to(device), torch.randn(20, 1, generator=g).to(device)
     mse(model, (x, y)).backward()  # training gradients, left in place as the monitor finds them
     model.fc2.bias.grad = None  # a parameter with no gradient must stay without one
     params = [p for p in model.parameters()]
@@ -56,9 +60,13 @@ def test_training_state_is_restored_bit_for_bit(mode: str) -> None:
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     modes = {n: m.training for n, m in model.named_modules()}
     rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device == "cuda" else None
 
-    held = (torch.randn(32, 6, generator=g), torch.randn(32, 1, generator=g))
-    result = noise_probe(model, params, mse, held, micro_batches=8, sample_index=_index(params))
+    held = (torch.randn(32, 6, generator=g).to(device), torch.randn(32, 1, generator=g).to(device))
+    result = noise_probe(model, params, mse, held, micro_batches=8, sample_index=_index(params).to(device))
+    if cuda_rng is not None:
+        assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda_rng))
+    assert result.hill_alpha.device.type == device  # results stay on the gradients' device
 
     assert isinstance(result, ProbeResult)
     for n, p in model.named_parameters():
@@ -253,9 +261,6 @@ def test_groups_pool_their_members() -> None:
 from heavytail import Monitor  # noqa: E402
 from tests.conftest import TinyNet, read_records, tiny_batch  # noqa: E402
 
-needs_wiring = pytest.mark.skipif(not hasattr(Monitor, "set_probe"), reason="Monitor.set_probe is not wired in")
-
-
 def _train_tiny(tmp_path, probe: bool, steps: int = 8) -> tuple[list[dict], list[torch.Tensor]]:
     torch.manual_seed(0)
     model = TinyNet()
@@ -279,7 +284,6 @@ def _train_tiny(tmp_path, probe: bool, steps: int = 8) -> tuple[list[dict], list
     return read_records(tmp_path), [p.detach().clone() for p in model.parameters()]
 
 
-@needs_wiring
 def test_monitor_probes_every_probe_every_checkpoints_without_changing_training(tmp_path) -> None:
     plain, weights_plain = _train_tiny(tmp_path / "plain", probe=False)
     probed, weights_probed = _train_tiny(tmp_path / "probed", probe=True)
@@ -296,7 +300,6 @@ def test_monitor_probes_every_probe_every_checkpoints_without_changing_training(
             assert r_probed["metrics"][key] == value, key
 
 
-@needs_wiring
 def test_set_probe_checks_its_arguments(tmp_path) -> None:
     model = TinyNet()
     with Monitor(model, torch.optim.SGD(model.parameters(), lr=0.1), log_dir=tmp_path, probe_every=1) as mon:
