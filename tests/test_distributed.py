@@ -72,5 +72,7 @@ def test_two_ranks_write_one_stream_equal_to_one_process(tmp_path, single_run, m
     assert last["loss"] == pytest.approx(single_run[-1]["metrics"]["loss"], rel=1e-5)
     if mode == "ddp":
         # Each rank's gradient before the all-reduce, minus the average: the per-rank noise source.
-        assert last["noise/rank_hill_alpha/fc1.weight"] is not None
+        assert "noise/rank_hill_alpha/fc1.weight" in last  # null when the sample shows no power-law tail (inf)
+        alpha = last["noise/rank_hill_alpha/fc1.weight"]
+        assert alpha is None or alpha > 0
         assert math.isfinite(last["noise/rank_kurtosis/fc1.weight"])
