@@ -21,8 +21,9 @@ Per tensor ``l`` with entries g (non-finite entries are counted and then read as
 Cost per entry, all element-wise work in the statistics dtype: one packing copy of g, three passes for the
 non-finite count and the clean-up, three products (g^2, g^3, g^4) and seven row reductions; with a denominator,
 one packing copy of v, seven more element-wise passes and two row reductions. No boolean temporaries (they are
-several times slower than float ones on the CPU) and no per-entry index tensors. A fused kernel (Triton on CUDA, or Inductor's C++ on the CPU) reads g
-and v once and writes only the per-block partials; this is the reference ``torch`` path it must agree with.
+several times slower than float ones on the CPU) and no per-entry index tensors. A fused kernel reads g and v
+once and writes only per-block partials (:mod:`heavytail.estimators.triton_pass` on CUDA); this is the reference
+``torch`` path it must agree with, and the one the CPU runs. docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ CPU_SCRATCH_BYTES = 1 << 22
 """On the CPU a chunk's scratch buffers are kept under 4 MiB each: larger ones are returned to the operating
 system when freed (glibc's mmap threshold) and page-faulted back in at the next step, which costs more than the
 arithmetic (measured: 8 MiB buffers made the pass 5x slower)."""
+
+MAX_PLANS = 64
+"""Plans are cached per set of present gradients. Under mixture-of-experts routing that set changes from step to
+step without end (top-2 of 64 experts: 2,016 sets; top-8: billions) and each plan holds device tensors, so the
+caches are bounded: past this many, the oldest entry goes (a set seen again is planned again, on the host)."""
 
 
 class Denominators(NamedTuple):
@@ -194,6 +200,8 @@ class GradientPass:
             block_rows=block_rows,
             scratch=max((c.numel for c in chunks), default=0),
         )
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.pop(next(iter(self._plans)))
         self._plans[present] = plan
         return plan
 
@@ -328,6 +336,8 @@ class GradientPass:
             key = (present, tuple(has_v))
             missing = self._missing.get(key)
             if missing is None:  # built once per pattern: no host-to-device copy on the step path
+                if len(self._missing) >= MAX_PLANS:
+                    self._missing.pop(next(iter(self._missing)))
                 missing = self._missing[key] = to_device([not (v and g) for v, g in zip(has_v, present)], device)
             stats[:, RATIO_MAX] = torch.where(missing, nan, stats[:, RATIO_MAX])
             stats[:, RATIO_SPIKES] = torch.where(missing, nan, stats[:, RATIO_SPIKES])
@@ -338,6 +348,7 @@ class GradientPass:
             stats[:, RATIO_MAX] = nan
             r_samples = torch.full_like(g_samples, nan)
         return PassResult(stats, g_samples, r_samples, v_samples)
+
 
 def gradient_pass(
     grads: Sequence[torch.Tensor | None],

@@ -32,9 +32,6 @@ from tests.conftest import read_alerts, read_records
 from tests.reliability import HandModel, one_intra_op_thread, same_metrics  # noqa: F401 (autouse fixture)
 
 NAN, INF = math.nan, math.inf
-
-# The monitor's own hooks catch their exceptions with /tmp/patches/reliability-guard.diff. Strict: drop with the patch.
-NEEDS_GUARD_PATCH = pytest.mark.xfail(strict=True, reason="hook guard: /tmp/patches/reliability-guard.diff")
 SHAPES = {"a": (6, 7), "b": (40,), "c": (3,)}
 
 
@@ -403,7 +400,6 @@ def test_monitor_step_on_hand_set_gradients(tmp_path_factory, case):
     assert any(a["rule"] == "nonfinite_grad" for a in seen) == any_bad
 
 
-@NEEDS_GUARD_PATCH
 def test_a_failure_inside_the_monitor_never_reaches_the_training_loop(tmp_path, monkeypatch):
     """A bug in the monitor (here: its gradient pass raises from the 3rd step on) is reported once; the
     training loop runs exactly as without a monitor, and close() still takes every hook off."""

@@ -152,6 +152,7 @@ def test_optimizer_owning_some_parameters_names_the_first_missing(tmp_path):
     ht.Monitor(model, optimizer, log_dir=tmp_path / "ok", include=["0.*"]).close()
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile imports torch.jit
 def test_attaching_twice_through_a_compile_wrapper(tmp_path):
     model = _model()
     with ht.Monitor(model, log_dir=tmp_path / "a"):

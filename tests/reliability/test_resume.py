@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -156,4 +154,4 @@ def test_loading_a_state_from_another_model_is_refused(tmp_path):
             mon.load_state_dict(state)
         with pytest.raises(ValueError, match="unsupported state version"):
             mon.load_state_dict({**state, "version": -1})
-        assert mon.step_count == 0 and not math.isnan(0.0)
+        assert mon.step_count == 0  # nothing was half loaded

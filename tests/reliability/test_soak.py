@@ -183,3 +183,41 @@ def test_record_size_for_a_model_with_1000_tensors(tmp_path):
         line, record, _ = _one_checkpoint_record(run, group_by=group_by)
         print(f"record grouped {label}: {len(line)} bytes, {len(record['metrics'])} keys")
         assert len(line) < size
+
+
+def test_mixture_of_experts_routing_keeps_the_plan_cache_bounded(tmp_path):
+    """Top-2 routing over 16 experts: 120 different sets of present gradients. The gradient pass plans one layout
+    per set and caches it; the cache must stay bounded (each plan holds device tensors, and top-k of many experts
+    gives sets without end), and a set planned again must give the same statistics."""
+    from heavytail.estimators.gradient_pass import MAX_PLANS
+
+    class MoE(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.experts = nn.ModuleList([nn.Linear(8, 8) for _ in range(16)])
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x, used):
+            return self.head(sum(self.experts[i](x) for i in used))
+
+    torch.manual_seed(0)
+    model = MoE()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    names = [n for n, _ in model.named_parameters()]
+    seen = []
+    mon = ht.Monitor(model, opt, every=300, log_dir=tmp_path)
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(
+        {n: p.grad.double().clone() for n, p in zip(names, model.parameters()) if p.grad is not None}))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        used = torch.randperm(16, generator=gen)[:2].tolist()
+        model(torch.randn(4, 8, generator=gen), used).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert len(mon._pass._plans) <= MAX_PLANS  # private, but it is the memory this test is about
+    mon.close()
+    (record,) = read_lines(tmp_path / "metrics.jsonl")
+    for name in names:
+        squares = [float((g[name] ** 2).sum()) for g in seen if name in g]
+        expected = (sum(squares) / len(squares)) ** 0.5
+        assert record["metrics"][f"grad/norm/{name}"] == pytest.approx(expected, rel=1e-9)
