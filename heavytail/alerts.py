@@ -124,13 +124,14 @@ class AlertEngine:
         """Rules on a checkpoint record: a layer's tail index under the threshold."""
         alphas = np.array([metrics.get(f"grad/hill_alpha/{n}", math.nan) for n in names], dtype=np.float64)
         ses = np.array([metrics.get(f"grad/hill_alpha_se/{n}", math.nan) for n in names], dtype=np.float64)
-        # Confident drops only: the estimate plus one standard error is still under the threshold.
-        upper = np.nan_to_num(alphas + np.nan_to_num(ses, nan=0.0), nan=np.inf)
+        # Confident drops only: the estimate plus two standard errors is still under the threshold (one-sided
+        # 97.7%), so a small tensor's noisy estimate does not raise a false alarm.
+        upper = np.nan_to_num(alphas + 2.0 * np.nan_to_num(ses, nan=0.0), nan=np.inf)
         low = upper < self.tail_threshold
         self._rule("tail_index_drop", step, low, -np.nan_to_num(alphas, nan=np.inf), alphas, list(names),
                    "grad/hill_alpha", self.tail_threshold,
                    lambda n, v, s: f"tail index of {n}'s gradient is {v:.2f} at step {step}, under "
-                                   f"{self.tail_threshold:g} by more than its standard error: infinite variance")
+                                   f"{self.tail_threshold:g} by more than two standard errors: infinite variance")
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count, "cooldowns": {k: c.state_dict() for k, c in self._cooldowns.items()}}

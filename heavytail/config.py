@@ -97,8 +97,8 @@ class MonitorConfig:
     """Steps during which a rule does not fire again for the same metric: one event, one alert."""
 
     tail_alpha_threshold: float = 2.0
-    """``tail_index_drop`` fires when a layer's Hill alpha is under this (2: infinite variance) by more than its
-    standard error, so a small layer's noisy estimate does not raise a false alarm."""
+    """``tail_index_drop`` fires when a layer's Hill alpha is under this (2: infinite variance) by more than
+    two standard errors, so a small layer's noisy estimate does not raise a false alarm."""
 
     hidden_spike_frac: float = 0.0
     """``hidden_spike`` fires when the fraction of a layer's coordinates over ``spike_threshold`` exceeds this."""

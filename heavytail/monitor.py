@@ -66,7 +66,7 @@ STATE_VERSION = 2
 # Columns of the per-tensor interval accumulators. Sums merge across ranks by addition, the others by max, so a
 # sharded (FSDP2) run is merged exactly at checkpoints with two all-reduces.
 SUM_FIELDS = ("count", "s1", "s2", "s3", "s4", "nonfinite", "ratio_spikes", "preclip_s2", "ratio_p99",
-              "ratio_entries", "entries")
+              "ratio_entries", "entries", "preclip_steps")
 MAX_FIELDS = ("absmax", "ratio_max", "steps", "bad_steps", "ratio_steps")
 # Per-tensor sums of the optimizer-update figures (sample based): update RMS ratio and its steps, update/gradient
 # ratio at denominator events (real, shadow) and their counts, Lion's flipped-sign fraction and its steps.
@@ -300,7 +300,8 @@ class Monitor:
             "noise_seen": torch.zeros(num_layers, device=dev, dtype=dt),
             "noise_temporal": temporal.values,
             "noise_temporal_valid": temporal.valid,
-            "preclip_s2": torch.zeros(num_layers, device=dev, dtype=dt),
+            # NaN until a backward pass measures it (gradients set by hand have no pre-clip norm).
+            "preclip_s2": torch.full((num_layers,), math.nan, device=dev, dtype=dt),
             # Denominator memory on the sampled coordinates (real denominator, first shadow) and update figures.
             "memory_sum": torch.zeros(2, num_layers, len(MEMORY_FIELDS), device=dev, dtype=dt),
             "update_sum": torch.zeros(num_layers, len(UPDATE_FIELDS), device=dev, dtype=dt),
@@ -516,7 +517,7 @@ class Monitor:
                     and self.scaler.is_enabled():
                 # Hooks see gradients multiplied by the loss scale: divide on the device, never read the scale.
                 norms = norms / self.scaler._scale.to(norms.dtype)
-            s2 = torch.zeros_like(self._state["preclip_s2"])
+            s2 = torch.full_like(self._state["preclip_s2"], math.nan)
             s2[index] = norms * norms
             self._state["preclip_s2"] = s2
         if self._accumulating:
@@ -558,11 +559,13 @@ class Monitor:
         add = torch.stack([
             clean[:, COUNT], clean[:, S1], clean[:, S2], clean[:, S3], clean[:, S4], stats[:, NONFINITE],
             torch.where(ratio_ok, stats[:, RATIO_SPIKES], 0.0),
-            torch.where(valid, st["preclip_s2"], 0.0),
+            torch.where(valid & torch.isfinite(st["preclip_s2"]), st["preclip_s2"], 0.0),
             torch.where(ratio_ok & torch.isfinite(p99), p99, 0.0),
             torch.where(ratio_ok, stats[:, COUNT], 0.0),
             entries,  # every entry seen, bad steps included: the denominator of the non-finite fraction
+            (valid & torch.isfinite(st["preclip_s2"])).to(stats.dtype),
         ], dim=1)
+        st["preclip_s2"] = torch.full_like(st["preclip_s2"], math.nan)  # measured again at the next backward
         st["acc_sum"] += add
         acc_max = st["acc_max"]
         acc_max[:, _M["absmax"]] = torch.maximum(acc_max[:, _M["absmax"]], clean[:, ABSMAX])
@@ -933,7 +936,7 @@ class Monitor:
         count = col("count")
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             norm = np.sqrt(col("s2") / steps)
-            preclip = np.sqrt(col("preclip_s2") / steps)
+            preclip = np.sqrt(col("preclip_s2") / col("preclip_steps"))
             mean = col("s1") / count
             m2 = col("s2") / count - mean**2
             m4 = col("s4") / count - 4 * mean * col("s3") / count + 6 * mean**2 * col("s2") / count - 3 * mean**4
@@ -962,7 +965,7 @@ class Monitor:
             present = steps[i] > 0
             metrics[f"grad/norm/{name}"] = float(norm[i]) if present else nan
             if cfg.track_preclip:
-                metrics[f"grad/norm_preclip/{name}"] = float(preclip[i]) if present else nan
+                metrics[f"grad/norm_preclip/{name}"] = float(preclip[i]) if col("preclip_steps")[i] > 0 else nan
             metrics[f"grad/max/{name}"] = float(acc_max[i, _M["absmax"]]) if present else nan
             metrics[f"grad/kurtosis/{name}"] = float(kurt[i]) if present else nan
             metrics[f"grad/kurtosis_gauss/{name}"] = float(gauss[i]) if present else nan
@@ -1010,8 +1013,9 @@ class Monitor:
         metrics["grad/norm"] = float(math.sqrt(glob_sum[2] / total_steps)) if total_steps > 0 else nan
         metrics["grad/norm_max"] = float(glob_max[1]) if total_steps > 0 else nan
         if cfg.track_preclip:
-            metrics["grad/norm_preclip"] = float(math.sqrt(col("preclip_s2").sum() / total_steps)) \
-                if total_steps > 0 else nan
+            preclip_steps = col("preclip_steps").max() if len(self.units) else 0.0
+            metrics["grad/norm_preclip"] = float(math.sqrt(col("preclip_s2").sum() / preclip_steps)) \
+                if preclip_steps > 0 else nan
         metrics["grad/bad_steps"] = float(acc_max[:, _M["bad_steps"]].max())
         metrics["steps"] = float(total_steps)
         if glob_sum[1] > 0:
