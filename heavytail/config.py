@@ -67,9 +67,10 @@ class MonitorConfig:
     """beta2 values of the shadow denominators (an EMA of g^2 on the sampled coordinates): what AdamW's
     denominator would have done with the same gradients, for every optimizer."""
 
-    min_tail_samples: int = 100
-    """Tensors with fewer entries get no tail index (NaN): too few order statistics for an honest estimate
-    (the default k needs at least 100 non-zero values)."""
+    min_tail_samples: int = 1000
+    """Tensors (or groups) with fewer entries get no tail index (null). With a few hundred entries the estimator
+    has only a dozen order statistics to work with and its error bar is as wide as the estimate itself; such
+    tensors (norm gains, biases) can still be watched together with ``group_by``."""
 
     tail_top_max: int = 1 << 15
     """At most this many top order statistics per tensor are taken at a checkpoint for the tail index."""
