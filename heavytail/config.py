@@ -49,7 +49,7 @@ class MonitorConfig:
     """Coordinates sampled per tensor (fixed at attach, seeded) for the noise tail, the shadow denominators, the
     ratio quantiles and the denominator memory. Memory: a few floats per sampled coordinate."""
 
-    noise_window: int = 32
+    noise_window: int = 16
     """Steps of sampled noise kept on the device (a ring buffer): the noise tail index at a checkpoint is
     estimated from ``sample_size * noise_window`` deviations per tensor."""
 

@@ -291,12 +291,13 @@ class Monitor:
             "glob_sum": torch.zeros(3, device=dev, dtype=dt),
             "glob_max": torch.tensor([-math.inf, 0.0, 0.0], device=dev, dtype=dt),
             # Shadow denominators on the sampled coordinates, and their interval figures.
-            "shadow_v": torch.zeros(betas, num_layers, cfg.sample_size, device=dev, dtype=dt),
+            # Per-sample state is float32: it is (L, S)-sized, the largest state after the noise ring.
+            "shadow_v": torch.zeros(betas, num_layers, cfg.sample_size, device=dev, dtype=torch.float32),
             "shadow_t": torch.zeros(betas, num_layers, device=dev, dtype=dt),
             "shadow_sum": torch.zeros(betas, num_layers, device=dev, dtype=dt),  # spike-fraction sum
             "shadow_max": torch.zeros(betas, num_layers, 2, device=dev, dtype=dt),  # ratio max, steps
             # Temporal noise: per-coordinate EMA of the sampled gradient and a ring of deviations from it.
-            "noise_mean": torch.zeros(num_layers, cfg.sample_size, device=dev, dtype=dt),
+            "noise_mean": torch.zeros(num_layers, cfg.sample_size, device=dev, dtype=torch.float32),
             "noise_seen": torch.zeros(num_layers, device=dev, dtype=dt),
             "noise_temporal": temporal.values,
             "noise_temporal_valid": temporal.valid,
@@ -311,7 +312,7 @@ class Monitor:
             "spike": spike.init(2 + num_layers, device=dev, config=self._spike_config),
         }
         for family in ("adam", "shadow"):
-            mem = memory.init(num_layers, cfg.sample_size, dev, dt)
+            mem = memory.init(num_layers, cfg.sample_size, dev, torch.float32)
             state[f"memory_{family}_level"], state[f"memory_{family}_age"] = mem.level, mem.age
             state[f"memory_{family}_active"] = mem.active
         if self.dist.active and not self.dist.sharded:
@@ -629,7 +630,7 @@ class Monitor:
         state, step = memory.update(memory.MemoryState(*(st[k] for k in keys)), ratio, v_hat, valid,
                                     threshold=self.config.spike_threshold, inflation=self.config.memory_inflation)
         for key, value in zip(keys, state):
-            st[key] = value
+            st[key] = value.to(st[key].dtype)
         st["memory_sum"][index] += torch.stack([step.started, step.ended, step.ended_steps], dim=1)
         return step.events
 
@@ -718,7 +719,7 @@ class Monitor:
         shadow_max[:, :, 1] += ok.to(g.dtype)
         events = self._stream_memory(1, "shadow", r[0], v[0] / bias[0].clamp_min(1e-30)[:, None], ok[0])
         new_v = betas * v + (1 - betas) * (g * g)[None]
-        st["shadow_v"] = torch.where(valid[None, :, None], new_v, v)
+        st["shadow_v"] = torch.where(valid[None, :, None], new_v, v).to(v.dtype)
         st["shadow_t"] = t + valid.to(t.dtype)[None]
         return events
 
@@ -733,7 +734,8 @@ class Monitor:
         mean, seen = st["noise_mean"], st["noise_seen"]
         self._push_noise("temporal", g - mean, valid & (seen > 0))
         beta = torch.where(seen > 0, cfg.noise_beta, 0.0)[:, None]  # the first value initialises the EMA
-        st["noise_mean"] = torch.where(valid[:, None], beta * mean + (1 - beta) * torch.nan_to_num(g), mean)
+        st["noise_mean"] = torch.where(valid[:, None], beta * mean + (1 - beta) * torch.nan_to_num(g),
+                                       mean).to(mean.dtype)
         st["noise_seen"] = seen + valid.to(seen.dtype)
         if len(self._micro) >= 2:
             self._ensure_microbatch_ring()
