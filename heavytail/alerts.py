@@ -126,7 +126,8 @@ class AlertEngine:
         ses = np.array([metrics.get(f"grad/hill_alpha_se/{n}", math.nan) for n in names], dtype=np.float64)
         # Confident drops only: the estimate plus two standard errors is still under the threshold (one-sided
         # 97.7%), so a small tensor's noisy estimate does not raise a false alarm.
-        upper = np.nan_to_num(alphas + 2.0 * np.nan_to_num(ses, nan=0.0), nan=np.inf)
+        with np.errstate(over="ignore", invalid="ignore"):  # inf alpha (no power-law tail) is simply no drop
+            upper = np.nan_to_num(alphas + 2.0 * np.nan_to_num(ses, nan=0.0), nan=np.inf)
         low = upper < self.tail_threshold
         self._rule("tail_index_drop", step, low, -np.nan_to_num(alphas, nan=np.inf), alphas, list(names),
                    "grad/hill_alpha", self.tail_threshold,
