@@ -8,7 +8,6 @@ import shlex
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 from heavytail import __version__

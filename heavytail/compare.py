@@ -21,14 +21,14 @@ from heavytail.demo import (
     DEFAULT_MICRO_BATCHES,
     OPTIMIZERS,
     TrainedRun,
+    check_run,
     choose_threads,
-    default_every,
     make_optimizer,
     train_monitored,
     warmup_steps,
 )
 from heavytail.report import Run, load_run, write_compare_report
-from heavytail.workload import SIZES, build_demo
+from heavytail.workload import build_demo
 
 __all__ = [
     "CompareResult",
@@ -171,13 +171,7 @@ def run_compare(
     run (default: :func:`heavytail.demo.choose_threads`).
     """
     names = parse_optimizers(optimizers)
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    if steps < 1:
-        raise ValueError(f"steps must be positive, got {steps}")
-    every = default_every(steps) if every is None else every
-    if every < 1:
-        raise ValueError(f"every must be positive, got {every}")
+    every = check_run(size, steps, every)
     unknown = [k for k in (lrs or {}) if k not in OPTIMIZERS]
     if unknown:
         raise ValueError(f"unknown optimizer in lrs: {unknown[0]!r}")

@@ -205,6 +205,13 @@ class MonitorConfig:
         if self.stats_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"MonitorConfig.stats_dtype must be torch.float32 or torch.float64, got {self.stats_dtype!r}")
 
+    @classmethod
+    def from_arguments(cls, config: "MonitorConfig | None" = None, **overrides: Any) -> "MonitorConfig":
+        """``config`` with ``overrides`` applied (a new, validated object), or a config from ``overrides`` alone."""
+        if config is None:
+            return cls(**overrides)
+        return cls(**{**config.to_init_dict(), **overrides}) if overrides else config
+
     def to_init_dict(self) -> dict[str, Any]:
         """The fields as given, to build a modified copy: ``MonitorConfig(**{**cfg.to_init_dict(), "every": 10})``."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -334,6 +334,18 @@ def default_every(steps: int) -> int:
     return max(1, min(100, steps // 20))
 
 
+
+def check_run(size: str, steps: int, every: int | None) -> int:
+    """Validate a run's size and step budget; returns the checkpoint interval (``default_every`` when None)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    if steps < 1:
+        raise ValueError(f"steps must be positive, got {steps}")
+    every = default_every(steps) if every is None else every
+    if every < 1:
+        raise ValueError(f"every must be positive, got {every}")
+    return every
+
 def run_demo(
     *,
     steps: int = DEFAULT_STEPS,
@@ -355,13 +367,7 @@ def run_demo(
     ``threads``: torch's intra-op threads (default: :func:`choose_threads`). Returns the paths, the training
     record and the :func:`summary_text` of the run.
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    if steps < 1:
-        raise ValueError(f"steps must be positive, got {steps}")
-    every = default_every(steps) if every is None else every
-    if every < 1:
-        raise ValueError(f"every must be positive, got {every}")
+    every = check_run(size, steps, every)
     name = optimizer.lower()
     threads = choose_threads(threads, size)
     workload = build_demo(seed=seed, text=text, steps=steps, device=device, size=size)

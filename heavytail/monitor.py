@@ -153,10 +153,7 @@ class Monitor:
         process_group: Any = None,
         **kwargs: Any,
     ) -> None:
-        if config is None:
-            config = MonitorConfig(**kwargs)
-        elif kwargs:
-            config = MonitorConfig(**{**config.to_init_dict(), **kwargs})
+        config = MonitorConfig.from_arguments(config, **kwargs)
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
         optimizer = unwrap_optimizer(optimizer)
@@ -782,7 +779,7 @@ class Monitor:
                     return
                 event.synchronize()  # sync point: only at checkpoints and close
             pending.popleft()
-            values = host.numpy()  # host memory, already copied: no device access
+            values = host.numpy()  # sync point: none, host memory already copied asynchronously
             self.alerts.process_step_flags(step, values, self.names, self._spike_config.threshold)
 
     # ------------------------------------------------------------------ checkpoint path
@@ -1110,9 +1107,10 @@ class Monitor:
                 "layers": self.names,
                 "steps": [s + 1 for s in steps],
                 "series": {
-                    "grad/norm": [flight_np[k, :, 0].tolist() for k in slots],
-                    "grad/max": [flight_np[k, :, 1].tolist() for k in slots],
-                    "grad/kurtosis": [flight_np[k, :, 2].tolist() for k in slots],
+                    # Host numpy arrays (copied above), so these tolist() calls read no device memory.
+                    "grad/norm": [flight_np[k, :, 0].tolist() for k in slots],  # sync point: host data
+                    "grad/max": [flight_np[k, :, 1].tolist() for k in slots],  # sync point: host data
+                    "grad/kurtosis": [flight_np[k, :, 2].tolist() for k in slots],  # sync point: host data
                     "loss": [float(loss_np[k]) for k in slots],
                 },
             }

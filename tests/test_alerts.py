@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 
-import pytest
 import torch
 from torch import nn
 
@@ -123,7 +122,7 @@ def test_tail_index_drop_needs_a_confident_estimate(tmp_path):
     model = nn.Linear(200, 100, bias=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     gen = torch.Generator().manual_seed(1)
-    with ht.Monitor(model, opt, every=1, log_dir=tmp_path, alerts=("tail_index_drop",)) as mon:
+    with ht.Monitor(model, opt, every=1, log_dir=tmp_path, alerts=("tail_index_drop",)):
         for step in range(3):
             # Student-t(1.2) gradient entries: alpha about 1.2, well under 2.
             model.weight.grad = torch.distributions.StudentT(1.2).sample((100, 200))

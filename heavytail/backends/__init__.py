@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Any, Callable
 
 from heavytail.backends.base import Backend, NullBackend

@@ -59,12 +59,7 @@ class HeavyTailCallback(TrainerCallback):
 
     def __init__(self, **monitor_kwargs: Any) -> None:
         self._monitor_args = {k: monitor_kwargs.pop(k) for k in _MONITOR_ARGS if k in monitor_kwargs}
-        config = monitor_kwargs.pop("config", None)
-        if config is None:
-            config = MonitorConfig(**monitor_kwargs)
-        elif monitor_kwargs:
-            config = MonitorConfig(**{**config.to_init_dict(), **monitor_kwargs})
-        self.config = config
+        self.config = MonitorConfig.from_arguments(monitor_kwargs.pop("config", None), **monitor_kwargs)
         self.monitor: Monitor | None = None
         self._forward_handle: Any = None
         self._user_loss = False
