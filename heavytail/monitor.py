@@ -543,9 +543,15 @@ class Monitor:
         cfg, st = self.config, self._state
         grads = self._gradients()
         den = denominators(self.optimizer, self.params, self.device)
+        res = None
         if self._triton is not None:
-            res = self._triton(grads, self._sample_index_dev, den, spike_threshold=cfg.spike_threshold)
-        else:
+            try:
+                res = self._triton(grads, self._sample_index_dev, den, spike_threshold=cfg.spike_threshold)
+            except Exception as exc:  # a Triton build or launch failure: the torch pass gives the same numbers
+                self._triton = None
+                warnings.warn(f"heavytail: the Triton gradient pass failed ({type(exc).__name__}: {exc}); using the "
+                              "torch pass from now on", RuntimeWarning, stacklevel=2)
+        if res is None:
             res = self._pass(grads, den, spike_threshold=cfg.spike_threshold)
         stats = res.stats
         entries = stats[:, COUNT] + stats[:, NONFINITE]

@@ -275,3 +275,18 @@ def test_group_by_merges_tensors_exactly(tmp_path):
 def test_group_by_rejects_a_bad_regex(tmp_path, tiny_model):
     with pytest.raises(ValueError, match="MonitorConfig.group_by: invalid regex"):
         ht.Monitor(tiny_model, log_dir=tmp_path, group_by="blocks.(")
+
+
+def test_a_failing_triton_pass_falls_back_to_torch(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with ht.Monitor(model, opt, every=2, log_dir=tmp_path, kernel="torch") as mon:
+        def broken(*args, **kwargs):
+            raise RuntimeError("no kernel for this GPU")
+
+        mon._triton = broken
+        with pytest.warns(RuntimeWarning, match="using the torch pass"):
+            train(model, opt, mon, steps=2)
+        assert mon._triton is None
+    assert read_records(tmp_path)[0]["metrics"]["grad/norm/fc1.weight"] > 0

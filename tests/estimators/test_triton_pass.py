@@ -79,3 +79,4 @@ def test_monitor_with_the_triton_kernel_writes_the_same_records(tmp_path):
                 assert b["metrics"][key] is None, key
             else:
                 assert b["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
