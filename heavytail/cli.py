@@ -37,11 +37,28 @@ def _positive_float(text: str) -> float:
     return value
 
 
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options ``demo`` and ``compare`` share: the workload, the checkpoints and how the run is shown."""
+    from heavytail.workload import SIZES
+
+    parser.add_argument("--text", default=None,
+                        help="train on this text file or directory of .txt/.py/.md files instead of the Python "
+                        "stdlib source")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order (default 0)")
+    parser.add_argument("--size", choices=list(SIZES), default="small", help="model and batch size (default small)")
+    parser.add_argument("--every", type=_positive_int, default=None,
+                        help="steps per checkpoint (default: steps / 20, about 20 checkpoints)")
+    parser.add_argument("--no-probe", action="store_true", help="do not run the noise probe at checkpoints")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch intra-op threads, the same for every run (default: 1 for tiny and small; for "
+                        "medium one per core, or 1 when the machine is busy)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``heavytail`` command (documented in docs/cli.md)."""
     from heavytail.compare import DEFAULT_COMPARE_STEPS
     from heavytail.demo import DEFAULT_LR, DEFAULT_STEPS, OPTIMIZERS
-    from heavytail.workload import SIZES
 
     parser = argparse.ArgumentParser(
         prog="heavytail",
@@ -64,20 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"optimizer steps (default {DEFAULT_STEPS})")
     demo.add_argument("--out", default="heavytail_runs/demo", help="run directory (default heavytail_runs/demo; a "
                       "previous run's files there are replaced)")
-    demo.add_argument("--text", default=None, help="train on this text file or directory of .txt/.py/.md files "
-                      "instead of the Python stdlib source")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order (default 0)")
-    demo.add_argument("--size", choices=list(SIZES), default="small", help="model and batch size (default small)")
-    demo.add_argument("--every", type=_positive_int, default=None,
-                      help="steps per checkpoint (default: steps / 20, about 20 checkpoints)")
     demo.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer (default adamw)")
     demo.add_argument("--lr", type=_positive_float, default=None,
                       help=f"learning rate (default per optimizer: {lr_table})")
-    demo.add_argument("--no-probe", action="store_true", help="do not run the noise probe at checkpoints")
-    demo.add_argument("--threads", type=_positive_int, default=None,
-                      help="torch intra-op threads (default: 1 for tiny and small; for medium one per core, or 1 "
-                      "when the machine is busy)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_options(demo)
 
     compare = sub.add_parser(
         "compare",
@@ -94,17 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output directory (default heavytail_runs/compare)")
     compare.add_argument("--lr", default=None, metavar="NAME=LR,...",
                          help=f"learning rates to override, e.g. adamw=3e-4,lion=1e-4 (defaults: {lr_table})")
-    compare.add_argument("--seed", type=int, default=0,
-                         help="seed of the initial weights and the data order (default 0)")
-    compare.add_argument("--size", choices=list(SIZES), default="small", help="model and batch size (default small)")
-    compare.add_argument("--every", type=_positive_int, default=None,
-                         help="steps per checkpoint (default: steps / 20)")
-    compare.add_argument("--text", default=None, help="train on this text instead of the Python stdlib source")
-    compare.add_argument("--no-probe", action="store_true", help="do not run the noise probe at checkpoints")
-    compare.add_argument("--threads", type=_positive_int, default=None,
-                         help="torch intra-op threads, the same for every run (default: 1 for tiny and small; for "
-                         "medium one per core, or 1 when the machine is busy)")
-    compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_options(compare)
 
     report = sub.add_parser(
         "report",

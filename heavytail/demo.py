@@ -310,7 +310,8 @@ def train_monitored(
                 bar.update(step + 1, float(losses[step]))
     seconds = time.perf_counter() - start
     bar.close()
-    return TrainedRun(run_dir=log_dir, steps=steps, seconds=seconds, losses=losses.tolist(), alerts=alerts,
+    losses_list = losses.tolist()  # sync point: once, after training
+    return TrainedRun(run_dir=log_dir, steps=steps, seconds=seconds, losses=losses_list, alerts=alerts,
                       probe=bool(probe))
 
 

@@ -691,8 +691,9 @@ class Monitor:
         if not rows or self.dist.sharded:
             return None
         out = torch.full((len(self.params), 2), math.nan, device=self.device, dtype=torch.float32)
+        groups = {id(q): group for group in self.optimizer.param_groups for q in group["params"]}
         for i in rows:
-            matrix = premomentum_matrix(self.optimizer, self.params[i])
+            matrix = premomentum_matrix(self.optimizer, self.params[i], groups.get(id(self.params[i])))
             if matrix is None:
                 continue
             sv = torch.linalg.svdvals(matrix.detach().float())

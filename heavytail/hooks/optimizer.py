@@ -212,11 +212,12 @@ def gather_samples(tensors: Sequence[torch.Tensor | None], sample_index: torch.T
     return out
 
 
-def premomentum_matrix(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor | None:
-    """The matrix Muon is about to orthogonalise for ``p``: buf_t = lerp(buf_{t-1}, g_t, 1 - mu), then the
-    Nesterov form lerp(g_t, buf_t, mu) (``torch.optim.Muon``); ``None`` before the first step or without grad."""
+def premomentum_matrix(optimizer: torch.optim.Optimizer, p: torch.Tensor, group: Mapping[str, Any] | None
+                       ) -> torch.Tensor | None:
+    """The matrix Muon is about to orthogonalise for ``p`` (in param group ``group``): buf_t = lerp(buf_{t-1},
+    g_t, 1 - mu), then the Nesterov form lerp(g_t, buf_t, mu) (``torch.optim.Muon``); ``None`` before the first
+    step or without grad."""
     state = optimizer.state.get(p)
-    group = _group_of(optimizer).get(id(p))
     if not state or group is None or "momentum_buffer" not in state or p.grad is None:
         return None
     mu = float(group["momentum"])

@@ -75,7 +75,7 @@ class WordTokenizer:
     def decode(self, ids: torch.Tensor | Iterable[int]) -> str:
         """Text of ``ids`` (``<unk>`` for the unknown id)."""
         if isinstance(ids, torch.Tensor):
-            ids = ids.reshape(-1).tolist()
+            ids = ids.reshape(-1).tolist()  # sync point: decoding text, never on a training step
         vocab = self.vocab
         return "".join(vocab[i] for i in ids)
 
