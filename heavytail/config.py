@@ -82,8 +82,10 @@ class MonitorConfig:
     """Accumulation dtype of the power sums (float64 keeps kurtosis exact; float32 halves the traffic)."""
 
     kernel: str = "auto"
-    """The per-step gradient pass: ``"triton"`` (fused multi-tensor kernels, CUDA), ``"torch"`` (the packed
-    reference, any device) or ``"auto"`` (Triton on CUDA when it is installed, else torch)."""
+    """The per-step gradient pass: ``"triton"`` (fused multi-tensor kernels, CUDA), ``"cpu"`` (one fused C kernel
+    over every tensor, compiled on first use with the system's C compiler), ``"torch"`` (the packed reference, any
+    device) or ``"auto"`` (Triton on CUDA when it is installed, the C kernel on the CPU when a compiler is there,
+    else torch). All give the same figures (docs/performance.md)."""
 
     chunk_numel: int = 1 << 23
     """Gradients are reduced in packed chunks of at most this many entries: the temporary memory bound."""
@@ -192,8 +194,8 @@ class MonitorConfig:
                         re.compile(pattern[3:])
                     except re.error as exc:
                         raise ValueError(f"MonitorConfig.{name}: invalid regex {pattern!r}: {exc}") from None
-        if self.kernel not in ("auto", "torch", "triton"):
-            raise ValueError(f"MonitorConfig.kernel must be 'auto', 'torch' or 'triton', got {self.kernel!r}")
+        if self.kernel not in ("auto", "torch", "triton", "cpu"):
+            raise ValueError(f"MonitorConfig.kernel must be 'auto', 'torch', 'triton' or 'cpu', got {self.kernel!r}")
         if self.group_by is not None and not callable(self.group_by):
             if not isinstance(self.group_by, str):
                 raise ValueError(f"MonitorConfig.group_by must be a regex string, a callable or None, got "

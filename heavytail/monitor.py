@@ -28,7 +28,7 @@ from heavytail.config import MonitorConfig
 from heavytail.distributed import DistContext, local, local_numel
 from heavytail.transfer import to_device
 from heavytail.wrappers import unwrap_model, unwrap_optimizer
-from heavytail.estimators import memory, noise, spike
+from heavytail.estimators import cpu_pass, memory, noise, spike
 from heavytail.estimators.gradient_pass import (
     ABSMAX,
     COUNT,
@@ -202,7 +202,7 @@ class Monitor:
         self._sample_index_dev = self._sample_index.to(self.device)
         self._pass = GradientPass(self.numels, self._sample_index, chunk_numel=config.chunk_numel,
                                   dtype=config.stats_dtype)
-        self._triton = _triton_pass(config.kernel, self.device)
+        self._fused = _fused_pass(config.kernel, self.device)
         self._shadow_betas = torch.tensor(config.shadow_betas, dtype=config.stats_dtype).to(self.device)
         self._spike_config = self._make_spike_config()
         self.alerts = AlertEngine(config, self.log_dir, self._emit_alert, warmup=self._spike_config.warmup)
@@ -218,6 +218,12 @@ class Monitor:
         # Micro-batches (backward passes) per optimizer step: two or more means gradient accumulation, whose
         # micro-batch gradients are a noise source.
         self._backwards = 0
+        # Pre-clip norms: what the last backward pass left (rows, tensors, versions), and whether the step has been
+        # seen to consume exactly that (then the step pass's norm is the pre-clip norm; see _on_backward_end).
+        # _preclip_untouched counts such steps; None once a change has been seen (then it is always measured).
+        self._preclip_seen: tuple[list[int], list[torch.Tensor], list[int]] | None = None
+        self._preclip_untouched: int | None = 0
+        self._preclip_reuse = False
         self._accumulating = False
         self._micro_prev: torch.Tensor | None = None
         self._micro: list[torch.Tensor] = []
@@ -507,22 +513,27 @@ class Monitor:
         if not rows:
             return
         tensors = [grads[i] for i in rows]
-        index = to_device(rows, self.device, torch.int64)
         dtype = self.config.stats_dtype
         if self.config.track_preclip:
+            # The step pass sees these very tensors again unless something changes them in place before
+            # optimizer.step() (clipping, GradScaler.unscale_ and DDP's copies all bump ._version). Once two steps
+            # have shown nothing does, the pre-clip norm is the step's own norm and this extra read of every
+            # gradient is skipped (_check_preclip); a change seen later switches the measurement back on for good.
+            self._preclip_seen = (rows, tensors, [g._version for g in tensors])
+        if self.config.track_preclip and not self._preclip_reuse:
             norms = torch.stack(torch._foreach_norm(tensors)).to(dtype)
             if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None \
                     and self.scaler.is_enabled():
                 # Hooks see gradients multiplied by the loss scale: divide on the device, never read the scale.
                 norms = norms / self.scaler._scale.to(norms.dtype)
             s2 = torch.full_like(self._state["preclip_s2"], math.nan)
-            s2[index] = norms * norms
+            s2[to_device(rows, self.device, torch.int64)] = norms * norms
             self._state["preclip_s2"] = s2
         if self._accumulating:
             # The accumulated gradient's samples; successive differences are the micro-batch gradients.
-            samples = torch.zeros(len(self.params), self.config.sample_size, device=self.device, dtype=dtype)
-            samples[index] = torch.stack(
-                [g.reshape(-1)[self._sample_index_dev[i]].to(dtype) for i, g in zip(rows, tensors)])
+            keep = set(rows)
+            samples = gather_samples([g if i in keep else None for i, g in enumerate(grads)], self._sample_index_dev,
+                                     dtype, fill=0.0)
             previous = self._micro_prev if self._micro_prev is not None else torch.zeros_like(samples)
             self._micro.append(samples - previous)
             self._micro_prev = samples
@@ -544,16 +555,21 @@ class Monitor:
         grads = self._gradients()
         den = denominators(self.optimizer, self.params, self.device)
         res = None
-        if self._triton is not None:
+        if self._fused is not None:
             try:
-                res = self._triton(grads, self._sample_index_dev, den, spike_threshold=cfg.spike_threshold)
-            except Exception as exc:  # a Triton build or launch failure: the torch pass gives the same numbers
-                self._triton = None
-                warnings.warn(f"heavytail: the Triton gradient pass failed ({type(exc).__name__}: {exc}); using the "
+                res = self._fused(grads, self._sample_index_dev, den, spike_threshold=cfg.spike_threshold)
+            except Exception as exc:  # a kernel build or launch failure: the torch pass gives the same numbers
+                self._fused = None
+                warnings.warn(f"heavytail: the fused gradient pass failed ({type(exc).__name__}: {exc}); using the "
                               "torch pass from now on", RuntimeWarning, stacklevel=2)
+            else:
+                if res.stats.dtype != cfg.stats_dtype:
+                    res = type(res)(*(t.to(cfg.stats_dtype) for t in res))
         if res is None:
             res = self._pass(grads, den, spike_threshold=cfg.spike_threshold)
         stats = res.stats
+        if cfg.track_preclip:
+            self._check_preclip(grads, stats)
         entries = stats[:, COUNT] + stats[:, NONFINITE]
         valid = (entries > 0) & (stats[:, NONFINITE] == 0)
         clean = torch.where(valid[:, None], stats, torch.zeros_like(stats))
@@ -624,6 +640,23 @@ class Monitor:
                 torch.where(ratio_ok, stats[:, RATIO_MAX], math.nan).to(torch.float32),
             ])
             self._queue_flags(packed)
+
+    def _check_preclip(self, grads: list[torch.Tensor | None], stats: torch.Tensor) -> None:
+        """Whether the step sees the gradients the last backward pass left, untouched; sets the pre-clip norm from
+        the step's own power sums when it does and the backward hook no longer measures it."""
+        seen, self._preclip_seen = self._preclip_seen, None
+        if seen is None:
+            return
+        rows, tensors, versions = seen
+        untouched = sum(g is not None for g in grads) == len(rows) and all(
+            grads[i] is g and g._version == v for i, g, v in zip(rows, tensors, versions))
+        if self._preclip_reuse and untouched:
+            self._state["preclip_s2"] = stats[:, S2]
+        elif self._preclip_reuse:  # changed after all: this step's pre-clip norm is lost, and it is measured again
+            self._preclip_reuse, self._preclip_untouched = False, None
+        elif self._preclip_untouched is not None:
+            self._preclip_untouched = self._preclip_untouched + 1 if untouched else None
+            self._preclip_reuse = self._preclip_untouched is not None and self._preclip_untouched >= 2
 
     def _stream_memory(self, index: int, family: str, ratio: torch.Tensor, v_hat: torch.Tensor,
                        valid: torch.Tensor) -> torch.Tensor:
@@ -804,18 +837,25 @@ class Monitor:
         groups: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
         grads = self._gradients(count_skips=False)
         with torch.no_grad():
+            wanted: list[tuple[int, int, list[int]]] = []  # (unit, m, members with a gradient)
             for u, members in enumerate(self._unit_members):
                 n = sum(self.params[i].numel() for i in members)  # the whole unit's size, the same on every rank
                 if n < cfg.min_tail_samples:
                     continue
                 m = int(min(default_top_count(n), cfg.tail_top_max))
+                wanted.append((u, m, [i for i in members if grads[i] is not None and grads[i].numel() > 0]))
+            # Zeros and non-finite entries are missing data for the tail (the estimator's rule).
+            if self.device.type == "cpu" and cpu_pass.available():  # every tensor's top in one C call
+                flat = [(i, m) for _, m, present in wanted for i in present]
+                found = cpu_pass.top_magnitudes([grads[i] for i, _ in flat], [m for _, m in flat])
+                member_tops = dict(zip(flat, found))
+            else:
+                member_tops = {(i, m): top_magnitudes(grads[i].detach().reshape(-1), m)
+                               for _, m, present in wanted for i in present}
+            for u, m, present in wanted:
                 tops, counts = [], []
-                for i in members:
-                    g = grads[i]
-                    if g is None or g.numel() == 0:
-                        continue
-                    # Zeros and non-finite entries are missing data for the tail (the estimator's rule).
-                    top, count = top_magnitudes(g.detach().reshape(-1), m)
+                for i in present:
+                    top, count = member_tops[(i, m)]
                     tops.append(top.float())
                     counts.append(count)
                 if not tops:
@@ -1191,10 +1231,22 @@ def _sample_coordinates(n: int, size: int, generator: torch.Generator) -> torch.
     return chosen[keep].sort().values
 
 
-def _triton_pass(kernel: str, device: torch.device) -> Callable | None:
-    """The Triton gradient pass when the configuration and the machine call for it, else None (torch path)."""
+def _fused_pass(kernel: str, device: torch.device) -> Callable | None:
+    """The fused gradient pass the configuration and the machine call for (Triton on CUDA, C on the CPU), else
+    None: the torch path."""
     if kernel == "torch":
         return None
+    if device.type == "cpu" and kernel in ("auto", "cpu"):
+        from heavytail.estimators import cpu_pass
+
+        if cpu_pass.available():
+            return cpu_pass.cpu_gradient_pass
+        if kernel == "cpu":
+            raise ValueError(f"MonitorConfig.kernel='cpu': the CPU kernels are unavailable "
+                             f"({cpu_pass.unavailable_reason()})")
+        return None
+    if kernel == "cpu":
+        raise ValueError(f"MonitorConfig.kernel='cpu' needs CPU tensors; the parameters are on {device}")
     from heavytail.estimators import triton_pass
 
     if triton_pass.available(device) and (device.type == "cuda" or kernel == "triton"):

@@ -277,7 +277,7 @@ def test_group_by_rejects_a_bad_regex(tmp_path, tiny_model):
         ht.Monitor(tiny_model, log_dir=tmp_path, group_by="blocks.(")
 
 
-def test_a_failing_triton_pass_falls_back_to_torch(tmp_path):
+def test_a_failing_fused_pass_falls_back_to_torch(tmp_path):
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
@@ -285,8 +285,8 @@ def test_a_failing_triton_pass_falls_back_to_torch(tmp_path):
         def broken(*args, **kwargs):
             raise RuntimeError("no kernel for this GPU")
 
-        mon._triton = broken
+        mon._fused = broken
         with pytest.warns(RuntimeWarning, match="using the torch pass"):
             train(model, opt, mon, steps=2)
-        assert mon._triton is None
+        assert mon._fused is None
     assert read_records(tmp_path)[0]["metrics"]["grad/norm/fc1.weight"] > 0

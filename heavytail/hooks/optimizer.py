@@ -9,6 +9,7 @@ import torch
 
 from heavytail.distributed import local
 from heavytail.transfer import to_device
+from heavytail.estimators import cpu_pass
 from heavytail.estimators.gradient_pass import Denominators
 
 
@@ -200,6 +201,9 @@ def gather_samples(tensors: Sequence[torch.Tensor | None], sample_index: torch.T
     small = [i for i in rows if tensors[i].numel() <= SMALL_TENSOR]
     big = [i for i in rows if tensors[i].numel() > SMALL_TENSOR]
     device = sample_index.device
+    if device.type == "cpu" and cpu_pass.available():  # one C call for every tensor
+        keep = set(rows)
+        return cpu_pass.gather([t if i in keep else None for i, t in enumerate(tensors)], sample_index, dtype, fill)
     if small:
         flat = torch.cat([tensors[i].detach().reshape(-1) for i in small])
         sizes = torch.tensor([tensors[i].numel() for i in small])

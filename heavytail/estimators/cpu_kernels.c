@@ -1,0 +1,358 @@
+/* heavytail's CPU kernels: the gradient pass, sample gathers and checkpoint top-k, over tables of tensor pointers.
+ *
+ * Compiled at first use by heavytail/estimators/cpu_pass.py (cc -O3 -march=native, OpenMP when the compiler has
+ * it) and called through ctypes, so one call serves every monitored tensor whatever their number: the CPU twin
+ * of the Triton pass. Each gradient entry is read once, straight from the parameter's .grad, and everything is
+ * computed from it while it is in a register: the float64 power sums S1..S4 (fourth powers of small gradients
+ * underflow float32), max |g|, the non-finite count, and with a denominator the ratio r = |g| / (sqrt(v / bc) +
+ * eps) in float32 (its max and #{r > sqrt(threshold)}). Results match the torch reference path
+ * (heavytail/estimators/gradient_pass.py): sums to float64 rounding, the ratio max and spike count exactly (float32 first, float64 where it matters).
+ *
+ * dtype codes: 0 float32, 1 float64, 2 bfloat16, 3 float16. A NULL pointer is a tensor that is absent.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef int64_t i64;
+
+enum { HT_F32 = 0, HT_F64 = 1, HT_BF16 = 2, HT_F16 = 3 };
+enum { COUNT, S1, S2, S3, S4, ABSMAX, NONFINITE, RATIO_MAX, RATIO_SPIKES, NSTAT };
+
+#define TILE 512            /* entries converted into an L1-resident buffer at a time */
+#define WORK (1 << 16)      /* entries per parallel work item: large tensors spread over threads */
+#define TINY_F32 1.17549435e-38f  /* smallest normal float: keeps sqrt off subnormals and zeros (30x slower) */
+
+int ht_abi_version(void) { return 1; }
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0) {
+        float f = (float)man * (1.0f / 16777216.0f); /* subnormal (or zero): man * 2^-24 */
+        memcpy(&u, &f, 4);
+        u |= sign;
+    } else if (exp == 31) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else {
+        u = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static void load_f64(const void *p, int dt, i64 off, int n, double *out) {
+    switch (dt) {
+    case HT_F32: { const float *q = (const float *)p + off; for (int i = 0; i < n; i++) out[i] = q[i]; break; }
+    case HT_F64: memcpy(out, (const double *)p + off, (size_t)n * sizeof(double)); break;
+    case HT_BF16: { const uint16_t *q = (const uint16_t *)p + off; for (int i = 0; i < n; i++) out[i] = bf16_to_f32(q[i]); break; }
+    default: { const uint16_t *q = (const uint16_t *)p + off; for (int i = 0; i < n; i++) out[i] = f16_to_f32(q[i]); break; }
+    }
+}
+
+static void load_f32(const void *p, int dt, i64 off, int n, float *out) {
+    switch (dt) {
+    case HT_F32: memcpy(out, (const float *)p + off, (size_t)n * sizeof(float)); break;
+    case HT_F64: { const double *q = (const double *)p + off; for (int i = 0; i < n; i++) out[i] = (float)q[i]; break; }
+    case HT_BF16: { const uint16_t *q = (const uint16_t *)p + off; for (int i = 0; i < n; i++) out[i] = bf16_to_f32(q[i]); break; }
+    default: { const uint16_t *q = (const uint16_t *)p + off; for (int i = 0; i < n; i++) out[i] = f16_to_f32(q[i]); break; }
+    }
+}
+
+static inline double load1(const void *p, int dt, i64 i) {
+    switch (dt) {
+    case HT_F32: return ((const float *)p)[i];
+    case HT_F64: return ((const double *)p)[i];
+    case HT_BF16: return bf16_to_f32(((const uint16_t *)p)[i]);
+    default: return f16_to_f32(((const uint16_t *)p)[i]);
+    }
+}
+
+static inline int isfinite_d(double x) { return x - x == 0.0; }
+
+
+/* Partials of one work item: entries [start, start + len) of tensor l into part[NSTAT], and the count of NaN
+ * denominators into *nan_ratio.
+ *
+ * The ratio needs a square root and a division per entry, which cost more than everything else here, so it is not
+ * computed for every entry. Its two figures only care about large r: the max, and the count of r > threshold.
+ * Since (sqrt(v^) + eps)^2 >= v^ + eps^2, an entry with g^2 <= c^2 (v^ + eps^2) has r <= c: with c the smaller of
+ * the running max R and the threshold, one multiply-add and a compare per entry clear almost every entry, and only
+ * the few that may beat R or cross the threshold (records, spikes, near-ties) get r in float64, exactly as the
+ * torch reference computes it. The max and the spike count are therefore exact, at the cost of a read of v. */
+/* The vectorised tile loop: power sums and max |x| of X(i), and with a denominator the count of entries the ratio
+ * prefilter cannot clear and the sum of V(i) (NaN if any v is). X and V read float32 memory directly or the
+ * float64 tile buffers. */
+#define SUMS_LOOP(X)                                                                                           \
+    _Pragma("omp simd reduction(+ : t1, t2, t3, t4) reduction(max : tmax)")                                    \
+    for (int i = 0; i < n; i++) {                                                                              \
+        double x = (X), x2 = x * x;                                                                            \
+        t1 += x; t2 += x2; t3 += x2 * x; t4 += x2 * x2;                                                        \
+        double a = fabs(x);                                                                                    \
+        tmax = a > tmax ? a : tmax;                                                                            \
+    }
+#define RATIO_LOOP(X, V)                                                                                       \
+    _Pragma("omp simd reduction(+ : t1, t2, t3, t4, flags, vsum) reduction(max : tmax)")                       \
+    for (int i = 0; i < n; i++) {                                                                              \
+        double x = (X), x2 = x * x, vi = (V);                                                                  \
+        t1 += x; t2 += x2; t3 += x2 * x; t4 += x2 * x2;                                                        \
+        double a = fabs(x);                                                                                    \
+        tmax = a > tmax ? a : tmax;                                                                            \
+        flags += x2 > vi * k1 + k0 ? 1.0 : 0.0;                                                                \
+        vsum += vi;                                                                                            \
+    }
+
+static void pass_item(const void *g, int gdt, const void *v, int vdt, i64 start, i64 len, double inv_bc,
+                      double eps, double threshold, double *part, double *nan_ratio) {
+    double xb[TILE], vb[TILE];
+    double s1 = 0, s2 = 0, s3 = 0, s4 = 0, amax = 0, nf = 0, spikes = 0, rnan = 0, rmax = 0;
+    const double t2max = threshold * threshold, e2 = eps * eps;
+    for (i64 off = start; off < start + len; off += TILE) {
+        int n = (int)((start + len - off) < TILE ? (start + len - off) : TILE);
+        /* float32 tensors are read in place; other dtypes go through the float64 tile buffers */
+        const float *gf = gdt == HT_F32 ? (const float *)g + off : NULL;
+        const float *vf = v != NULL && vdt == HT_F32 ? (const float *)v + off : NULL;
+        if (gf == NULL) load_f64(g, gdt, off, n, xb);
+        if (v != NULL && vf == NULL) load_f64(v, vdt, off, n, vb);
+        /* r^2 may exceed c^2 only where g^2 > c^2 (v^ + eps^2); the margin absorbs the rounding of this test */
+        double c2 = (rmax * rmax < t2max ? rmax * rmax : t2max) * (1.0 - 1e-9);
+        const double k1 = c2 * inv_bc, k0 = c2 * e2;
+        double t1 = 0, t2 = 0, t3 = 0, t4 = 0, tmax = 0, flags = 0, vsum = 0;
+        if (v == NULL) {
+            if (gf) { SUMS_LOOP(gf[i]) } else { SUMS_LOOP(xb[i]) }
+        } else if (gf && vf) {
+            RATIO_LOOP(gf[i], vf[i])
+        } else if (gf) {
+            RATIO_LOOP(gf[i], vb[i])
+        } else if (vf) {
+            RATIO_LOOP(xb[i], vf[i])
+        } else {
+            RATIO_LOOP(xb[i], vb[i])
+        }
+        int slow = !isfinite_d(t2) || !isfinite_d(t1);
+        if (slow || (v != NULL && flags > 0)) { /* the rare paths read the tile buffers */
+            if (gf) for (int i = 0; i < n; i++) xb[i] = gf[i];
+            if (vf) for (int i = 0; i < n; i++) vb[i] = vf[i];
+        }
+        if (slow) {
+            /* a non-finite entry (or an overflowing float64 square): count them, read them as 0, and redo the tile */
+            double tnf = 0;
+            t1 = t2 = t3 = t4 = tmax = flags = 0;
+            for (int i = 0; i < n; i++) {
+                double x = xb[i];
+                if (!isfinite_d(x)) { tnf += 1; x = 0.0; xb[i] = 0.0; }
+                double x2 = x * x;
+                t1 += x; t2 += x2; t3 += x2 * x; t4 += x2 * x2;
+                if (fabs(x) > tmax) tmax = fabs(x);
+                if (v != NULL && x2 > vb[i] * k1 + k0) flags += 1;
+            }
+            nf += tnf;
+        }
+        s1 += t1; s2 += t2; s3 += t3; s4 += t4;
+        if (tmax > amax) amax = tmax;
+        if (v == NULL) continue;
+        if (vsum != vsum) rnan += 1; /* a NaN in v: the reference's r is NaN there, and so is its max */
+        if (flags > 0) {
+            for (int i = 0; i < n; i++) {
+                double x = xb[i], x2 = x * x, vi = vb[i];
+                if (!(x2 > vi * k1 + k0)) continue;
+                double r = vi > 0 ? fabs(x) / (sqrt(vi * inv_bc) + eps) : 0.0;
+                if (r > rmax) rmax = r;
+                spikes += r > threshold ? 1.0 : 0.0;
+            }
+        }
+    }
+    part[COUNT] = (double)len - nf;
+    part[S1] = s1; part[S2] = s2; part[S3] = s3; part[S4] = s4;
+    part[ABSMAX] = amax;
+    part[NONFINITE] = nf;
+    part[RATIO_MAX] = rmax;
+    part[RATIO_SPIKES] = spikes;
+    *nan_ratio = rnan;
+}
+
+/* The gradient pass over L tensors (see gradient_pass.py for the contract). stats: (L, NSTAT); gs, rs, vs:
+ * (L, S) samples of the cleaned g, of r (float64 formula) and of v. has_den = 0: no tensor has a denominator
+ * (RATIO_MAX NaN, RATIO_SPIKES 0). With has_den, a tensor without v or without g gets NaN ratio figures. */
+int ht_pass(i64 L, const void *const *g, const int *gdt, const i64 *numel, const void *const *v, const int *vdt,
+            const double *inv_bc, const double *eps, int has_den, double threshold, i64 S,
+            const i64 *sample_index, double *stats, double *gs, double *rs, double *vs, int nthreads) {
+    const double nan = NAN;
+    i64 items = 0;
+    for (i64 l = 0; l < L; l++)
+        if (g[l] != NULL && numel[l] > 0) items += (numel[l] + WORK - 1) / WORK;
+    i64 *owner = (i64 *)malloc((size_t)(items > 0 ? items : 1) * sizeof(i64));
+    i64 *first = (i64 *)malloc((size_t)(items > 0 ? items : 1) * sizeof(i64));
+    double *part = (double *)malloc((size_t)(items > 0 ? items : 1) * (NSTAT + 1) * sizeof(double));
+    if (!owner || !first || !part) { free(owner); free(first); free(part); return -1; }
+    i64 w = 0;
+    for (i64 l = 0; l < L; l++) {
+        if (g[l] == NULL || numel[l] <= 0) continue;
+        for (i64 s = 0; s < numel[l]; s += WORK) { owner[w] = l; first[w] = s; w++; }
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && items > 1)
+    for (i64 i = 0; i < items; i++) {
+        i64 l = owner[i], s = first[i];
+        i64 len = numel[l] - s < WORK ? numel[l] - s : WORK;
+        const void *vl = has_den ? v[l] : NULL;
+        pass_item(g[l], gdt[l], vl, vl ? vdt[l] : 0, s, len, vl ? inv_bc[l] : 1.0, vl ? eps[l] : 0.0, threshold,
+                  part + i * (NSTAT + 1), part + i * (NSTAT + 1) + NSTAT);
+    }
+    double *nanr = (double *)calloc((size_t)(L > 0 ? L : 1), sizeof(double));
+    if (!nanr) { free(owner); free(first); free(part); return -1; }
+    memset(stats, 0, (size_t)L * NSTAT * sizeof(double));
+    for (i64 i = 0; i < items; i++) {
+        double *row = stats + owner[i] * NSTAT, *p = part + i * (NSTAT + 1);
+        row[COUNT] += p[COUNT]; row[S1] += p[S1]; row[S2] += p[S2]; row[S3] += p[S3]; row[S4] += p[S4];
+        row[NONFINITE] += p[NONFINITE]; row[RATIO_SPIKES] += p[RATIO_SPIKES];
+        if (p[ABSMAX] > row[ABSMAX]) row[ABSMAX] = p[ABSMAX];
+        if (p[RATIO_MAX] > row[RATIO_MAX]) row[RATIO_MAX] = p[RATIO_MAX];
+        nanr[owner[i]] += p[NSTAT];
+    }
+    for (i64 l = 0; l < L; l++) {
+        double *row = stats + l * NSTAT;
+        int present = g[l] != NULL && numel[l] > 0;
+        int with_v = has_den && present && v[l] != NULL;
+        if (!has_den) row[RATIO_MAX] = nan;
+        else if (!with_v) { row[RATIO_MAX] = nan; row[RATIO_SPIKES] = nan; }
+        else if (nanr[l] > 0) row[RATIO_MAX] = nan; /* a NaN denominator poisons the max, as torch's amax does */
+        const i64 *idx = sample_index + l * S;
+        double *grow = gs + l * S, *rrow = rs + l * S, *vrow = vs + l * S;
+        double ib = with_v ? inv_bc[l] : 1.0, e = with_v ? eps[l] : 0.0;
+        for (i64 s = 0; s < S; s++) {
+            if (!present || idx[s] < 0 || idx[s] >= numel[l]) { grow[s] = nan; rrow[s] = nan; vrow[s] = nan; continue; }
+            double x = load1(g[l], gdt[l], idx[s]);
+            x = isfinite_d(x) ? x : 0.0;
+            grow[s] = x;
+            if (!with_v) { rrow[s] = nan; vrow[s] = nan; continue; }
+            double vi = load1(v[l], vdt[l], idx[s]);
+            vrow[s] = vi;
+            rrow[s] = vi > 0 ? fabs(x) / (sqrt(vi * ib) + e) : 0.0;
+        }
+    }
+    free(nanr);
+    free(owner);
+    free(first);
+    free(part);
+    return 0;
+}
+
+/* Each tensor's entries at its sampled coordinates: out (L, S) in float64, `fill` where a tensor is absent (and
+ * NaN at an index outside the tensor, which the monitor's samples never are). */
+int ht_gather(i64 L, const void *const *t, const int *dt, const i64 *numel, i64 S, const i64 *sample_index,
+              double fill, double *out) {
+    for (i64 l = 0; l < L; l++) {
+        const i64 *idx = sample_index + l * S;
+        double *row = out + l * S;
+        if (t[l] == NULL) {
+            for (i64 s = 0; s < S; s++) row[s] = fill;
+            continue;
+        }
+        for (i64 s = 0; s < S; s++)
+            row[s] = idx[s] >= 0 && idx[s] < numel[l] ? load1(t[l], dt[l], idx[s]) : NAN;
+    }
+    return 0;
+}
+
+/* |x| as float32 bits: for finite non-zero values they order like the magnitudes; 0 marks a missing entry. */
+static inline uint32_t abs_key(double x) {
+    float a = (float)fabs(x);
+    uint32_t u;
+    memcpy(&u, &a, 4);
+    return (u >= 0x7f800000u) ? 0u : u; /* Inf and NaN are missing (bad data); so is 0 (an atom) */
+}
+
+static uint32_t key_at(const void *p, int dt, i64 i) {
+    if (dt == HT_F32) {
+        uint32_t u;
+        memcpy(&u, (const float *)p + i, 4);
+        u &= 0x7fffffffu;
+        return u >= 0x7f800000u ? 0u : u;
+    }
+    return abs_key(load1(p, dt, i));
+}
+
+/* Descending radix sort of n keys (three 11-bit digits cover the 31 bits of a magnitude). */
+static void sort_desc(uint32_t *keys, uint32_t *tmp, i64 n) {
+    i64 count[2048];
+    for (int shift = 0; shift < 33; shift += 11) {
+        memset(count, 0, sizeof(count));
+        for (i64 i = 0; i < n; i++) count[2047 - ((keys[i] >> shift) & 2047u)]++;
+        i64 pos = 0;
+        for (int b = 0; b < 2048; b++) { i64 c = count[b]; count[b] = pos; pos += c; }
+        for (i64 i = 0; i < n; i++) tmp[count[2047 - ((keys[i] >> shift) & 2047u)]++] = keys[i];
+        memcpy(keys, tmp, (size_t)n * sizeof(uint32_t));
+    }
+}
+
+/* The m[l] largest valid |x| of each tensor, descending, as float32 into out + offset[l] (zeros past the valid
+ * count), and the valid count (finite, non-zero entries) into count[l]: an exact radix select (a histogram of the
+ * top 16 bits of the keys, one of the low 16 bits inside the boundary bin, then one collecting pass). Three reads
+ * of the tensor, no copy of it: what torch.topk does with a sort-sized workspace per tensor. */
+int ht_top_abs(i64 L, const void *const *t, const int *dt, const i64 *numel, const i64 *m, const i64 *offset,
+               float *out, i64 *count, int nthreads) {
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && L > 1)
+    for (i64 l = 0; l < L; l++) {
+        i64 want = m[l], n = numel[l];
+        float *dst = out + offset[l];
+        count[l] = 0;
+        if (t[l] == NULL || n <= 0 || want <= 0) {
+            if (want > 0) memset(dst, 0, (size_t)want * sizeof(float));
+            continue;
+        }
+        i64 *hist = (i64 *)calloc(65536, sizeof(i64));
+        uint32_t *keys = (uint32_t *)malloc((size_t)want * 2 * sizeof(uint32_t));
+        if (!hist || !keys) { free(hist); free(keys); failed = 1; continue; }
+        const void *p = t[l];
+        int d = dt[l];
+        i64 zeros = 0;
+        for (i64 i = 0; i < n; i++) {
+            uint32_t k = key_at(p, d, i);
+            if (k) hist[k >> 16]++;
+            else zeros++;
+        }
+        i64 valid = n - zeros;
+        count[l] = valid;
+        i64 take = want < valid ? want : valid;
+        uint32_t threshold = 0u; /* collect every key above it, then (take - above) copies of it */
+        i64 above = 0;
+        if (take < valid) {
+            int b = 65535;
+            while (above + hist[b] < take) above += hist[b--]; /* bin b holds the take-th largest key */
+            memset(hist, 0, 65536 * sizeof(i64));
+            for (i64 i = 0; i < n; i++) {
+                uint32_t k = key_at(p, d, i);
+                if (k && (k >> 16) == (uint32_t)b) hist[k & 0xffffu]++;
+            }
+            int lo = 65535;
+            while (above + hist[lo] < take) above += hist[lo--];
+            threshold = ((uint32_t)b << 16) | (uint32_t)lo;
+        }
+        i64 got = 0;
+        uint32_t *tmp = keys + want;
+        for (i64 i = 0; i < n; i++) {
+            uint32_t k = key_at(p, d, i);
+            if (k > threshold) keys[got++] = k;
+        }
+        while (got < take) keys[got++] = threshold; /* ties at the boundary: equal values, any of them */
+        sort_desc(keys, tmp, got);
+        for (i64 j = 0; j < got && j < want; j++) memcpy(dst + j, keys + j, 4);
+        for (i64 j = got; j < want; j++) dst[j] = 0.0f;
+        free(hist);
+        free(keys);
+    }
+    return failed ? -1 : 0;
+}
