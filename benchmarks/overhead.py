@@ -103,6 +103,39 @@ def histogram_monitor(named: list[tuple[str, torch.Tensor]], bins: int = 64) -> 
     return measure
 
 
+class TimedMonitor(heavytail.Monitor):
+    """The monitor with the time spent inside its own hooks measured (process CPU time; CPU runs only).
+
+    The difference of step times is the figure that counts, but on a shared machine its noise (the floor variant
+    swings by several percent between rounds) can exceed the overhead itself. Everything the monitor does runs
+    inside these hooks, so their time per step is a second, direct measurement of the same cost, from the same
+    process and the same steps; it misses only what the monitor does to the step around it (caches).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.hook_seconds = 0.0
+        super().__init__(*args, **kwargs)
+
+    def _timed(self, fn, *args) -> None:
+        start = time.process_time()
+        try:
+            fn(*args)
+        finally:
+            self.hook_seconds += time.process_time() - start
+
+    def _on_backward_end(self) -> None:
+        self._timed(super()._on_backward_end)
+
+    def _before_step(self) -> None:
+        self._timed(super()._before_step)
+
+    def _after_step(self) -> None:
+        self._timed(super()._after_step)
+
+    def observe_loss(self, loss) -> None:
+        self._timed(super().observe_loss, loss)
+
+
 # ---------------------------------------------------------------- the benchmark
 
 
@@ -119,7 +152,7 @@ class Variant:
         self.on_loss: Callable | None = None
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if name == "monitored":
-            self.monitor = heavytail.Monitor(model, self.opt, every=every, log_dir=os.path.join(log_dir, "run"))
+            self.monitor = TimedMonitor(model, self.opt, every=every, log_dir=os.path.join(log_dir, "run"))
             self.on_loss = self.monitor.observe_loss
         elif name == "floor":
             self.after_backward = floor_read([p for _, p in named])
@@ -218,13 +251,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             v.run(batches, args.warmup, 0)
         wall: dict[str, list[float]] = {v.name: [] for v in variants}
         cpu: dict[str, list[float]] = {v.name: [] for v in variants}
+        hooks: list[float] = []  # CPU seconds per step inside the monitor's hooks, per round
         for r in range(args.rounds):
             start = args.warmup + r * args.steps
             order = variants if r % 2 == 0 else variants[::-1]  # alternate the order: no variant always goes first
             for v in order:
+                before = v.monitor.hook_seconds if v.monitor is not None else 0.0
                 w, c = time_round(v, batches, args.steps, start, device)
                 wall[v.name].append(w)
                 cpu[v.name].append(c)
+                if v.monitor is not None:
+                    hooks.append((v.monitor.hook_seconds - before) / args.steps)
             print(f"round {r + 1}: " + "  ".join(f"{v.name} {wall[v.name][-1] * 1e3:.1f} ms" for v in variants),
                   flush=True)
         checkpoints = variants[names.index("monitored")].monitor.step_count // args.every \
@@ -244,6 +281,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"{name:<11} {med * 1e3:>10.2f} {pct[name]:>9.2f}% {med_cpu * 1e3:>12.2f} {cpu_pct:>12.2f}%")
     if "monitored" in names:
         print(f"(monitored: {checkpoints} checkpoints in all, one every {args.every} steps, inside the timed steps)")
+        if device.type == "cpu":
+            # Direct figure: CPU time inside the monitor's hooks over the baseline's CPU time per step.
+            hook_ms = statistics.median(hooks) * 1e3
+            print(f"monitor hooks: {hook_ms:.2f} ms of CPU per step, {100.0 * hook_ms / 1e3 / base_cpu:.2f}% of the "
+                  f"baseline step (median over rounds)")
+            print(f"hooks_pct={100.0 * hook_ms / 1e3 / base_cpu:.2f}")
     if args.clock == "cpu":
         pct = {name: 100.0 * (statistics.median(cpu[name]) - base_cpu) / base_cpu for name in names}
     figures = {f"{k}_pct": pct.get(k, math.nan) for k in ("monitored", "floor", "naive", "histogram")}

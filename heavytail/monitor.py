@@ -709,12 +709,15 @@ class Monitor:
         ok = before["valid"] & (g_rms > 0) & torch.isfinite(ratio)
         upd[:, _U["rms_ratio"]] += torch.where(ok, ratio, 0.0)
         upd[:, _U["rms_steps"]] += ok.to(upd.dtype)
+        # Coordinates with a gradient and a finite update, as a 0/1 mask (memory._mask), and |update| / |g| there.
+        usable = memory._mask(torch.gt, g, 0.0, g.dtype) * memory._mask(torch.eq, delta * 0, 0.0, g.dtype)
+        update_ratio = torch.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0) / g.clamp_min(1e-30)
         for family in ("adam", "shadow"):
             events = before[f"events_{family}"]
             if events is None:
                 continue
-            hit = events & (g > 0) & torch.isfinite(delta)
-            upd[:, _U[f"event_ratio_{family}"]] += torch.where(hit, delta / g.clamp_min(1e-30), 0.0).sum(dim=1)
+            hit = events * usable
+            upd[:, _U[f"event_ratio_{family}"]] += (hit * update_ratio).sum(dim=1)
             upd[:, _U[f"events_{family}"]] += hit.sum(dim=1).to(upd.dtype)
 
     def _muon_spread(self) -> torch.Tensor | None:
@@ -747,16 +750,19 @@ class Monitor:
         v, t = st["shadow_v"], st["shadow_t"]
         bias = 1.0 - betas[:, :, 0] ** t  # (B, L); 0 before the first step
         denom = (v / bias.clamp_min(1e-30)[:, :, None]).sqrt() + 1e-8
-        r = torch.where(v > 0, g.abs()[None] / denom, 0.0)
+        # 0/1 float masks rather than booleans and torch.where: several times cheaper per op on the CPU
+        # (memory._mask); v >= 0 and g is finite, so the products below are exact selections.
+        r = g.abs()[None] / denom * memory._mask(torch.gt, v, 0.0, g.dtype)
         ok = valid[None] & (t > 0)  # (B, L)
-        frac = (r * r > cfg.spike_threshold).to(g.dtype).mean(dim=2)
+        frac = memory._mask(torch.gt, r * r, cfg.spike_threshold, g.dtype).mean(dim=2)
         st["shadow_sum"] += torch.where(ok, frac, 0.0)
         shadow_max = st["shadow_max"]
         shadow_max[:, :, 0] = torch.maximum(shadow_max[:, :, 0], torch.where(ok, r.amax(dim=2), 0.0))
         shadow_max[:, :, 1] += ok.to(g.dtype)
         events = self._stream_memory(1, "shadow", r[0], v[0] / bias[0].clamp_min(1e-30)[:, None], ok[0])
         new_v = betas * v + (1 - betas) * (g * g)[None]
-        st["shadow_v"] = torch.where(valid[None, :, None], new_v, v).to(v.dtype)
+        # lerp with a 0/1 weight returns either end exactly: the new EMA where the tensor had a gradient
+        st["shadow_v"] = torch.lerp(v, new_v.to(v.dtype), valid.to(v.dtype)[None, :, None])
         st["shadow_t"] = t + valid.to(t.dtype)[None]
         return events
 
@@ -771,8 +777,8 @@ class Monitor:
         mean, seen = st["noise_mean"], st["noise_seen"]
         self._push_noise("temporal", g - mean, valid & (seen > 0))
         beta = torch.where(seen > 0, cfg.noise_beta, 0.0)[:, None]  # the first value initialises the EMA
-        st["noise_mean"] = torch.where(valid[:, None], beta * mean + (1 - beta) * torch.nan_to_num(g),
-                                       mean).to(mean.dtype)
+        st["noise_mean"] = torch.lerp(mean, (beta * mean + (1 - beta) * torch.nan_to_num(g)).to(mean.dtype),
+                                      valid.to(mean.dtype)[:, None])
         st["noise_seen"] = seen + valid.to(seen.dtype)
         if len(self._micro) >= 2:
             self._ensure_microbatch_ring()
@@ -1186,6 +1192,8 @@ class Monitor:
             "step_count": self.step_count,
             "interval_start": self._interval_start,
             "noise_slots": dict(self._noise_slots),
+            # What the pre-clip measurement has learnt of the loop (a resumed run goes on without re-learning it).
+            "preclip": {"untouched": self._preclip_untouched, "reuse": self._preclip_reuse},
             "tensors": tensors,
             "spike": {k: v.detach().cpu().clone() for k, v in st["spike"]._asdict().items()},  # sync point
             "alerts": self.alerts.state_dict(),
@@ -1210,6 +1218,10 @@ class Monitor:
         self.step_count = int(state["step_count"])
         self._interval_start = int(state["interval_start"])
         self._noise_slots.update({k: int(v) for k, v in state.get("noise_slots", {}).items()})
+        preclip = state.get("preclip", {})
+        untouched = preclip.get("untouched", 0)
+        self._preclip_untouched = None if untouched is None else int(untouched)
+        self._preclip_reuse = bool(preclip.get("reuse", False))
         self.alerts.load_state_dict(state["alerts"])
 
 
@@ -1296,9 +1308,8 @@ def _upper_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     """
     num = x.shape[1]
     k = min(num, int(math.floor((1.0 - q) * (num - 1))) + 2)
-    valid = ~torch.isnan(x)
-    n = valid.sum(dim=1)
-    top = torch.where(valid, x, -math.inf).topk(k, dim=1).values  # descending
+    n = num - torch.ne(x, x, out=torch.empty_like(x)).sum(dim=1)  # non-NaN entries (float mask: cheaper on CPU)
+    top = torch.nan_to_num(x, nan=-math.inf, posinf=math.inf, neginf=-math.inf).topk(k, dim=1).values  # descending
     rank = (n - 1).clamp_min(0).to(x.dtype) * (1.0 - q)  # position counted from the top, in [0, k - 2]
     lo = rank.floor().long().clamp(max=k - 1)
     hi = (lo + 1).clamp(max=k - 1)

@@ -114,3 +114,35 @@ def test_compiled_model_gives_the_same_records_as_eager(tmp_path):
             if key.startswith(("grad/norm/", "grad/kurtosis/", "grad/max/")) and value is not None:
                 assert compiled["metrics"][key] == pytest.approx(value, rel=1e-4), key
         assert set(compiled["metrics"]) == set(eager["metrics"])
+
+
+def test_preclip_norm_stops_costing_a_read_when_nothing_changes_the_gradients(tmp_path, monkeypatch):
+    """Without clipping the step sees the backward's own gradients, so the pre-clip norm is the step's norm and
+    the end-of-backward read is skipped; clipping that starts later is detected and measured again."""
+    reads = []
+    foreach_norm = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda tensors, *a, **k: reads.append(1) or foreach_norm(tensors, *a, **k))
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    totals = []
+    with ht.Monitor(model, opt, every=1, log_dir=tmp_path) as mon:
+        for step in range(10):
+            idx, y = tiny_batch(step)
+            nn.functional.mse_loss(model(idx), y).backward()
+            if step == 6:
+                assert not reads[3:], "the backward hook still reads every gradient"
+                reads.clear()
+            if step >= 6:
+                totals.append(float(nn.utils.clip_grad_norm_(model.parameters(), 1e-3)))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    metrics = [r["metrics"] for r in read_records(tmp_path)]
+    for m in metrics[:6]:
+        assert m["grad/norm_preclip"] == pytest.approx(m["grad/norm"], rel=1e-6)
+    # Step 7 is the first clipped one: its gradients changed after the backward pass that skipped the read, so its
+    # pre-clip norm is unknown (null, not a wrong number); from then on it is measured at every backward.
+    assert metrics[6]["grad/norm_preclip"] is None
+    for m, total in zip(metrics[7:], totals[1:], strict=True):
+        assert m["grad/norm_preclip"] == pytest.approx(total, rel=1e-5)
+        assert m["grad/norm"] == pytest.approx(1e-3, rel=1e-3)

@@ -26,7 +26,7 @@ enum { COUNT, S1, S2, S3, S4, ABSMAX, NONFINITE, RATIO_MAX, RATIO_SPIKES, NSTAT 
 
 #define TILE 512            /* entries converted into an L1-resident buffer at a time */
 #define WORK (1 << 16)      /* entries per parallel work item: large tensors spread over threads */
-#define TINY_F32 1.17549435e-38f  /* smallest normal float: keeps sqrt off subnormals and zeros (30x slower) */
+#define SEED_SAMPLES 64     /* entries whose exact ratio seeds a work item's running max */
 
 int ht_abi_version(void) { return 1; }
 
@@ -92,9 +92,8 @@ static inline int isfinite_d(double x) { return x - x == 0.0; }
  * the running max R and the threshold, one multiply-add and a compare per entry clear almost every entry, and only
  * the few that may beat R or cross the threshold (records, spikes, near-ties) get r in float64, exactly as the
  * torch reference computes it. The max and the spike count are therefore exact, at the cost of a read of v. */
-/* The vectorised tile loop: power sums and max |x| of X(i), and with a denominator the count of entries the ratio
- * prefilter cannot clear and the sum of V(i) (NaN if any v is). X and V read float32 memory directly or the
- * float64 tile buffers. */
+/* SUMS_LOOP: the power sums and max |x| of X(i), vectorised in float64 (float32 squares of small gradients go
+ * subnormal, which costs ~100 cycles an operation on x86). */
 #define SUMS_LOOP(X)                                                                                           \
     _Pragma("omp simd reduction(+ : t1, t2, t3, t4) reduction(max : tmax)")                                    \
     for (int i = 0; i < n; i++) {                                                                              \
@@ -103,75 +102,104 @@ static inline int isfinite_d(double x) { return x - x == 0.0; }
         double a = fabs(x);                                                                                    \
         tmax = a > tmax ? a : tmax;                                                                            \
     }
-#define RATIO_LOOP(X, V)                                                                                       \
-    _Pragma("omp simd reduction(+ : t1, t2, t3, t4, flags, vsum) reduction(max : tmax)")                       \
-    for (int i = 0; i < n; i++) {                                                                              \
-        double x = (X), x2 = x * x, vi = (V);                                                                  \
-        t1 += x; t2 += x2; t3 += x2 * x; t4 += x2 * x2;                                                        \
-        double a = fabs(x);                                                                                    \
-        tmax = a > tmax ? a : tmax;                                                                            \
-        flags += x2 > vi * k1 + k0 ? 1.0 : 0.0;                                                                \
-        vsum += vi;                                                                                            \
+
+/* log2 of a positive float32 from its bits: (bits / 2^23 - 127) <= log2 y <= that + 0.0861 for normal y (the
+ * mantissa's linear approximation); for a subnormal it overestimates. Thresholds on such bit patterns turn the
+ * ratio prefilter into integer compares, which never touch the float unit (no subnormal penalties) and take 16
+ * lanes at a time. */
+#define LOG2_SLACK 0.09
+static int32_t bits_threshold(double log2_value) {
+    double t = floor((log2_value + 127.0) * 8388608.0) - 2.0;
+    if (!(t > -2147483648.0)) return INT32_MIN; /* -inf and NaN: everything passes */
+    if (t > 2147483647.0) return INT32_MAX;
+    return (int32_t)t;
+}
+
+/* Entries of a float32 tile the ratio test cannot clear, by integer compares on the bit patterns (see above).
+ * Not flagging an entry must imply x^2 <= k1 v + k0, which holds if x^2 <= k1 v or x^2 <= k0: with B(.) the bit
+ * patterns, x^2 > k1 v is only possible if 2 (B(x) + slack) > log2 k1 + B(v), i.e. B(x) - B(v) / 2 > (log2 k1 -
+ * 2 slack) / 2 (B(v) >> 1 rounds down: more flags), and not for x = 0; a subnormal v (overestimated) counts as 0;
+ * x^2 > k0 needs B(x) + slack > log2 k0 / 2. NaN denominators are flagged too. */
+static double prefilter_bits(const float *g, const float *v, int n, double k1, double k0) {
+    const int32_t *gi = (const int32_t *)(const void *)g, *vi = (const int32_t *)(const void *)v;
+    const int32_t t1 = bits_threshold((log2(k1) - 2.0 * LOG2_SLACK) / 2.0 - 63.5);
+    const int32_t t0 = bits_threshold(log2(k0) / 2.0 - LOG2_SLACK);
+    int32_t flags = 0;
+#pragma omp simd reduction(+ : flags)
+    for (int i = 0; i < n; i++) {
+        int32_t bx = gi[i] & 0x7fffffff, bv = vi[i] & 0x7fffffff;
+        int32_t above_v = (bx - (bv >> 1) > t1) | (bv < 0x00800000);
+        flags += ((bx != 0) & above_v & (bx > t0)) | (bv > 0x7f800000);
     }
+    return (double)flags;
+}
 
 static void pass_item(const void *g, int gdt, const void *v, int vdt, i64 start, i64 len, double inv_bc,
                       double eps, double threshold, double *part, double *nan_ratio) {
     double xb[TILE], vb[TILE];
     double s1 = 0, s2 = 0, s3 = 0, s4 = 0, amax = 0, nf = 0, spikes = 0, rnan = 0, rmax = 0;
     const double t2max = threshold * threshold, e2 = eps * eps;
+    if (v != NULL) {
+        /* Seed the running max with the exact ratio of a strided sample of the item's finite entries, so the
+         * prefilter clears most of the first tile too (with a max of 0 it would pass every non-zero entry). */
+        i64 stride = len / SEED_SAMPLES > 0 ? len / SEED_SAMPLES : 1;
+        for (i64 i = start; i < start + len; i += stride) {
+            double x = load1(g, gdt, i), vi = load1(v, vdt, i);
+            if (!isfinite_d(x) || !(vi > 0) || !isfinite_d(vi)) continue;
+            double r = fabs(x) / (sqrt(vi * inv_bc) + eps);
+            if (r > rmax) rmax = r;
+        }
+        if (rmax > threshold) rmax = threshold; /* the seed's own spikes are counted by the pass below */
+    }
     for (i64 off = start; off < start + len; off += TILE) {
         int n = (int)((start + len - off) < TILE ? (start + len - off) : TILE);
         /* float32 tensors are read in place; other dtypes go through the float64 tile buffers */
         const float *gf = gdt == HT_F32 ? (const float *)g + off : NULL;
-        const float *vf = v != NULL && vdt == HT_F32 ? (const float *)v + off : NULL;
         if (gf == NULL) load_f64(g, gdt, off, n, xb);
-        if (v != NULL && vf == NULL) load_f64(v, vdt, off, n, vb);
-        /* r^2 may exceed c^2 only where g^2 > c^2 (v^ + eps^2); the margin absorbs the rounding of this test */
-        double c2 = (rmax * rmax < t2max ? rmax * rmax : t2max) * (1.0 - 1e-9);
-        const double k1 = c2 * inv_bc, k0 = c2 * e2;
-        double t1 = 0, t2 = 0, t3 = 0, t4 = 0, tmax = 0, flags = 0, vsum = 0;
-        if (v == NULL) {
-            if (gf) { SUMS_LOOP(gf[i]) } else { SUMS_LOOP(xb[i]) }
-        } else if (gf && vf) {
-            RATIO_LOOP(gf[i], vf[i])
-        } else if (gf) {
-            RATIO_LOOP(gf[i], vb[i])
-        } else if (vf) {
-            RATIO_LOOP(xb[i], vf[i])
-        } else {
-            RATIO_LOOP(xb[i], vb[i])
-        }
+        double t1 = 0, t2 = 0, t3 = 0, t4 = 0, tmax = 0;
+        if (gf) { SUMS_LOOP(gf[i]) } else { SUMS_LOOP(xb[i]) }
         int slow = !isfinite_d(t2) || !isfinite_d(t1);
-        if (slow || (v != NULL && flags > 0)) { /* the rare paths read the tile buffers */
-            if (gf) for (int i = 0; i < n; i++) xb[i] = gf[i];
-            if (vf) for (int i = 0; i < n; i++) vb[i] = vf[i];
-        }
         if (slow) {
             /* a non-finite entry (or an overflowing float64 square): count them, read them as 0, and redo the tile */
+            if (gf) for (int i = 0; i < n; i++) xb[i] = gf[i];
             double tnf = 0;
-            t1 = t2 = t3 = t4 = tmax = flags = 0;
+            t1 = t2 = t3 = t4 = tmax = 0;
             for (int i = 0; i < n; i++) {
                 double x = xb[i];
                 if (!isfinite_d(x)) { tnf += 1; x = 0.0; xb[i] = 0.0; }
                 double x2 = x * x;
                 t1 += x; t2 += x2; t3 += x2 * x; t4 += x2 * x2;
                 if (fabs(x) > tmax) tmax = fabs(x);
-                if (v != NULL && x2 > vb[i] * k1 + k0) flags += 1;
             }
             nf += tnf;
         }
         s1 += t1; s2 += t2; s3 += t3; s4 += t4;
         if (tmax > amax) amax = tmax;
         if (v == NULL) continue;
-        if (vsum != vsum) rnan += 1; /* a NaN in v: the reference's r is NaN there, and so is its max */
-        if (flags > 0) {
-            for (int i = 0; i < n; i++) {
-                double x = xb[i], x2 = x * x, vi = vb[i];
-                if (!(x2 > vi * k1 + k0)) continue;
-                double r = vi > 0 ? fabs(x) / (sqrt(vi * inv_bc) + eps) : 0.0;
-                if (r > rmax) rmax = r;
-                spikes += r > threshold ? 1.0 : 0.0;
-            }
+
+        /* The ratio. r^2 may exceed c^2 only where g^2 > c^2 (v^ + eps^2) = k1 v + k0; the margin absorbs the
+         * rounding of the float64 test. */
+        const double c2 = (rmax * rmax < t2max ? rmax * rmax : t2max) * (1.0 - 1e-9);
+        const double k1 = c2 * inv_bc, k0 = c2 * e2;
+        const float *vf = vdt == HT_F32 ? (const float *)v + off : NULL;
+        double flags = 0;
+        if (gf && vf && !slow) {
+            flags = prefilter_bits(gf, vf, n, k1, k0);
+            if (flags == 0) continue;
+            for (int i = 0; i < n; i++) xb[i] = gf[i];
+        } else {
+            if (gf && !slow) for (int i = 0; i < n; i++) xb[i] = gf[i];
+            flags = 1; /* other dtypes: every tile gets the float64 look below */
+        }
+        if (vf) for (int i = 0; i < n; i++) vb[i] = vf[i];
+        else load_f64(v, vdt, off, n, vb);
+        for (int i = 0; i < n; i++) {
+            double x = xb[i], x2 = x * x, vi = vb[i];
+            if (vi != vi) { rnan += 1; continue; } /* the reference's r is NaN here, and so is its max */
+            if (!(x2 > vi * k1 + k0)) continue;
+            double r = vi > 0 ? fabs(x) / (sqrt(vi * inv_bc) + eps) : 0.0;
+            if (r > rmax) rmax = r;
+            spikes += r > threshold ? 1.0 : 0.0;
         }
     }
     part[COUNT] = (double)len - nf;
@@ -223,7 +251,7 @@ int ht_pass(i64 L, const void *const *g, const int *gdt, const i64 *numel, const
     }
     for (i64 l = 0; l < L; l++) {
         double *row = stats + l * NSTAT;
-        int present = g[l] != NULL && numel[l] > 0;
+        int present = g[l] != NULL; /* an empty tensor is present, with no entries */
         int with_v = has_den && present && v[l] != NULL;
         if (!has_den) row[RATIO_MAX] = nan;
         else if (!with_v) { row[RATIO_MAX] = nan; row[RATIO_SPIKES] = nan; }
@@ -232,7 +260,11 @@ int ht_pass(i64 L, const void *const *g, const int *gdt, const i64 *numel, const
         double *grow = gs + l * S, *rrow = rs + l * S, *vrow = vs + l * S;
         double ib = with_v ? inv_bc[l] : 1.0, e = with_v ? eps[l] : 0.0;
         for (i64 s = 0; s < S; s++) {
-            if (!present || idx[s] < 0 || idx[s] >= numel[l]) { grow[s] = nan; rrow[s] = nan; vrow[s] = nan; continue; }
+            if (!present) { grow[s] = nan; rrow[s] = nan; vrow[s] = nan; continue; }
+            if (idx[s] < 0 || idx[s] >= numel[l]) { /* no entry there (an empty tensor): as the reference */
+                grow[s] = nan; vrow[s] = nan; rrow[s] = with_v ? 0.0 : nan;
+                continue;
+            }
             double x = load1(g[l], gdt[l], idx[s]);
             x = isfinite_d(x) ? x : 0.0;
             grow[s] = x;
@@ -256,7 +288,7 @@ int ht_gather(i64 L, const void *const *t, const int *dt, const i64 *numel, i64 
     for (i64 l = 0; l < L; l++) {
         const i64 *idx = sample_index + l * S;
         double *row = out + l * S;
-        if (t[l] == NULL) {
+        if (t[l] == NULL || numel[l] <= 0) {
             for (i64 s = 0; s < S; s++) row[s] = fill;
             continue;
         }

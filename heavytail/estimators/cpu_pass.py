@@ -146,13 +146,14 @@ def unavailable_reason() -> str | None:
 
 
 class _Table(NamedTuple):
-    """What a kernel reads of a list of tensors: the tensors themselves (kept alive for the call), their data
-    pointers (0 for none), dtype codes and entry counts, as int64/int32 host tensors."""
+    """What a kernel reads of a list of tensors: the tensors themselves (kept alive for the call; None for an
+    absent or empty one), their data pointers (0 for an absent tensor), dtype codes and entry counts, as ctypes
+    arrays (plain host memory, freed with the table; no tensor allocations per step)."""
 
     tensors: list[torch.Tensor | None]
-    pointers: torch.Tensor
-    codes: torch.Tensor
-    numels: torch.Tensor
+    pointers: ctypes.Array
+    codes: ctypes.Array
+    numels: ctypes.Array
 
 
 def _table(tensors: Sequence[torch.Tensor | None]) -> _Table:
@@ -163,13 +164,14 @@ def _table(tensors: Sequence[torch.Tensor | None]) -> _Table:
     codes: list[int] = []
     numels: list[int] = []
     for t in tensors:
-        n = 0 if t is None else t.numel()
-        if n == 0:
+        if t is None or t.numel() == 0:
+            # An empty tensor (an empty shard) is present but has no entries: a non-null pointer never read.
             kept.append(None)
-            pointers.append(0)
+            pointers.append(0 if t is None else 1)
             codes.append(0)
             numels.append(0)
             continue
+        n = t.numel()
         code = _DTYPE_CODES.get(t.dtype)
         if code is None or not t.is_contiguous() or not t.is_cpu:
             if not t.is_cpu or t.is_complex():
@@ -180,8 +182,9 @@ def _table(tensors: Sequence[torch.Tensor | None]) -> _Table:
         pointers.append(t.data_ptr())
         codes.append(code)
         numels.append(n)
-    return _Table(kept, torch.tensor(pointers, dtype=torch.int64), torch.tensor(codes, dtype=torch.int32),
-                  torch.tensor(numels, dtype=torch.int64))
+    count = len(kept)
+    return _Table(kept, (ctypes.c_void_p * count)(*pointers), (ctypes.c_int * count)(*codes),
+                  (ctypes.c_int64 * count)(*numels))
 
 
 def _threads() -> int:
@@ -207,7 +210,7 @@ def cpu_gradient_pass(
     has_den = denominators is not None and any(v is not None for v in denominators.v)
     if has_den:
         # the kernel reads v over g's entries: a denominator of another size is no denominator
-        v = _table([v if v is not None and g.tensors[i] is not None and v.numel() == g.tensors[i].numel() else None
+        v = _table([v if v is not None and grads[i] is not None and v.numel() == grads[i].numel() else None
                     for i, v in enumerate(denominators.v)])
         inv_bc = denominators.bias_correction.to(torch.float64).reciprocal().contiguous()
         eps = denominators.eps.to(torch.float64).contiguous()
@@ -220,10 +223,9 @@ def cpu_gradient_pass(
     g_samples = torch.empty(num_layers, num_samples, dtype=torch.float64)
     r_samples, v_samples = torch.empty_like(g_samples), torch.empty_like(g_samples)
     status = lib.ht_pass(
-            num_layers, g.pointers.data_ptr(), g.codes.data_ptr(), g.numels.data_ptr(), v.pointers.data_ptr(),
-        v.codes.data_ptr(), inv_bc.data_ptr(), eps.data_ptr(), int(has_den), float(spike_threshold) ** 0.5, num_samples,
-        index.data_ptr(), stats.data_ptr(), g_samples.data_ptr(), r_samples.data_ptr(), v_samples.data_ptr(),
-        _threads())
+        num_layers, g.pointers, g.codes, g.numels, v.pointers, v.codes, inv_bc.data_ptr(), eps.data_ptr(),
+        int(has_den), float(spike_threshold) ** 0.5, num_samples, index.data_ptr(), stats.data_ptr(),
+        g_samples.data_ptr(), r_samples.data_ptr(), v_samples.data_ptr(), _threads())
     if status != 0:
         raise MemoryError("heavytail CPU gradient pass: out of memory for its work table")
     return PassResult(stats, g_samples, r_samples, v_samples)
@@ -238,7 +240,7 @@ def gather(tensors: Sequence[torch.Tensor | None], sample_index: torch.Tensor, d
     table = _table(tensors)
     index = sample_index.to(torch.int64).contiguous()
     out = torch.empty(tuple(index.shape), dtype=torch.float64)
-    lib.ht_gather(len(tensors), table.pointers.data_ptr(), table.codes.data_ptr(), table.numels.data_ptr(),
+    lib.ht_gather(len(tensors), table.pointers, table.codes, table.numels,
                   index.shape[1], index.data_ptr(), float(fill), out.data_ptr())
     return out if dtype == torch.float64 else out.to(dtype)
 
@@ -259,11 +261,11 @@ def top_magnitudes(tensors: Sequence[torch.Tensor | None], counts: Sequence[int]
         offsets.append(total)
         total += c
     # named: a temporary's memory would be freed before the call reads it
-    want, start = torch.tensor(counts, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64)
+    want, start = (ctypes.c_int64 * len(counts))(*counts), (ctypes.c_int64 * len(offsets))(*offsets)
     out = torch.empty(total, dtype=torch.float32)
     valid = torch.empty(len(tensors), dtype=torch.int64)
-    status = lib.ht_top_abs(len(tensors), table.pointers.data_ptr(), table.codes.data_ptr(), table.numels.data_ptr(),
-                            want.data_ptr(), start.data_ptr(), out.data_ptr(), valid.data_ptr(), _threads())
+    status = lib.ht_top_abs(len(tensors), table.pointers, table.codes, table.numels, want, start, out.data_ptr(),
+                            valid.data_ptr(), _threads())
     if status != 0:
         raise MemoryError("heavytail CPU top-k: out of memory for its histograms")
     return [(out[o : o + c], valid[i]) for i, (o, c) in enumerate(zip(offsets, counts))]

@@ -29,12 +29,20 @@ class MemoryStep(NamedTuple):
     started: torch.Tensor
     ended: torch.Tensor
     ended_steps: torch.Tensor
-    events: torch.Tensor  # (L, S) bool: coordinates where an episode started this step
+    events: torch.Tensor  # (L, S) 0/1 mask: coordinates where an episode started this step
+
+
+def _mask(op, a: torch.Tensor, b, dtype: torch.dtype) -> torch.Tensor:
+    """``op(a, b)`` as a 0/1 float mask: comparisons written into float tensors, and arithmetic on them, run
+    several times faster on the CPU than boolean tensors and ``torch.where`` (measured: 5 us against 12-60 us
+    per op at 53 x 256)."""
+    return op(a, b, out=torch.empty(a.shape, dtype=dtype, device=a.device))
 
 
 def init(num_layers: int, num_samples: int, device=None, dtype: torch.dtype = torch.float64) -> MemoryState:
+    """No open episode anywhere; ``active`` is a 0/1 mask in ``dtype``."""
     zeros = torch.zeros(num_layers, num_samples, device=device, dtype=dtype)
-    return MemoryState(zeros, zeros.clone(), torch.zeros(num_layers, num_samples, device=device, dtype=torch.bool))
+    return MemoryState(zeros, zeros.clone(), zeros.clone())
 
 
 def update(state: MemoryState, ratio: torch.Tensor, v_hat: torch.Tensor, valid: torch.Tensor, *,
@@ -43,18 +51,25 @@ def update(state: MemoryState, ratio: torch.Tensor, v_hat: torch.Tensor, valid: 
 
     An open episode ends when sqrt(v_hat) <= ``inflation`` * sqrt(level), i.e. v_hat <= inflation^2 * level;
     its length is the number of steps since its event. A coordinate with an open episode does not start another.
-    ``valid`` ``(L,)`` masks tensors without a gradient or a denominator this step. No host synchronization.
+    ``valid`` ``(L,)`` masks tensors without a gradient or a denominator this step. The state is kept in the
+    dtype of ``level`` (``active`` as a 0/1 mask; a boolean one is accepted), and ``events`` is returned as a 0/1
+    mask of that dtype. No host synchronization.
     """
-    ok = valid[:, None] & torch.isfinite(v_hat) & torch.isfinite(ratio)
     level, age, active = state
-    ongoing = active & ok
-    age = torch.where(ongoing, age + 1, age)
-    ending = ongoing & (v_hat <= inflation * inflation * level)
-    ended_steps = torch.where(ending, age, 0.0).sum(dim=1)
-    active = active & ~ending
-    events = ok & ~active & (ratio * ratio > threshold) & (v_hat > 0)
-    level = torch.where(events, v_hat, level)
-    age = torch.where(events | ending, 0.0, age)
-    active = active | events
-    step = MemoryStep(events.sum(dim=1).to(level.dtype), ending.sum(dim=1).to(level.dtype), ended_steps, events)
+    dt = level.dtype
+    active = active.to(dt)
+    # Finite ratio and v_hat: x * 0 is exactly 0 for finite x and NaN otherwise.
+    ok = _mask(torch.eq, ratio * 0 + v_hat * 0, 0.0, dt) * valid.to(dt)[:, None]
+    ongoing = active * ok
+    age = age + ongoing
+    ending = ongoing * _mask(torch.le, v_hat, inflation * inflation * level, dt)
+    ended_steps = (ending * age).sum(dim=1)
+    active = active - ending
+    large = _mask(torch.gt, ratio * ratio, threshold, dt) * _mask(torch.gt, v_hat, 0.0, dt)
+    events = ok * (1 - active) * large
+    # lerp with a 0/1 weight returns either end exactly; v_hat is finite wherever the weight is 1.
+    level = torch.lerp(level, torch.nan_to_num(v_hat, nan=0.0, posinf=0.0, neginf=0.0).to(dt), events)
+    age = age * (1 - torch.maximum(events, ending))
+    active = active + events
+    step = MemoryStep(events.sum(dim=1), ending.sum(dim=1), ended_steps, events)
     return MemoryState(level, age, active), step

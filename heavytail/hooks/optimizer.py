@@ -194,16 +194,15 @@ tensor on its own costs ~12 us of dispatch, more than copying 16,000 entries."""
 def gather_samples(tensors: Sequence[torch.Tensor | None], sample_index: torch.Tensor, dtype: torch.dtype,
                    fill: float = math.nan) -> torch.Tensor:
     """Each tensor's entries at its sampled coordinates, ``(L, S)`` (``fill`` where a tensor is None)."""
-    out = torch.full(tuple(sample_index.shape), fill, device=sample_index.device, dtype=dtype)
-    tensors = [None if t is None else local(t) for t in tensors]
     # A shard may be empty; a complex tensor has no real samples (casting would drop its imaginary part).
-    rows = [i for i, t in enumerate(tensors) if t is not None and t.numel() > 0 and not t.is_complex()]
+    tensors = [None if t is None or t.is_complex() else local(t) for t in tensors]
+    if sample_index.device.type == "cpu" and cpu_pass.available():  # one C call for every tensor
+        return cpu_pass.gather(tensors, sample_index, dtype, fill)
+    out = torch.full(tuple(sample_index.shape), fill, device=sample_index.device, dtype=dtype)
+    rows = [i for i, t in enumerate(tensors) if t is not None and t.numel() > 0]
     small = [i for i in rows if tensors[i].numel() <= SMALL_TENSOR]
     big = [i for i in rows if tensors[i].numel() > SMALL_TENSOR]
     device = sample_index.device
-    if device.type == "cpu" and cpu_pass.available():  # one C call for every tensor
-        keep = set(rows)
-        return cpu_pass.gather([t if i in keep else None for i, t in enumerate(tensors)], sample_index, dtype, fill)
     if small:
         flat = torch.cat([tensors[i].detach().reshape(-1) for i in small])
         sizes = torch.tensor([tensors[i].numel() for i in small])
