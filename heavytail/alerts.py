@@ -43,11 +43,14 @@ class AlertEngine:
         self._cooldowns: dict[str, Cooldown] = {}
         self.count = 0
 
-    def _new(self, rule: str, flags: Sequence[bool], step: int) -> list[bool]:
+    def _cooldown(self, rule: str, num_streams: int) -> Cooldown:
         cooldown = self._cooldowns.get(rule)
-        if cooldown is None or cooldown.num_streams != len(flags):
-            cooldown = self._cooldowns[rule] = Cooldown(len(flags), self.cooldown_steps)
-        return cooldown(list(flags), step=step)
+        if cooldown is None or cooldown.num_streams != num_streams:
+            cooldown = self._cooldowns[rule] = Cooldown(num_streams, self.cooldown_steps)
+        return cooldown
+
+    def _new(self, rule: str, flags: Sequence[bool], step: int) -> list[bool]:
+        return self._cooldown(rule, len(flags))(list(flags), step=step)
 
     def _fire(self, rule: str, step: int, metric: str, layer: str | None, value: float, threshold: float,
               message: str, layers: Sequence[str] = ()) -> None:
@@ -71,6 +74,9 @@ class AlertEngine:
               names: Sequence[str], metric: str, threshold: float, describe: Callable[[str, float, float], str],
               prefer_first: bool = False) -> None:
         if rule not in self.rules:
+            return
+        if not flags.any():  # the usual step: nothing to alert, the cooldowns only learn the step (no Python loop)
+            self._cooldown(rule, len(flags)).quiet(step)
             return
         new = np.asarray(self._new(rule, [bool(f) for f in flags], step))
         if not new.any():

@@ -115,23 +115,29 @@ static int32_t bits_threshold(double log2_value) {
     return (int32_t)t;
 }
 
-/* Entries of a float32 tile the ratio test cannot clear, by integer compares on the bit patterns (see above).
+/* Whether a float32 entry may fail the ratio test, by integer compares on the bit patterns (see above).
  * Not flagging an entry must imply x^2 <= k1 v + k0, which holds if x^2 <= k1 v or x^2 <= k0: with B(.) the bit
  * patterns, x^2 > k1 v is only possible if 2 (B(x) + slack) > log2 k1 + B(v), i.e. B(x) - B(v) / 2 > (log2 k1 -
  * 2 slack) / 2 (B(v) >> 1 rounds down: more flags), and not for x = 0; a subnormal v (overestimated) counts as 0;
  * x^2 > k0 needs B(x) + slack > log2 k0 / 2. NaN denominators are flagged too. */
-static double prefilter_bits(const float *g, const float *v, int n, double k1, double k0) {
-    const int32_t *gi = (const int32_t *)(const void *)g, *vi = (const int32_t *)(const void *)v;
-    const int32_t t1 = bits_threshold((log2(k1) - 2.0 * LOG2_SLACK) / 2.0 - 63.5);
-    const int32_t t0 = bits_threshold(log2(k0) / 2.0 - LOG2_SLACK);
+typedef struct { int32_t t1, t0; } BitsTest;
+
+static BitsTest bits_test(double k1, double k0) {
+    BitsTest b = {bits_threshold((log2(k1) - 2.0 * LOG2_SLACK) / 2.0 - 63.5), bits_threshold(log2(k0) / 2.0 - LOG2_SLACK)};
+    return b;
+}
+
+static inline int32_t bits_flag(int32_t gbits, int32_t vbits, BitsTest b) {
+    int32_t bx = gbits & 0x7fffffff, bv = vbits & 0x7fffffff;
+    int32_t above_v = (bx - (bv >> 1) > b.t1) | (bv < 0x00800000);
+    return ((bx != 0) & above_v & (bx > b.t0)) | (bv > 0x7f800000);
+}
+
+static int32_t prefilter_bits(const int32_t *gi, const int32_t *vi, int n, BitsTest b) {
     int32_t flags = 0;
 #pragma omp simd reduction(+ : flags)
-    for (int i = 0; i < n; i++) {
-        int32_t bx = gi[i] & 0x7fffffff, bv = vi[i] & 0x7fffffff;
-        int32_t above_v = (bx - (bv >> 1) > t1) | (bv < 0x00800000);
-        flags += ((bx != 0) & above_v & (bx > t0)) | (bv > 0x7f800000);
-    }
-    return (double)flags;
+    for (int i = 0; i < n; i++) flags += bits_flag(gi[i], vi[i], b);
+    return flags;
 }
 
 static void pass_item(const void *g, int gdt, const void *v, int vdt, i64 start, i64 len, double inv_bc,
@@ -139,6 +145,8 @@ static void pass_item(const void *g, int gdt, const void *v, int vdt, i64 start,
     double xb[TILE], vb[TILE];
     double s1 = 0, s2 = 0, s3 = 0, s4 = 0, amax = 0, nf = 0, spikes = 0, rnan = 0, rmax = 0;
     const double t2max = threshold * threshold, e2 = eps * eps;
+    double bits_c2 = -1.0; /* the bit test's thresholds, recomputed only when the running max moves */
+    BitsTest bits = {0, 0};
     if (v != NULL) {
         /* Seed the running max with the exact ratio of a strided sample of the item's finite entries, so the
          * prefilter clears most of the first tile too (with a max of 0 it would pass every non-zero entry). */
@@ -182,15 +190,25 @@ static void pass_item(const void *g, int gdt, const void *v, int vdt, i64 start,
         const double c2 = (rmax * rmax < t2max ? rmax * rmax : t2max) * (1.0 - 1e-9);
         const double k1 = c2 * inv_bc, k0 = c2 * e2;
         const float *vf = vdt == HT_F32 ? (const float *)v + off : NULL;
-        double flags = 0;
         if (gf && vf && !slow) {
-            flags = prefilter_bits(gf, vf, n, k1, k0);
-            if (flags == 0) continue;
-            for (int i = 0; i < n; i++) xb[i] = gf[i];
-        } else {
-            if (gf && !slow) for (int i = 0; i < n; i++) xb[i] = gf[i];
-            flags = 1; /* other dtypes: every tile gets the float64 look below */
+            /* float32 g and v: the bit test clears the tile, or picks the few entries worth a float64 look (read
+             * one by one: converting a whole tile would pay the subnormal penalty on every tiny v) */
+            if (c2 != bits_c2) { bits = bits_test(k1, k0); bits_c2 = c2; }
+            const int32_t *gi = (const int32_t *)(const void *)gf, *vi = (const int32_t *)(const void *)vf;
+            if (prefilter_bits(gi, vi, n, bits) == 0) continue;
+            for (int i = 0; i < n; i++) {
+                if (!bits_flag(gi[i], vi[i], bits)) continue;
+                double x = gf[i], x2 = x * x, vv = vf[i];
+                if (vv != vv) { rnan += 1; continue; } /* the reference's r is NaN here, and so is its max */
+                if (!(x2 > vv * k1 + k0)) continue;
+                double r = vv > 0 ? fabs(x) / (sqrt(vv * inv_bc) + eps) : 0.0;
+                if (r > rmax) rmax = r;
+                spikes += r > threshold ? 1.0 : 0.0;
+            }
+            continue;
         }
+        /* other dtypes, and tiles that had non-finite entries: the float64 look at every entry */
+        if (gf && !slow) for (int i = 0; i < n; i++) xb[i] = gf[i];
         if (vf) for (int i = 0; i < n; i++) vb[i] = vf[i];
         else load_f64(v, vdt, off, n, vb);
         for (int i = 0; i < n; i++) {

@@ -289,6 +289,10 @@ class Cooldown:
             self._last_flag[i] = step
         return alerts
 
+    def quiet(self, step: int | None = None) -> None:
+        """A step without any flag: the same as calling with all flags false, without the per-stream loop."""
+        self._step = self._step + 1 if step is None else int(step)
+
     def state_dict(self) -> dict:
         return {"steps": self.steps, "last_flag": list(self._last_flag), "step": self._step}
 
