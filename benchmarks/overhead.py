@@ -15,6 +15,11 @@ machine's speed (other processes, thermal state, a GPU's clocks) hits every vari
 - ``histogram``: what ``wandb.watch(model, log="gradients", log_freq=1)`` does per parameter and step: clone,
   finite checks, min/max ``.item()``, a 64-bin ``torch.histc``, the counts and edges to Python lists (no wandb).
 
+Opt-in (``--variants ...,control``): ``control``, a second unmonitored copy; its difference from the baseline is
+what two identical runs differ by on this machine, the resolution of the figures above. The monitored variant
+also reports the CPU time spent inside the monitor's own hooks per step (``hooks_pct``), a direct measurement
+of the same cost that the machine's drift disturbs less.
+
 Each variant has its own copy of the model and optimizer, built from the same seed, and sees the same batches.
 Per round each variant runs ``--steps`` steps after the warm-up; the figure of a round is its wall time per step
 (CUDA: ``torch.cuda.synchronize`` and events around the round). Reported: the median over rounds, the overhead
@@ -43,6 +48,7 @@ import heavytail  # noqa: E402
 from _models import MODELS, Workload, clone_model, train_step, workload  # noqa: E402
 
 VARIANTS = ("baseline", "monitored", "floor", "naive", "histogram")
+EXTRA_VARIANTS = ("control",)  # opt-in: a second unmonitored copy, whose "overhead" is the method's own noise
 
 
 # ---------------------------------------------------------------- what each variant does after backward
@@ -160,7 +166,7 @@ class Variant:
             self.after_backward = naive_monitor(named)
         elif name == "histogram":
             self.after_backward = histogram_monitor(named)
-        elif name != "baseline":
+        elif name not in ("baseline", "control"):
             raise ValueError(f"unknown variant {name!r}")
 
     def run(self, batches: list, steps: int, start: int) -> None:
@@ -203,7 +209,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                              "other processes on a shared machine disturb less (CPU only: on CUDA the GPU sets "
                              "the pace)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated subset of " + ", ".join(VARIANTS) + " (baseline is always run)")
+                        help="comma-separated subset of " + ", ".join(VARIANTS) + " (baseline is always run), "
+                             "or 'control': an identical unmonitored copy, whose difference from the baseline "
+                             "shows how far two equal runs drift apart on this machine")
     parser.add_argument("--allow-cpu-gpt2", action="store_true",
                         help="run gpt2-small on the CPU (batch 1 x 128: a smoke run, not a figure)")
     args = parser.parse_args(argv)
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     names = ["baseline"] + [v for v in args.variants.split(",") if v and v != "baseline"]
     for name in names:
-        if name not in VARIANTS:
+        if name not in VARIANTS + EXTRA_VARIANTS:
             parser.error(f"unknown variant {name!r}")
 
     device = torch.device(args.device)

@@ -196,6 +196,17 @@ static void pass_item(const void *g, int gdt, const void *v, int vdt, i64 start,
             if (c2 != bits_c2) { bits = bits_test(k1, k0); bits_c2 = c2; }
             const int32_t *gi = (const int32_t *)(const void *)gf, *vi = (const int32_t *)(const void *)vf;
             if (prefilter_bits(gi, vi, n, bits) == 0) continue;
+            /* Then r <= c itself, vectorised in float64 with the square root (the bound above drops the cross
+             * term 2 eps sqrt(v^), so ratios crowding just under the running max, as all r ~ 1 when v^ ~ g^2, pass
+             * it): the tile is done unless an entry may really beat the max or cross the threshold. */
+            const double c = sqrt(c2) * (1.0 - 1e-12);
+            double need = 0;
+#pragma omp simd reduction(+ : need)
+            for (int i = 0; i < n; i++) {
+                double x = gf[i], vv = vf[i];
+                need += ((vv > 0) & (fabs(x) > c * (sqrt(vv * inv_bc) + eps))) | (vv != vv) ? 1.0 : 0.0;
+            }
+            if (need == 0) continue;
             for (int i = 0; i < n; i++) {
                 if (!bits_flag(gi[i], vi[i], bits)) continue;
                 double x = gf[i], x2 = x * x, vv = vf[i];
