@@ -43,6 +43,7 @@ from heavytail.estimators.gradient_pass import (
 )
 from heavytail.estimators.hill import default_top_count, hill_from_top, top_magnitudes
 from heavytail.estimators.kurtosis import gaussian_kurtosis_quantile, kurtosis_from_power_sums
+from heavytail.estimators.masks import float_mask
 from heavytail.hooks.gradients import BackwardTap, LocalSampleTap
 from heavytail.hooks.optimizer import (
     OptimizerTap,
@@ -709,8 +710,8 @@ class Monitor:
         ok = before["valid"] & (g_rms > 0) & torch.isfinite(ratio)
         upd[:, _U["rms_ratio"]] += torch.where(ok, ratio, 0.0)
         upd[:, _U["rms_steps"]] += ok.to(upd.dtype)
-        # Coordinates with a gradient and a finite update, as a 0/1 mask (memory._mask), and |update| / |g| there.
-        usable = memory._mask(torch.gt, g, 0.0, g.dtype) * memory._mask(torch.eq, delta * 0, 0.0, g.dtype)
+        # Coordinates with a gradient and a finite update (a 0/1 mask, estimators.masks), and |update| / |g| there.
+        usable = float_mask(torch.gt, g, 0.0, g.dtype) * float_mask(torch.eq, delta * 0, 0.0, g.dtype)
         update_ratio = torch.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0) / g.clamp_min(1e-30)
         for family in ("adam", "shadow"):
             events = before[f"events_{family}"]
@@ -750,11 +751,11 @@ class Monitor:
         v, t = st["shadow_v"], st["shadow_t"]
         bias = 1.0 - betas[:, :, 0] ** t  # (B, L); 0 before the first step
         denom = (v / bias.clamp_min(1e-30)[:, :, None]).sqrt() + 1e-8
-        # 0/1 float masks rather than booleans and torch.where: several times cheaper per op on the CPU
-        # (memory._mask); v >= 0 and g is finite, so the products below are exact selections.
-        r = g.abs()[None] / denom * memory._mask(torch.gt, v, 0.0, g.dtype)
+        # 0/1 float masks rather than booleans and torch.where (estimators.masks); v >= 0 and g is finite, so the
+        # products below are exact selections.
+        r = g.abs()[None] / denom * float_mask(torch.gt, v, 0.0, g.dtype)
         ok = valid[None] & (t > 0)  # (B, L)
-        frac = memory._mask(torch.gt, r * r, cfg.spike_threshold, g.dtype).mean(dim=2)
+        frac = float_mask(torch.gt, r * r, cfg.spike_threshold, g.dtype).mean(dim=2)
         st["shadow_sum"] += torch.where(ok, frac, 0.0)
         shadow_max = st["shadow_max"]
         shadow_max[:, :, 0] = torch.maximum(shadow_max[:, :, 0], torch.where(ok, r.amax(dim=2), 0.0))
@@ -1308,7 +1309,7 @@ def _upper_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     """
     num = x.shape[1]
     k = min(num, int(math.floor((1.0 - q) * (num - 1))) + 2)
-    n = num - torch.ne(x, x, out=torch.empty_like(x)).sum(dim=1)  # non-NaN entries (float mask: cheaper on CPU)
+    n = num - float_mask(torch.ne, x, x, x.dtype).sum(dim=1)  # non-NaN entries
     top = torch.nan_to_num(x, nan=-math.inf, posinf=math.inf, neginf=-math.inf).topk(k, dim=1).values  # descending
     rank = (n - 1).clamp_min(0).to(x.dtype) * (1.0 - q)  # position counted from the top, in [0, k - 2]
     lo = rank.floor().long().clamp(max=k - 1)

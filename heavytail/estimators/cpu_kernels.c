@@ -140,6 +140,18 @@ static int32_t prefilter_bits(const int32_t *gi, const int32_t *vi, int n, BitsT
     return flags;
 }
 
+/* One entry's float64 look: the reference's r = |x| / (sqrt(v / bc) + eps) (0 where v = 0) where the bound
+ * g^2 <= k1 v + k0 cannot clear it, folded into the running max and the spike count; a NaN v is counted (the
+ * reference's r is NaN there, and so is its max). */
+static inline void exact_ratio(double x, double v, double k1, double k0, double inv_bc, double eps,
+                               double threshold, double *rmax, double *spikes, double *rnan) {
+    if (v != v) { *rnan += 1; return; }
+    if (!(x * x > v * k1 + k0)) return;
+    double r = v > 0 ? fabs(x) / (sqrt(v * inv_bc) + eps) : 0.0;
+    if (r > *rmax) *rmax = r;
+    *spikes += r > threshold ? 1.0 : 0.0;
+}
+
 static void pass_item(const void *g, int gdt, const void *v, int vdt, i64 start, i64 len, double inv_bc,
                       double eps, double threshold, double *part, double *nan_ratio) {
     double xb[TILE], vb[TILE];
@@ -209,12 +221,7 @@ static void pass_item(const void *g, int gdt, const void *v, int vdt, i64 start,
             if (need == 0) continue;
             for (int i = 0; i < n; i++) {
                 if (!bits_flag(gi[i], vi[i], bits)) continue;
-                double x = gf[i], x2 = x * x, vv = vf[i];
-                if (vv != vv) { rnan += 1; continue; } /* the reference's r is NaN here, and so is its max */
-                if (!(x2 > vv * k1 + k0)) continue;
-                double r = vv > 0 ? fabs(x) / (sqrt(vv * inv_bc) + eps) : 0.0;
-                if (r > rmax) rmax = r;
-                spikes += r > threshold ? 1.0 : 0.0;
+                exact_ratio(gf[i], vf[i], k1, k0, inv_bc, eps, threshold, &rmax, &spikes, &rnan);
             }
             continue;
         }
@@ -222,14 +229,7 @@ static void pass_item(const void *g, int gdt, const void *v, int vdt, i64 start,
         if (gf && !slow) for (int i = 0; i < n; i++) xb[i] = gf[i];
         if (vf) for (int i = 0; i < n; i++) vb[i] = vf[i];
         else load_f64(v, vdt, off, n, vb);
-        for (int i = 0; i < n; i++) {
-            double x = xb[i], x2 = x * x, vi = vb[i];
-            if (vi != vi) { rnan += 1; continue; } /* the reference's r is NaN here, and so is its max */
-            if (!(x2 > vi * k1 + k0)) continue;
-            double r = vi > 0 ? fabs(x) / (sqrt(vi * inv_bc) + eps) : 0.0;
-            if (r > rmax) rmax = r;
-            spikes += r > threshold ? 1.0 : 0.0;
-        }
+        for (int i = 0; i < n; i++) exact_ratio(xb[i], vb[i], k1, k0, inv_bc, eps, threshold, &rmax, &spikes, &rnan);
     }
     part[COUNT] = (double)len - nf;
     part[S1] = s1; part[S2] = s2; part[S3] = s3; part[S4] = s4;

@@ -41,8 +41,9 @@ def push(ring: NoiseRing, slot: int, deviation: torch.Tensor, valid: torch.Tenso
     """Write ``deviation`` ``(L, S)`` into slot ``slot % W`` where ``valid`` ``(L,)`` holds; in place."""
     window = ring.values.shape[2]
     index = slot % window
-    # A product with the 0/1 validity rather than torch.where: several times cheaper on the CPU.
-    ring.values[:, :, index] = torch.nan_to_num(deviation.to(ring.values.dtype)) * valid.to(ring.values.dtype)[:, None]
+    # A product with the 0/1 validity rather than torch.where: several times cheaper on the CPU (estimators.masks).
+    dtype = ring.values.dtype
+    ring.values[:, :, index] = torch.nan_to_num(deviation.to(dtype)) * valid.to(dtype)[:, None]
     ring.valid[:, index] = valid
     return ring
 
