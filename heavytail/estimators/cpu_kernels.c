@@ -140,6 +140,22 @@ static int32_t prefilter_bits(const int32_t *gi, const int32_t *vi, int n, BitsT
     return flags;
 }
 
+/* The same test in half the operations, valid when eps^2 >= 5e-38 / bc (any eps that AdamW users set; the caller
+ * checks): it drops the x^2 > k0 half (more flags, never fewer) and the per-entry subnormal-v and NaN-v terms. A
+ * subnormal v would be overestimated, but an entry it clears has |x| < 1.1e-19 sqrt(k1), so x^2 < k1 1.2e-38 <= k0
+ * under that condition, and the entry cannot beat c either way; v = 0 means r = 0 by definition; a NaN v is caught
+ * by the tile's largest bit pattern. */
+static int32_t prefilter_bits_lean(const int32_t *gi, const int32_t *vi, int n, BitsTest b) {
+    int32_t flags = 0, vmax = 0;
+#pragma omp simd reduction(+ : flags) reduction(max : vmax)
+    for (int i = 0; i < n; i++) {
+        int32_t bx = gi[i] & 0x7fffffff, bv = vi[i] & 0x7fffffff;
+        flags += bx - (bv >> 1) > b.t1;
+        vmax = bv > vmax ? bv : vmax;
+    }
+    return flags + (vmax > 0x7f800000);
+}
+
 /* One entry's float64 look: the reference's r = |x| / (sqrt(v / bc) + eps) (0 where v = 0) where the bound
  * g^2 <= k1 v + k0 cannot clear it, folded into the running max and the spike count; a NaN v is counted (the
  * reference's r is NaN there, and so is its max). */
@@ -159,6 +175,7 @@ static void pass_item(const void *g, int gdt, const void *v, int vdt, i64 start,
     const double t2max = threshold * threshold, e2 = eps * eps;
     double bits_c2 = -1.0; /* the bit test's thresholds, recomputed only when the running max moves */
     BitsTest bits = {0, 0};
+    const int lean = e2 >= 5e-38 * inv_bc; /* see prefilter_bits_lean */
     if (v != NULL) {
         /* Seed the running max with the exact ratio of a strided sample of the item's finite entries, so the
          * prefilter clears most of the first tile too (with a max of 0 it would pass every non-zero entry). */
@@ -207,7 +224,7 @@ static void pass_item(const void *g, int gdt, const void *v, int vdt, i64 start,
              * one by one: converting a whole tile would pay the subnormal penalty on every tiny v) */
             if (c2 != bits_c2) { bits = bits_test(k1, k0); bits_c2 = c2; }
             const int32_t *gi = (const int32_t *)(const void *)gf, *vi = (const int32_t *)(const void *)vf;
-            if (prefilter_bits(gi, vi, n, bits) == 0) continue;
+            if ((lean ? prefilter_bits_lean(gi, vi, n, bits) : prefilter_bits(gi, vi, n, bits)) == 0) continue;
             /* Then r <= c itself, vectorised in float64 with the square root (the bound above drops the cross
              * term 2 eps sqrt(v^), so ratios crowding just under the running max, as all r ~ 1 when v^ ~ g^2, pass
              * it): the tile is done unless an entry may really beat the max or cross the threshold. */

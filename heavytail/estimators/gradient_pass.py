@@ -266,7 +266,9 @@ class GradientPass:
         block = plan.block
         if has_denominator:
             inv_bc = denominators.bias_correction.to(device, dtype).reciprocal()
-            eps = denominators.eps.to(device, dtype)
+            # eps / [v > 0] makes d infinite where v = 0; with eps = 0 that would be 0 / 0, so eps is at least the
+            # smallest normal number (which changes no d above 1e-290).
+            eps = denominators.eps.to(device, dtype).clamp_min(torch.finfo(dtype).tiny)
             has_v = [v is not None for v in denominators.v]
             threshold = math.sqrt(spike_threshold)  # r^2 > T  <=>  r > sqrt(T), for r >= 0
             tiny = torch.full((), torch.finfo(dtype).tiny, device=device, dtype=dtype)

@@ -234,3 +234,20 @@ def test_the_compiled_library_is_cached(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root)
     assert (tmp_path / built[0]).stat().st_mtime_ns == stamp
     assert np.all([p.suffix == ".so" for p in tmp_path.iterdir()])
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-30, 0.0])  # the lean bit test, and the full one it needs eps for
+def test_subnormal_and_zero_denominators_next_to_small_gradients(eps):
+    gen = torch.Generator().manual_seed(5)
+    n = 20_000
+    g = torch.randn(n, generator=gen) * 1e-3
+    v = (torch.randn(n, generator=gen) * 1e-3) ** 2
+    v[::7] = torch.rand(len(v[::7]), generator=gen) * 1e-39  # subnormal float32 denominators
+    v[3::11] = 0.0
+    g[5::13] = torch.randn(len(g[5::13]), generator=gen) * 1e-21  # gradients whose squares are subnormal
+    g[::7] *= 1e-15  # small gradients on the subnormal denominators: large ratios only without eps
+    den = Denominators([v], torch.full((1,), 0.02, dtype=torch.float64), torch.full((1,), eps, dtype=torch.float64))
+    index = torch.arange(64)[None]
+    want = gradient_pass([g], sample_index=index, denominators=den)
+    got = cpu_pass.cpu_gradient_pass([g], index, den)
+    _assert_same(got, want)
