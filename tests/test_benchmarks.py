@@ -62,3 +62,9 @@ def test_memory_names_the_state_and_prints_the_final_line():
     proc = run("memory.py", "--models", "smoke")
     assert re.fullmatch(rf"extra_bytes=\d+ param_bytes=\d+ extra_pct={NUMBER[2:]}", last_line(proc)), last_line(proc)
     assert "_state" in proc.stdout and "transient peak of the hooks" in proc.stdout
+
+
+def test_step_parts_prints_the_breakdown_and_the_final_line():
+    proc = run("step_parts.py", "--model", "smoke", "--steps", "4", "--every", "2", "--warmup", "1", "--threads", "1")
+    assert "_stream_step" in proc.stdout and "denominators" in proc.stdout
+    assert re.fullmatch(rf"hooks_ms={NUMBER} pass_ms=({NUMBER}|nan)", last_line(proc))

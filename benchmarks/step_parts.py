@@ -1,0 +1,105 @@
+"""Where the monitor's time goes inside a real training step: process CPU time per part, per step.
+
+Trains a benchmark model (``_models.py``) with the monitor at its default configuration and times, with
+``time.process_time``, each of the monitor's step-path methods and the module-level helpers they call: the
+gradient pass (the C kernel on the CPU, Triton on CUDA, or the torch pass), the sample estimators, the gathers,
+the optimizer-state reads, the alert flags, the checkpoint. Parts nest (``_stream_step`` contains the estimators
+it calls); ``hooks`` is the whole of the monitor's own work, as ``benchmarks/overhead.py`` reports it. A
+breakdown, not a figure against a goal: ``overhead.py`` measures the step-time overhead.
+
+    python benchmarks/step_parts.py --threads 1                  # tiny GPT, 200 steps, every=100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import heavytail  # noqa: E402
+from heavytail import monitor as monitor_module  # noqa: E402
+from _models import MODELS, train_step, workload  # noqa: E402
+from overhead import TimedMonitor  # noqa: E402
+
+METHODS = ("_stream_step", "_fused", "_stream_shadow", "_stream_memory", "_stream_updates", "_stream_noise",
+           "_stream_sign_flips", "_check_preclip", "_gradients", "_read_flags", "_tail_indices", "_checkpoint")
+HELPERS = ("denominators", "gather_samples", "_upper_quantile", "kurtosis_from_power_sums")
+
+
+def _timed(totals: dict[str, float], name: str, fn: Callable) -> Callable:
+    def call(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[name] = totals.get(name, 0.0) + time.process_time() - start
+
+    return call
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--model", default="tiny", choices=MODELS)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.every < 1 or args.warmup < 0:
+        parser.error("--steps and --every must be positive, --warmup non-negative")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+
+    wl = workload(args.model, torch.device(args.device))
+    model = wl.model(seed=0)
+    opt = wl.optimizer(model)
+    batches = wl.batches(count=8, seed=0)
+    totals: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as log_dir:
+        mon = TimedMonitor(model, opt, every=args.every, log_dir=log_dir)
+        kernel = "torch pass" if mon._fused is None else mon._fused.__module__.rsplit(".", 1)[-1]
+        for name in METHODS:
+            if getattr(mon, name, None) is not None:
+                setattr(mon, name, _timed(totals, name, getattr(mon, name)))
+        originals = {name: getattr(monitor_module, name) for name in HELPERS}
+        try:
+            for name, fn in originals.items():
+                setattr(monitor_module, name, _timed(totals, name, fn))
+            for i in range(args.warmup):
+                train_step(wl, model, opt, batches[i % len(batches)], on_loss=mon.observe_loss)
+            totals.clear()
+            mon.hook_seconds = 0.0
+            cpu0 = time.process_time()
+            for i in range(args.warmup, args.warmup + args.steps):
+                train_step(wl, model, opt, batches[i % len(batches)], on_loss=mon.observe_loss)
+            step_seconds = (time.process_time() - cpu0) / args.steps
+        finally:
+            for name, fn in originals.items():
+                setattr(monitor_module, name, fn)
+        hooks = mon.hook_seconds / args.steps
+        mon.close()
+
+    print(f"model {args.model} on {args.device}, {torch.get_num_threads()} torch threads; gradient pass: {kernel}; "
+          f"{args.steps} steps, every={args.every}")
+    print(f"monitored step {step_seconds * 1e3:.2f} ms of CPU; monitor hooks {hooks * 1e3:.2f} ms")
+    print(f"{'part':<28} {'ms/step':>9}")
+    for name, seconds in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"{name:<28} {seconds / args.steps * 1e3:>9.3f}")
+    figures = {name: seconds / args.steps * 1e3 for name, seconds in totals.items()}
+    figures["hooks"] = hooks * 1e3
+    print(f"hooks_ms={hooks * 1e3:.2f} pass_ms={figures.get('_fused', float('nan')):.2f}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
