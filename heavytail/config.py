@@ -49,6 +49,13 @@ class MonitorConfig:
     """Coordinates sampled per tensor (fixed at attach, seeded) for the noise tail, the shadow denominators, the
     ratio quantiles and the denominator memory. Memory: a few floats per sampled coordinate."""
 
+    sample_budget: int | None = 1 << 16
+    """Total sampled coordinates over all watched tensors. With more than ``sample_budget // sample_size``
+    tensors (256 at the defaults) each tensor keeps ``max(8, sample_budget // tensors)`` coordinates instead of
+    ``sample_size``, so the sample estimators' step cost and memory stay bounded whatever the tensor count (a
+    mixture-of-experts model of 10,000 tensors costs what one of 256 does). The count in use is
+    ``Monitor.sample_size`` and ``sample_size`` in ``meta.json``. ``None``: ``sample_size`` for every tensor."""
+
     noise_window: int = 16
     """Steps of sampled noise kept on the device (a ring buffer): the noise tail index at a checkpoint is
     estimated from ``sample_size * noise_window`` deviations per tensor."""
@@ -128,6 +135,9 @@ class MonitorConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"MonitorConfig.{name} must be a positive integer, got {value!r}")
+        if self.sample_budget is not None and (isinstance(self.sample_budget, bool) or
+                                               not isinstance(self.sample_budget, int) or self.sample_budget <= 0):
+            raise ValueError(f"MonitorConfig.sample_budget must be a positive integer or None, got {self.sample_budget!r}")
         for name in ("alert_cooldown", "probe_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -199,7 +199,9 @@ class Monitor:
         # The coordinate sample: fixed at attach so each coordinate's noise can be followed over steps. Under
         # FSDP2 each rank samples its own shard.
         generator = torch.Generator().manual_seed(config.seed + (self.dist.rank if self.dist.sharded else 0))
-        self._sample_index = torch.stack([_sample_coordinates(n, config.sample_size, generator) for n in self.numels])
+        # Coordinates per tensor: config.sample_size, or fewer for many tensors (config.sample_budget).
+        self.sample_size = effective_sample_size(config, num_layers)
+        self._sample_index = torch.stack([_sample_coordinates(n, self.sample_size, generator) for n in self.numels])
         self._sample_index_dev = self._sample_index.to(self.device)
         self._pass = GradientPass(self.numels, self._sample_index, chunk_numel=config.chunk_numel,
                                   dtype=config.stats_dtype)
@@ -245,7 +247,7 @@ class Monitor:
         self._local_tap = None
         if self.dist.active and not self.dist.sharded:
             # DDP: each rank's gradient before the all-reduce, sampled as it is accumulated (rank noise).
-            self._state["rank_local"] = torch.zeros(num_layers, config.sample_size, device=self.device,
+            self._state["rank_local"] = torch.zeros(num_layers, self.sample_size, device=self.device,
                                                     dtype=config.stats_dtype)
             self._local_tap = LocalSampleTap(self.params, self._sample_index_dev, self._state["rank_local"])
         _ATTACHED[inner] = self
@@ -287,7 +289,7 @@ class Monitor:
     def _init_state(self, num_layers: int) -> dict[str, Any]:
         cfg, dev, dt = self.config, self.device, self.config.stats_dtype
         betas = len(cfg.shadow_betas)
-        temporal = noise.init(num_layers, cfg.sample_size, cfg.noise_window, dev)
+        temporal = noise.init(num_layers, self.sample_size, cfg.noise_window, dev)
         state: dict[str, Any] = {
             "acc_sum": torch.zeros(num_layers, len(SUM_FIELDS), device=dev, dtype=dt),
             "acc_max": torch.zeros(num_layers, len(MAX_FIELDS), device=dev, dtype=dt),
@@ -296,12 +298,12 @@ class Monitor:
             "glob_max": torch.tensor([-math.inf, 0.0, 0.0], device=dev, dtype=dt),
             # Shadow denominators on the sampled coordinates, and their interval figures.
             # Per-sample state is float32: it is (L, S)-sized, the largest state after the noise ring.
-            "shadow_v": torch.zeros(betas, num_layers, cfg.sample_size, device=dev, dtype=torch.float32),
+            "shadow_v": torch.zeros(betas, num_layers, self.sample_size, device=dev, dtype=torch.float32),
             "shadow_t": torch.zeros(betas, num_layers, device=dev, dtype=dt),
             "shadow_sum": torch.zeros(betas, num_layers, device=dev, dtype=dt),  # spike-fraction sum
             "shadow_max": torch.zeros(betas, num_layers, 2, device=dev, dtype=dt),  # ratio max, steps
             # Temporal noise: per-coordinate EMA of the sampled gradient and a ring of deviations from it.
-            "noise_mean": torch.zeros(num_layers, cfg.sample_size, device=dev, dtype=torch.float32),
+            "noise_mean": torch.zeros(num_layers, self.sample_size, device=dev, dtype=torch.float32),
             "noise_seen": torch.zeros(num_layers, device=dev, dtype=dt),
             "noise_temporal": temporal.values,
             "noise_temporal_valid": temporal.valid,
@@ -316,18 +318,18 @@ class Monitor:
             "spike": spike.init(2 + num_layers, device=dev, config=self._spike_config),
         }
         for family in ("adam", "shadow"):
-            mem = memory.init(num_layers, cfg.sample_size, dev, torch.float32)
+            mem = memory.init(num_layers, self.sample_size, dev, torch.float32)
             state[f"memory_{family}_level"], state[f"memory_{family}_age"] = mem.level, mem.age
             state[f"memory_{family}_active"] = mem.active
         if self.dist.active and not self.dist.sharded:
-            rank = noise.init(num_layers, cfg.sample_size, cfg.noise_window, dev)
+            rank = noise.init(num_layers, self.sample_size, cfg.noise_window, dev)
             state["noise_rank"], state["noise_rank_valid"] = rank.values, rank.valid
         return state
 
     def _ensure_microbatch_ring(self) -> None:
         if "noise_microbatch" not in self._state:
             cfg = self.config
-            ring = noise.init(len(self.params), cfg.sample_size, cfg.noise_window, self.device)
+            ring = noise.init(len(self.params), self.sample_size, cfg.noise_window, self.device)
             self._state["noise_microbatch"], self._state["noise_microbatch_valid"] = ring.values, ring.valid
 
     def _write_meta(self) -> None:
@@ -342,6 +344,7 @@ class Monitor:
             "model": type(self.model).__name__,
             "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
             "every": self.config.every,
+            "sample_size": self.sample_size,
             "params": [
                 {"name": n, "shape": list(p.shape), "numel": p.numel(), "dtype": str(p.dtype).replace("torch.", "")}
                 for n, p in zip(self.names, self.params)
@@ -1224,6 +1227,20 @@ class Monitor:
         self._preclip_untouched = None if untouched is None else int(untouched)
         self._preclip_reuse = bool(preclip.get("reuse", False))
         self.alerts.load_state_dict(state["alerts"])
+
+
+MIN_SAMPLE_SIZE = 8
+"""The fewest coordinates a tensor keeps under ``MonitorConfig.sample_budget``."""
+
+
+def effective_sample_size(config: MonitorConfig, num_layers: int) -> int:
+    """Coordinates sampled per tensor for ``num_layers`` tensors: ``config.sample_size`` while the total stays
+    within ``config.sample_budget``, else the budget shared out (at least ``MIN_SAMPLE_SIZE``, at most
+    ``sample_size``)."""
+    size = config.sample_size
+    if config.sample_budget is None or num_layers * size <= config.sample_budget:
+        return size
+    return max(min(size, MIN_SAMPLE_SIZE), config.sample_budget // max(num_layers, 1))
 
 
 def _sample_coordinates(n: int, size: int, generator: torch.Generator) -> torch.Tensor:

@@ -184,6 +184,43 @@ def test_constructible_from_config(tmp_path, tiny_model):
         assert mon.config.every == 3 and mon.config.sample_size == 32
 
 
+def test_sample_budget_shares_the_coordinates_out_over_many_tensors(tmp_path):
+    # 40 tensors x sample_size 32 = 1280 coordinates over a budget of 600: 15 each; the rest of the monitor runs
+    # on (L, 15) samples, and meta.json says so.
+    model = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(40)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with ht.Monitor(model, opt, every=2, log_dir=tmp_path, sample_size=32, sample_budget=600) as mon:
+        assert mon.sample_size == 15
+        assert tuple(mon._sample_index.shape) == (40, 15)
+        for _ in range(4):
+            model(torch.randn(4, 8)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        assert mon._state["shadow_v"].shape[-1] == 15
+        # distinct coordinates within each tensor
+        assert all(len(set(row.tolist())) == 15 for row in mon._sample_index)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["sample_size"] == 15 and meta["config"]["sample_budget"] == 600
+    record = read_records(tmp_path)[-1]
+    assert math.isfinite(record["metrics"]["shadow999/ratio_max/0.weight"])
+    assert math.isfinite(record["metrics"]["adam/ratio_p99/0.weight"])
+
+
+@pytest.mark.parametrize("count, budget, expected", [
+    (10, 1 << 16, 256),        # within the budget: sample_size
+    (256, 1 << 16, 256),       # exactly the budget
+    (257, 1 << 16, 255),
+    (1000, 1 << 16, 65),
+    (10_000, 1 << 16, 8),      # never fewer than MIN_SAMPLE_SIZE
+    (10_000, None, 256),       # no budget
+])
+def test_effective_sample_size(count, budget, expected):
+    from heavytail.monitor import effective_sample_size
+    assert effective_sample_size(ht.MonitorConfig(sample_budget=budget), count) == expected
+    # a sample_size under the floor is kept as asked
+    assert effective_sample_size(ht.MonitorConfig(sample_size=4, sample_budget=budget), count) == 4
+
+
 def test_state_dict_round_trip_with_weights_only(tmp_path, tiny_model):
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     mon = ht.Monitor(tiny_model, opt, every=100, log_dir=tmp_path / "a")
@@ -212,6 +249,8 @@ def test_state_dict_round_trip_with_weights_only(tmp_path, tiny_model):
         ({"exclude": ["*"]}, ValueError, "leave no parameter"),
         ({"alerts": ("loss_spike", "bogus")}, ValueError, "unknown rule 'bogus'"),
         ({"sample_size": 0}, ValueError, "sample_size"),
+        ({"sample_budget": 0}, ValueError, "sample_budget must be a positive integer or None"),
+        ({"sample_budget": 1.5}, ValueError, "sample_budget"),
     ],
 )
 def test_attach_time_errors(tmp_path, tiny_model, kwargs, error, match):
