@@ -3,7 +3,8 @@
 The monitor's own step work is timed in isolation on fixed gradients: per step the three hooks a training step
 triggers, ``_on_backward_end()`` (end of backward), ``_before_step()`` and ``_after_step()`` (around
 ``optimizer.step()``), on a model of N parameter tensors whose gradients are fixed Student-t(3) draws and whose
-AdamW state (one real step) gives every tensor a denominator. Streaming steps and checkpoints are timed apart:
+AdamW state (three real steps on earlier draws) gives every tensor a denominator, as in training: the step's
+gradient is not the one the denominator was built from. Streaming steps and checkpoints are timed apart:
 ``stream`` is a step without a checkpoint, ``checkpoint`` one ``flush()`` (tail indices, the packed copy, the
 record), and ``amortised`` = stream + checkpoint / EVERY is what a run at ``every=EVERY`` pays per step.
 
@@ -40,9 +41,12 @@ def build(count: int, total: int, device: torch.device, log_dir: str) -> heavyta
     model = ManyTensors(count, total).to(device)
     gen = torch.Generator().manual_seed(1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    for p in model.parameters():
+    for _ in range(3):  # exp_avg_sq for every tensor (the denominator-ratio path runs), from earlier gradients
+        for p in model.parameters():
+            p.grad = heavy_tailed_like(p, gen)
+        opt.step()
+    for p in model.parameters():  # the step's own gradient, a new draw, as in training
         p.grad = heavy_tailed_like(p, gen)
-    opt.step()  # exp_avg_sq for every tensor: the denominator-ratio path runs
     return heavytail.Monitor(model, opt, every=10**9, log_dir=log_dir)
 
 

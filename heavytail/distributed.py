@@ -8,7 +8,12 @@ from typing import Any, Sequence
 import torch
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _is_dtensor(t: Any) -> bool:
+    if type(t) in _PLAIN:  # the common case, on the step path once per tensor: one type lookup
+        return False
     return hasattr(t, "to_local") and hasattr(t, "placements")
 
 
@@ -63,6 +68,8 @@ class DistContext:
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor: the local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    if type(t) in _PLAIN:
+        return t
     return t.to_local() if _is_dtensor(t) else t
 
 

@@ -168,6 +168,7 @@ class Monitor:
         watched = select_parameters(inner, config.include, config.exclude)
         self.names = [n for n, _ in watched]
         self.params = [p for _, p in watched]
+        self._rows = {id(p): i for i, p in enumerate(self.params)}
         if optimizer is not None:
             check_owns(optimizer, self.params, self.names)
         self.model = inner
@@ -557,7 +558,7 @@ class Monitor:
     def _stream_step(self) -> None:
         cfg, st = self.config, self._state
         grads = self._gradients()
-        den = denominators(self.optimizer, self.params, self.device)
+        den = denominators(self.optimizer, self.params, self.device, self._rows)
         res = None
         if self._fused is not None:
             try:

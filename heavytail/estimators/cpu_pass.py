@@ -19,6 +19,7 @@ the monitor uses the torch path. Threads: ``torch.get_num_threads()``, like the 
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import logging
@@ -159,7 +160,33 @@ class _Table(NamedTuple):
     numels: ctypes.Array
 
 
+def _array(ctype: type, kind: str, values: list[int]) -> ctypes.Array:
+    # array.array packs a list of ints several times faster than ctypes' (ctype * n)(*values); the ctypes view
+    # keeps the array alive.
+    return (ctype * len(values)).from_buffer(array.array(kind, values))
+
+
+_POINTER_KIND = {8: "Q", 4: "I"}[ctypes.sizeof(ctypes.c_void_p)]
+
+
 def _table(tensors: Sequence[torch.Tensor | None]) -> _Table:
+    """The kernel's view of ``tensors``. The common case (every tensor present, non-empty, dense, on the CPU, of a
+    kernel dtype) is read attribute by attribute over the whole list, about 0.6 us a tensor; anything else takes
+    the general path."""
+    try:
+        codes = [_DTYPE_CODES[t.dtype] for t in tensors]  # None: AttributeError; another dtype: KeyError
+    except (AttributeError, KeyError):
+        return _general_table(tensors)
+    Tensor = torch.Tensor
+    numels = list(map(Tensor.numel, tensors))
+    if 0 in numels or not all(map(Tensor.is_contiguous, tensors)) or not all([t.is_cpu for t in tensors]):
+        return _general_table(tensors)
+    pointers = list(map(Tensor.data_ptr, tensors))
+    return _Table(list(tensors), _array(ctypes.c_void_p, _POINTER_KIND, pointers), _array(ctypes.c_int, "i", codes),
+                  _array(ctypes.c_int64, "q", numels))
+
+
+def _general_table(tensors: Sequence[torch.Tensor | None]) -> _Table:
     # The kernels read dense float32/float64/bfloat16/float16 memory in logical order; anything else is copied
     # into that form first (rare: .grad follows its parameter's layout, and parameters are dense floats).
     kept: list[torch.Tensor | None] = []
@@ -185,9 +212,8 @@ def _table(tensors: Sequence[torch.Tensor | None]) -> _Table:
         pointers.append(t.data_ptr())
         codes.append(code)
         numels.append(n)
-    count = len(kept)
-    return _Table(kept, (ctypes.c_void_p * count)(*pointers), (ctypes.c_int * count)(*codes),
-                  (ctypes.c_int64 * count)(*numels))
+    return _Table(kept, _array(ctypes.c_void_p, _POINTER_KIND, pointers), _array(ctypes.c_int, "i", codes),
+                  _array(ctypes.c_int64, "q", numels))
 
 
 def _threads() -> int:

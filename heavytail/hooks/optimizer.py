@@ -128,7 +128,8 @@ def _adafactor_variance(state: Mapping[str, Any], group: Mapping[str, Any], p: t
 
 
 def denominators(
-    optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor], device: torch.device
+    optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor], device: torch.device,
+    rows: Mapping[int, int] | None = None,
 ) -> Denominators | None:
     """The optimizer's denominator for each watched parameter, as the *next* ``step()`` will divide by it.
 
@@ -138,47 +139,56 @@ def denominators(
     - Adafactor: the factored estimate v_hat materialised per tensor (a transient of the tensor's size), no bias
       correction (its beta2 schedule has none), eps folded into v_hat as the optimizer clamps it.
     ``None`` entries mark parameters without one (first step, or Lion, Muon, SGD); the shadow denominators
-    cover those. Reads tensors only: no host-device synchronization.
+    cover those. Reads tensors only: no host-device synchronization. ``rows``: ``id(p)`` -> index in ``params``
+    (built here when not given).
     """
     if optimizer is None:
         return None
-    groups = _group_of(optimizer)
-    vs: list[torch.Tensor | None] = []
-    steps: list[torch.Tensor] = []
-    beta2s: list[float] = []
-    epss: list[float] = []
-    found = False
+    if rows is None:
+        rows = {id(p): i for i, p in enumerate(params)}
+    count = len(params)
+    vs: list[torch.Tensor | None] = [None] * count
     one = torch.ones(())
-    for p in params:
-        state = optimizer.state.get(p)
-        group = groups.get(id(p))
-        v = None
-        if state and group is not None:
-            if "exp_avg_sq" in state and "betas" in group and isinstance(group.get("eps"), float):
-                amsgrad = group.get("amsgrad") and "max_exp_avg_sq" in state
-                v = local(state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"])
-                step = state.get("step", one)
-                steps.append(step if isinstance(step, torch.Tensor) else torch.tensor(float(step)))
-                beta2s.append(float(group["betas"][1]))
-                epss.append(float(group["eps"]))
-            elif "beta2_decay" in group:
-                v = _adafactor_variance(state, group, p)
-                if v is not None:
-                    steps.append(one)
-                    beta2s.append(0.0)  # 1 - 0^1 = 1: no bias correction
-                    epss.append(0.0)
-        if v is None:
-            vs.append(None)
-            steps.append(one)
-            beta2s.append(0.0)
-            epss.append(0.0)
+    steps: list[torch.Tensor] = [one] * count
+    beta2s, epss = [0.0] * count, [0.0] * count
+    found = False
+    state_of = optimizer.state
+    # Group by group: the hyper-parameters are read once per group, and each watched parameter costs a few dict
+    # lookups (this runs at every step, for models of up to tens of thousands of tensors).
+    for group in optimizer.param_groups:
+        adam = "betas" in group and isinstance(group.get("eps"), float)
+        adafactor = "beta2_decay" in group
+        if not (adam or adafactor):
             continue
-        found = True
-        vs.append(v)
+        if adam:
+            amsgrad, beta2, eps = bool(group.get("amsgrad")), float(group["betas"][1]), float(group["eps"])
+        for p in group["params"]:
+            i = rows.get(id(p))
+            if i is None:
+                continue
+            state = state_of.get(p)
+            if not state:
+                continue
+            if adam and "exp_avg_sq" in state:
+                v = state["max_exp_avg_sq"] if amsgrad and "max_exp_avg_sq" in state else state["exp_avg_sq"]
+                vs[i] = local(v)
+                step = state.get("step", one)
+                steps[i] = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+                beta2s[i], epss[i] = beta2, eps
+                found = True
+            elif adafactor:
+                v = _adafactor_variance(state, group, p)
+                if v is not None:  # no bias correction (its beta2 schedule has none), eps folded into v
+                    vs[i] = v
+                    found = True
     if not found:
         return None
     if all(s.device.type == "cpu" for s in steps):  # the default: step counters on the host
-        step_vec = to_device(torch.stack([s.reshape(()) for s in steps]), device, torch.float64)
+        try:
+            step_vec = torch.stack(steps).reshape(-1)
+        except RuntimeError:  # counters of different shapes, () and (1,)
+            step_vec = torch.stack([s.reshape(()) for s in steps])
+        step_vec = to_device(step_vec, device, torch.float64)
     else:  # capturable/fused optimizers keep them on the device
         step_vec = torch.stack([s.to(device, torch.float64, non_blocking=True).reshape(()) for s in steps])
     beta2 = to_device(beta2s, device, torch.float64)
