@@ -526,13 +526,22 @@ class Monitor:
             # gradient is skipped (_check_preclip); a change seen later switches the measurement back on for good.
             self._preclip_seen = (rows, tensors, [g._version for g in tensors])
         if self.config.track_preclip and not self._preclip_reuse:
-            norms = torch.stack(torch._foreach_norm(tensors)).to(dtype)
+            squares = None
+            if self._fused is not None and self.device.type == "cpu":
+                try:  # one C call over every tensor, float64 sums (the C pass's library)
+                    squares = cpu_pass.sums_of_squares(tensors).to(dtype)
+                except Exception:  # the kernel is unavailable: torch's norms give the same figure
+                    squares = None
+            if squares is None:
+                norms = torch.stack(torch._foreach_norm(tensors)).to(dtype)
+                squares = norms * norms
             if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None \
                     and self.scaler.is_enabled():
                 # Hooks see gradients multiplied by the loss scale: divide on the device, never read the scale.
-                norms = norms / self.scaler._scale.to(norms.dtype)
+                scale = self.scaler._scale.to(squares.dtype)
+                squares = squares / (scale * scale)
             s2 = torch.full_like(self._state["preclip_s2"], math.nan)
-            s2[to_device(rows, self.device, torch.int64)] = norms * norms
+            s2[to_device(rows, self.device, torch.int64)] = squares
             self._state["preclip_s2"] = s2
         if self._accumulating:
             # The accumulated gradient's samples; successive differences are the micro-batch gradients.

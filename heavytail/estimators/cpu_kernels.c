@@ -26,7 +26,7 @@ enum { COUNT, S1, S2, S3, S4, ABSMAX, NONFINITE, RATIO_MAX, RATIO_SPIKES, NSTAT 
 #define WORK (1 << 16)      /* entries per parallel work item: large tensors spread over threads */
 #define SEED_SAMPLES 64     /* entries whose exact ratio seeds a work item's running max */
 
-int ht_abi_version(void) { return 1; }
+int ht_abi_version(void) { return 2; }
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -311,6 +311,49 @@ int ht_pass(i64 L, const void *const *g, const int *gdt, const i64 *numel, const
         }
     }
     free(nanr);
+    free(owner);
+    free(first);
+    free(part);
+    return 0;
+}
+
+/* Each tensor's sum of squares in float64, out[L] (0 for an absent or empty tensor; Inf or NaN where the
+ * tensor has such entries, as its torch norm would): the pre-clip norms in one read of each gradient, split
+ * into work items across threads like the pass. */
+int ht_sumsq(i64 L, const void *const *t, const int *dt, const i64 *numel, double *out, int nthreads) {
+    i64 items = 0;
+    for (i64 l = 0; l < L; l++)
+        if (t[l] != NULL && numel[l] > 0) items += (numel[l] + WORK - 1) / WORK;
+    i64 *owner = (i64 *)malloc((size_t)(items > 0 ? items : 1) * sizeof(i64));
+    i64 *first = (i64 *)malloc((size_t)(items > 0 ? items : 1) * sizeof(i64));
+    double *part = (double *)malloc((size_t)(items > 0 ? items : 1) * sizeof(double));
+    if (!owner || !first || !part) { free(owner); free(first); free(part); return -1; }
+    i64 w = 0;
+    for (i64 l = 0; l < L; l++) {
+        if (t[l] == NULL || numel[l] <= 0) continue;
+        for (i64 s = 0; s < numel[l]; s += WORK) { owner[w] = l; first[w] = s; w++; }
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && items > 1)
+    for (i64 i = 0; i < items; i++) {
+        i64 l = owner[i], s = first[i];
+        int n = (int)(numel[l] - s < WORK ? numel[l] - s : WORK);
+        double acc = 0, xb[TILE];
+        if (dt[l] == HT_F32) {
+            const float *q = (const float *)t[l] + s;
+#pragma omp simd reduction(+ : acc)
+            for (int k = 0; k < n; k++) { double x = q[k]; acc += x * x; }
+        } else {
+            for (int off = 0; off < n; off += TILE) {
+                int m = n - off < TILE ? n - off : TILE;
+                load_f64(t[l], dt[l], s + off, m, xb);
+#pragma omp simd reduction(+ : acc)
+                for (int k = 0; k < m; k++) acc += xb[k] * xb[k];
+            }
+        }
+        part[i] = acc;
+    }
+    for (i64 l = 0; l < L; l++) out[l] = 0.0;
+    for (i64 i = 0; i < items; i++) out[owner[i]] += part[i];
     free(owner);
     free(first);
     free(part);

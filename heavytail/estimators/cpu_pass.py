@@ -39,7 +39,7 @@ from heavytail.estimators.gradient_pass import STAT_FIELDS, Denominators, PassRe
 logger = logging.getLogger("heavytail")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _FLAG_SETS = (
@@ -133,7 +133,8 @@ def _load() -> ctypes.CDLL | None:
         lib.ht_pass.argtypes = [i64, p, p, p, p, p, p, p, i32, f64, i64, p, p, p, p, p, i32]
         lib.ht_gather.argtypes = [i64, p, p, p, i64, p, f64, p]
         lib.ht_top_abs.argtypes = [i64, p, p, p, p, p, p, p, i32]
-        for fn in (lib.ht_pass, lib.ht_gather, lib.ht_top_abs):
+        lib.ht_sumsq.argtypes = [i64, p, p, p, p, i32]
+        for fn in (lib.ht_pass, lib.ht_gather, lib.ht_top_abs, lib.ht_sumsq):
             fn.restype = i32
         _library = lib
         return lib
@@ -272,6 +273,19 @@ def gather(tensors: Sequence[torch.Tensor | None], sample_index: torch.Tensor, d
     lib.ht_gather(len(tensors), table.pointers, table.codes, table.numels,
                   index.shape[1], index.data_ptr(), float(fill), out.data_ptr())
     return out if dtype == torch.float64 else out.to(dtype)
+
+
+def sums_of_squares(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """Each tensor's sum of squares, float64 ``(L,)`` (0 for None): squared norms in one C call, one read of each
+    tensor, accumulated in float64 (``torch._foreach_norm`` keeps float32 tensors' sums in float32)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {_failure}")
+    table = _table(tensors)
+    out = torch.empty(len(tensors), dtype=torch.float64)
+    if lib.ht_sumsq(len(tensors), table.pointers, table.codes, table.numels, out.data_ptr(), _threads()) != 0:
+        raise MemoryError("heavytail CPU sums of squares: out of memory for its work table")
+    return out
 
 
 def top_magnitudes(tensors: Sequence[torch.Tensor | None], counts: Sequence[int]
