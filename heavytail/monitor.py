@@ -169,6 +169,10 @@ class Monitor:
         self.names = [n for n, _ in watched]
         self.params = [p for _, p in watched]
         self._rows = {id(p): i for i, p in enumerate(self.params)}
+        # The parameter list as the sample gathers read it (complex ones have no real samples), unless DTensors
+        # must be localised at each read.
+        self._plain_params = None if any(local(p) is not p for p in self.params) else [
+            None if p.is_complex() else p for p in self.params]
         if optimizer is not None:
             check_owns(optimizer, self.params, self.names)
         self.model = inner
@@ -619,7 +623,7 @@ class Monitor:
         if self.optimizer is not None:
             self._stream_sign_flips(g, valid)
             # Parameter samples before the update; _stream_updates compares them with the samples after it.
-            self._before = {"params": gather_samples(self.params, self._sample_index_dev, cfg.stats_dtype),
+            self._before = {"params": self._gather_params(cfg.stats_dtype),
                             "g": g, "valid": valid, "events_adam": events_adam, "events_shadow": events_shadow}
 
         # Global figures and the loss.
@@ -708,13 +712,19 @@ class Monitor:
         upd[:, _U["sign_flip"]] += torch.where(ok, frac, 0.0)
         upd[:, _U["sign_steps"]] += ok.to(upd.dtype)
 
+    def _gather_params(self, dtype: torch.dtype) -> torch.Tensor:
+        """The parameters' values at the sampled coordinates, ``(L, S)``."""
+        if self._plain_params is None:  # DTensors: their local shards, taken at every call
+            return gather_samples(self.params, self._sample_index_dev, dtype)
+        return gather_samples(self._plain_params, self._sample_index_dev, dtype, prepared=True)
+
     def _stream_updates(self) -> None:
         """After the optimizer step: update RMS over gradient RMS, and |update| / |g| at denominator events."""
         before = self._before
         self._before = {}
         if not before:
             return
-        after = gather_samples(self.params, self._sample_index_dev, self.config.stats_dtype)
+        after = self._gather_params(self.config.stats_dtype)
         delta = (after - before["params"]).abs()
         g = before["g"].abs()
         upd = self._state["update_sum"]

@@ -183,12 +183,16 @@ def denominators(
                     found = True
     if not found:
         return None
-    if all(s.device.type == "cpu" for s in steps):  # the default: step counters on the host
-        try:
-            step_vec = torch.stack(steps).reshape(-1)
-        except RuntimeError:  # counters of different shapes, () and (1,)
-            step_vec = torch.stack([s.reshape(()) for s in steps])
+    try:  # one stack: the counters all on the host (the default), or all on the device
+        step_vec = torch.stack(steps).reshape(-1)
+    except RuntimeError:  # counters of different shapes, () and (1,), or on different devices
+        step_vec = None
+    if step_vec is not None and step_vec.device.type == "cpu":
         step_vec = to_device(step_vec, device, torch.float64)
+    elif step_vec is not None:
+        step_vec = step_vec.to(device, torch.float64)
+    elif all(s.device.type == "cpu" for s in steps):
+        step_vec = to_device(torch.stack([s.reshape(()) for s in steps]), device, torch.float64)
     else:  # capturable/fused optimizers keep them on the device
         step_vec = torch.stack([s.to(device, torch.float64, non_blocking=True).reshape(()) for s in steps])
     beta2 = to_device(beta2s, device, torch.float64)
@@ -202,10 +206,12 @@ tensor on its own costs ~12 us of dispatch, more than copying 16,000 entries."""
 
 
 def gather_samples(tensors: Sequence[torch.Tensor | None], sample_index: torch.Tensor, dtype: torch.dtype,
-                   fill: float = math.nan) -> torch.Tensor:
-    """Each tensor's entries at its sampled coordinates, ``(L, S)`` (``fill`` where a tensor is None)."""
+                   fill: float = math.nan, prepared: bool = False) -> torch.Tensor:
+    """Each tensor's entries at its sampled coordinates, ``(L, S)`` (``fill`` where a tensor is None).
+    ``prepared``: the tensors are already local and real (or None), as the monitor's parameter list is."""
     # A shard may be empty; a complex tensor has no real samples (casting would drop its imaginary part).
-    tensors = [None if t is None or t.is_complex() else local(t) for t in tensors]
+    if not prepared:
+        tensors = [None if t is None or t.is_complex() else local(t) for t in tensors]
     if sample_index.device.type == "cpu" and cpu_pass.available():  # one C call for every tensor
         return cpu_pass.gather(tensors, sample_index, dtype, fill)
     out = torch.full(tuple(sample_index.shape), fill, device=sample_index.device, dtype=dtype)
