@@ -86,6 +86,7 @@ CONFIG_CASES = [
     ("log_dir", 123, ValueError),
     ("run_name", 5, ValueError),
     ("sample_size", -1, ValueError), ("sample_size", "256", ValueError),
+    ("sample_budget", 0, ValueError), ("sample_budget", True, ValueError), ("sample_budget", 2.5, ValueError),
     ("noise_window", 0, ValueError),
     ("noise_beta", 1.0, ValueError), ("noise_beta", -0.1, ValueError),
     ("noise_beta", math.nan, ValueError), ("noise_beta", "0.9", ValueError),
