@@ -247,6 +247,25 @@ static void pass_item(const void *g, int gdt, const void *v, int vdt, i64 start,
     *nan_ratio = rnan;
 }
 
+/* The parallel work items over L tensors: WORK-entry pieces of every present, non-empty tensor, as the tensor
+ * (owner) and first entry of each. Returns their count, or -1 when out of memory (nothing to free then). */
+static i64 work_items(i64 L, const void *const *t, const i64 *numel, i64 **owner_out, i64 **first_out) {
+    i64 items = 0;
+    for (i64 l = 0; l < L; l++)
+        if (t[l] != NULL && numel[l] > 0) items += (numel[l] + WORK - 1) / WORK;
+    i64 *owner = (i64 *)malloc((size_t)(items > 0 ? items : 1) * sizeof(i64));
+    i64 *first = (i64 *)malloc((size_t)(items > 0 ? items : 1) * sizeof(i64));
+    if (!owner || !first) { free(owner); free(first); return -1; }
+    i64 w = 0;
+    for (i64 l = 0; l < L; l++) {
+        if (t[l] == NULL || numel[l] <= 0) continue;
+        for (i64 s = 0; s < numel[l]; s += WORK) { owner[w] = l; first[w] = s; w++; }
+    }
+    *owner_out = owner;
+    *first_out = first;
+    return items;
+}
+
 /* The gradient pass over L tensors (see gradient_pass.py for the contract). stats: (L, NSTAT); gs, rs, vs:
  * (L, S) samples of the cleaned g, of r (float64 formula) and of v. has_den = 0: no tensor has a denominator
  * (RATIO_MAX NaN, RATIO_SPIKES 0). With has_den, a tensor without v or without g gets NaN ratio figures. */
@@ -254,18 +273,11 @@ int ht_pass(i64 L, const void *const *g, const int *gdt, const i64 *numel, const
             const double *inv_bc, const double *eps, int has_den, double threshold, i64 S,
             const i64 *sample_index, double *stats, double *gs, double *rs, double *vs, int nthreads) {
     const double nan = NAN;
-    i64 items = 0;
-    for (i64 l = 0; l < L; l++)
-        if (g[l] != NULL && numel[l] > 0) items += (numel[l] + WORK - 1) / WORK;
-    i64 *owner = (i64 *)malloc((size_t)(items > 0 ? items : 1) * sizeof(i64));
-    i64 *first = (i64 *)malloc((size_t)(items > 0 ? items : 1) * sizeof(i64));
-    double *part = (double *)malloc((size_t)(items > 0 ? items : 1) * (NSTAT + 1) * sizeof(double));
-    if (!owner || !first || !part) { free(owner); free(first); free(part); return -1; }
-    i64 w = 0;
-    for (i64 l = 0; l < L; l++) {
-        if (g[l] == NULL || numel[l] <= 0) continue;
-        for (i64 s = 0; s < numel[l]; s += WORK) { owner[w] = l; first[w] = s; w++; }
-    }
+    i64 *owner, *first;
+    i64 items = work_items(L, g, numel, &owner, &first);
+    double *part = items >= 0 ? (double *)malloc((size_t)(items > 0 ? items : 1) * (NSTAT + 1) * sizeof(double))
+                              : NULL;
+    if (!part) { if (items >= 0) { free(owner); free(first); } return -1; }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && items > 1)
     for (i64 i = 0; i < items; i++) {
         i64 l = owner[i], s = first[i];
@@ -321,18 +333,10 @@ int ht_pass(i64 L, const void *const *g, const int *gdt, const i64 *numel, const
  * tensor has such entries, as its torch norm would): the pre-clip norms in one read of each gradient, split
  * into work items across threads like the pass. */
 int ht_sumsq(i64 L, const void *const *t, const int *dt, const i64 *numel, double *out, int nthreads) {
-    i64 items = 0;
-    for (i64 l = 0; l < L; l++)
-        if (t[l] != NULL && numel[l] > 0) items += (numel[l] + WORK - 1) / WORK;
-    i64 *owner = (i64 *)malloc((size_t)(items > 0 ? items : 1) * sizeof(i64));
-    i64 *first = (i64 *)malloc((size_t)(items > 0 ? items : 1) * sizeof(i64));
-    double *part = (double *)malloc((size_t)(items > 0 ? items : 1) * sizeof(double));
-    if (!owner || !first || !part) { free(owner); free(first); free(part); return -1; }
-    i64 w = 0;
-    for (i64 l = 0; l < L; l++) {
-        if (t[l] == NULL || numel[l] <= 0) continue;
-        for (i64 s = 0; s < numel[l]; s += WORK) { owner[w] = l; first[w] = s; w++; }
-    }
+    i64 *owner, *first;
+    i64 items = work_items(L, t, numel, &owner, &first);
+    double *part = items >= 0 ? (double *)malloc((size_t)(items > 0 ? items : 1) * sizeof(double)) : NULL;
+    if (!part) { if (items >= 0) { free(owner); free(first); } return -1; }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && items > 1)
     for (i64 i = 0; i < items; i++) {
         i64 l = owner[i], s = first[i];
