@@ -534,7 +534,7 @@ class Monitor:
             if self._fused is not None and self.device.type == "cpu":
                 try:  # one C call over every tensor, float64 sums (the C pass's library)
                     squares = cpu_pass.sums_of_squares(tensors).to(dtype)
-                except Exception:  # the kernel is unavailable: torch's norms give the same figure
+                except (RuntimeError, MemoryError, OSError):  # no kernel here: torch's norms give the same figure
                     squares = None
             if squares is None:
                 norms = torch.stack(torch._foreach_norm(tensors)).to(dtype)
