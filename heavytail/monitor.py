@@ -39,7 +39,9 @@ from heavytail.estimators.gradient_pass import (
     S2,
     S3,
     S4,
+    Denominators,
     GradientPass,
+    PassResult,
 )
 from heavytail.estimators.hill import default_top_count, hill_from_top, top_magnitudes
 from heavytail.estimators.kurtosis import gaussian_kurtosis_quantile, kurtosis_from_power_sums
@@ -75,6 +77,8 @@ UPDATE_FIELDS = ("rms_ratio", "rms_steps", "event_ratio_adam", "events_adam", "e
                  "sign_flip", "sign_steps")
 MEMORY_FIELDS = ("started", "ended", "ended_steps")
 _U = {name: i for i, name in enumerate(UPDATE_FIELDS)}
+_UPDATE_COLUMNS = tuple(_U[k] for k in ("rms_ratio", "rms_steps", "event_ratio_adam", "events_adam",
+                                        "event_ratio_shadow", "events_shadow"))
 _S = {name: i for i, name in enumerate(SUM_FIELDS)}
 _M = {name: i for i, name in enumerate(MAX_FIELDS)}
 
@@ -211,6 +215,10 @@ class Monitor:
         self._pass = GradientPass(self.numels, self._sample_index, chunk_numel=config.chunk_numel,
                                   dtype=config.stats_dtype)
         self._fused = _fused_pass(config.kernel, self.device)
+        # The sample estimators in C on the CPU (cpu_samples.c): the same figures as the torch code below, in one
+        # call a step instead of some 300 small operations. kernel="torch" keeps the torch code everywhere.
+        self._sample_kernel = (self.device.type == "cpu" and config.kernel in ("auto", "cpu")
+                               and config.stats_dtype == torch.float64 and cpu_pass.available())
         self._shadow_betas = torch.tensor(config.shadow_betas, dtype=config.stats_dtype).to(self.device)
         self._spike_config = self._make_spike_config()
         self.alerts = AlertEngine(config, self.log_dir, self._emit_alert, warmup=self._spike_config.warmup)
@@ -592,7 +600,8 @@ class Monitor:
         valid = (entries > 0) & (stats[:, NONFINITE] == 0)
         clean = torch.where(valid[:, None], stats, torch.zeros_like(stats))
         ratio_ok = valid & torch.isfinite(stats[:, RATIO_MAX])
-        p99 = _upper_quantile(res.ratio_samples, 0.99)
+        g = res.grad_samples
+        events_adam, events_shadow, p99 = self._stream_samples(res, den, valid, ratio_ok)
 
         add = torch.stack([
             clean[:, COUNT], clean[:, S1], clean[:, S2], clean[:, S3], clean[:, S4], stats[:, NONFINITE],
@@ -613,13 +622,6 @@ class Monitor:
         acc_max[:, _M["bad_steps"]] += ((entries > 0) & ~valid).to(stats.dtype)
         acc_max[:, _M["ratio_steps"]] += ratio_ok.to(stats.dtype)
 
-        g = res.grad_samples
-        events_adam = None
-        if den is not None:
-            v_hat = res.denom_samples / den.bias_correction.to(res.denom_samples.dtype)[:, None]
-            events_adam = self._stream_memory(0, "adam", res.ratio_samples, v_hat, ratio_ok)
-        events_shadow = self._stream_shadow(g, valid)
-        self._stream_noise(g, valid)
         if self.optimizer is not None:
             self._stream_sign_flips(g, valid)
             # Parameter samples before the update; _stream_updates compares them with the samples after it.
@@ -658,6 +660,51 @@ class Monitor:
                 torch.where(ratio_ok, stats[:, RATIO_MAX], math.nan).to(torch.float32),
             ])
             self._queue_flags(packed)
+
+    def _stream_samples(self, res: PassResult, den: Denominators | None, valid: torch.Tensor,
+                        ratio_ok: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The sample estimators of one step: denominator memory, shadow denominators, noise and the ratio's
+        99th percentile. Returns the real denominator's and the first shadow's event masks and the percentile."""
+        g = res.grad_samples
+        if self._sample_kernel:
+            try:
+                out = self._stream_samples_cpu(res, den, valid, ratio_ok)
+            except (ValueError, MemoryError, RuntimeError) as exc:  # nothing written: the torch code takes over
+                self._sample_kernel = False
+                warnings.warn(f"heavytail: the CPU sample estimators failed ({type(exc).__name__}: {exc}); using "
+                              "the torch code from now on", RuntimeWarning, stacklevel=3)
+            else:
+                self._stream_noise(g, valid, temporal=False)
+                return out
+        p99 = _upper_quantile(res.ratio_samples, 0.99)
+        events_adam = None
+        if den is not None:
+            v_hat = res.denom_samples / den.bias_correction.to(res.denom_samples.dtype)[:, None]
+            events_adam = self._stream_memory(0, "adam", res.ratio_samples, v_hat, ratio_ok)
+        events_shadow = self._stream_shadow(g, valid)
+        self._stream_noise(g, valid)
+        return events_adam, events_shadow, p99
+
+    def _stream_samples_cpu(self, res: PassResult, den: Denominators | None, valid: torch.Tensor,
+                            ratio_ok: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """:meth:`_stream_samples` (the temporal noise source) in one C call: ``cpu_pass.sample_step``."""
+        cfg, st = self.config, self._state
+        t = st["shadow_t"]
+        bias = (1.0 - self._shadow_betas[:, None] ** t).clamp_min(1e-30)
+        memory_states = [tuple(st[f"memory_{family}_{k}"] for k in ("level", "age", "active"))
+                         for family in ("adam", "shadow")]
+        slot = self._noise_slots["temporal"]
+        out = cpu_pass.sample_step(
+            g=res.grad_samples, valid=valid, ratio=None if den is None else res.ratio_samples,
+            den=None if den is None else res.denom_samples,
+            bias_correction=None if den is None else den.bias_correction, ratio_ok=ratio_ok,
+            memory=memory_states, memory_sum=st["memory_sum"], betas=self._shadow_betas, shadow_bias=bias,
+            shadow_v=st["shadow_v"], shadow_t=t, shadow_sum=st["shadow_sum"], shadow_max=st["shadow_max"],
+            noise_mean=st["noise_mean"], noise_seen=st["noise_seen"], ring=st["noise_temporal"],
+            ring_valid=st["noise_temporal_valid"], slot=slot, threshold=cfg.spike_threshold,
+            inflation=cfg.memory_inflation, noise_beta=cfg.noise_beta, q=0.99)
+        self._noise_slots["temporal"] = slot + 1
+        return (None if den is None else out.events[0]), out.events[1], out.quantile
 
     def _check_preclip(self, grads: list[torch.Tensor | None], stats: torch.Tensor) -> None:
         """Whether the step sees the gradients the last backward pass left, untouched; sets the pre-clip norm from
@@ -725,9 +772,18 @@ class Monitor:
         if not before:
             return
         after = self._gather_params(self.config.stats_dtype)
+        upd = self._state["update_sum"]
+        if self._sample_kernel:
+            try:
+                cpu_pass.update_step(before["params"], after, before["g"], before["valid"],
+                                     [before["events_adam"], before["events_shadow"]], upd, _UPDATE_COLUMNS)
+                return
+            except (ValueError, RuntimeError) as exc:  # nothing written: the torch code takes over
+                self._sample_kernel = False
+                warnings.warn(f"heavytail: the CPU sample estimators failed ({type(exc).__name__}: {exc}); using "
+                              "the torch code from now on", RuntimeWarning, stacklevel=3)
         delta = (after - before["params"]).abs()
         g = before["g"].abs()
-        upd = self._state["update_sum"]
         g_rms = (g * g).mean(dim=1).sqrt()
         ratio = (delta * delta).mean(dim=1).sqrt() / g_rms
         ok = before["valid"] & (g_rms > 0) & torch.isfinite(ratio)
@@ -735,7 +791,10 @@ class Monitor:
         upd[:, _U["rms_steps"]] += ok.to(upd.dtype)
         # Coordinates with a gradient and a finite update (a 0/1 mask, estimators.masks), and |update| / |g| there.
         usable = float_mask(torch.gt, g, 0.0, g.dtype) * float_mask(torch.eq, delta * 0, 0.0, g.dtype)
-        update_ratio = torch.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0) / g.clamp_min(1e-30)
+        # g is NaN where a tensor had no gradient: never a usable coordinate, and its ratio must not be NaN
+        # (0 * NaN would poison the sum)
+        update_ratio = (torch.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0)
+                        / torch.nan_to_num(g, nan=0.0).clamp_min(1e-30))
         for family in ("adam", "shadow"):
             events = before[f"events_{family}"]
             if events is None:
@@ -795,15 +854,17 @@ class Monitor:
         noise.push(ring, self._noise_slots[source], deviation, valid)
         self._noise_slots[source] += 1
 
-    def _stream_noise(self, g: torch.Tensor, valid: torch.Tensor) -> None:
-        """Noise deviations on the sampled coordinates: temporal, micro-batch and per-rank sources."""
+    def _stream_noise(self, g: torch.Tensor, valid: torch.Tensor, temporal: bool = True) -> None:
+        """Noise deviations on the sampled coordinates: temporal (unless the C sample step did it), micro-batch
+        and per-rank sources."""
         cfg, st = self.config, self._state
-        mean, seen = st["noise_mean"], st["noise_seen"]
-        self._push_noise("temporal", g - mean, valid & (seen > 0))
-        beta = torch.where(seen > 0, cfg.noise_beta, 0.0)[:, None]  # the first value initialises the EMA
-        st["noise_mean"] = torch.lerp(mean, (beta * mean + (1 - beta) * torch.nan_to_num(g)).to(mean.dtype),
-                                      valid.to(mean.dtype)[:, None])
-        st["noise_seen"] = seen + valid.to(seen.dtype)
+        if temporal:
+            mean, seen = st["noise_mean"], st["noise_seen"]
+            self._push_noise("temporal", g - mean, valid & (seen > 0))
+            beta = torch.where(seen > 0, cfg.noise_beta, 0.0)[:, None]  # the first value initialises the EMA
+            st["noise_mean"] = torch.lerp(mean, (beta * mean + (1 - beta) * torch.nan_to_num(g)).to(mean.dtype),
+                                          valid.to(mean.dtype)[:, None])
+            st["noise_seen"] = seen + valid.to(seen.dtype)
         if len(self._micro) >= 2:
             self._ensure_microbatch_ring()
             micro = torch.stack(self._micro)  # (M, L, S)
@@ -1017,9 +1078,10 @@ class Monitor:
             m2 = col("s2") / count - mean**2
             m4 = col("s4") / count - 4 * mean * col("s3") / count + 6 * mean**2 * col("s2") / count - 3 * mean**4
             # Raw power sums cancel catastrophically when |mean| >> std: the kurtosis error is about
-            # eps * (mean^2 / m2)^2, so past 1e-3 the figure is noise (it reads -15 or 5e8 at mean/std = 1e4, 1e6)
-            # and is reported as NaN rather than as a number.
-            conditioned = np.finfo(np.float64).eps * (mean**2 / m2) ** 2 < 1e-3
+            # eps * (mean^2 / m2)^2 * sqrt(count) (rounding of count terms of size mean^4 each, seen 4.5e-3 at
+            # mean/std = 1e3 over 1,000 entries), so past 0.01 (far below the figure's own sampling noise,
+            # sqrt(24 / count)) it is reported as NaN rather than as a number (-15 or 5e8 at mean/std = 1e4, 1e6).
+            conditioned = np.finfo(np.float64).eps * (mean**2 / m2) ** 2 * np.sqrt(count) < 1e-2
             kurt = np.where((count >= 4) & conditioned, m4 / (m2 * m2) - 3.0, np.nan)
             per_step = np.maximum(count / np.maximum(steps, 1), 4)
             gauss = np.asarray(gaussian_kurtosis_quantile(torch.as_tensor(per_step), 0.99), dtype=np.float64)

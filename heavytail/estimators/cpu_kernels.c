@@ -26,7 +26,7 @@ enum { COUNT, S1, S2, S3, S4, ABSMAX, NONFINITE, RATIO_MAX, RATIO_SPIKES, NSTAT 
 #define WORK (1 << 16)      /* entries per parallel work item: large tensors spread over threads */
 #define SEED_SAMPLES 64     /* entries whose exact ratio seeds a work item's running max */
 
-int ht_abi_version(void) { return 2; }
+int ht_abi_version(void) { return 3; }
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;

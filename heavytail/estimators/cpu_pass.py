@@ -39,18 +39,37 @@ from heavytail.estimators.gradient_pass import STAT_FIELDS, Denominators, PassRe
 logger = logging.getLogger("heavytail")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-ABI_VERSION = 2
+SAMPLES_SOURCE = Path(__file__).with_name("cpu_samples.c")  # the sample estimators, in the same library
+ABI_VERSION = 3
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+# -ffp-contract=off: no multiply-add is fused into an FMA, so the sample estimators round exactly as torch's
+# one-operation-at-a-time reference does (cpu_samples.c). -fno-trapping-math: floating-point exceptions are not
+# observed, which lets the compiler vectorise the selects of those loops; no value changes.
 _FLAG_SETS = (
-    ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
-    ["-O3", "-march=native", "-fno-math-errno"],
-    ["-O3", "-fno-math-errno"],
+    ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"],
+    ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp-simd"],
+    ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"],
 )
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
+
+
+class _Samples(ctypes.Structure):
+    """``HtSamples`` in cpu_samples.c, field for field."""
+
+    _P = ctypes.c_void_p
+    _fields_ = [
+        ("L", ctypes.c_int64), ("S", ctypes.c_int64), ("B", ctypes.c_int64), ("W", ctypes.c_int64),
+        ("g", _P), ("valid", _P), ("has_den", ctypes.c_int), ("ratio", _P), ("den", _P), ("bc", _P),
+        ("ratio_ok", _P), ("threshold", ctypes.c_double), ("inflation2", ctypes.c_float),
+        ("level", _P * 2), ("age", _P * 2), ("active", _P * 2), ("memory_sum", _P), ("events", _P),
+        ("betas", _P), ("bias", _P), ("shadow_v", _P), ("shadow_t", _P), ("shadow_sum", _P), ("shadow_max", _P),
+        ("noise_mean", _P), ("noise_seen", _P), ("ring", _P), ("ring_valid", _P), ("slot", ctypes.c_int64),
+        ("noise_beta", ctypes.c_float), ("q", ctypes.c_double), ("quantile", _P),
+    ]
 
 
 def _cache_dir() -> Path:
@@ -76,7 +95,8 @@ def _cpu_signature() -> str:
 def _compile(compiler: str, out: Path) -> str:
     """The kernels' library in ``out``: a cached build for the first flag set that has one, else the first flag set
     that compiles. Raises ``OSError`` if ``out`` is not writable, ``RuntimeError`` with the compiler's last error."""
-    source = SOURCE.read_text()
+    sources = [SOURCE, SAMPLES_SOURCE]
+    source = "\0".join(path.read_text() for path in sources)
     targets = []
     for flags in _FLAG_SETS:
         key = "\0".join([source, compiler, " ".join(flags), _cpu_signature(), platform.machine()])
@@ -90,7 +110,7 @@ def _compile(compiler: str, out: Path) -> str:
         fd, tmp = tempfile.mkstemp(dir=out, suffix=".so.tmp")
         os.close(fd)
         try:
-            proc = subprocess.run([compiler, *flags, "-fPIC", "-shared", "-o", tmp, str(SOURCE), "-lm"],
+            proc = subprocess.run([compiler, *flags, "-fPIC", "-shared", "-o", tmp, *map(str, sources), "-lm"],
                                   capture_output=True, text=True, timeout=120)
             if proc.returncode == 0:
                 os.replace(tmp, target)  # atomic: concurrent processes never load a half-written file
@@ -134,7 +154,9 @@ def _load() -> ctypes.CDLL | None:
         lib.ht_gather.argtypes = [i64, p, p, p, i64, p, f64, p]
         lib.ht_top_abs.argtypes = [i64, p, p, p, p, p, p, p, i32]
         lib.ht_sumsq.argtypes = [i64, p, p, p, p, i32]
-        for fn in (lib.ht_pass, lib.ht_gather, lib.ht_top_abs, lib.ht_sumsq):
+        lib.ht_samples.argtypes = [ctypes.POINTER(_Samples)]
+        lib.ht_updates.argtypes = [i64, i64, p, p, p, p, p, p, i64, p]
+        for fn in (lib.ht_pass, lib.ht_gather, lib.ht_top_abs, lib.ht_sumsq, lib.ht_samples, lib.ht_updates):
             fn.restype = i32
         _library = lib
         return lib
@@ -312,3 +334,120 @@ def top_magnitudes(tensors: Sequence[torch.Tensor | None], counts: Sequence[int]
     if status != 0:
         raise MemoryError("heavytail CPU top-k: out of memory for its histograms")
     return [(out[o : o + c], valid[i]) for i, (o, c) in enumerate(zip(offsets, counts))]
+
+
+# ---------------------------------------------------------------- the sample estimators (cpu_samples.c)
+
+
+class SampleStep(NamedTuple):
+    """What :func:`sample_step` returns besides the states it updates in place."""
+
+    events: torch.Tensor  # (2, L, S) float32 0/1: episodes started this step, real denominator then first shadow
+    quantile: torch.Tensor  # (L,) float64: the ratio's upper quantile per tensor (NaN without a denominator)
+
+
+def _ptr(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> int:
+    # The kernel writes through these pointers: anything but the exact dense CPU layout is refused, never copied.
+    if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or not t.is_cpu:
+        raise ValueError(f"heavytail CPU sample step: {name} must be a contiguous CPU {dtype} tensor of shape "
+                         f"{shape}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    return t.data_ptr()
+
+
+def sample_step(
+    *,
+    g: torch.Tensor,
+    valid: torch.Tensor,
+    ratio: torch.Tensor | None,
+    den: torch.Tensor | None,
+    bias_correction: torch.Tensor | None,
+    ratio_ok: torch.Tensor,
+    memory: Sequence[Sequence[torch.Tensor]],
+    memory_sum: torch.Tensor,
+    betas: torch.Tensor,
+    shadow_bias: torch.Tensor,
+    shadow_v: torch.Tensor,
+    shadow_t: torch.Tensor,
+    shadow_sum: torch.Tensor,
+    shadow_max: torch.Tensor,
+    noise_mean: torch.Tensor,
+    noise_seen: torch.Tensor,
+    ring: torch.Tensor,
+    ring_valid: torch.Tensor,
+    slot: int,
+    threshold: float,
+    inflation: float,
+    noise_beta: float,
+    q: float,
+) -> SampleStep:
+    """One step of the monitor's sample estimators in one C call, updating the states in place.
+
+    The same figures as the monitor's torch code (``Monitor._stream_memory``, ``_stream_shadow``, the temporal
+    part of ``_stream_noise`` and ``_upper_quantile``; tests/estimators/test_cpu_samples.py): ``g``, ``ratio``,
+    ``den`` ``(L, S)`` float64 samples (``ratio``/``den``/``bias_correction`` None without a denominator);
+    ``valid``/``ratio_ok`` ``(L,)`` masks; ``memory`` the (level, age, active) float32 states of the real
+    denominator and the first shadow; ``shadow_bias`` ``(B, L)`` float64 ``1 - beta^t`` clamped at 1e-30. States
+    must be dense CPU tensors of the monitor's layout (``ValueError`` otherwise, before anything is written).
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {_failure}")
+    L, S = g.shape
+    B, W = betas.shape[0], ring.shape[2]
+    f32, f64 = torch.float32, torch.float64
+    valid64 = valid.to(f64).contiguous()
+    ok64 = ratio_ok.to(f64).contiguous()
+    events = torch.zeros(2, L, S, dtype=f32)
+    quantile = torch.empty(L, dtype=f64)
+    a = _Samples()
+    a.L, a.S, a.B, a.W = L, S, B, W
+    a.g = _ptr(g, f64, (L, S), "g")
+    a.valid, a.ratio_ok = valid64.data_ptr(), ok64.data_ptr()
+    a.has_den = ratio is not None
+    if ratio is not None:
+        a.ratio, a.den = _ptr(ratio, f64, (L, S), "ratio"), _ptr(den, f64, (L, S), "den")
+        bc = bias_correction.to(f64).contiguous()
+        a.bc = _ptr(bc, f64, (L,), "bias_correction")
+    a.threshold, a.inflation2 = float(threshold), float(inflation) * float(inflation)
+    for f, (level, age, active) in enumerate(memory):
+        a.level[f] = _ptr(level, f32, (L, S), "memory level")
+        a.age[f] = _ptr(age, f32, (L, S), "memory age")
+        a.active[f] = _ptr(active, f32, (L, S), "memory active")
+    a.memory_sum = _ptr(memory_sum, f64, (2, L, memory_sum.shape[2]), "memory_sum")
+    if memory_sum.shape[2] != 3:
+        raise ValueError("heavytail CPU sample step: memory_sum must hold 3 fields")
+    a.events, a.quantile = events.data_ptr(), quantile.data_ptr()
+    a.betas = _ptr(betas, f64, (B,), "betas")
+    a.bias = _ptr(shadow_bias, f64, (B, L), "shadow_bias")
+    a.shadow_v = _ptr(shadow_v, f32, (B, L, S), "shadow_v")
+    a.shadow_t = _ptr(shadow_t, f64, (B, L), "shadow_t")
+    a.shadow_sum = _ptr(shadow_sum, f64, (B, L), "shadow_sum")
+    a.shadow_max = _ptr(shadow_max, f64, (B, L, 2), "shadow_max")
+    a.noise_mean = _ptr(noise_mean, f32, (L, S), "noise_mean")
+    a.noise_seen = _ptr(noise_seen, f64, (L,), "noise_seen")
+    a.ring = _ptr(ring, f32, (L, S, W), "ring")
+    a.ring_valid = _ptr(ring_valid, torch.bool, (L, W), "ring_valid")
+    a.slot, a.noise_beta, a.q = int(slot), float(noise_beta), float(q)
+    if lib.ht_samples(ctypes.byref(a)) != 0:
+        raise MemoryError("heavytail CPU sample step: out of memory for its scratch rows")
+    return SampleStep(events, quantile)
+
+
+def update_step(before: torch.Tensor, after: torch.Tensor, g: torch.Tensor, valid: torch.Tensor,
+                events: Sequence[torch.Tensor | None], update_sum: torch.Tensor, columns: Sequence[int]) -> None:
+    """``Monitor._stream_updates`` in one C call: adds to ``update_sum`` ``(L, U)`` float64 in place, at
+    ``columns`` = (rms_ratio, rms_steps, event_ratio_adam, events_adam, event_ratio_shadow, events_shadow).
+    ``before``/``after``/``g`` ``(L, S)`` float64 samples; ``events`` the real denominator's and the first
+    shadow's ``(L, S)`` float32 0/1 event masks (None when absent)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {_failure}")
+    L, S = g.shape
+    f64 = torch.float64
+    valid64 = valid.to(f64).contiguous()
+    pointers = (ctypes.c_void_p * 2)(*[None if e is None else _ptr(e, torch.float32, (L, S), "events")
+                                       for e in events])
+    cols = (ctypes.c_int64 * 6)(*columns)
+    lib.ht_updates(L, S, _ptr(before, f64, (L, S), "before"), _ptr(after, f64, (L, S), "after"),
+                   _ptr(g, f64, (L, S), "g"), valid64.data_ptr(), pointers,
+                   _ptr(update_sum, f64, (L, update_sum.shape[1]), "update_sum"), update_sum.shape[1], cols)

@@ -187,7 +187,9 @@ def test_kurtosis_is_a_true_figure_or_none(tmp_path, offset, reported):
         mon.step()
     kurt = read_records(tmp_path)[0]["metrics"]["grad/kurtosis/w"]
     if reported:
-        assert kurt == pytest.approx(scipy.stats.kurtosis(g.double().numpy()), abs=1e-4)
+        # within the 0.01 the monitor promises (docs/metrics.md); the raw sums' rounding depends on the CPU's
+        # vector width, which orders the additions
+        assert kurt == pytest.approx(scipy.stats.kurtosis(g.double().numpy()), abs=1e-2)
     else:
         assert kurt is None
 
