@@ -28,7 +28,7 @@ from heavytail import monitor as monitor_module  # noqa: E402
 from _models import MODELS, train_step, workload  # noqa: E402
 from overhead import TimedMonitor  # noqa: E402
 
-METHODS = ("_stream_step", "_fused", "_stream_samples", "_stream_samples_cpu", "_stream_shadow", "_stream_memory", "_stream_updates", "_stream_noise",
+METHODS = ("_stream_step", "_fused", "_stream_samples", "_stream_samples_kernel", "_stream_shadow", "_stream_memory", "_stream_updates", "_stream_noise",
            "_stream_sign_flips", "_check_preclip", "_gradients", "_read_flags", "_tail_indices", "_checkpoint")
 HELPERS = ("denominators", "gather_samples", "_upper_quantile", "kurtosis_from_power_sums")
 

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.skipif(not cpu_pass.available(), reason=f"no CPU kernel
 ROUNDED = {"update_sum", "shadow_max"}
 
 
-def _params(seed: int) -> list[torch.nn.Parameter]:
+def _params(seed: int, device: str = "cpu") -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     shapes = [(64, 48), (300,), (7,), (40, 40), (1000,)]  # (7,): fewer entries than samples
-    return [torch.nn.Parameter(torch.randn(*s, generator=gen) * 0.1) for s in shapes]
+    return [torch.nn.Parameter((torch.randn(*s, generator=gen) * 0.1).to(device)) for s in shapes]
 
 
 def _gradient(p: torch.Tensor, step: int, index: int, gen: torch.Generator) -> torch.Tensor | None:
@@ -39,21 +39,24 @@ def _gradient(p: torch.Tensor, step: int, index: int, gen: torch.Generator) -> t
         g.view(-1)[0] = float("inf")
     if index == 3 and step == 17:
         g.zero_()
-    return g
+    return g.to(p.device)
 
 
-def _run(sample_kernel: bool, optimizer: str, tmp_path, steps: int = 36) -> ht.Monitor:
-    params = _params(0)
+def _run(implementation, optimizer: str, tmp_path, steps: int = 36, device: str = "cpu") -> ht.Monitor:
+    """A monitored run of hand-set gradients with the sample estimators of ``implementation``: a module with
+    ``sample_step``/``update_step`` (cpu_pass, triton_samples), or None for the torch code."""
+    params = _params(0, device)
     if optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95))
     else:
         opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9)
     config = ht.MonitorConfig(every=13, sample_size=64, spike_threshold=4.0, memory_inflation=1.3, noise_beta=0.9,
-                              shadow_betas=(0.999, 0.95, 0.5), noise_window=5, kernel="cpu")
+                              shadow_betas=(0.999, 0.95, 0.5), noise_window=5, kernel="cpu" if device == "cpu" else "auto")
     model = torch.nn.ParameterList(params)
-    mon = ht.Monitor(model, opt, config=config, log_dir=tmp_path / f"{optimizer}-{sample_kernel}")
-    assert mon._sample_kernel  # the C path is what the CPU gets by default
-    mon._sample_kernel = sample_kernel
+    mon = ht.Monitor(model, opt, config=config, log_dir=tmp_path / f"{optimizer}-{getattr(implementation, '__name__', 'torch')}")
+    if device == "cpu":
+        assert mon._samples is cpu_pass  # the C path is what the CPU gets by default
+    mon._samples = implementation
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
         for i, p in enumerate(params):
@@ -65,8 +68,17 @@ def _run(sample_kernel: bool, optimizer: str, tmp_path, steps: int = 36) -> ht.M
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_sample_kernel_states_equal_the_torch_code(optimizer, tmp_path):
-    kernel, reference = _run(True, optimizer, tmp_path), _run(False, optimizer, tmp_path)
-    assert kernel._sample_kernel and not reference._sample_kernel  # neither fell back
+    kernel, reference = _run(cpu_pass, optimizer, tmp_path), _run(None, optimizer, tmp_path)
+    assert kernel._samples is cpu_pass and reference._samples is None  # neither fell back
+    assert_same_states(kernel, reference, optimizer)
+    kernel.close()
+    reference.close()
+
+
+def assert_same_states(kernel: ht.Monitor, reference: ht.Monitor, optimizer: str, rounded: set[str] = ROUNDED,
+                       rtol: float = 1e-12) -> None:
+    """Every state tensor of the two monitors equal (those in ``rounded`` to ``rtol``), and the run did reach
+    what it compares."""
     a, b = kernel._state, reference._state
     assert a.keys() == b.keys()
     for key in a:
@@ -74,7 +86,7 @@ def test_sample_kernel_states_equal_the_torch_code(optimizer, tmp_path):
             for x, y in zip(a[key], b[key]):
                 torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
             continue
-        tol = dict(rtol=1e-12, atol=1e-300) if key in ROUNDED else dict(rtol=0, atol=0)
+        tol = dict(rtol=rtol, atol=1e-300) if key in rounded else dict(rtol=0, atol=0)
         torch.testing.assert_close(a[key], b[key], equal_nan=True, msg=lambda m: f"{key}: {m}", **tol)
     # The run did exercise what it compares: episodes opened and closed, shadow spikes, update ratios at events.
     memory_sum = b["memory_sum"]
@@ -83,15 +95,13 @@ def test_sample_kernel_states_equal_the_torch_code(optimizer, tmp_path):
     assert memory_sum[1, :, 0].sum() > 0 and memory_sum[1, :, 1].sum() > 0
     assert (b["shadow_sum"] > 0).any() and b["noise_temporal_valid"].any()
     assert (b["update_sum"][:, 5] > 0).any()
-    kernel.close()
-    reference.close()
 
 
 def test_update_sums_are_finite_when_a_tensor_had_no_gradient(tmp_path):
     # Tensor 2 has no gradient at some steps: its NaN samples never count, and never poison the sums.
-    for sample_kernel in (True, False):
-        mon = _run(sample_kernel, "adamw", tmp_path, steps=12)
-        assert torch.isfinite(mon._state["update_sum"]).all(), sample_kernel
+    for implementation in (cpu_pass, None):
+        mon = _run(implementation, "adamw", tmp_path, steps=12)
+        assert torch.isfinite(mon._state["update_sum"]).all(), implementation
         mon.close()
 
 
@@ -155,7 +165,7 @@ def test_a_failing_sample_kernel_falls_back_to_the_torch_code(tmp_path, monkeypa
 
     monkeypatch.setattr(cpu_pass, "sample_step", broken)
     with pytest.warns(RuntimeWarning, match="CPU sample estimators failed"):
-        mon = _run(True, "adamw", tmp_path, steps=3)
-    assert not mon._sample_kernel
+        mon = _run(cpu_pass, "adamw", tmp_path, steps=3)
+    assert mon._samples is None
     assert mon._state["shadow_t"].max() == 3  # the failing step was measured by the torch code
     mon.close()
