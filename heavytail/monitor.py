@@ -1300,7 +1300,8 @@ class Monitor:
                 raise ValueError(f"Monitor.load_state_dict: tensor {key!r} does not match this monitor's configuration")
             if key == "rank_local":
                 continue  # filled by the hooks at every backward pass
-            st[key] = value.to(st[key].device, st[key].dtype)
+            # a copy: the kernels update the states in place, and the caller's dict must not change with them
+            st[key] = value.to(st[key].device, st[key].dtype, copy=True)
         st["spike"] = type(st["spike"])(**{k: v.to(self.device) for k, v in state["spike"].items()})
         self.step_count = int(state["step_count"])
         self._interval_start = int(state["interval_start"])

@@ -68,3 +68,14 @@ def test_step_parts_prints_the_breakdown_and_the_final_line():
     proc = run("step_parts.py", "--model", "smoke", "--steps", "4", "--every", "2", "--warmup", "1", "--threads", "1")
     assert "_stream_step" in proc.stdout and "denominators" in proc.stdout
     assert re.fullmatch(rf"hooks_ms={NUMBER} pass_ms=({NUMBER}|nan)", last_line(proc))
+
+
+def test_device_check_script_names_what_exists_and_parses():
+    """The GPU check runs only where a GPU is lent: here, that it parses and that every file it names exists."""
+    script = BENCHMARKS / "device_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    named = set(re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.py)\b", text))
+    assert {"benchmarks/overhead.py", "tests/test_no_sync.py", "tests/estimators/test_triton_samples.py"} <= named
+    missing = [p for p in named if not (BENCHMARKS.parent / p).exists()]
+    assert not missing, missing

@@ -233,8 +233,11 @@ def test_state_dict_round_trip_with_weights_only(tmp_path, tiny_model):
     assert resumed.step_count == 30
     for key, value in state["tensors"].items():
         torch.testing.assert_close(resumed._state[key].cpu(), value, equal_nan=True)
+    saved = {key: value.clone() for key, value in state["tensors"].items()}
     train(tiny_model, opt, resumed, steps=5, start=30)
     assert resumed.step_count == 35
+    for key, value in state["tensors"].items():  # the monitor's in-place updates never reach the caller's dict
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, equal_nan=True)
     resumed.close()
     assert read_records(tmp_path / "b")[-1]["step"] == 35
 
