@@ -92,7 +92,9 @@ class MonitorConfig:
     """The per-step gradient pass: ``"triton"`` (fused multi-tensor kernels, CUDA), ``"cpu"`` (one fused C kernel
     over every tensor, compiled on first use with the system's C compiler), ``"torch"`` (the packed reference, any
     device) or ``"auto"`` (Triton on CUDA when it is installed, the C kernel on the CPU when a compiler is there,
-    else torch). All give the same figures (docs/performance.md)."""
+    else torch). All give the same figures (docs/performance.md). The same choice runs the sample estimators (the
+    denominator memory, shadow denominators, temporal noise and update ratios) as one C or Triton kernel call per
+    step, with a float64 ``stats_dtype``; ``"torch"`` keeps the torch code, their reference, everywhere."""
 
     chunk_numel: int = 1 << 23
     """Gradients are reduced in packed chunks of at most this many entries: the temporary memory bound."""
