@@ -43,13 +43,12 @@ SAMPLES_SOURCE = Path(__file__).with_name("cpu_samples.c")  # the sample estimat
 ABI_VERSION = 3
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-# -ffp-contract=off: no multiply-add is fused into an FMA, so the sample estimators round exactly as torch's
-# one-operation-at-a-time reference does (cpu_samples.c). -fno-trapping-math: floating-point exceptions are not
-# observed, which lets the compiler vectorise the selects of those loops; no value changes.
+# -fno-trapping-math: floating-point exceptions are not observed, which lets the compiler vectorise the selects of
+# the sample estimators' loops (cpu_samples.c, which also turns off FMA contraction for itself); no value changes.
 _FLAG_SETS = (
-    ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"],
-    ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp-simd"],
-    ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"],
+    ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"],
+    ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"],
+    ["-O3", "-fno-math-errno", "-fno-trapping-math"],
 )
 
 _lock = threading.Lock()

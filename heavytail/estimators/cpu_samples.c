@@ -5,11 +5,19 @@
  * heavytail/estimators/memory.py is the reference: on the CPU its ~300 small operations a step cost milliseconds of
  * dispatch for a few ten thousand entries, which these loops go through in microseconds. Every figure is computed
  * with the reference's operations in the reference's dtypes and order (float32 states, float64 arithmetic where the
- * reference promotes to it; the library is built with -ffp-contract=off, so no multiply-add is fused), which makes
+ * reference promotes to it; no multiply-add is fused into an FMA in this file, the pragmas below), which makes
  * the states bitwise equal to the reference's. Two things differ at float64 rounding: the means and sums over S,
  * which torch adds pairwise, and the shadow ratios, whose square root torch's vectorised CPU code does not always
  * round correctly (this one does). tests/estimators/test_cpu_samples.py holds the two to that.
  */
+
+/* Each multiply and add rounds on its own, as in torch's one-operation-at-a-time reference (the gradient pass in
+ * cpu_kernels.c keeps its FMAs). */
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 
 #include <math.h>
 #include <stdint.h>
