@@ -41,6 +41,11 @@ if triton is not None:
         return tl.minimum(tl.maximum(x, -big), big)
 
     @triton.jit
+    def _add(p, value):
+        # one program owns each accumulator it touches: a plain read-modify-write, no atomics
+        tl.store(p, tl.load(p) + value)
+
+    @triton.jit
     def _memory_row(r, vh, valid, inflation2, threshold, level_p, age_p, active_p, events_p, sums_p, offs, inside):
         # memory.update for one row; valid is the row's float32 0/1 validity
         level = tl.load(level_p + offs, mask=inside, other=0.0)
@@ -61,9 +66,9 @@ if triton is not None:
         started = tl.sum(tl.where(inside, ev, 0.0).to(tl.float64), 0)
         ended = tl.sum(tl.where(inside, ending, 0.0).to(tl.float64), 0)
         ended_steps = tl.sum(tl.where(inside, ending * a, 0.0).to(tl.float64), 0)
-        tl.store(sums_p + 0, tl.load(sums_p + 0) + started)
-        tl.store(sums_p + 1, tl.load(sums_p + 1) + ended)
-        tl.store(sums_p + 2, tl.load(sums_p + 2) + ended_steps)
+        _add(sums_p + 0, started)
+        _add(sums_p + 1, ended)
+        _add(sums_p + 2, ended_steps)
 
     @triton.jit
     def _sample_step_kernel(g_p, valid_p, ratio_p, den_p, bc_p, ratio_ok_p, level0, age0, active0, level1, age1,
@@ -101,11 +106,11 @@ if triton is not None:
             rmax = tl.where(nans > 0, float("nan"), rmax)  # torch's amax: NaN if any entry is
             fresh = (beta * vj + (1.0 - beta) * (gj * gj)).to(tl.float32)
             tl.store(shadow_v + bl * S + cols, tl.where(valid != 0, fresh, v), mask=inside)
-            tl.store(shadow_sum + bl, tl.load(shadow_sum + bl) + tl.where(ok_b, over / S, 0.0))
+            _add(shadow_sum + bl, tl.where(ok_b, over / S, 0.0))
             old = tl.load(shadow_max + bl * 2)
             new = tl.where(ok_b, rmax, 0.0)
             tl.store(shadow_max + bl * 2, tl.where((old != old) | (new != new), float("nan"), tl.maximum(old, new)))
-            tl.store(shadow_max + bl * 2 + 1, tl.load(shadow_max + bl * 2 + 1) + tl.where(ok_b, 1.0, 0.0))
+            _add(shadow_max + bl * 2 + 1, tl.where(ok_b, 1.0, 0.0))
             if b == 0:
                 _memory_row(rb, vhb, tl.where(ok_b, 1.0, 0.0), inflation2, threshold, level1, age1, active1,
                             events + L * S, memory_sum + (L + l) * 3, offs, inside)
@@ -137,18 +142,18 @@ if triton is not None:
         ratio = tl.sqrt(tl.sum(tl.where(inside, d * d, 0.0), 0) / S) / g_rms
         ok = (tl.load(valid_p + l) != 0) & (g_rms > 0) & (ratio * 0 == 0)
         row = upd + l * UCOLS
-        tl.store(row + C0, tl.load(row + C0) + tl.where(ok, ratio, 0.0))
-        tl.store(row + C1, tl.load(row + C1) + tl.where(ok, 1.0, 0.0))
+        _add(row + C0, tl.where(ok, ratio, 0.0))
+        _add(row + C1, tl.where(ok, 1.0, 0.0))
         usable = (ga > 0) & (d * 0 == 0) & inside
         rj = tl.where(d * 0 == 0, d, 0.0) / tl.maximum(tl.where(ga == ga, ga, 0.0), tiny)
         if HAS0:
             hit = tl.where(usable, tl.load(ev0 + offs, mask=inside, other=0.0).to(tl.float64), 0.0)
-            tl.store(row + C2, tl.load(row + C2) + tl.sum(hit * rj, 0))
-            tl.store(row + C3, tl.load(row + C3) + tl.sum(hit, 0))
+            _add(row + C2, tl.sum(hit * rj, 0))
+            _add(row + C3, tl.sum(hit, 0))
         if HAS1:
             hit = tl.where(usable, tl.load(ev1 + offs, mask=inside, other=0.0).to(tl.float64), 0.0)
-            tl.store(row + C4, tl.load(row + C4) + tl.sum(hit * rj, 0))
-            tl.store(row + C5, tl.load(row + C5) + tl.sum(hit, 0))
+            _add(row + C4, tl.sum(hit * rj, 0))
+            _add(row + C5, tl.sum(hit, 0))
 
 
 _CONSTS: dict[tuple[float, torch.device], torch.Tensor] = {}
