@@ -671,8 +671,8 @@ class Monitor:
                 out = self._stream_samples_kernel(res, den, valid, ratio_ok)
             except Exception as exc:  # a build, launch or layout failure: the torch code takes over
                 self._samples = None
-                warnings.warn(f"heavytail: the CPU sample estimators failed ({type(exc).__name__}: {exc}); using "
-                              "the torch code from now on", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"heavytail: the sample estimators' kernel failed ({type(exc).__name__}: {exc}); "
+                              "using the torch code from now on", RuntimeWarning, stacklevel=3)
             else:
                 self._stream_noise(g, valid, temporal=False)
                 return out
@@ -781,8 +781,8 @@ class Monitor:
                 return
             except Exception as exc:  # nothing written: the torch code takes over
                 self._samples = None
-                warnings.warn(f"heavytail: the CPU sample estimators failed ({type(exc).__name__}: {exc}); using "
-                              "the torch code from now on", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"heavytail: the sample estimators' kernel failed ({type(exc).__name__}: {exc}); "
+                              "using the torch code from now on", RuntimeWarning, stacklevel=3)
         delta = (after - before["params"]).abs()
         g = before["g"].abs()
         g_rms = (g * g).mean(dim=1).sqrt()

@@ -205,16 +205,17 @@ def sample_step(*, g: torch.Tensor, valid: torch.Tensor, ratio: torch.Tensor | N
     else:
         ratio = den = g  # not read
         bc = betas
+    # before the kernel: once it has run, nothing may fail (the monitor would measure the step again)
+    if has_den:
+        quantile = upper_quantile(ratio, q)
+    else:
+        quantile = torch.full((L,), float("nan"), dtype=f64, device=device)
     events = torch.zeros(2, L, S, dtype=f32, device=device)
     _sample_step_kernel[(L,)](
         g, valid.to(f64).contiguous(), ratio, den, bc, ratio_ok.to(f64).contiguous(), *states, memory_sum, events,
         betas, shadow_bias, shadow_v, shadow_t, shadow_sum, shadow_max, noise_mean, noise_seen, ring, ring_valid,
         _consts(threshold, device), int(slot) % W, float(noise_beta), float(inflation) * float(inflation), L, S, W,
         B=B, HAS_DEN=has_den, BLOCK=triton.next_power_of_2(S))
-    if has_den:
-        quantile = upper_quantile(ratio, q)
-    else:
-        quantile = torch.full((L,), float("nan"), dtype=f64, device=device)
     return SampleStep(events, quantile)
 
 
