@@ -15,6 +15,9 @@ with the system's C compiler (``$CC``, else ``cc``; ``-O3 -march=native``, OpenM
 directory (``$HEAVYTAIL_CACHE_DIR``, else ``~/.cache/heavytail``), keyed by the source, the flags and the CPU, and
 loaded with ctypes, which releases the GIL during the call. Without a compiler :func:`available` is false and
 the monitor uses the torch path. Threads: ``torch.get_num_threads()``, like the training step's own kernels.
+
+The same library holds the sample estimators (``cpu_samples.c``): :func:`sample_step` and :func:`update_step`
+advance the monitor's per-sample states in place, one call each per step, equal to its torch code.
 """
 
 from __future__ import annotations
