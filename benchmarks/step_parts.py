@@ -8,6 +8,7 @@ it calls); ``hooks`` is the whole of the monitor's own work, as ``benchmarks/ove
 breakdown, not a figure against a goal: ``overhead.py`` measures the step-time overhead.
 
     python benchmarks/step_parts.py --threads 1                  # tiny GPT, 200 steps, every=100
+    python benchmarks/step_parts.py --threads 1 --sample-code torch   # the sample estimators' torch code
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,8 +30,9 @@ from heavytail import monitor as monitor_module  # noqa: E402
 from _models import MODELS, train_step, workload  # noqa: E402
 from overhead import TimedMonitor  # noqa: E402
 
-METHODS = ("_stream_step", "_fused", "_stream_samples", "_stream_samples_kernel", "_stream_shadow", "_stream_memory", "_stream_updates", "_stream_noise",
-           "_stream_sign_flips", "_check_preclip", "_gradients", "_read_flags", "_tail_indices", "_checkpoint")
+METHODS = ("_stream_step", "_fused", "_stream_samples", "_stream_samples_kernel", "_stream_shadow", "_stream_memory",
+           "_stream_updates", "_stream_noise", "_stream_sign_flips", "_check_preclip", "_gradients", "_read_flags",
+           "_tail_indices", "_checkpoint")
 HELPERS = ("denominators", "gather_samples", "_upper_quantile", "kurtosis_from_power_sums")
 
 
@@ -44,6 +47,27 @@ def _timed(totals: dict[str, float], name: str, fn: Callable) -> Callable:
     return call
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched inside the functions it wraps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.views += bool(func.is_view)
+        return func(*args, **(kwargs or {}))
+
+    def wrap(self, fn: Callable) -> Callable:
+        def call(*args, **kwargs):
+            with self:
+                return fn(*args, **kwargs)
+
+        return call
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -52,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sample-code", default="kernel", choices=("kernel", "torch"),
+                        help="the sample estimators as one kernel call (the default) or as their torch reference code")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.every < 1 or args.warmup < 0:
         parser.error("--steps and --every must be positive, --warmup non-negative")
@@ -68,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as log_dir:
         mon = TimedMonitor(model, opt, every=args.every, log_dir=log_dir)
         kernel = "torch pass" if mon._fused is None else mon._fused.__module__.rsplit(".", 1)[-1]
+        if args.sample_code == "torch":
+            mon._samples = None
+        samples = "torch code" if mon._samples is None else mon._samples.__name__.rsplit(".", 1)[-1]
         for name in METHODS:
             if getattr(mon, name, None) is not None:
                 setattr(mon, name, _timed(totals, name, getattr(mon, name)))
@@ -83,6 +112,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             for i in range(args.warmup, args.warmup + args.steps):
                 train_step(wl, model, opt, batches[i % len(batches)], on_loss=mon.observe_loss)
             step_seconds = (time.process_time() - cpu0) / args.steps
+            # One more step, untimed: how many torch operations the monitor's per-step work (before and after
+            # optimizer.step()) dispatches, each one a kernel launch on CUDA except the views.
+            counter = _OpCounter()
+            mon._stream_step, mon._stream_updates = counter.wrap(mon._stream_step), counter.wrap(mon._stream_updates)
+            train_step(wl, model, opt, batches[0], on_loss=mon.observe_loss)
         finally:
             for name, fn in originals.items():
                 setattr(monitor_module, name, fn)
@@ -90,14 +124,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         mon.close()
 
     print(f"model {args.model} on {args.device}, {torch.get_num_threads()} torch threads; gradient pass: {kernel}; "
-          f"{args.steps} steps, every={args.every}")
+          f"sample estimators: {samples}; {args.steps} steps, every={args.every}")
     print(f"monitored step {step_seconds * 1e3:.2f} ms of CPU; monitor hooks {hooks * 1e3:.2f} ms")
     print(f"{'part':<28} {'ms/step':>9}")
     for name, seconds in sorted(totals.items(), key=lambda item: -item[1]):
         print(f"{name:<28} {seconds / args.steps * 1e3:>9.3f}")
     figures = {name: seconds / args.steps * 1e3 for name, seconds in totals.items()}
     figures["hooks"] = hooks * 1e3
-    print(f"hooks_ms={hooks * 1e3:.2f} pass_ms={figures.get('_fused', float('nan')):.2f}")
+    figures["ops"] = counter.ops
+    print(f"torch operations dispatched per step (_stream_step, _stream_updates): {counter.ops} "
+          f"({counter.views} of them views)")
+    print(f"hooks_ms={hooks * 1e3:.2f} pass_ms={figures.get('_fused', float('nan')):.2f} ops={counter.ops}")
     return figures
 
 

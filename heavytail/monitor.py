@@ -217,7 +217,7 @@ class Monitor:
                                   dtype=config.stats_dtype)
         self._fused = _fused_pass(config.kernel, self.device)
         # The sample estimators as one kernel a step (C on the CPU, Triton on CUDA): the same figures as the torch
-        # code below, instead of some 300 small operations. kernel="torch" keeps the torch code everywhere.
+        # code below, instead of about 250 small operations. kernel="torch" keeps the torch code everywhere.
         self._samples = _sample_kernels(config, self.device)
         self._shadow_betas = torch.tensor(config.shadow_betas, dtype=config.stats_dtype).to(self.device)
         self._spike_config = self._make_spike_config()
@@ -669,10 +669,8 @@ class Monitor:
         if self._samples is not None:
             try:
                 out = self._stream_samples_kernel(res, den, valid, ratio_ok)
-            except Exception as exc:  # a build, launch or layout failure: the torch code takes over
-                self._samples = None
-                warnings.warn(f"heavytail: the sample estimators' kernel failed ({type(exc).__name__}: {exc}); "
-                              "using the torch code from now on", RuntimeWarning, stacklevel=3)
+            except Exception as exc:  # a build, launch or layout failure: nothing written, the torch code takes over
+                self._sample_kernel_failed(exc)
             else:
                 self._stream_noise(g, valid, temporal=False)
                 return out
@@ -684,6 +682,11 @@ class Monitor:
         events_shadow = self._stream_shadow(g, valid)
         self._stream_noise(g, valid)
         return events_adam, events_shadow, p99
+
+    def _sample_kernel_failed(self, exc: Exception) -> None:
+        self._samples = None
+        warnings.warn(f"heavytail: the sample estimators' kernel failed ({type(exc).__name__}: {exc}); using the "
+                      "torch code from now on", RuntimeWarning, stacklevel=4)
 
     def _stream_samples_kernel(self, res: PassResult, den: Denominators | None, valid: torch.Tensor,
                                ratio_ok: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -780,9 +783,7 @@ class Monitor:
                                           [before["events_adam"], before["events_shadow"]], upd, _UPDATE_COLUMNS)
                 return
             except Exception as exc:  # nothing written: the torch code takes over
-                self._samples = None
-                warnings.warn(f"heavytail: the sample estimators' kernel failed ({type(exc).__name__}: {exc}); "
-                              "using the torch code from now on", RuntimeWarning, stacklevel=3)
+                self._sample_kernel_failed(exc)
         delta = (after - before["params"]).abs()
         g = before["g"].abs()
         g_rms = (g * g).mean(dim=1).sqrt()
@@ -856,7 +857,7 @@ class Monitor:
         self._noise_slots[source] += 1
 
     def _stream_noise(self, g: torch.Tensor, valid: torch.Tensor, temporal: bool = True) -> None:
-        """Noise deviations on the sampled coordinates: temporal (unless the C sample step did it), micro-batch
+        """Noise deviations on the sampled coordinates: temporal (unless the sample kernel did it), micro-batch
         and per-rank sources."""
         cfg, st = self.config, self._state
         if temporal:

@@ -64,10 +64,15 @@ def test_memory_names_the_state_and_prints_the_final_line():
     assert "_state" in proc.stdout and "transient peak of the hooks" in proc.stdout
 
 
-def test_step_parts_prints_the_breakdown_and_the_final_line():
-    proc = run("step_parts.py", "--model", "smoke", "--steps", "4", "--every", "2", "--warmup", "1", "--threads", "1")
+@pytest.mark.parametrize("sample_code, part", [("kernel", "_stream_samples_kernel"), ("torch", "_stream_shadow")])
+def test_step_parts_prints_the_breakdown_and_the_final_line(sample_code, part):
+    proc = run("step_parts.py", "--model", "smoke", "--steps", "4", "--every", "2", "--warmup", "1", "--threads", "1",
+               "--sample-code", sample_code)
     assert "_stream_step" in proc.stdout and "denominators" in proc.stdout
-    assert re.fullmatch(rf"hooks_ms={NUMBER} pass_ms=({NUMBER}|nan)", last_line(proc))
+    if sample_code == "torch" or "sample estimators: cpu_pass" in proc.stdout:  # the kernel needs a C compiler
+        assert part in proc.stdout
+    match = re.fullmatch(rf"hooks_ms={NUMBER} pass_ms=({NUMBER}|nan) ops=(\d+)", last_line(proc))
+    assert match and int(match.group(2)) > 0
 
 
 def test_device_check_script_names_what_exists_and_parses():

@@ -2,7 +2,7 @@
  * sampled coordinates (L tensors x S samples), and one after the optimizer's update.
  *
  * The torch code in heavytail/monitor.py (_stream_memory, _stream_shadow, _stream_noise, _stream_updates) and
- * heavytail/estimators/memory.py is the reference: on the CPU its ~300 small operations a step cost milliseconds of
+ * heavytail/estimators/memory.py is the reference: on the CPU its ~250 small operations a step cost milliseconds of
  * dispatch for a few ten thousand entries, which these loops go through in microseconds. Every figure is computed
  * with the reference's operations in the reference's dtypes and order (float32 states, float64 arithmetic where the
  * reference promotes to it; no multiply-add is fused into an FMA in this file, the pragmas below), which makes

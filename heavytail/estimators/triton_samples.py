@@ -4,7 +4,7 @@ The CUDA twin of ``cpu_samples.c`` (:func:`heavytail.estimators.cpu_pass.sample_
 the same contract: the denominator-memory episodes of the real denominator and the first shadow, the shadow
 denominators, the temporal-noise EMA and ring, and (``update_step``) the update-to-gradient ratios, computed on
 the ``(L, S)`` sampled coordinates with the monitor's torch code's operations and dtypes (float32 states, float64
-where torch promotes), updating the state tensors in place. In torch these are some 300 small kernels a step,
+where torch promotes), updating the state tensors in place. In torch these are about 250 small operations a step,
 each a launch and a few microseconds of a GPU that has nothing else to do meanwhile; here one program per tensor
 does them all. The ratio's percentile stays a few torch operations (a top-k). Every float64 constant the
 formulas use comes in through a float64 tensor: a literal in a Triton kernel is float32.
