@@ -36,6 +36,8 @@ demo: install
 	$(VENV)/bin/heavytail demo --steps $(STEPS) --out $(OUT)
 
 test: install-dev browser
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q -p no:cacheprovider tests
 
 clean:

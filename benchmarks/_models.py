@@ -90,8 +90,14 @@ def workload(name: str, device: str | torch.device = "cpu") -> Workload:
     raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
 
 
-def train_step(wl: Workload, model: nn.Module, opt: torch.optim.Optimizer, batch,
-               after_backward: Callable | None = None, on_loss: Callable | None = None) -> None:
+def train_step(
+    wl: Workload,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    batch,
+    after_backward: Callable | None = None,
+    on_loss: Callable | None = None,
+) -> None:
     """One training step: forward (autocast on CUDA), backward, optional hooks, ``opt.step()``, zero grads."""
     idx, targets = batch
     with wl.autocast:

@@ -34,8 +34,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import heavytail  # noqa: E402
 from _models import MODELS, train_step, workload  # noqa: E402
+
+import heavytail  # noqa: E402
 
 # Monitor attributes that hold the user's objects, not the monitor's own memory.
 _NOT_MONITOR = {"model", "optimizer", "params", "scaler", "config", "_backends", "_alert_callbacks"}
@@ -109,8 +110,11 @@ def _cpu_peak(fn) -> int:
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    totals = [
+        e["args"]["Total Allocated"]
+        for e in events
+        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
+    ]
     return max([0] + totals)
 
 
@@ -128,8 +132,12 @@ def measure(model_name: str, device: torch.device, every: int) -> dict[str, Any]
     params = [p for p in model.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     cuda = device.type == "cuda"
-    out: dict[str, Any] = {"model": model_name, "params": sum(p.numel() for p in params), "tensors": len(params),
-                           "param_bytes": param_bytes}
+    out: dict[str, Any] = {
+        "model": model_name,
+        "params": sum(p.numel() for p in params),
+        "tensors": len(params),
+        "param_bytes": param_bytes,
+    }
     real_steps = model_name != "gpt2-small" or cuda
     with tempfile.TemporaryDirectory() as log_dir:
         if real_steps:
@@ -196,18 +204,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             parser.error(f"unknown model {name!r}")
         r = measure(name, device, args.every)
         results.append(r)
-        print(f"{name}: {r['params'] / 1e6:.2f} M parameters in {r['tensors']} tensors, "
-              f"{r['param_bytes'] / 2**20:.1f} MiB of parameters ({device})")
+        print(
+            f"{name}: {r['params'] / 1e6:.2f} M parameters in {r['tensors']} tensors, "
+            f"{r['param_bytes'] / 2**20:.1f} MiB of parameters ({device})"
+        )
         for path, nbytes in sorted(r["held"].items(), key=lambda kv: -kv[1])[: args.top]:
             print(f"  {path:<32} {nbytes / 2**20:>9.3f} MiB  {100 * nbytes / r['param_bytes']:>7.3f}% of params")
-        print(f"  {'transient peak of the hooks':<32} {r['transient_bytes'] / 2**20:>9.3f} MiB  "
-              f"{100 * r['transient_bytes'] / r['param_bytes']:>7.3f}% of params")
+        print(
+            f"  {'transient peak of the hooks':<32} {r['transient_bytes'] / 2**20:>9.3f} MiB  "
+            f"{100 * r['transient_bytes'] / r['param_bytes']:>7.3f}% of params"
+        )
         if "step_peak_baseline" in r:
             diff = r["step_peak_monitored"] - r["step_peak_baseline"]
-            print(f"  step peak: {r['step_peak_baseline'] / 2**20:.1f} MiB unmonitored, "
-                  f"{r['step_peak_monitored'] / 2**20:.1f} MiB monitored ({diff / 2**20:+.1f} MiB)")
-        print(f"  extra_bytes={r['extra_bytes']} param_bytes={r['param_bytes']} extra_pct={r['extra_pct']:.3f} "
-              f"transient_bytes={r['transient_bytes']}")
+            print(
+                f"  step peak: {r['step_peak_baseline'] / 2**20:.1f} MiB unmonitored, "
+                f"{r['step_peak_monitored'] / 2**20:.1f} MiB monitored ({diff / 2**20:+.1f} MiB)"
+            )
+        print(
+            f"  extra_bytes={r['extra_bytes']} param_bytes={r['param_bytes']} extra_pct={r['extra_pct']:.3f} "
+            f"transient_bytes={r['transient_bytes']}"
+        )
     last = results[-1]
     print(f"extra_bytes={last['extra_bytes']} param_bytes={last['param_bytes']} extra_pct={last['extra_pct']:.3f}")
     return results

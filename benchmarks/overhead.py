@@ -44,8 +44,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import heavytail  # noqa: E402
 from _models import MODELS, Workload, clone_model, train_step, workload  # noqa: E402
+
+import heavytail  # noqa: E402
 
 VARIANTS = ("baseline", "monitored", "floor", "naive", "histogram")
 EXTRA_VARIANTS = ("control",)  # opt-in: a second unmonitored copy, whose "overhead" is the method's own noise
@@ -171,8 +172,14 @@ class Variant:
 
     def run(self, batches: list, steps: int, start: int) -> None:
         for i in range(start, start + steps):
-            train_step(self.wl, self.model, self.opt, batches[i % len(batches)],
-                       after_backward=self.after_backward, on_loss=self.on_loss)
+            train_step(
+                self.wl,
+                self.model,
+                self.opt,
+                batches[i % len(batches)],
+                after_backward=self.after_backward,
+                on_loss=self.on_loss,
+            )
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -204,30 +211,44 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant before the first round")
     parser.add_argument("--every", type=int, default=100, help="the monitor's checkpoint interval")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
-                        help="which time the last line reports: wall (default) or this process's CPU time, which "
-                             "other processes on a shared machine disturb less (CPU only: on CUDA the GPU sets "
-                             "the pace)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated subset of " + ", ".join(VARIANTS) + " (baseline is always run), "
-                             "or 'control': an identical unmonitored copy, whose difference from the baseline "
-                             "shows how far two equal runs drift apart on this machine")
-    parser.add_argument("--allow-cpu-gpt2", action="store_true",
-                        help="run gpt2-small on the CPU (batch 1 x 128: a smoke run, not a figure)")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=("wall", "cpu"),
+        help="which time the last line reports: wall (default) or this process's CPU time, which "
+        "other processes on a shared machine disturb less (CPU only: on CUDA the GPU sets "
+        "the pace)",
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated subset of " + ", ".join(VARIANTS) + " (baseline is always run), "
+        "or 'control': an identical unmonitored copy, whose difference from the baseline "
+        "shows how far two equal runs drift apart on this machine",
+    )
+    parser.add_argument(
+        "--allow-cpu-gpt2",
+        action="store_true",
+        help="run gpt2-small on the CPU (batch 1 x 128: a smoke run, not a figure)",
+    )
     args = parser.parse_args(argv)
 
     if args.steps < 1 or args.rounds < 1 or args.every < 1 or args.warmup < 0:
         parser.error("--steps, --rounds and --every must be positive, --warmup non-negative")
     if args.steps % args.every:
-        parser.error(f"--steps ({args.steps}) must be a multiple of --every ({args.every}) so every round holds "
-                     "the same number of checkpoints")
+        parser.error(
+            f"--steps ({args.steps}) must be a multiple of --every ({args.every}) so every round holds "
+            "the same number of checkpoints"
+        )
     if args.clock == "cpu" and args.device == "cuda":
         parser.error("--clock cpu: on CUDA the step time is the GPU's; use the wall clock (CUDA events)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.model == "gpt2-small" and args.device == "cpu" and not args.allow_cpu_gpt2:
-        parser.error("gpt2-small on the CPU takes minutes per step at batch 8 x 1024; run it with --device cuda, "
-                     "or pass --allow-cpu-gpt2 for a batch 1 x 128 smoke run")
+        parser.error(
+            "gpt2-small on the CPU takes minutes per step at batch 8 x 1024; run it with --device cuda, "
+            "or pass --allow-cpu-gpt2 for a batch 1 x 128 smoke run"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     names = ["baseline"] + [v for v in args.variants.split(",") if v and v != "baseline"]
@@ -242,13 +263,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     batches = wl.batches(count=8, seed=0)
     num_params = wl.num_parameters(reference)
     num_tensors = sum(1 for p in reference.parameters() if p.requires_grad)
-    describe = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores"
-    print(f"model {args.model}: {num_params / 1e6:.2f} M parameters in {num_tensors} tensors, batch "
-          f"{wl.batch_size} x {wl.seq_len}, {'bf16 autocast, fused AdamW' if device.type == 'cuda' else 'AdamW'}; "
-          f"{describe}; torch {torch.__version__}")
-    print(f"{args.rounds} rounds x {args.steps} steps per variant after {args.warmup} warm-up steps; "
-          f"monitor every={args.every}")
+    describe = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores"
+    )
+    print(
+        f"model {args.model}: {num_params / 1e6:.2f} M parameters in {num_tensors} tensors, batch "
+        f"{wl.batch_size} x {wl.seq_len}, {'bf16 autocast, fused AdamW' if device.type == 'cuda' else 'AdamW'}; "
+        f"{describe}; torch {torch.__version__}"
+    )
+    print(
+        f"{args.rounds} rounds x {args.steps} steps per variant after {args.warmup} warm-up steps; "
+        f"monitor every={args.every}"
+    )
 
     with tempfile.TemporaryDirectory() as log_dir:
         variants = []
@@ -270,10 +298,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 cpu[v.name].append(c)
                 if v.monitor is not None:
                     hooks.append((v.monitor.hook_seconds - before) / args.steps)
-            print(f"round {r + 1}: " + "  ".join(f"{v.name} {wall[v.name][-1] * 1e3:.1f} ms" for v in variants),
-                  flush=True)
-        checkpoints = variants[names.index("monitored")].monitor.step_count // args.every \
-            if "monitored" in names else 0
+            print(
+                f"round {r + 1}: " + "  ".join(f"{v.name} {wall[v.name][-1] * 1e3:.1f} ms" for v in variants),
+                flush=True,
+            )
+        checkpoints = variants[names.index("monitored")].monitor.step_count // args.every if "monitored" in names else 0
         for v in variants:
             v.close()
 
@@ -292,14 +321,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if device.type == "cpu":
             # Direct figure: CPU time inside the monitor's hooks over the baseline's CPU time per step.
             hook_ms = statistics.median(hooks) * 1e3
-            print(f"monitor hooks: {hook_ms:.2f} ms of CPU per step, {100.0 * hook_ms / 1e3 / base_cpu:.2f}% of the "
-                  f"baseline step (median over rounds)")
+            print(
+                f"monitor hooks: {hook_ms:.2f} ms of CPU per step, {100.0 * hook_ms / 1e3 / base_cpu:.2f}% of the "
+                f"baseline step (median over rounds)"
+            )
             print(f"hooks_pct={100.0 * hook_ms / 1e3 / base_cpu:.2f}")
     if args.clock == "cpu":
         pct = {name: 100.0 * (statistics.median(cpu[name]) - base_cpu) / base_cpu for name in names}
     figures = {f"{k}_pct": pct.get(k, math.nan) for k in ("monitored", "floor", "naive", "histogram")}
-    print(f"overhead_pct={figures['monitored_pct']:.2f} floor_pct={figures['floor_pct']:.2f} "
-          f"naive_pct={figures['naive_pct']:.2f} histogram_pct={figures['histogram_pct']:.2f}")
+    print(
+        f"overhead_pct={figures['monitored_pct']:.2f} floor_pct={figures['floor_pct']:.2f} "
+        f"naive_pct={figures['naive_pct']:.2f} histogram_pct={figures['histogram_pct']:.2f}"
+    )
     return figures
 
 

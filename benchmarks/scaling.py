@@ -33,8 +33,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import heavytail  # noqa: E402
 from _models import ManyTensors, heavy_tailed_like  # noqa: E402
+
+import heavytail  # noqa: E402
 
 
 def build(count: int, total: int, device: torch.device, log_dir: str) -> heavytail.Monitor:
@@ -93,9 +94,13 @@ def measure(count: int, total: int, device: torch.device, steps: int, checkpoint
             ckpt_wall.append(time.perf_counter() - w0)
             ckpt_cpu.append(time.process_time() - c0)
         mon.close()
-    return {"stream": statistics.median(wall), "stream_cpu": statistics.median(cpu),
-            "adamw_cpu": statistics.median(opt_cpu),
-            "checkpoint": statistics.median(ckpt_wall), "checkpoint_cpu": statistics.median(ckpt_cpu)}
+    return {
+        "stream": statistics.median(wall),
+        "stream_cpu": statistics.median(cpu),
+        "adamw_cpu": statistics.median(opt_cpu),
+        "checkpoint": statistics.median(ckpt_wall),
+        "checkpoint_cpu": statistics.median(ckpt_cpu),
+    }
 
 
 def profile(count: int, total: int, device: torch.device, steps: int, top: int = 25) -> str:
@@ -134,28 +139,41 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     counts = [int(c) for c in args.counts.split(",")]
-    print(f"{device}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; default monitor "
-          f"configuration; times are medians of {args.steps} steps / {args.checkpoints} checkpoints")
+    print(
+        f"{device}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; default monitor "
+        f"configuration; times are medians of {args.steps} steps / {args.checkpoints} checkpoints"
+    )
 
     key = "" if args.clock == "wall" else "_cpu"
     rows = []
     for count in counts:
-        rows.append((f"tensors_{count}", count, args.total, measure(count, args.total, device, args.steps,
-                                                                    args.checkpoints)))
+        rows.append(
+            (f"tensors_{count}", count, args.total, measure(count, args.total, device, args.steps, args.checkpoints))
+        )
     for factor in (1, 4, 16):
         total = args.base * factor
-        rows.append((f"size_{factor}x", args.size_count, total, measure(args.size_count, total, device, args.steps,
-                                                                        args.checkpoints)))
+        rows.append(
+            (
+                f"size_{factor}x",
+                args.size_count,
+                total,
+                measure(args.size_count, total, device, args.steps, args.checkpoints),
+            )
+        )
 
-    print(f"{'case':<15} {'tensors':>8} {'entries':>11} {'stream ms':>10} {'CPU ms':>8} {'ckpt ms':>9} "
-          f"{'amortised ms':>13} {'ns/entry':>9} {'AdamW CPU ms':>13}")
+    print(
+        f"{'case':<15} {'tensors':>8} {'entries':>11} {'stream ms':>10} {'CPU ms':>8} {'ckpt ms':>9} "
+        f"{'amortised ms':>13} {'ns/entry':>9} {'AdamW CPU ms':>13}"
+    )
     figures = {}
     for name, count, total, m in rows:
         amortised = m["stream" + key] + m["checkpoint" + key] / args.every
         figures[f"{name}_ms"] = amortised * 1e3
-        print(f"{name:<15} {count:>8} {total:>11,} {m['stream'] * 1e3:>10.2f} {m['stream_cpu'] * 1e3:>8.2f} "
-              f"{m['checkpoint'] * 1e3:>9.1f} {amortised * 1e3:>13.2f} {amortised / total * 1e9:>9.2f} "
-              f"{m['adamw_cpu'] * 1e3:>13.2f}")
+        print(
+            f"{name:<15} {count:>8} {total:>11,} {m['stream'] * 1e3:>10.2f} {m['stream_cpu'] * 1e3:>8.2f} "
+            f"{m['checkpoint'] * 1e3:>9.1f} {amortised * 1e3:>13.2f} {amortised / total * 1e9:>9.2f} "
+            f"{m['adamw_cpu'] * 1e3:>13.2f}"
+        )
     if args.profile:
         print(f"\nwhere a streaming step's time goes at {args.profile} tensors ({args.total:,} entries):")
         print(profile(args.profile, args.total, device, args.steps))

@@ -20,13 +20,23 @@ BUCKETS = ((1.5, 2.0), (2.0, 3.0), (3.0, 5.0))
 KINDS = {
     # Training loss: a power-law decay to an irreducible level, a few percent of per-step noise.
     "loss": dict(
-        floor=(1.5, 3.5), amp=(2.0, 8.0), tau=(100.0, 2000.0), power=(0.3, 1.0), rise=(0.0, 0.0),
-        noise=(0.006, 0.016), drift=(0.005, 0.03),
+        floor=(1.5, 3.5),
+        amp=(2.0, 8.0),
+        tau=(100.0, 2000.0),
+        power=(0.3, 1.0),
+        rise=(0.0, 0.0),
+        noise=(0.006, 0.016),
+        drift=(0.005, 0.03),
     ),
     # Global or per-layer gradient norm: falls fast, then creeps up over training, and is much noisier.
     "gradnorm": dict(
-        floor=(0.2, 1.0), amp=(1.0, 10.0), tau=(20.0, 500.0), power=(0.5, 1.5), rise=(0.0, 0.5),
-        noise=(0.020, 0.050), drift=(0.02, 0.08),
+        floor=(0.2, 1.0),
+        amp=(1.0, 10.0),
+        tau=(20.0, 500.0),
+        power=(0.5, 1.5),
+        rise=(0.0, 0.5),
+        noise=(0.020, 0.050),
+        drift=(0.02, 0.08),
     ),
 }
 NOISE_DF = 3.0  # Student-t degrees of freedom of the per-step log-noise: finite mean, infinite kurtosis
@@ -127,7 +137,7 @@ def evaluate(x, spikes, flags, cooldown, warmup):
     n, T = x.shape
     in_spike = np.zeros_like(flags)
     caught = []
-    for i, s, dur, mag in spikes:
+    for i, s, dur, _mag in spikes:
         # "Within 1 step of injection": flagged at the first spiking step or the one after.
         caught.append(bool(flags[i, s : s + 2].any()))
         in_spike[i, s : s + dur + 1] = True
@@ -174,11 +184,21 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cooldown", type=int, default=50, help="Cooldown steps before counting false alerts")
     ap.add_argument("--first-spike", type=int, default=200, help="earliest step a spike may start")
-    ap.add_argument("--noise", type=float, nargs=2, metavar=("LO", "HI"),
-                    help="range of the per-trace Student-t scale of the log-noise (default: the kind's)")
+    ap.add_argument(
+        "--noise",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="range of the per-trace Student-t scale of the log-noise (default: the kind's)",
+    )
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a SpikeConfig field, e.g. --set threshold=10 (repeatable)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a SpikeConfig field, e.g. --set threshold=10 (repeatable)",
+    )
     args = ap.parse_args(argv)
 
     overrides = {}
@@ -200,13 +220,17 @@ def main(argv=None):
     ocaught = oracle_recall(oracle, spikes, x.shape, config.warmup, max(false_alerts, 1))
     print(f"kind={args.kind} traces={args.traces} steps={args.steps} seed={args.seed} cooldown={args.cooldown}")
     print(f"config: {config}")
-    print(f"healthy log-noise: Student-t df={NOISE_DF:g}, scale {sigma.min():.3f}..{sigma.max():.3f} "
-          f"(mean {sigma.mean():.3f}); update: {per_step * 1e6:.0f} us/step for {args.traces} streams on {args.device}")
+    print(
+        f"healthy log-noise: Student-t df={NOISE_DF:g}, scale {sigma.min():.3f}..{sigma.max():.3f} "
+        f"(mean {sigma.mean():.3f}); update: {per_step * 1e6:.0f} us/step for {args.traces} streams on {args.device}"
+    )
     for lo, hi in BUCKETS:
         sel = _bucket(mags, lo, hi)
-        print(f"  spikes {lo:.1f}x-{hi:.1f}x: n={int(sel.sum()):5d}  recall={_mean(caught[sel]):.4f}  "
-              f"(single-step {_mean(caught[sel & (durs == 1)]):.4f}, multi-step {_mean(caught[sel & (durs > 1)]):.4f})"
-              f"  z-oracle {_mean(ocaught[sel]):.4f}")
+        print(
+            f"  spikes {lo:.1f}x-{hi:.1f}x: n={int(sel.sum()):5d}  recall={_mean(caught[sel]):.4f}  "
+            f"(single-step {_mean(caught[sel & (durs == 1)]):.4f}, multi-step {_mean(caught[sel & (durs > 1)]):.4f})"
+            f"  z-oracle {_mean(ocaught[sel]):.4f}"
+        )
     per10k = 1e4 * false_alerts / max(healthy_steps, 1)
     print(f"  healthy steps={healthy_steps}  false flags={false_flags}  false alerts after cooldown={false_alerts}")
     print(f"  z-oracle (knows the healthy trace and noise scale), as many false flags: recall={_mean(ocaught):.4f}")

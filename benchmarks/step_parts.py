@@ -25,14 +25,27 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import heavytail  # noqa: E402
-from heavytail import monitor as monitor_module  # noqa: E402
 from _models import MODELS, train_step, workload  # noqa: E402
 from overhead import TimedMonitor  # noqa: E402
 
-METHODS = ("_stream_step", "_fused", "_stream_samples", "_stream_samples_kernel", "_stream_shadow", "_stream_memory",
-           "_stream_updates", "_stream_noise", "_stream_sign_flips", "_check_preclip", "_gradients", "_read_flags",
-           "_tail_indices", "_checkpoint")
+from heavytail import monitor as monitor_module  # noqa: E402
+
+METHODS = (
+    "_stream_step",
+    "_fused",
+    "_stream_samples",
+    "_stream_samples_kernel",
+    "_stream_shadow",
+    "_stream_memory",
+    "_stream_updates",
+    "_stream_noise",
+    "_stream_sign_flips",
+    "_check_preclip",
+    "_gradients",
+    "_read_flags",
+    "_tail_indices",
+    "_checkpoint",
+)
 HELPERS = ("denominators", "gather_samples", "_upper_quantile", "kurtosis_from_power_sums")
 
 
@@ -76,8 +89,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--sample-code", default="kernel", choices=("kernel", "torch"),
-                        help="the sample estimators as one kernel call (the default) or as their torch reference code")
+    parser.add_argument(
+        "--sample-code",
+        default="kernel",
+        choices=("kernel", "torch"),
+        help="the sample estimators as one kernel call (the default) or as their torch reference code",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.every < 1 or args.warmup < 0:
         parser.error("--steps and --every must be positive, --warmup non-negative")
@@ -123,8 +140,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         hooks = mon.hook_seconds / args.steps
         mon.close()
 
-    print(f"model {args.model} on {args.device}, {torch.get_num_threads()} torch threads; gradient pass: {kernel}; "
-          f"sample estimators: {samples}; {args.steps} steps, every={args.every}")
+    print(
+        f"model {args.model} on {args.device}, {torch.get_num_threads()} torch threads; gradient pass: {kernel}; "
+        f"sample estimators: {samples}; {args.steps} steps, every={args.every}"
+    )
     print(f"monitored step {step_seconds * 1e3:.2f} ms of CPU; monitor hooks {hooks * 1e3:.2f} ms")
     print(f"{'part':<28} {'ms/step':>9}")
     for name, seconds in sorted(totals.items(), key=lambda item: -item[1]):
@@ -132,8 +151,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     figures = {name: seconds / args.steps * 1e3 for name, seconds in totals.items()}
     figures["hooks"] = hooks * 1e3
     figures["ops"] = counter.ops
-    print(f"torch operations dispatched per step (_stream_step, _stream_updates): {counter.ops} "
-          f"({counter.views} of them views)")
+    print(
+        f"torch operations dispatched per step (_stream_step, _stream_updates): {counter.ops} "
+        f"({counter.views} of them views)"
+    )
     print(f"hooks_ms={hooks * 1e3:.2f} pass_ms={figures.get('_fused', float('nan')):.2f} ops={counter.ops}")
     return figures
 

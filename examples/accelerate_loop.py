@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> str:
                 optimizer.step()  # a no-op while accumulating: the monitor counts only real updates
                 optimizer.zero_grad()
     if accelerator.is_main_process:
-        print(f"heavytail records in {monitor.log_dir}/metrics.jsonl ({monitor.step_count} updates); "
-              f"report: heavytail report {monitor.log_dir}")
+        print(
+            f"heavytail records in {monitor.log_dir}/metrics.jsonl ({monitor.step_count} updates); "
+            f"report: heavytail report {monitor.log_dir}"
+        )
     return str(monitor.log_dir)
 
 

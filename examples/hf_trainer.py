@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> str:
 
     torch.manual_seed(args.seed)
     vocab, length, batch = 512, 32, 8
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab, n_positions=length, bos_token_id=0,
-                        eos_token_id=0)
+    config = GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=vocab, n_positions=length, bos_token_id=0, eos_token_id=0
+    )
     model = GPT2LMHeadModel(config)
     dataset = ZipfTokens(args.steps * args.accumulation * batch, length, vocab, args.seed)
 

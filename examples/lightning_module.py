@@ -45,8 +45,9 @@ class NextToken(pl.LightningModule):
 def zipf_batches(count: int, batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
     weights = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64) ** 1.1
     gen = torch.Generator().manual_seed(seed)
-    return torch.multinomial(weights, count * batch * length, replacement=True, generator=gen).view(count, batch,
-                                                                                                  length)
+    return torch.multinomial(weights, count * batch * length, replacement=True, generator=gen).view(
+        count, batch, length
+    )
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -52,8 +52,17 @@ class AlertEngine:
     def _new(self, rule: str, flags: Sequence[bool], step: int) -> list[bool]:
         return self._cooldown(rule, len(flags))(list(flags), step=step)
 
-    def _fire(self, rule: str, step: int, metric: str, layer: str | None, value: float, threshold: float,
-              message: str, layers: Sequence[str] = ()) -> None:
+    def _fire(
+        self,
+        rule: str,
+        step: int,
+        metric: str,
+        layer: str | None,
+        value: float,
+        threshold: float,
+        message: str,
+        layers: Sequence[str] = (),
+    ) -> None:
         self.count += 1
         alert = {
             "step": int(step),
@@ -70,9 +79,19 @@ class AlertEngine:
         }
         self._emit(alert)
 
-    def _rule(self, rule: str, step: int, flags: np.ndarray, scores: np.ndarray, values: np.ndarray,
-              names: Sequence[str], metric: str, threshold: float, describe: Callable[[str, float, float], str],
-              prefer_first: bool = False) -> None:
+    def _rule(
+        self,
+        rule: str,
+        step: int,
+        flags: np.ndarray,
+        scores: np.ndarray,
+        values: np.ndarray,
+        names: Sequence[str],
+        metric: str,
+        threshold: float,
+        describe: Callable[[str, float, float], str],
+        prefer_first: bool = False,
+    ) -> None:
         if rule not in self.rules:
             return
         if not flags.any():  # the usual step: nothing to alert, the cooldowns only learn the step (no Python loop)
@@ -91,8 +110,16 @@ class AlertEngine:
             shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
             message += f"; also {shown}"
         layer = names[top] if names[top] not in ("loss", "global") else None
-        self._fire(rule, step, metric if layer is None else f"{metric}/{layer}", layer, values[top], threshold,
-                   message, [names[i] for i in order])
+        self._fire(
+            rule,
+            step,
+            metric if layer is None else f"{metric}/{layer}",
+            layer,
+            values[top],
+            threshold,
+            message,
+            [names[i] for i in order],
+        )
 
     def process_step_flags(self, step: int, packed: np.ndarray, names: Sequence[str], z_threshold: float) -> None:
         """Rules on one step's flag vector (the layout written by ``Monitor._stream_step``)."""
@@ -106,25 +133,66 @@ class AlertEngine:
         spike_frac = rest[num_layers : 2 * num_layers]
         ratio_max = rest[2 * num_layers : 3 * num_layers]
 
-        self._rule("loss_spike", step, flags[:1], scores[:1], values[:1], ["loss"], "loss", z_threshold,
-                   lambda n, v, s: f"loss {v:.4g} at step {step} is {s:.1f} robust standard deviations above "
-                                   f"its recent level")
-        self._rule("grad_spike", step, flags[1:], scores[1:], values[1:], ["global", *names], "grad/norm",
-                   z_threshold,
-                   lambda n, v, s: (f"gradient norm {v:.4g} at step {step} is {s:.1f} robust standard deviations "
-                                    f"above its recent level") if n == "global" else
-                   (f"gradient norm of {n} ({v:.4g}) at step {step} is {s:.1f} robust standard deviations above "
-                    f"its recent level"), prefer_first=True)
-        self._rule("nonfinite_grad", step, nonfinite > 0, nonfinite, nonfinite, list(names), "grad/nonfinite_count",
-                   0.0, lambda n, v, s: f"{int(v)} non-finite gradient entries in {n} at step {step} (excluded from "
-                                        f"the statistics)")
+        self._rule(
+            "loss_spike",
+            step,
+            flags[:1],
+            scores[:1],
+            values[:1],
+            ["loss"],
+            "loss",
+            z_threshold,
+            lambda n, v, s: f"loss {v:.4g} at step {step} is {s:.1f} robust standard deviations above its recent level",
+        )
+        self._rule(
+            "grad_spike",
+            step,
+            flags[1:],
+            scores[1:],
+            values[1:],
+            ["global", *names],
+            "grad/norm",
+            z_threshold,
+            lambda n, v, s: (
+                (f"gradient norm {v:.4g} at step {step} is {s:.1f} robust standard deviations above its recent level")
+                if n == "global"
+                else (
+                    f"gradient norm of {n} ({v:.4g}) at step {step} is {s:.1f} robust standard deviations above "
+                    f"its recent level"
+                )
+            ),
+            prefer_first=True,
+        )
+        self._rule(
+            "nonfinite_grad",
+            step,
+            nonfinite > 0,
+            nonfinite,
+            nonfinite,
+            list(names),
+            "grad/nonfinite_count",
+            0.0,
+            lambda n, v, s: (
+                f"{int(v)} non-finite gradient entries in {n} at step {step} (excluded from the statistics)"
+            ),
+        )
         hidden = (np.nan_to_num(spike_frac, nan=0.0) > self.hidden_frac) & (step > self.warmup)
         ratio = math.sqrt(self.spike_threshold)
-        self._rule("hidden_spike", step, hidden, np.nan_to_num(ratio_max, nan=0.0), spike_frac, list(names),
-                   "adam/spike_frac", self.hidden_frac,
-                   lambda n, v, s: f"{v:.3g} of the coordinates of {n} have |g| over {ratio:.0f}x AdamW's running "
-                                   f"RMS at step {step} (max ratio {s:.1f}): the denominator will absorb this gradient "
-                                   f"and damp the following updates")
+        self._rule(
+            "hidden_spike",
+            step,
+            hidden,
+            np.nan_to_num(ratio_max, nan=0.0),
+            spike_frac,
+            list(names),
+            "adam/spike_frac",
+            self.hidden_frac,
+            lambda n, v, s: (
+                f"{v:.3g} of the coordinates of {n} have |g| over {ratio:.0f}x AdamW's running "
+                f"RMS at step {step} (max ratio {s:.1f}): the denominator will absorb this gradient "
+                f"and damp the following updates"
+            ),
+        )
 
     def process_record(self, step: int, metrics: dict[str, float], names: Sequence[str]) -> None:
         """Rules on a checkpoint record: a layer's tail index under the threshold."""
@@ -135,10 +203,20 @@ class AlertEngine:
         with np.errstate(over="ignore", invalid="ignore"):  # inf alpha (no power-law tail) is simply no drop
             upper = np.nan_to_num(alphas + 2.0 * np.nan_to_num(ses, nan=0.0), nan=np.inf)
         low = upper < self.tail_threshold
-        self._rule("tail_index_drop", step, low, -np.nan_to_num(alphas, nan=np.inf), alphas, list(names),
-                   "grad/hill_alpha", self.tail_threshold,
-                   lambda n, v, s: f"tail index of {n}'s gradient is {v:.2f} at step {step}, under "
-                                   f"{self.tail_threshold:g} by more than two standard errors: infinite variance")
+        self._rule(
+            "tail_index_drop",
+            step,
+            low,
+            -np.nan_to_num(alphas, nan=np.inf),
+            alphas,
+            list(names),
+            "grad/hill_alpha",
+            self.tail_threshold,
+            lambda n, v, s: (
+                f"tail index of {n}'s gradient is {v:.2f} at step {step}, under "
+                f"{self.tail_threshold:g} by more than two standard errors: infinite variance"
+            ),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count, "cooldowns": {k: c.state_dict() for k, c in self._cooldowns.items()}}

@@ -37,23 +37,35 @@ def _positive_float(text: str) -> float:
     return value
 
 
-
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """The options ``demo`` and ``compare`` share: the workload, the checkpoints and how the run is shown."""
     from heavytail.workload import SIZES
 
-    parser.add_argument("--text", default=None,
-                        help="train on this text file or directory of .txt/.py/.md files instead of the Python "
-                        "stdlib source")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order (default 0)")
+    parser.add_argument(
+        "--text",
+        default=None,
+        help="train on this text file or directory of .txt/.py/.md files instead of the Python stdlib source",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the initial weights and the data order (default 0)"
+    )
     parser.add_argument("--size", choices=list(SIZES), default="small", help="model and batch size (default small)")
-    parser.add_argument("--every", type=_positive_int, default=None,
-                        help="steps per checkpoint (default: steps / 20, about 20 checkpoints)")
+    parser.add_argument(
+        "--every",
+        type=_positive_int,
+        default=None,
+        help="steps per checkpoint (default: steps / 20, about 20 checkpoints)",
+    )
     parser.add_argument("--no-probe", action="store_true", help="do not run the noise probe at checkpoints")
-    parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch intra-op threads, the same for every run (default: 1 for tiny and small; for "
-                        "medium one per core, or 1 when the machine is busy)")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch intra-op threads, the same for every run (default: 1 for tiny and small; for "
+        "medium one per core, or 1 when the machine is busy)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``heavytail`` command (documented in docs/cli.md)."""
@@ -77,13 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens; offline) with the monitor and the noise probe on, write the run directory and its HTML report, "
         "and print a summary: heaviest-tailed layers, noise tail indices, alerts.",
     )
-    demo.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
-                      help=f"optimizer steps (default {DEFAULT_STEPS})")
-    demo.add_argument("--out", default="heavytail_runs/demo", help="run directory (default heavytail_runs/demo; a "
-                      "previous run's files there are replaced)")
+    demo.add_argument(
+        "--steps", type=_positive_int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})"
+    )
+    demo.add_argument(
+        "--out",
+        default="heavytail_runs/demo",
+        help="run directory (default heavytail_runs/demo; a previous run's files there are replaced)",
+    )
     demo.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw", help="optimizer (default adamw)")
-    demo.add_argument("--lr", type=_positive_float, default=None,
-                      help=f"learning rate (default per optimizer: {lr_table})")
+    demo.add_argument(
+        "--lr", type=_positive_float, default=None, help=f"learning rate (default per optimizer: {lr_table})"
+    )
     _add_run_options(demo)
 
     compare = sub.add_parser(
@@ -93,14 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
         "order, seed and step budget, each monitored into OUT/<optimizer>/; write OUT/summary.json and one "
         "HTML page OUT/compare.html with the optimizers side by side.",
     )
-    compare.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                         help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default all four)")
-    compare.add_argument("--steps", type=_positive_int, default=DEFAULT_COMPARE_STEPS,
-                         help=f"optimizer steps per run (default {DEFAULT_COMPARE_STEPS})")
-    compare.add_argument("--out", default="heavytail_runs/compare",
-                         help="output directory (default heavytail_runs/compare)")
-    compare.add_argument("--lr", default=None, metavar="NAME=LR,...",
-                         help=f"learning rates to override, e.g. adamw=3e-4,lion=1e-4 (defaults: {lr_table})")
+    compare.add_argument(
+        "--optimizers",
+        default=",".join(OPTIMIZERS),
+        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default all four)",
+    )
+    compare.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=DEFAULT_COMPARE_STEPS,
+        help=f"optimizer steps per run (default {DEFAULT_COMPARE_STEPS})",
+    )
+    compare.add_argument(
+        "--out", default="heavytail_runs/compare", help="output directory (default heavytail_runs/compare)"
+    )
+    compare.add_argument(
+        "--lr",
+        default=None,
+        metavar="NAME=LR,...",
+        help=f"learning rates to override, e.g. adamw=3e-4,lion=1e-4 (defaults: {lr_table})",
+    )
     _add_run_options(compare)
 
     report = sub.add_parser(
@@ -117,9 +146,19 @@ def _demo(args: argparse.Namespace) -> int:
     from heavytail.demo import run_demo
 
     progress = None if args.quiet else sys.stderr
-    result = run_demo(steps=args.steps, out=args.out, text=args.text, seed=args.seed, size=args.size,
-                      every=args.every, optimizer=args.optimizer, lr=args.lr, probe=not args.no_probe,
-                      progress=progress, threads=args.threads)
+    result = run_demo(
+        steps=args.steps,
+        out=args.out,
+        text=args.text,
+        seed=args.seed,
+        size=args.size,
+        every=args.every,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        probe=not args.no_probe,
+        progress=progress,
+        threads=args.threads,
+    )
     print(result.summary)
     return EXIT_OK
 
@@ -133,10 +172,20 @@ def _compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if extra:
         raise ValueError(f"--lr names {extra[0]!r}, which is not in --optimizers {','.join(optimizers)}")
     start = time.perf_counter()
-    result = run_compare(optimizers, steps=args.steps, out=args.out, lrs=lrs, seed=args.seed, size=args.size,
-                         every=args.every, text=args.text, probe=not args.no_probe,
-                         progress=None if args.quiet else sys.stderr, threads=args.threads,
-                         command="heavytail " + " ".join(shlex.quote(a) for a in argv))
+    result = run_compare(
+        optimizers,
+        steps=args.steps,
+        out=args.out,
+        lrs=lrs,
+        seed=args.seed,
+        size=args.size,
+        every=args.every,
+        text=args.text,
+        probe=not args.no_probe,
+        progress=None if args.quiet else sys.stderr,
+        threads=args.threads,
+        command="heavytail " + " ".join(shlex.quote(a) for a in argv),
+    )
     seconds = time.perf_counter() - start
     print(f"Compared {', '.join(optimizers)}: {args.steps} steps each, {seconds:.0f}s in all.")
     width = max(len(n) for n in optimizers)
@@ -144,8 +193,10 @@ def _compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
         loss = s["final_loss"]
         alpha = s["overall"].get("grad/hill_alpha", float("nan"))
         shadow = s["overall"].get("shadow999/ratio_max", float("nan"))
-        print(f"  {name.ljust(width)}  lr {s['lr']:<8g} final loss {loss:.4f}  median grad alpha {alpha:.3g}  "
-              f"median shadow999 ratio {shadow:.3g}  alerts {s['alerts']}")
+        print(
+            f"  {name.ljust(width)}  lr {s['lr']:<8g} final loss {loss:.4f}  median grad alpha {alpha:.3g}  "
+            f"median shadow999 ratio {shadow:.3g}  alerts {s['alerts']}"
+        )
     print(f"Summary: {result.summary_path}")
     print(f"Report:  {result.report}")
     return EXIT_OK

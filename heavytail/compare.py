@@ -92,8 +92,9 @@ def parse_lrs(text: str | None) -> dict[str, float]:
         name, sep, value = item.partition("=")
         name = name.strip().lower()
         if not sep or name not in OPTIMIZERS:
-            raise ValueError(f"--lr entries are optimizer=value with an optimizer from {', '.join(OPTIMIZERS)}; "
-                             f"got {item!r}")
+            raise ValueError(
+                f"--lr entries are optimizer=value with an optimizer from {', '.join(OPTIMIZERS)}; got {item!r}"
+            )
         try:
             lr = float(value)
         except ValueError:
@@ -128,8 +129,11 @@ def _checksum(tensors: Sequence[torch.Tensor]) -> str:
 def fair_note(settings: Mapping[str, Any], lrs: Mapping[str, float]) -> str:
     """The comparison's fairness statement: what was held equal, what differs."""
     lr_text = ", ".join(f"{k} {v:g}" for k, v in lrs.items())
-    muon = " Muon runs AdamW (at the adamw learning rate) on embeddings, head, norms and biases, as its recipe does." \
-        if "muon" in lrs else ""
+    muon = (
+        " Muon runs AdamW (at the adamw learning rate) on embeddings, head, norms and biases, as its recipe does."
+        if "muon" in lrs
+        else ""
+    )
     return (
         "Held equal: the model and its initial weights (GPT {size}, seed {seed}, weights checksum {init}); the data "
         "order (batch t is the same seeded draw for every run, checksum of the first batches {data}); the seed; the "
@@ -137,12 +141,24 @@ def fair_note(settings: Mapping[str, Any], lrs: Mapping[str, float]) -> str:
         "shape (linear warm-up over {warm} steps, then constant); no weight decay and no gradient clipping; the "
         "monitor configuration (a checkpoint every {every} steps, the same sampled coordinates, noise probe on "
         "{probe}). Differs: the optimizer and its learning rate ({lrs}).{muon}"
-    ).format(size=settings.get("size"), seed=settings.get("seed"), init=settings.get("init_checksum"),
-             data=settings.get("data_checksum"), steps=settings.get("steps"), batch=settings.get("batch_size"),
-             block=settings.get("block_size"), warm=settings.get("warmup_steps"), every=settings.get("every"),
-             probe=(f"{settings.get('probe_micro_batches')} mini-batches of the held-out batch at every checkpoint"
-                    if settings.get("probe") else "off"),
-             lrs=lr_text, muon=muon)
+    ).format(
+        size=settings.get("size"),
+        seed=settings.get("seed"),
+        init=settings.get("init_checksum"),
+        data=settings.get("data_checksum"),
+        steps=settings.get("steps"),
+        batch=settings.get("batch_size"),
+        block=settings.get("block_size"),
+        warm=settings.get("warmup_steps"),
+        every=settings.get("every"),
+        probe=(
+            f"{settings.get('probe_micro_batches')} mini-batches of the held-out batch at every checkpoint"
+            if settings.get("probe")
+            else "off"
+        ),
+        lrs=lr_text,
+        muon=muon,
+    )
 
 
 def run_compare(
@@ -213,8 +229,17 @@ def run_compare(
             **{f"workload/{k}": v for k, v in workload.config.items()},
         }
         trained[name] = train_monitored(
-            workload, model, optimizer, steps=steps, log_dir=out / name, every=every, probe=probe,
-            run_name=name, extra=extra, progress=progress, label=f"{name:<5}",
+            workload,
+            model,
+            optimizer,
+            steps=steps,
+            log_dir=out / name,
+            every=every,
+            probe=probe,
+            run_name=name,
+            extra=extra,
+            progress=progress,
+            label=f"{name:<5}",
         )
     runs = {name: load_run(out / name) for name in names}
     per_run = {name: run_summary(runs[name], trained[name], chosen[name], out) for name in names}
@@ -224,8 +249,17 @@ def run_compare(
         "command": command,
         "settings": settings,
         "learning_rates": chosen,
-        "held_equal": ["model init", "data order", "seed", "steps", "batch", "lr schedule shape", "weight decay (0)",
-                       "gradient clipping (none)", "monitor config"],
+        "held_equal": [
+            "model init",
+            "data order",
+            "seed",
+            "steps",
+            "batch",
+            "lr schedule shape",
+            "weight decay (0)",
+            "gradient clipping (none)",
+            "monitor config",
+        ],
         "differs": ["optimizer", "lr"],
         "note": fair_note(settings, chosen),
         "workload": workload.config,
@@ -265,8 +299,9 @@ def _overall(run: Run, family: str) -> float:
     return float(np.median(finite)) if finite.size else math.nan
 
 
-def run_summary(run: Run, trained: TrainedRun | None = None, lr: float | None = None,
-                relative_to: Path | None = None) -> dict[str, Any]:
+def run_summary(
+    run: Run, trained: TrainedRun | None = None, lr: float | None = None, relative_to: Path | None = None
+) -> dict[str, Any]:
     """The figures of one optimizer's run for ``summary.json``.
 
     ``final_loss``: the last checkpoint's ``loss`` (the mean over the steps of its interval); ``loss_spikes``:
@@ -345,8 +380,20 @@ def _report_figures(s: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _report_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    keep = ("steps", "seed", "size", "every", "batch_size", "block_size", "warmup_steps", "schedule",
-            "weight_decay", "probe_micro_batches", "init_checksum", "data_checksum")
+    keep = (
+        "steps",
+        "seed",
+        "size",
+        "every",
+        "batch_size",
+        "block_size",
+        "warmup_steps",
+        "schedule",
+        "weight_decay",
+        "probe_micro_batches",
+        "init_checksum",
+        "data_checksum",
+    )
     return {k: settings[k] for k in keep if k in settings}
 
 

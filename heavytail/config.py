@@ -131,15 +131,25 @@ class MonitorConfig:
     """Free-form metadata written into ``meta.json`` (hyper-parameters, the trainer's name, ...)."""
 
     def __post_init__(self) -> None:
-        positive_ints = ("every", "sample_size", "noise_window", "min_tail_samples", "tail_top_max", "chunk_numel",
-                         "flight_steps")
+        positive_ints = (
+            "every",
+            "sample_size",
+            "noise_window",
+            "min_tail_samples",
+            "tail_top_max",
+            "chunk_numel",
+            "flight_steps",
+        )
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"MonitorConfig.{name} must be a positive integer, got {value!r}")
-        if self.sample_budget is not None and (isinstance(self.sample_budget, bool) or
-                                               not isinstance(self.sample_budget, int) or self.sample_budget <= 0):
-            raise ValueError(f"MonitorConfig.sample_budget must be a positive integer or None, got {self.sample_budget!r}")
+        if self.sample_budget is not None and (
+            isinstance(self.sample_budget, bool) or not isinstance(self.sample_budget, int) or self.sample_budget <= 0
+        ):
+            raise ValueError(
+                f"MonitorConfig.sample_budget must be a positive integer or None, got {self.sample_budget!r}"
+            )
         for name in ("alert_cooldown", "probe_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -157,8 +167,9 @@ class MonitorConfig:
             _require_real("spike_z", self.spike_z)
             if not self.spike_z > 0:
                 raise ValueError(f"MonitorConfig.spike_z must be positive or None, got {self.spike_z!r}")
-        if self.spike_warmup is not None and (isinstance(self.spike_warmup, bool) or
-                                              not isinstance(self.spike_warmup, int) or self.spike_warmup < 2):
+        if self.spike_warmup is not None and (
+            isinstance(self.spike_warmup, bool) or not isinstance(self.spike_warmup, int) or self.spike_warmup < 2
+        ):
             raise ValueError(f"MonitorConfig.spike_warmup must be an integer >= 2 or None, got {self.spike_warmup!r}")
         if not isinstance(self.track_preclip, bool):
             raise ValueError(f"MonitorConfig.track_preclip must be True or False, got {self.track_preclip!r}")
@@ -177,7 +188,8 @@ class MonitorConfig:
         if isinstance(self.shadow_betas, numbers.Real):
             self.shadow_betas = (self.shadow_betas,)
         if not isinstance(self.shadow_betas, Sequence) or any(
-                isinstance(b, bool) or not isinstance(b, numbers.Real) for b in self.shadow_betas):
+            isinstance(b, bool) or not isinstance(b, numbers.Real) for b in self.shadow_betas
+        ):
             raise ValueError(f"MonitorConfig.shadow_betas must be a sequence of numbers, got {self.shadow_betas!r}")
         self.shadow_betas = tuple(float(b) for b in self.shadow_betas)
         if any(not 0.0 < b < 1.0 for b in self.shadow_betas):
@@ -192,15 +204,19 @@ class MonitorConfig:
         self.alerts = tuple(self.alerts)
         unknown = [a for a in self.alerts if a not in ALERT_RULES]
         if unknown:
-            raise ValueError(f"MonitorConfig.alerts: unknown rule {unknown[0]!r}; known rules are {', '.join(ALERT_RULES)}")
+            raise ValueError(
+                f"MonitorConfig.alerts: unknown rule {unknown[0]!r}; known rules are {', '.join(ALERT_RULES)}"
+            )
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, (str, type)) or not isinstance(value, Sequence)):
                 setattr(self, name, (value,))
             for pattern in getattr(self, name) or ():
                 if not isinstance(pattern, (str, re.Pattern, type)):
-                    raise TypeError(f"MonitorConfig.{name}: a pattern must be a glob string, 're:<regex>', a compiled "
-                                    f"regex or a module type, got {pattern!r}")
+                    raise TypeError(
+                        f"MonitorConfig.{name}: a pattern must be a glob string, 're:<regex>', a compiled "
+                        f"regex or a module type, got {pattern!r}"
+                    )
                 if isinstance(pattern, str) and pattern.startswith("re:"):
                     try:
                         re.compile(pattern[3:])
@@ -210,14 +226,17 @@ class MonitorConfig:
             raise ValueError(f"MonitorConfig.kernel must be 'auto', 'torch', 'triton' or 'cpu', got {self.kernel!r}")
         if self.group_by is not None and not callable(self.group_by):
             if not isinstance(self.group_by, str):
-                raise ValueError(f"MonitorConfig.group_by must be a regex string, a callable or None, got "
-                                 f"{self.group_by!r}")
+                raise ValueError(
+                    f"MonitorConfig.group_by must be a regex string, a callable or None, got {self.group_by!r}"
+                )
             try:
                 re.compile(self.group_by)
             except re.error as exc:
                 raise ValueError(f"MonitorConfig.group_by: invalid regex {self.group_by!r}: {exc}") from None
         if self.stats_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"MonitorConfig.stats_dtype must be torch.float32 or torch.float64, got {self.stats_dtype!r}")
+            raise ValueError(
+                f"MonitorConfig.stats_dtype must be torch.float32 or torch.float64, got {self.stats_dtype!r}"
+            )
 
     @classmethod
     def from_arguments(cls, config: "MonitorConfig | None" = None, **overrides: Any) -> "MonitorConfig":

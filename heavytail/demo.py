@@ -66,8 +66,9 @@ RUN_DIRS = ("flight", "tensorboard")
 # Optimizers
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float | None = None, *, adamw_lr: float | None = None
-                   ) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, model: nn.Module, lr: float | None = None, *, adamw_lr: float | None = None
+) -> torch.optim.Optimizer:
     """One of :data:`OPTIMIZERS` for ``model``, with the demo's hyper-parameters.
 
     - ``adamw``: ``torch.optim.AdamW``, betas (0.9, 0.95) (the usual LLM setting, and the same as Muon's AdamW
@@ -92,8 +93,9 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None = None, *, adam
     if name == "lion":
         return Lion(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     if name == "muon":
-        return muon_with_adamw(model, lr=lr, adamw_lr=DEFAULT_LR["adamw"] if adamw_lr is None else adamw_lr,
-                               weight_decay=0.0)
+        return muon_with_adamw(
+            model, lr=lr, adamw_lr=DEFAULT_LR["adamw"] if adamw_lr is None else adamw_lr, weight_decay=0.0
+        )
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
@@ -186,8 +188,7 @@ class ProgressBar:
         loss_text = f"loss {loss:.4f}" if loss is not None and math.isfinite(loss) else "loss -"
         head = f"{self.label} " if self.label else ""
         extra = f" {self.extra}" if self.extra else ""
-        return (f"{head}[{bar}] {step}/{self.total} {loss_text} {rate:.2f} it/s "
-                f"{_clock(elapsed)}<{_clock(left)}{extra}")
+        return f"{head}[{bar}] {step}/{self.total} {loss_text} {rate:.2f} it/s {_clock(elapsed)}<{_clock(left)}{extra}"
 
     def update(self, step: int, loss: float | None) -> None:
         if not self.needs_draw(step):
@@ -281,8 +282,13 @@ def train_monitored(
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     clear_run_dir(log_dir)
-    fields = dict(every=every, log_dir=log_dir, run_name=run_name or log_dir.name, extra=dict(extra or {}),
-                  probe_every=1 if probe else 0)
+    fields = dict(
+        every=every,
+        log_dir=log_dir,
+        run_name=run_name or log_dir.name,
+        extra=dict(extra or {}),
+        probe_every=1 if probe else 0,
+    )
     fields.update(config or {})
     cfg = MonitorConfig(**fields)
     warm = warmup_steps(steps)
@@ -311,8 +317,9 @@ def train_monitored(
     seconds = time.perf_counter() - start
     bar.close()
     losses_list = losses.tolist()  # sync point: once, after training
-    return TrainedRun(run_dir=log_dir, steps=steps, seconds=seconds, losses=losses_list, alerts=alerts,
-                      probe=bool(probe))
+    return TrainedRun(
+        run_dir=log_dir, steps=steps, seconds=seconds, losses=losses_list, alerts=alerts, probe=bool(probe)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,7 +342,6 @@ def default_every(steps: int) -> int:
     return max(1, min(100, steps // 20))
 
 
-
 def check_run(size: str, steps: int, every: int | None) -> int:
     """Validate a run's size and step budget; returns the checkpoint interval (``default_every`` when None)."""
     if size not in SIZES:
@@ -346,6 +352,7 @@ def check_run(size: str, steps: int, every: int | None) -> int:
     if every < 1:
         raise ValueError(f"every must be positive, got {every}")
     return every
+
 
 def run_demo(
     *,
@@ -383,8 +390,19 @@ def run_demo(
         "torch_threads": threads,
         **{f"workload/{k}": v for k, v in workload.config.items()},
     }
-    trained = train_monitored(workload, workload.model, opt, steps=steps, log_dir=out, every=every, probe=probe,
-                              run_name=f"demo-{name}", extra=extra, progress=progress, label=f"{name}")
+    trained = train_monitored(
+        workload,
+        workload.model,
+        opt,
+        steps=steps,
+        log_dir=out,
+        every=every,
+        probe=probe,
+        run_name=f"demo-{name}",
+        extra=extra,
+        progress=progress,
+        label=f"{name}",
+    )
     run = load_run(out)
     report = write_report(run)
     summary = summary_text(run, trained, workload.config, report=report)
@@ -431,8 +449,15 @@ def _duration(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def summary_text(run: Run, trained: TrainedRun | None = None, workload: Mapping[str, Any] | None = None, *,
-                 report: Path | None = None, top: int = 5, first_alerts: int = 3) -> str:
+def summary_text(
+    run: Run,
+    trained: TrainedRun | None = None,
+    workload: Mapping[str, Any] | None = None,
+    *,
+    report: Path | None = None,
+    top: int = 5,
+    first_alerts: int = 3,
+) -> str:
     """A short plain-text account of a run: loss, heaviest-tailed layers, noise tails, alerts, where things are."""
     lines: list[str] = []
     meta = run.meta
@@ -459,14 +484,18 @@ def summary_text(run: Run, trained: TrainedRun | None = None, workload: Mapping[
     # estimate is as uncertain as it is large, and would head the list on noise alone. Rank tensors (or groups)
     # of at least MIN_RANKED_NUMEL entries; the others are in the report.
     numel = _numels(meta)
-    certain = {n: a for n, a in alpha.items() if math.isfinite(a)
-               and (numel.get(n, 0) >= MIN_RANKED_NUMEL if numel else se.get(n, math.inf) <= a / 2)}
+    certain = {
+        n: a
+        for n, a in alpha.items()
+        if math.isfinite(a) and (numel.get(n, 0) >= MIN_RANKED_NUMEL if numel else se.get(n, math.inf) <= a / 2)
+    }
     ranked = sorted((a, n) for n, a in certain.items())
     uncertain = sum(1 for n, a in alpha.items() if math.isfinite(a) and n not in certain)
     if ranked:
         lines.append("")
-        lines.append(f"Heaviest-tailed layers (median over {len(run.steps)} checkpoints; alpha < 2: "
-                     "infinite variance):")
+        lines.append(
+            f"Heaviest-tailed layers (median over {len(run.steps)} checkpoints; alpha < 2: infinite variance):"
+        )
         width = max(len(n) for _, n in ranked[:top])
         cols = "coordinate alpha (grad/hill_alpha)"
         if noise:
@@ -482,8 +511,10 @@ def summary_text(run: Run, trained: TrainedRun | None = None, workload: Mapping[
                 text += f" | {_num(probe.get(n, math.nan))}, {_num(stable.get(n, math.nan))}"
             lines.append(text)
         if uncertain:
-            lines.append(f"  ({uncertain} small tensor{'s' if uncertain > 1 else ''} (norm gains, biases) left out: "
-                         "too few entries for a tail index to rank; all are in the report)")
+            lines.append(
+                f"  ({uncertain} small tensor{'s' if uncertain > 1 else ''} (norm gains, biases) left out: "
+                "too few entries for a tail index to rank; all are in the report)"
+            )
     if noise or probe:
         lines.append("")
         lines.append("Noise tail indices (median over layers and checkpoints):")
@@ -491,16 +522,19 @@ def summary_text(run: Run, trained: TrainedRun | None = None, workload: Mapping[
             vals = np.asarray([v for v in noise.values() if math.isfinite(v)])
             if vals.size:
                 heaviest = min((v, n) for n, v in noise.items() if math.isfinite(v))
-                lines.append(f"  temporal (noise/hill_alpha): {np.median(vals):.3g}; heaviest {heaviest[1]} "
-                             f"{heaviest[0]:.3g}")
+                lines.append(
+                    f"  temporal (noise/hill_alpha): {np.median(vals):.3g}; heaviest {heaviest[1]} {heaviest[0]:.3g}"
+                )
         if probe:
             vals = np.asarray([v for v in probe.values() if math.isfinite(v)])
             gauss = _median_by_layer(run, "probe/hill_alpha_gauss")
             ref = np.nanmedian(list(gauss.values())) if gauss else math.nan
             if vals.size:
                 heaviest = min((v, n) for n, v in probe.items() if math.isfinite(v))
-                lines.append(f"  probe (probe/hill_alpha): {np.median(vals):.3g} (Gaussian noise reads {ref:.3g}); "
-                             f"heaviest {heaviest[1]} {heaviest[0]:.3g}")
+                lines.append(
+                    f"  probe (probe/hill_alpha): {np.median(vals):.3g} (Gaussian noise reads {ref:.3g}); "
+                    f"heaviest {heaviest[1]} {heaviest[0]:.3g}"
+                )
     elif trained is not None and not trained.probe:
         lines.append("")
         lines.append("Noise probe: off (--no-probe).")
@@ -511,8 +545,9 @@ def summary_text(run: Run, trained: TrainedRun | None = None, workload: Mapping[
         rules = Counter(str(a.get("rule", "?")) for a in alerts)
         lines.append(f"Alerts: {len(alerts)} (" + ", ".join(f"{k} x{v}" for k, v in rules.most_common()) + ")")
         for a in alerts[:first_alerts]:
-            lines.append(f"  step {a.get('step')} [{a.get('severity', '?')}] {a.get('rule', '?')}: "
-                         f"{a.get('message', '')}")
+            lines.append(
+                f"  step {a.get('step')} [{a.get('severity', '?')}] {a.get('rule', '?')}: {a.get('message', '')}"
+            )
         if len(alerts) > first_alerts:
             lines.append(f"  ... {len(alerts) - first_alerts} more in {run.path / 'alerts.jsonl'}")
     else:

@@ -7,7 +7,6 @@ from typing import Any, Sequence
 
 import torch
 
-
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 

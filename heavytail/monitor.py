@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import collections
 import json
-import re
 import logging
 import math
 import os
+import re
 import time
 import traceback
 import warnings
@@ -26,8 +26,6 @@ from heavytail.backends import backend_factory, is_backend
 from heavytail.backends.jsonl import dumps_record
 from heavytail.config import MonitorConfig
 from heavytail.distributed import DistContext, local, local_numel
-from heavytail.transfer import to_device
-from heavytail.wrappers import unwrap_model, unwrap_optimizer
 from heavytail.estimators import cpu_pass, memory, noise, spike
 from heavytail.estimators.gradient_pass import (
     ABSMAX,
@@ -59,6 +57,8 @@ from heavytail.hooks.optimizer import (
 )
 from heavytail.hooks.selection import select_parameters
 from heavytail.probe import noise_probe, split_batch
+from heavytail.transfer import to_device
+from heavytail.wrappers import unwrap_model, unwrap_optimizer
 
 logger = logging.getLogger("heavytail")
 
@@ -69,17 +69,38 @@ STATE_VERSION = 2
 
 # Columns of the per-tensor interval accumulators. Sums merge across ranks by addition, the others by max, so a
 # sharded (FSDP2) run is merged exactly at checkpoints with two all-reduces.
-SUM_FIELDS = ("count", "s1", "s2", "s3", "s4", "nonfinite", "ratio_spikes", "preclip_s2", "ratio_p99",
-              "ratio_entries", "entries", "preclip_steps")
+SUM_FIELDS = (
+    "count",
+    "s1",
+    "s2",
+    "s3",
+    "s4",
+    "nonfinite",
+    "ratio_spikes",
+    "preclip_s2",
+    "ratio_p99",
+    "ratio_entries",
+    "entries",
+    "preclip_steps",
+)
 MAX_FIELDS = ("absmax", "ratio_max", "steps", "bad_steps", "ratio_steps")
 # Per-tensor sums of the optimizer-update figures (sample based): update RMS ratio and its steps, update/gradient
 # ratio at denominator events (real, shadow) and their counts, Lion's flipped-sign fraction and its steps.
-UPDATE_FIELDS = ("rms_ratio", "rms_steps", "event_ratio_adam", "events_adam", "event_ratio_shadow", "events_shadow",
-                 "sign_flip", "sign_steps")
+UPDATE_FIELDS = (
+    "rms_ratio",
+    "rms_steps",
+    "event_ratio_adam",
+    "events_adam",
+    "event_ratio_shadow",
+    "events_shadow",
+    "sign_flip",
+    "sign_steps",
+)
 MEMORY_FIELDS = ("started", "ended", "ended_steps")
 _U = {name: i for i, name in enumerate(UPDATE_FIELDS)}
-_UPDATE_COLUMNS = tuple(_U[k] for k in ("rms_ratio", "rms_steps", "event_ratio_adam", "events_adam",
-                                        "event_ratio_shadow", "events_shadow"))
+_UPDATE_COLUMNS = tuple(
+    _U[k] for k in ("rms_ratio", "rms_steps", "event_ratio_adam", "events_adam", "event_ratio_shadow", "events_shadow")
+)
 _S = {name: i for i, name in enumerate(SUM_FIELDS)}
 _M = {name: i for i, name in enumerate(MAX_FIELDS)}
 
@@ -176,8 +197,11 @@ class Monitor:
         self._rows = {id(p): i for i, p in enumerate(self.params)}
         # The parameter list as the sample gathers read it (complex ones have no real samples), unless DTensors
         # must be localised at each read.
-        self._plain_params = None if any(local(p) is not p for p in self.params) else [
-            None if p.is_complex() else p for p in self.params]
+        self._plain_params = (
+            None
+            if any(local(p) is not p for p in self.params)
+            else [None if p.is_complex() else p for p in self.params]
+        )
         if optimizer is not None:
             check_owns(optimizer, self.params, self.names)
         self.model = inner
@@ -213,8 +237,9 @@ class Monitor:
         self.sample_size = effective_sample_size(config, num_layers)
         self._sample_index = torch.stack([_sample_coordinates(n, self.sample_size, generator) for n in self.numels])
         self._sample_index_dev = self._sample_index.to(self.device)
-        self._pass = GradientPass(self.numels, self._sample_index, chunk_numel=config.chunk_numel,
-                                  dtype=config.stats_dtype)
+        self._pass = GradientPass(
+            self.numels, self._sample_index, chunk_numel=config.chunk_numel, dtype=config.stats_dtype
+        )
         self._fused = _fused_pass(config.kernel, self.device)
         # The sample estimators as one kernel a step (C on the CPU, Triton on CUDA): the same figures as the torch
         # code below, instead of about 250 small operations. kernel="torch" keeps the torch code everywhere.
@@ -254,14 +279,18 @@ class Monitor:
         self._state = self._init_state(num_layers)
 
         self._failure: BaseException | None = None  # the first exception inside the monitor's own hooks
-        self._optimizer_tap = OptimizerTap(optimizer, self._guarded(self._before_step),
-                                           self._guarded(self._after_step)) if optimizer else None
+        self._optimizer_tap = (
+            OptimizerTap(optimizer, self._guarded(self._before_step), self._guarded(self._after_step))
+            if optimizer
+            else None
+        )
         self._backward_tap = BackwardTap(self.params, self._guarded(self._on_backward_end))
         self._local_tap = None
         if self.dist.active and not self.dist.sharded:
             # DDP: each rank's gradient before the all-reduce, sampled as it is accumulated (rank noise).
-            self._state["rank_local"] = torch.zeros(num_layers, self.sample_size, device=self.device,
-                                                    dtype=config.stats_dtype)
+            self._state["rank_local"] = torch.zeros(
+                num_layers, self.sample_size, device=self.device, dtype=config.stats_dtype
+            )
             self._local_tap = LocalSampleTap(self.params, self._sample_index_dev, self._state["rank_local"])
         _ATTACHED[inner] = self
         if self.dist.writer:
@@ -280,8 +309,9 @@ class Monitor:
             elif is_backend(spec):
                 resolved.append((type(spec).__name__, spec))
             else:
-                raise TypeError(f"Monitor: backend {spec!r} is neither a known name nor an object with log() and "
-                                "close()")
+                raise TypeError(
+                    f"Monitor: backend {spec!r} is neither a known name nor an object with log() and close()"
+                )
         if not self.dist.writer:
             return []  # one metrics stream per run: rank 0 writes
         backends = []
@@ -363,7 +393,8 @@ class Monitor:
                 for n, p in zip(self.names, self.params)
             ],
             "groups": {u: [self.names[i] for i in members] for u, members in zip(self.units, self._unit_members)}
-            if self._grouped else None,
+            if self._grouped
+            else None,
             "config": self.config.to_dict(),
             "extra": self.config.extra,
         }
@@ -403,8 +434,9 @@ class Monitor:
         self._guarded(self._before_step)()
         self._guarded(self._after_step)()
 
-    def set_probe(self, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, *,
-                  micro_batches: int = 32) -> None:
+    def set_probe(
+        self, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, *, micro_batches: int = 32
+    ) -> None:
         """Give the noise probe a held batch: at every ``config.probe_every``-th checkpoint it splits ``batch``
         into ``micro_batches`` mini-batches and runs :func:`heavytail.probe.noise_probe`.
 
@@ -423,8 +455,12 @@ class Monitor:
             raise TypeError(f"Monitor.set_probe: loss_fn must be callable, got {type(loss_fn).__name__}")
         split_batch(batch, micro_batches)  # a batch that cannot be split fails here, not at a checkpoint
         if self.config.probe_every == 0:
-            warnings.warn("heavytail: set_probe() with MonitorConfig.probe_every = 0: the probe will not run; set "
-                          "probe_every to run it every that many checkpoints", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                "heavytail: set_probe() with MonitorConfig.probe_every = 0: the probe will not run; set "
+                "probe_every to run it every that many checkpoints",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._probe = (loss_fn, batch, micro_batches)
 
     def on_alert(self, fn: Callable[[dict], None]) -> Callable[[dict], None]:
@@ -474,8 +510,11 @@ class Monitor:
         try:
             self.close()
         except Exception as err:  # the training loop's own exception is the one to see, not ours on top of it
-            warnings.warn(f"heavytail: close() failed while the training loop was raising: {type(err).__name__}: "
-                          f"{err}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"heavytail: close() failed while the training loop was raising: {type(err).__name__}: {err}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _guarded(self, hook: Callable[[], None]) -> Callable[[], None]:
         """``hook`` as the taps call it: an exception inside the monitor never reaches the training loop.
@@ -484,6 +523,7 @@ class Monitor:
         updated); training goes on and ``close()`` still removes the hooks. Under torch.distributed it is raised:
         a rank that stopped would leave the others waiting in the next checkpoint's collectives for ever.
         """
+
         def call() -> None:
             if self._failure is not None:
                 return
@@ -493,9 +533,13 @@ class Monitor:
                 if self.dist.active:
                     raise
                 self._failure = exc
-                warnings.warn(f"heavytail: the monitor failed and stops measuring; training goes on. Please report "
-                              f"this: {type(exc).__name__}: {exc}\n{traceback.format_exc()}", RuntimeWarning,
-                              stacklevel=2)
+                warnings.warn(
+                    f"heavytail: the monitor failed and stops measuring; training goes on. Please report "
+                    f"this: {type(exc).__name__}: {exc}\n{traceback.format_exc()}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
         return call
 
     # ------------------------------------------------------------------ step path (no host-device sync)
@@ -525,8 +569,11 @@ class Monitor:
         if not (self.config.track_preclip or self._accumulating):
             return
         grads = [local(p.grad) if p.grad is not None else None for p in self.params]
-        rows = [i for i, g in enumerate(grads)
-                if g is not None and g.layout == torch.strided and not g.is_complex() and g.numel() > 0]
+        rows = [
+            i
+            for i, g in enumerate(grads)
+            if g is not None and g.layout == torch.strided and not g.is_complex() and g.numel() > 0
+        ]
         if not rows:
             return
         tensors = [grads[i] for i in rows]
@@ -547,8 +594,11 @@ class Monitor:
             if squares is None:
                 norms = torch.stack(torch._foreach_norm(tensors)).to(dtype)
                 squares = norms * norms
-            if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None \
-                    and self.scaler.is_enabled():
+            if (
+                self.scaler is not None
+                and getattr(self.scaler, "_scale", None) is not None
+                and self.scaler.is_enabled()
+            ):
                 # Hooks see gradients multiplied by the loss scale: divide on the device, never read the scale.
                 scale = self.scaler._scale.to(squares.dtype)
                 squares = squares / (scale * scale)
@@ -558,8 +608,9 @@ class Monitor:
         if self._accumulating:
             # The accumulated gradient's samples; successive differences are the micro-batch gradients.
             keep = set(rows)
-            samples = gather_samples([g if i in keep else None for i, g in enumerate(grads)], self._sample_index_dev,
-                                     dtype, fill=0.0)
+            samples = gather_samples(
+                [g if i in keep else None for i, g in enumerate(grads)], self._sample_index_dev, dtype, fill=0.0
+            )
             previous = self._micro_prev if self._micro_prev is not None else torch.zeros_like(samples)
             self._micro.append(samples - previous)
             self._micro_prev = samples
@@ -586,8 +637,12 @@ class Monitor:
                 res = self._fused(grads, self._sample_index_dev, den, spike_threshold=cfg.spike_threshold)
             except Exception as exc:  # a kernel build or launch failure: the torch pass gives the same numbers
                 self._fused = None
-                warnings.warn(f"heavytail: the fused gradient pass failed ({type(exc).__name__}: {exc}); using the "
-                              "torch pass from now on", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"heavytail: the fused gradient pass failed ({type(exc).__name__}: {exc}); using the "
+                    "torch pass from now on",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             else:
                 if res.stats.dtype != cfg.stats_dtype:
                     res = type(res)(*(t.to(cfg.stats_dtype) for t in res))
@@ -603,21 +658,30 @@ class Monitor:
         g = res.grad_samples
         events_adam, events_shadow, p99 = self._stream_samples(res, den, valid, ratio_ok)
 
-        add = torch.stack([
-            clean[:, COUNT], clean[:, S1], clean[:, S2], clean[:, S3], clean[:, S4], stats[:, NONFINITE],
-            torch.where(ratio_ok, stats[:, RATIO_SPIKES], 0.0),
-            torch.where(valid & torch.isfinite(st["preclip_s2"]), st["preclip_s2"], 0.0),
-            torch.where(ratio_ok & torch.isfinite(p99), p99, 0.0),
-            torch.where(ratio_ok, stats[:, COUNT], 0.0),
-            entries,  # every entry seen, bad steps included: the denominator of the non-finite fraction
-            (valid & torch.isfinite(st["preclip_s2"])).to(stats.dtype),
-        ], dim=1)
+        add = torch.stack(
+            [
+                clean[:, COUNT],
+                clean[:, S1],
+                clean[:, S2],
+                clean[:, S3],
+                clean[:, S4],
+                stats[:, NONFINITE],
+                torch.where(ratio_ok, stats[:, RATIO_SPIKES], 0.0),
+                torch.where(valid & torch.isfinite(st["preclip_s2"]), st["preclip_s2"], 0.0),
+                torch.where(ratio_ok & torch.isfinite(p99), p99, 0.0),
+                torch.where(ratio_ok, stats[:, COUNT], 0.0),
+                entries,  # every entry seen, bad steps included: the denominator of the non-finite fraction
+                (valid & torch.isfinite(st["preclip_s2"])).to(stats.dtype),
+            ],
+            dim=1,
+        )
         st["preclip_s2"] = torch.full_like(st["preclip_s2"], math.nan)  # measured again at the next backward
         st["acc_sum"] += add
         acc_max = st["acc_max"]
         acc_max[:, _M["absmax"]] = torch.maximum(acc_max[:, _M["absmax"]], clean[:, ABSMAX])
-        acc_max[:, _M["ratio_max"]] = torch.maximum(acc_max[:, _M["ratio_max"]],
-                                                    torch.where(ratio_ok, stats[:, RATIO_MAX], 0.0))
+        acc_max[:, _M["ratio_max"]] = torch.maximum(
+            acc_max[:, _M["ratio_max"]], torch.where(ratio_ok, stats[:, RATIO_MAX], 0.0)
+        )
         acc_max[:, _M["steps"]] += valid.to(stats.dtype)
         acc_max[:, _M["bad_steps"]] += ((entries > 0) & ~valid).to(stats.dtype)
         acc_max[:, _M["ratio_steps"]] += ratio_ok.to(stats.dtype)
@@ -625,8 +689,13 @@ class Monitor:
         if self.optimizer is not None:
             self._stream_sign_flips(g, valid)
             # Parameter samples before the update; _stream_updates compares them with the samples after it.
-            self._before = {"params": self._gather_params(cfg.stats_dtype),
-                            "g": g, "valid": valid, "events_adam": events_adam, "events_shadow": events_shadow}
+            self._before = {
+                "params": self._gather_params(cfg.stats_dtype),
+                "g": g,
+                "valid": valid,
+                "events_adam": events_adam,
+                "events_shadow": events_shadow,
+            }
 
         # Global figures and the loss.
         s2 = clean[:, S2]
@@ -645,8 +714,9 @@ class Monitor:
 
         # Spike detectors on the loss, the global norm and each layer's norm; flags go to the host asynchronously.
         layer_norm = torch.where(valid, s2.sqrt(), math.nan)
-        streams = torch.cat([loss.reshape(1), torch.where(torch.isfinite(gnorm), gnorm, math.nan).reshape(1),
-                             layer_norm]).to(torch.float32)
+        streams = torch.cat(
+            [loss.reshape(1), torch.where(torch.isfinite(gnorm), gnorm, math.nan).reshape(1), layer_norm]
+        ).to(torch.float32)
         st["spike"], flags, scores = spike.update(st["spike"], streams, self._spike_config)
         kurt = kurtosis_from_power_sums(clean[:, COUNT], clean[:, S1], clean[:, S2], clean[:, S3], clean[:, S4])
         slot = self.step_count % cfg.flight_steps
@@ -654,15 +724,21 @@ class Monitor:
         st["flight_loss"][slot] = loss.to(torch.float32)
         if self.dist.writer:
             spike_frac = stats[:, RATIO_SPIKES] / stats[:, COUNT].clamp_min(1)
-            packed = torch.cat([
-                flags.to(torch.float32), scores.to(torch.float32), streams,
-                stats[:, NONFINITE].to(torch.float32), spike_frac.to(torch.float32),
-                torch.where(ratio_ok, stats[:, RATIO_MAX], math.nan).to(torch.float32),
-            ])
+            packed = torch.cat(
+                [
+                    flags.to(torch.float32),
+                    scores.to(torch.float32),
+                    streams,
+                    stats[:, NONFINITE].to(torch.float32),
+                    spike_frac.to(torch.float32),
+                    torch.where(ratio_ok, stats[:, RATIO_MAX], math.nan).to(torch.float32),
+                ]
+            )
             self._queue_flags(packed)
 
-    def _stream_samples(self, res: PassResult, den: Denominators | None, valid: torch.Tensor,
-                        ratio_ok: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    def _stream_samples(
+        self, res: PassResult, den: Denominators | None, valid: torch.Tensor, ratio_ok: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """The sample estimators of one step: denominator memory, shadow denominators, noise and the ratio's
         99th percentile. Returns the real denominator's and the first shadow's event masks and the percentile."""
         g = res.grad_samples
@@ -685,28 +761,50 @@ class Monitor:
 
     def _sample_kernel_failed(self, exc: Exception) -> None:
         self._samples = None
-        warnings.warn(f"heavytail: the sample estimators' kernel failed ({type(exc).__name__}: {exc}); using the "
-                      "torch code from now on", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"heavytail: the sample estimators' kernel failed ({type(exc).__name__}: {exc}); using the "
+            "torch code from now on",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
-    def _stream_samples_kernel(self, res: PassResult, den: Denominators | None, valid: torch.Tensor,
-                               ratio_ok: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    def _stream_samples_kernel(
+        self, res: PassResult, den: Denominators | None, valid: torch.Tensor, ratio_ok: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """:meth:`_stream_samples` (the temporal noise source) in one kernel call: ``cpu_pass.sample_step`` or
         ``triton_samples.sample_step``. Either writes nothing when it fails before its kernel runs."""
         cfg, st = self.config, self._state
         t = st["shadow_t"]
         bias = (1.0 - self._shadow_betas[:, None] ** t).clamp_min(1e-30)
-        memory_states = [tuple(st[f"memory_{family}_{k}"] for k in ("level", "age", "active"))
-                         for family in ("adam", "shadow")]
+        memory_states = [
+            tuple(st[f"memory_{family}_{k}"] for k in ("level", "age", "active")) for family in ("adam", "shadow")
+        ]
         slot = self._noise_slots["temporal"]
         out = self._samples.sample_step(
-            g=res.grad_samples, valid=valid, ratio=None if den is None else res.ratio_samples,
+            g=res.grad_samples,
+            valid=valid,
+            ratio=None if den is None else res.ratio_samples,
             den=None if den is None else res.denom_samples,
-            bias_correction=None if den is None else den.bias_correction, ratio_ok=ratio_ok,
-            memory=memory_states, memory_sum=st["memory_sum"], betas=self._shadow_betas, shadow_bias=bias,
-            shadow_v=st["shadow_v"], shadow_t=t, shadow_sum=st["shadow_sum"], shadow_max=st["shadow_max"],
-            noise_mean=st["noise_mean"], noise_seen=st["noise_seen"], ring=st["noise_temporal"],
-            ring_valid=st["noise_temporal_valid"], slot=slot, threshold=cfg.spike_threshold,
-            inflation=cfg.memory_inflation, noise_beta=cfg.noise_beta, q=0.99)
+            bias_correction=None if den is None else den.bias_correction,
+            ratio_ok=ratio_ok,
+            memory=memory_states,
+            memory_sum=st["memory_sum"],
+            betas=self._shadow_betas,
+            shadow_bias=bias,
+            shadow_v=st["shadow_v"],
+            shadow_t=t,
+            shadow_sum=st["shadow_sum"],
+            shadow_max=st["shadow_max"],
+            noise_mean=st["noise_mean"],
+            noise_seen=st["noise_seen"],
+            ring=st["noise_temporal"],
+            ring_valid=st["noise_temporal_valid"],
+            slot=slot,
+            threshold=cfg.spike_threshold,
+            inflation=cfg.memory_inflation,
+            noise_beta=cfg.noise_beta,
+            q=0.99,
+        )
         self._noise_slots["temporal"] = slot + 1
         return (None if den is None else out.events[0]), out.events[1], out.quantile
 
@@ -718,7 +816,8 @@ class Monitor:
             return
         rows, tensors, versions = seen
         untouched = sum(g is not None for g in grads) == len(rows) and all(
-            grads[i] is g and g._version == v for i, g, v in zip(rows, tensors, versions))
+            grads[i] is g and g._version == v for i, g, v in zip(rows, tensors, versions)
+        )
         if self._preclip_reuse and untouched:
             self._state["preclip_s2"] = stats[:, S2]
         elif self._preclip_reuse:  # changed after all: this step's pre-clip norm is lost, and it is measured again
@@ -727,13 +826,20 @@ class Monitor:
             self._preclip_untouched = self._preclip_untouched + 1 if untouched else None
             self._preclip_reuse = self._preclip_untouched is not None and self._preclip_untouched >= 2
 
-    def _stream_memory(self, index: int, family: str, ratio: torch.Tensor, v_hat: torch.Tensor,
-                       valid: torch.Tensor) -> torch.Tensor:
+    def _stream_memory(
+        self, index: int, family: str, ratio: torch.Tensor, v_hat: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
         """Advance the denominator-memory episodes of one family; returns this step's event mask ``(L, S)``."""
         st = self._state
         keys = (f"memory_{family}_level", f"memory_{family}_age", f"memory_{family}_active")
-        state, step = memory.update(memory.MemoryState(*(st[k] for k in keys)), ratio, v_hat, valid,
-                                    threshold=self.config.spike_threshold, inflation=self.config.memory_inflation)
+        state, step = memory.update(
+            memory.MemoryState(*(st[k] for k in keys)),
+            ratio,
+            v_hat,
+            valid,
+            threshold=self.config.spike_threshold,
+            inflation=self.config.memory_inflation,
+        )
         for key, value in zip(keys, state):
             st[key] = value.to(st[key].dtype)
         st["memory_sum"][index] += torch.stack([step.started, step.ended, step.ended_steps], dim=1)
@@ -779,8 +885,15 @@ class Monitor:
         upd = self._state["update_sum"]
         if self._samples is not None:
             try:
-                self._samples.update_step(before["params"], after, before["g"], before["valid"],
-                                          [before["events_adam"], before["events_shadow"]], upd, _UPDATE_COLUMNS)
+                self._samples.update_step(
+                    before["params"],
+                    after,
+                    before["g"],
+                    before["valid"],
+                    [before["events_adam"], before["events_shadow"]],
+                    upd,
+                    _UPDATE_COLUMNS,
+                )
                 return
             except Exception as exc:  # nothing written: the torch code takes over
                 self._sample_kernel_failed(exc)
@@ -795,8 +908,9 @@ class Monitor:
         usable = float_mask(torch.gt, g, 0.0, g.dtype) * float_mask(torch.eq, delta * 0, 0.0, g.dtype)
         # g is NaN where a tensor had no gradient: never a usable coordinate, and its ratio must not be NaN
         # (0 * NaN would poison the sum)
-        update_ratio = (torch.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0)
-                        / torch.nan_to_num(g, nan=0.0).clamp_min(1e-30))
+        update_ratio = torch.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0) / torch.nan_to_num(
+            g, nan=0.0
+        ).clamp_min(1e-30)
         for family in ("adam", "shadow"):
             events = before[f"events_{family}"]
             if events is None:
@@ -864,8 +978,9 @@ class Monitor:
             mean, seen = st["noise_mean"], st["noise_seen"]
             self._push_noise("temporal", g - mean, valid & (seen > 0))
             beta = torch.where(seen > 0, cfg.noise_beta, 0.0)[:, None]  # the first value initialises the EMA
-            st["noise_mean"] = torch.lerp(mean, (beta * mean + (1 - beta) * torch.nan_to_num(g)).to(mean.dtype),
-                                          valid.to(mean.dtype)[:, None])
+            st["noise_mean"] = torch.lerp(
+                mean, (beta * mean + (1 - beta) * torch.nan_to_num(g)).to(mean.dtype), valid.to(mean.dtype)[:, None]
+            )
             st["noise_seen"] = seen + valid.to(seen.dtype)
         if len(self._micro) >= 2:
             self._ensure_microbatch_ring()
@@ -943,8 +1058,11 @@ class Monitor:
                 found = cpu_pass.top_magnitudes([grads[i] for i, _ in flat], [m for _, m in flat])
                 member_tops = dict(zip(flat, found))
             else:
-                member_tops = {(i, m): top_magnitudes(grads[i].detach().reshape(-1), m)
-                               for _, m, present in wanted for i in present}
+                member_tops = {
+                    (i, m): top_magnitudes(grads[i].detach().reshape(-1), m)
+                    for _, m, present in wanted
+                    for i in present
+                }
             for u, m, present in wanted:
                 tops, counts = [], []
                 for i in present:
@@ -970,7 +1088,8 @@ class Monitor:
                     count = self.dist.all_reduce_(count.clone(), "sum")
                 result = hill_from_top(top, count)
                 out[torch.tensor(rows, device=self.device)] = torch.stack(
-                    [result.alpha.float(), result.se.float(), result.k.float()], dim=1)
+                    [result.alpha.float(), result.se.float(), result.k.float()], dim=1
+                )
         return out
 
     def _noise_tails(self) -> dict[str, torch.Tensor]:
@@ -992,18 +1111,31 @@ class Monitor:
                 out[source] = noise.noise_tail(values, mask, self.config.min_tail_samples)
                 continue
             # A group pools its members' deviations (checkpoint only: one estimate per group).
-            out[source] = torch.cat([
-                noise.noise_tail(values[members].reshape(1, -1), mask[members].reshape(1, -1),
-                                 self.config.min_tail_samples) for members in self._unit_members])
+            out[source] = torch.cat(
+                [
+                    noise.noise_tail(
+                        values[members].reshape(1, -1), mask[members].reshape(1, -1), self.config.min_tail_samples
+                    )
+                    for members in self._unit_members
+                ]
+            )
         return out
 
     def _checkpoint(self) -> None:
         st = self._state
-        tails = self._tails if self._tails is not None else torch.full(
-            (len(self.units), 3), math.nan, device=self.device)
+        tails = (
+            self._tails if self._tails is not None else torch.full((len(self.units), 3), math.nan, device=self.device)
+        )
         noise_tails = self._noise_tails()
-        sums = torch.cat([st["acc_sum"].reshape(-1), st["glob_sum"], st["shadow_sum"].reshape(-1),
-                          st["memory_sum"].reshape(-1), st["update_sum"].reshape(-1)])
+        sums = torch.cat(
+            [
+                st["acc_sum"].reshape(-1),
+                st["glob_sum"],
+                st["shadow_sum"].reshape(-1),
+                st["memory_sum"].reshape(-1),
+                st["update_sum"].reshape(-1),
+            ]
+        )
         maxes = torch.cat([st["acc_max"].reshape(-1), st["glob_max"], st["shadow_max"].reshape(-1)])
         if self.dist.sharded:  # exact merge of the shards' interval statistics: two collectives per checkpoint
             sums = self.dist.all_reduce_(sums.clone(), "sum")
@@ -1094,7 +1226,7 @@ class Monitor:
             spike_frac = col("ratio_spikes") / col("ratio_entries")
             p99 = col("ratio_p99") / ratio_steps_sum / world
         has_ratio = bool(np.any(ratio_steps > 0)) or _adam_like(self.optimizer)
-        noise_sources = {k[len("noise_"):]: v.reshape(num_units, 3) for k, v in a.items() if k.startswith("noise_")}
+        noise_sources = {k[len("noise_") :]: v.reshape(num_units, 3) for k, v in a.items() if k.startswith("noise_")}
         first_shadow = _shadow_tag(cfg.shadow_betas[0]) if cfg.shadow_betas else None
         upd = lambda i, name: update_sum[i, _U[name]]  # noqa: E731
         metrics: dict[str, float] = {}
@@ -1115,12 +1247,15 @@ class Monitor:
             metrics[f"grad/nonfinite_frac/{name}"] = float(nonfinite_frac[i]) if entries[i] > 0 else nan
             for source, values in noise_sources.items():
                 prefix = "noise" if source == "temporal" else f"noise/{source}"
-                metrics[f"{prefix}/hill_alpha/{name}" if source == "temporal" else
-                        f"noise/{source}_hill_alpha/{name}"] = float(values[i, 0])
-                metrics[f"noise/hill_alpha_se/{name}" if source == "temporal" else
-                        f"noise/{source}_hill_alpha_se/{name}"] = float(values[i, 1])
-                metrics[f"noise/kurtosis/{name}" if source == "temporal" else
-                        f"noise/{source}_kurtosis/{name}"] = float(values[i, 2])
+                metrics[
+                    f"{prefix}/hill_alpha/{name}" if source == "temporal" else f"noise/{source}_hill_alpha/{name}"
+                ] = float(values[i, 0])
+                metrics[
+                    f"noise/hill_alpha_se/{name}" if source == "temporal" else f"noise/{source}_hill_alpha_se/{name}"
+                ] = float(values[i, 1])
+                metrics[f"noise/kurtosis/{name}" if source == "temporal" else f"noise/{source}_kurtosis/{name}"] = (
+                    float(values[i, 2])
+                )
             if has_ratio:
                 metrics[f"adam/ratio_max/{name}"] = float(ratio_max[i])
                 metrics[f"adam/ratio_p99/{name}"] = float(p99[i])
@@ -1133,7 +1268,8 @@ class Monitor:
                 metrics[f"{prefix}/memory_events/{name}"] = float(started)
                 n_events = upd(i, events)
                 metrics[f"{prefix}/event_update_ratio/{name}"] = (
-                    float(upd(i, f"event_ratio_{events[len('events_'):]}") / n_events) if n_events > 0 else nan)
+                    float(upd(i, f"event_ratio_{events[len('events_') :]}") / n_events) if n_events > 0 else nan
+                )
             if self.optimizer is not None:
                 steps_u = upd(i, "rms_steps")
                 metrics[f"update/rms_ratio/{name}"] = float(upd(i, "rms_ratio") / steps_u) if steps_u > 0 else nan
@@ -1154,8 +1290,9 @@ class Monitor:
         metrics["grad/norm_max"] = float(glob_max[1]) if total_steps > 0 else nan
         if cfg.track_preclip:
             preclip_steps = col("preclip_steps").max() if len(self.units) else 0.0
-            metrics["grad/norm_preclip"] = float(math.sqrt(col("preclip_s2").sum() / preclip_steps)) \
-                if preclip_steps > 0 else nan
+            metrics["grad/norm_preclip"] = (
+                float(math.sqrt(col("preclip_s2").sum() / preclip_steps)) if preclip_steps > 0 else nan
+            )
         metrics["grad/bad_steps"] = float(acc_max[:, _M["bad_steps"]].max())
         metrics["steps"] = float(total_steps)
         if glob_sum[1] > 0:
@@ -1185,15 +1322,22 @@ class Monitor:
         if self.dist.active:
             if not getattr(self, "_probe_warned", False):
                 self._probe_warned = True
-                warnings.warn("heavytail: the noise probe does not run under torch.distributed", RuntimeWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    "heavytail: the noise probe does not run under torch.distributed", RuntimeWarning, stacklevel=3
+                )
             return None
         loss_fn, batch, micro_batches = self._probe
         self._probing = True
         try:
-            result = noise_probe(self.model, self.params, loss_fn, batch, micro_batches=micro_batches,
-                                 sample_index=self._sample_index_dev,
-                                 groups=self._unit_members if self._grouped else None)
+            result = noise_probe(
+                self.model,
+                self.params,
+                loss_fn,
+                batch,
+                micro_batches=micro_batches,
+                sample_index=self._sample_index_dev,
+                groups=self._unit_members if self._grouped else None,
+            )
         finally:
             self._probing = False
         self._probe_names, values = result.packed()
@@ -1226,9 +1370,12 @@ class Monitor:
             except Exception as exc:  # a user callback must not break training either
                 if id(fn) not in self._failed_callbacks:
                     self._failed_callbacks.add(id(fn))
-                    warnings.warn(f"heavytail: on_alert callback {fn!r} raised {type(exc).__name__}: {exc}; it is "
-                                  "still called for later alerts, and further failures are not reported",
-                                  RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"heavytail: on_alert callback {fn!r} raised {type(exc).__name__}: {exc}; it is "
+                        "still called for later alerts, and further failures are not reported",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
 
     def _drain_alerts(self) -> None:
         if self.dist.writer:
@@ -1264,8 +1411,11 @@ class Monitor:
             except OSError as exc:
                 self._flight_failures += 1
                 if self._flight_failures == 1:
-                    warnings.warn(f"heavytail: could not write flight record {path}: {exc}; further failures are "
-                                  "not reported", RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"heavytail: could not write flight record {path}: {exc}; further failures are not reported",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
         self._pending_flight = []
 
     # ------------------------------------------------------------------ state
@@ -1357,8 +1507,9 @@ def _fused_pass(kernel: str, device: torch.device) -> Callable | None:
         if cpu_pass.available():
             return cpu_pass.cpu_gradient_pass
         if kernel == "cpu":
-            raise ValueError(f"MonitorConfig.kernel='cpu': the CPU kernels are unavailable "
-                             f"({cpu_pass.unavailable_reason()})")
+            raise ValueError(
+                f"MonitorConfig.kernel='cpu': the CPU kernels are unavailable ({cpu_pass.unavailable_reason()})"
+            )
         return None
     if kernel == "cpu":
         raise ValueError(f"MonitorConfig.kernel='cpu' needs CPU tensors; the parameters are on {device}")

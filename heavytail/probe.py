@@ -192,8 +192,9 @@ def noise_probe(
     return stats._replace(grad_norm=norms.contiguous())
 
 
-def _pool_groups(samples: torch.Tensor, norms: torch.Tensor, groups: Sequence[Sequence[int]]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _pool_groups(
+    samples: torch.Tensor, norms: torch.Tensor, groups: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of groups: members' coordinates side by side, zero-padded (zeros are missing to every estimate)."""
     num_layers, m, s = samples.shape
     width = max((len(g) for g in groups), default=1) * s
@@ -241,8 +242,11 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
         if isinstance(obj, torch.Tensor):
             return torch.tensor_split(obj, parts, dim=0)[i]
         if isinstance(obj, Mapping):
-            return type(obj)({k: cut(v, i) for k, v in obj.items()}) if isinstance(obj, dict) else {
-                k: cut(v, i) for k, v in obj.items()}
+            return (
+                type(obj)({k: cut(v, i) for k, v in obj.items()})
+                if isinstance(obj, dict)
+                else {k: cut(v, i) for k, v in obj.items()}
+            )
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple
             return type(obj)(*(cut(v, i) for v in obj))
         if isinstance(obj, (tuple, list)):
@@ -305,8 +309,9 @@ def noise_statistics(samples: torch.Tensor, moments: Sequence[float] = DEFAULT_M
     k = hill_top_count(m)
     alpha = _hill_per_coordinate(xi, k)
     groups = min(8, m // 2)
-    drops = torch.stack([_hill_per_coordinate(_centred(x[:, [j for j in range(m) if j % groups != g]]), k)
-                         for g in range(groups)])  # (G, L)
+    drops = torch.stack(
+        [_hill_per_coordinate(_centred(x[:, [j for j in range(m) if j % groups != g]]), k) for g in range(groups)]
+    )  # (G, L)
     se = ((groups - 1) / groups * ((drops - drops.mean(0)) ** 2).sum(0)).sqrt()
     stable = _stable_alpha_over_batches(xi)
     kurt = _mean_finite(kurtosis(xi.transpose(1, 2)))  # per coordinate over M, then mean over coordinates

@@ -73,8 +73,18 @@ def test_loss_spike_fires_once_within_one_step_everywhere(tmp_path, caplog):
     assert {a["rule"] for a in collect.alerts} == {a["rule"] for a in alerts}
     assert any("loss_spike" in r.getMessage() for r in caplog.records)
     record = loss_alerts[0]
-    assert set(record) >= {"step", "wall_time", "rule", "severity", "metric", "layer", "value", "threshold",
-                           "message", "flight_record"}
+    assert set(record) >= {
+        "step",
+        "wall_time",
+        "rule",
+        "severity",
+        "metric",
+        "layer",
+        "value",
+        "threshold",
+        "message",
+        "flight_record",
+    }
     flight = json.loads((tmp_path / record["flight_record"]).read_text())
     assert 60 in flight["steps"] and flight["steps"][-1] <= 61 and flight["layers"] == mon.names
     assert len(flight["series"]["grad/norm"]) == len(flight["steps"]) and flight["series"]["loss"][-1] > 0
@@ -123,11 +133,11 @@ def test_tail_index_drop_needs_a_confident_estimate(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     gen = torch.Generator().manual_seed(1)
     with ht.Monitor(model, opt, every=1, log_dir=tmp_path, alerts=("tail_index_drop",)):
-        for step in range(3):
+        for _step in range(3):
             # Student-t(1.2) gradient entries: alpha about 1.2, well under 2.
             model.weight.grad = torch.distributions.StudentT(1.2).sample((100, 200))
             opt.step()
-        for step in range(3):
+        for _step in range(3):
             model.weight.grad = torch.randn(100, 200, generator=gen)
             opt.step()
     alerts = read_alerts(tmp_path)

@@ -14,8 +14,13 @@ NUMBER = r"-?\d+\.\d+"
 
 
 def run(script: str, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
-                          timeout=600, cwd=BENCHMARKS.parent)
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=BENCHMARKS.parent,
+    )
     if expect_ok:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -26,33 +31,82 @@ def last_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_overhead_prints_every_variant_and_the_final_line():
-    proc = run("overhead.py", "--model", "smoke", "--steps", "2", "--every", "2", "--rounds", "2", "--warmup", "1",
-               "--threads", "1")
-    assert re.fullmatch(rf"overhead_pct={NUMBER} floor_pct={NUMBER} naive_pct={NUMBER} histogram_pct={NUMBER}",
-                        last_line(proc)), last_line(proc)
+    proc = run(
+        "overhead.py",
+        "--model",
+        "smoke",
+        "--steps",
+        "2",
+        "--every",
+        "2",
+        "--rounds",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+    )
+    assert re.fullmatch(
+        rf"overhead_pct={NUMBER} floor_pct={NUMBER} naive_pct={NUMBER} histogram_pct={NUMBER}", last_line(proc)
+    ), last_line(proc)
     for variant in ("baseline", "monitored", "floor", "naive", "histogram"):
         assert re.search(rf"^{variant}\s", proc.stdout, re.M), variant
     assert "2 checkpoints in all" in proc.stdout  # 2 rounds x 2 steps at every=2
 
 
 def test_overhead_cpu_clock_and_a_subset_of_variants():
-    proc = run("overhead.py", "--model", "smoke", "--steps", "1", "--every", "1", "--rounds", "1", "--warmup", "0",
-               "--variants", "monitored", "--clock", "cpu")
+    proc = run(
+        "overhead.py",
+        "--model",
+        "smoke",
+        "--steps",
+        "1",
+        "--every",
+        "1",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--variants",
+        "monitored",
+        "--clock",
+        "cpu",
+    )
     assert re.fullmatch(rf"overhead_pct={NUMBER} floor_pct=nan naive_pct=nan histogram_pct=nan", last_line(proc))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--steps", "3", "--every", "2"], "multiple of --every"),
-    (["--model", "gpt2-small"], "--device cuda"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "3", "--every", "2"], "multiple of --every"),
+        (["--model", "gpt2-small"], "--device cuda"),
+    ],
+)
 def test_overhead_refuses_settings_it_cannot_time_honestly(args, message):
     proc = run("overhead.py", *args, expect_ok=False)
     assert proc.returncode == 2 and message in proc.stderr
 
 
 def test_scaling_prints_both_sweeps():
-    proc = run("scaling.py", "--counts", "3,30", "--total", "6000", "--base", "2000", "--size-count", "3",
-               "--steps", "2", "--checkpoints", "1", "--threads", "1", "--profile", "30")
+    proc = run(
+        "scaling.py",
+        "--counts",
+        "3,30",
+        "--total",
+        "6000",
+        "--base",
+        "2000",
+        "--size-count",
+        "3",
+        "--steps",
+        "2",
+        "--checkpoints",
+        "1",
+        "--threads",
+        "1",
+        "--profile",
+        "30",
+    )
     keys = ["tensors_3_ms", "tensors_30_ms", "size_1x_ms", "size_4x_ms", "size_16x_ms"]
     assert re.fullmatch(" ".join(rf"{k}={NUMBER}" for k in keys), last_line(proc)), last_line(proc)
     assert "where a streaming step's time goes at 30 tensors" in proc.stdout
@@ -66,8 +120,21 @@ def test_memory_names_the_state_and_prints_the_final_line():
 
 @pytest.mark.parametrize("sample_code, part", [("kernel", "_stream_samples_kernel"), ("torch", "_stream_shadow")])
 def test_step_parts_prints_the_breakdown_and_the_final_line(sample_code, part):
-    proc = run("step_parts.py", "--model", "smoke", "--steps", "4", "--every", "2", "--warmup", "1", "--threads", "1",
-               "--sample-code", sample_code)
+    proc = run(
+        "step_parts.py",
+        "--model",
+        "smoke",
+        "--steps",
+        "4",
+        "--every",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--sample-code",
+        sample_code,
+    )
     assert "_stream_step" in proc.stdout and "denominators" in proc.stdout
     if sample_code == "torch" or "sample estimators: cpu_pass" in proc.stdout:  # the kernel needs a C compiler
         assert part in proc.stdout

@@ -20,8 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 def _python_m(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("HEAVYTAIL_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "heavytail", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd or REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "heavytail", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or REPO,
+        timeout=120,
+    )
 
 
 def test_python_m_heavytail_help() -> None:
@@ -111,8 +117,26 @@ def test_bad_settings_are_one_line_errors(argv: list[str], message: str, tmp_pat
 
 def test_demo_command(tmp_path: Path, small_text: Path, capsys) -> None:  # noqa: F811
     out = tmp_path / "demo"
-    code = main(["demo", "--size", "tiny", "--steps", "4", "--every", "2", "--out", str(out), "--text",
-                 str(small_text), "--quiet", "--optimizer", "lion", "--seed", "3"])
+    code = main(
+        [
+            "demo",
+            "--size",
+            "tiny",
+            "--steps",
+            "4",
+            "--every",
+            "2",
+            "--out",
+            str(out),
+            "--text",
+            str(small_text),
+            "--quiet",
+            "--optimizer",
+            "lion",
+            "--seed",
+            "3",
+        ]
+    )
     assert code == 0
     stdout = capsys.readouterr().out
     assert "4 steps of GPT" in stdout and "Lion" in stdout and str(out / "report.html") in stdout
@@ -122,8 +146,27 @@ def test_demo_command(tmp_path: Path, small_text: Path, capsys) -> None:  # noqa
 
 def test_compare_command(tmp_path: Path, small_text: Path, capsys) -> None:  # noqa: F811
     out = tmp_path / "cmp"
-    code = main(["compare", "--optimizers", "muon,sgd", "--steps", "2", "--every", "1", "--size", "tiny",
-                 "--out", str(out), "--text", str(small_text), "--lr", "sgd=0.1", "--quiet", "--no-probe"])
+    code = main(
+        [
+            "compare",
+            "--optimizers",
+            "muon,sgd",
+            "--steps",
+            "2",
+            "--every",
+            "1",
+            "--size",
+            "tiny",
+            "--out",
+            str(out),
+            "--text",
+            str(small_text),
+            "--lr",
+            "sgd=0.1",
+            "--quiet",
+            "--no-probe",
+        ]
+    )
     assert code == 0
     stdout = capsys.readouterr().out
     assert "Compared muon, sgd" in stdout and "summary.json" in stdout

@@ -22,8 +22,17 @@ from tests.test_demo import one_thread, small_text  # noqa: F401  (fixtures)
 
 def test_compare_writes_summary_and_report(tmp_path: Path, small_text: Path) -> None:  # noqa: F811
     out = tmp_path / "cmp"
-    result = run_compare(["adamw", "lion", "sgd"], steps=4, every=2, out=out, size="tiny", text=small_text,
-                         lrs={"lion": 3e-4, "sgd": 0.05}, progress=None, command="heavytail compare (test)")
+    result = run_compare(
+        ["adamw", "lion", "sgd"],
+        steps=4,
+        every=2,
+        out=out,
+        size="tiny",
+        text=small_text,
+        lrs={"lion": 3e-4, "sgd": 0.05},
+        progress=None,
+        command="heavytail compare (test)",
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert result.summary_path == out / "summary.json" and result.report == out / "compare.html"
     assert list(summary["optimizers"]) == ["adamw", "lion", "sgd"]
@@ -58,18 +67,25 @@ def test_compare_writes_summary_and_report(tmp_path: Path, small_text: Path) -> 
 
 
 def test_same_initial_weights_and_first_loss(tmp_path: Path, small_text: Path) -> None:  # noqa: F811
-    run_compare(["sgd", "adamw"], steps=2, every=1, out=tmp_path, size="tiny", text=small_text, progress=None,
-                probe=False)
-    firsts = [json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0])["metrics"]["loss"]
-              for n in ("sgd", "adamw")]
+    run_compare(
+        ["sgd", "adamw"], steps=2, every=1, out=tmp_path, size="tiny", text=small_text, progress=None, probe=False
+    )
+    firsts = [
+        json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0])["metrics"]["loss"]
+        for n in ("sgd", "adamw")
+    ]
     assert firsts[0] == firsts[1]  # step 1's loss is computed before any update: identical model and batch
 
 
 def test_summary_without_memory_or_denominator() -> None:
-    run = Run(path=Path("x"), meta={"optimizer": "Lion"}, records=[
-        (1, 0.0, {"loss": 3.0, "grad/hill_alpha/w": 2.5, "shadow999/ratio_max/w": 4.0}),
-        (2, 1.0, {"loss": 2.0, "grad/hill_alpha/w": 3.5, "shadow999/ratio_max/w": None}),
-    ])
+    run = Run(
+        path=Path("x"),
+        meta={"optimizer": "Lion"},
+        records=[
+            (1, 0.0, {"loss": 3.0, "grad/hill_alpha/w": 2.5, "shadow999/ratio_max/w": 4.0}),
+            (2, 1.0, {"loss": 2.0, "grad/hill_alpha/w": 3.5, "shadow999/ratio_max/w": None}),
+        ],
+    )
     s = run_summary(run, lr=1e-4)
     assert s["final_loss"] == 2.0 and s["loss_spikes"] == 0 and s["alerts"] == 0
     assert s["tail_index"] == {"grad/hill_alpha": {"w": 3.0}}
@@ -79,10 +95,14 @@ def test_summary_without_memory_or_denominator() -> None:
 
 
 def test_summary_reads_memory_figures_when_present() -> None:
-    run = Run(path=Path("x"), meta={}, records=[
-        (1, 0.0, {"adam/memory_steps/w": 12.0, "shadow999/memory_steps/w": math.nan}),
-        (2, 1.0, {"adam/memory_steps/w": 20.0, "shadow999/memory_steps/w": 40.0}),
-    ])
+    run = Run(
+        path=Path("x"),
+        meta={},
+        records=[
+            (1, 0.0, {"adam/memory_steps/w": 12.0, "shadow999/memory_steps/w": math.nan}),
+            (2, 1.0, {"adam/memory_steps/w": 20.0, "shadow999/memory_steps/w": 40.0}),
+        ],
+    )
     s = run_summary(run)
     assert s["memory"] == {"adam/memory_steps": {"w": 16.0}, "shadow999/memory_steps": {"w": 40.0}}
 
@@ -95,8 +115,13 @@ def test_parse_optimizers_and_lrs() -> None:
         parse_optimizers("adam")
     with pytest.raises(ValueError, match="no optimizer"):
         parse_optimizers(" , ")
-    for bad, match in (("adamw", "optimizer=value"), ("adam=1", "optimizer=value"), ("sgd=x", "not a number"),
-                       ("sgd=-1", "must be positive"), ("sgd=nan", "must be positive")):
+    for bad, match in (
+        ("adamw", "optimizer=value"),
+        ("adam=1", "optimizer=value"),
+        ("sgd=x", "not a number"),
+        ("sgd=-1", "must be positive"),
+        ("sgd=nan", "must be positive"),
+    ):
         with pytest.raises(ValueError, match=match):
             parse_lrs(bad)
 

@@ -67,8 +67,7 @@ def test_demo_writes_run_directory_report_and_summary(tmp_path: Path, small_text
 def test_demo_replaces_a_previous_run(tmp_path: Path, small_text: Path) -> None:
     out = tmp_path / "demo"
     run_demo(steps=2, out=out, text=small_text, size="tiny", every=1, progress=None, probe=False)
-    run_demo(steps=3, out=out, text=small_text, size="tiny", every=1, progress=None, probe=False,
-             optimizer="sgd")
+    run_demo(steps=3, out=out, text=small_text, size="tiny", every=1, progress=None, probe=False, optimizer="sgd")
     run = load_run(out)
     assert list(run.steps) == [1, 2, 3]  # not appended to the first run's records
     assert run.meta["optimizer"] == "SGD"

@@ -75,8 +75,13 @@ def test_muon_with_adamw_reports_both_families(tmp_path):
 
 def test_denominator_memory_is_reported_for_adam(tmp_path):
     # A tiny threshold makes every sampled coordinate an event, so episodes open and close within the run.
-    _, _, records = _run(tmp_path, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.5)),
-                         steps=30, every=30, spike_threshold=1.0)
+    _, _, records = _run(
+        tmp_path,
+        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.5)),
+        steps=30,
+        every=30,
+        spike_threshold=1.0,
+    )
     m = records[-1]["metrics"]
     assert m["adam/memory_events/fc1.weight"] > 0
     assert m["adam/memory_steps/fc1.weight"] >= 1

@@ -101,8 +101,17 @@ def test_records_every_n_steps_with_the_documented_keys(tmp_path, tiny_model):
     assert [r["step"] for r in records] == [10, 20, 25]  # close() flushes the partial interval
     m = records[1]["metrics"]
     for name, _ in tiny_model.named_parameters():
-        for family in ("grad/norm", "grad/kurtosis", "grad/hill_alpha", "grad/hill_alpha_se", "noise/hill_alpha",
-                       "noise/kurtosis", "adam/ratio_max", "adam/ratio_p99", "adam/spike_frac"):
+        for family in (
+            "grad/norm",
+            "grad/kurtosis",
+            "grad/hill_alpha",
+            "grad/hill_alpha_se",
+            "noise/hill_alpha",
+            "noise/kurtosis",
+            "adam/ratio_max",
+            "adam/ratio_p99",
+            "adam/spike_frac",
+        ):
             assert f"{family}/{name}" in m
     assert m["steps"] == 10
     assert set(records[1]) == {"step", "wall_time", "metrics"}
@@ -206,16 +215,20 @@ def test_sample_budget_shares_the_coordinates_out_over_many_tensors(tmp_path):
     assert math.isfinite(record["metrics"]["adam/ratio_p99/0.weight"])
 
 
-@pytest.mark.parametrize("count, budget, expected", [
-    (10, 1 << 16, 256),        # within the budget: sample_size
-    (256, 1 << 16, 256),       # exactly the budget
-    (257, 1 << 16, 255),
-    (1000, 1 << 16, 65),
-    (10_000, 1 << 16, 8),      # never fewer than MIN_SAMPLE_SIZE
-    (10_000, None, 256),       # no budget
-])
+@pytest.mark.parametrize(
+    "count, budget, expected",
+    [
+        (10, 1 << 16, 256),  # within the budget: sample_size
+        (256, 1 << 16, 256),  # exactly the budget
+        (257, 1 << 16, 255),
+        (1000, 1 << 16, 65),
+        (10_000, 1 << 16, 8),  # never fewer than MIN_SAMPLE_SIZE
+        (10_000, None, 256),  # no budget
+    ],
+)
 def test_effective_sample_size(count, budget, expected):
     from heavytail.monitor import effective_sample_size
+
     assert effective_sample_size(ht.MonitorConfig(sample_budget=budget), count) == expected
     # a sample_size under the floor is kept as asked
     assert effective_sample_size(ht.MonitorConfig(sample_size=4, sample_budget=budget), count) == 4
@@ -296,8 +309,11 @@ def test_group_by_merges_tensors_exactly(tmp_path):
         model = TinyNet()
         opt = torch.optim.SGD(model.parameters(), lr=1e-2)
         if mode == "tensors":
-            opt.register_step_pre_hook(lambda o, a, k, m=model: captured.append(
-                torch.cat([m.fc1.weight.grad.reshape(-1), m.fc1.bias.grad.reshape(-1)]).double()))
+            opt.register_step_pre_hook(
+                lambda o, a, k, m=model: captured.append(
+                    torch.cat([m.fc1.weight.grad.reshape(-1), m.fc1.bias.grad.reshape(-1)]).double()
+                )
+            )
         with ht.Monitor(model, opt, every=1, log_dir=tmp_path / mode, group_by=group_by) as mon:
             train(model, opt, mon, steps=2)
         records[mode] = read_records(tmp_path / mode)
@@ -324,6 +340,7 @@ def test_a_failing_fused_pass_falls_back_to_torch(tmp_path):
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     with ht.Monitor(model, opt, every=2, log_dir=tmp_path, kernel="torch") as mon:
+
         def broken(*args, **kwargs):
             raise RuntimeError("no kernel for this GPU")
 

@@ -97,8 +97,14 @@ def test_state_is_restored_when_the_loss_raises() -> None:
         return mse(m, batch)
 
     with pytest.raises(RuntimeError, match="boom"):
-        noise_probe(model, list(model.parameters()), failing, (torch.randn(16, 6), torch.randn(16, 1)),
-                    micro_batches=4, sample_index=_index(list(model.parameters())))
+        noise_probe(
+            model,
+            list(model.parameters()),
+            failing,
+            (torch.randn(16, 6), torch.randn(16, 1)),
+            micro_batches=4,
+            sample_index=_index(list(model.parameters())),
+        )
     assert all(p.grad is g for p, g in zip(model.parameters(), saved))
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
 
@@ -116,8 +122,14 @@ def test_the_probe_does_not_change_what_training_does_next() -> None:
             loss = mse(model, (torch.randn(8, 6, generator=g), torch.randn(8, 1, generator=g)))
             loss.backward()
             if probe and step == 3:
-                noise_probe(model, list(model.parameters()), mse, held, micro_batches=4,
-                            sample_index=_index(list(model.parameters())))
+                noise_probe(
+                    model,
+                    list(model.parameters()),
+                    mse,
+                    held,
+                    micro_batches=4,
+                    sample_index=_index(list(model.parameters())),
+                )
             opt.step()
             opt.zero_grad()
         return [p.detach().clone() for p in model.parameters()]
@@ -247,8 +259,9 @@ def test_groups_pool_their_members() -> None:
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
     params = list(model.parameters())
     held = (torch.randn(64, 6), torch.randn(64, 1))
-    index = torch.stack([torch.randperm(p.numel())[:4] if p.numel() >= 4 else torch.arange(4) % p.numel()
-                         for p in params])
+    index = torch.stack(
+        [torch.randperm(p.numel())[:4] if p.numel() >= 4 else torch.arange(4) % p.numel() for p in params]
+    )
     whole = noise_probe(model, params, mse, held, micro_batches=8, sample_index=index)
     grouped = noise_probe(model, params, mse, held, micro_batches=8, sample_index=index, groups=[[0, 1], [2, 3]])
     assert grouped.hill_alpha.shape == (2,) and grouped.grad_norm.shape == (2, 8)
@@ -261,6 +274,7 @@ def test_groups_pool_their_members() -> None:
 from heavytail import Monitor  # noqa: E402
 from tests.conftest import TinyNet, read_records, tiny_batch  # noqa: E402
 
+
 def _train_tiny(tmp_path, probe: bool, steps: int = 8) -> tuple[list[dict], list[torch.Tensor]]:
     torch.manual_seed(0)
     model = TinyNet()
@@ -270,8 +284,9 @@ def _train_tiny(tmp_path, probe: bool, steps: int = 8) -> tuple[list[dict], list
     def loss_fn(m, batch):
         return nn.functional.mse_loss(m(batch[0]), batch[1])
 
-    with Monitor(model, opt, every=2, probe_every=2 if probe else 0, log_dir=tmp_path, sample_size=16,
-                 min_tail_samples=10) as mon:
+    with Monitor(
+        model, opt, every=2, probe_every=2 if probe else 0, log_dir=tmp_path, sample_size=16, min_tail_samples=10
+    ) as mon:
         if probe:
             mon.set_probe(loss_fn, held, micro_batches=4)
         for step in range(steps):

@@ -122,14 +122,16 @@ def test_preclip_norm_stops_costing_a_read_when_nothing_changes_the_gradients(tm
     the end-of-backward read is skipped; clipping that starts later is detected and measured again."""
     reads = []
     foreach_norm = torch._foreach_norm
-    monkeypatch.setattr(torch, "_foreach_norm", lambda tensors, *a, **k: reads.append(1) or foreach_norm(tensors, *a, **k))
+    monkeypatch.setattr(
+        torch, "_foreach_norm", lambda tensors, *a, **k: reads.append(1) or foreach_norm(tensors, *a, **k)
+    )
     sums_of_squares = cpu_pass.sums_of_squares  # the CPU kernel's form of the same read
     monkeypatch.setattr(cpu_pass, "sums_of_squares", lambda tensors: reads.append(1) or sums_of_squares(tensors))
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     totals = []
-    with ht.Monitor(model, opt, every=1, log_dir=tmp_path) as mon:
+    with ht.Monitor(model, opt, every=1, log_dir=tmp_path):
         for step in range(10):
             idx, y = tiny_batch(step)
             nn.functional.mse_loss(model(idx), y).backward()

@@ -54,8 +54,11 @@ class JsonlBackend:
             size, whole = os.fstat(fd).st_size, _whole_lines_size(path)
             if whole < size:
                 os.ftruncate(fd, whole)
-                warnings.warn(f"heavytail: {path}: dropped a cut last line ({size - whole} bytes) left by an "
-                              "interrupted run", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"heavytail: {path}: dropped a cut last line ({size - whole} bytes) left by an interrupted run",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             self._files[name] = [fd, whole, []]
         return self._files[name]
 

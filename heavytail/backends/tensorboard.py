@@ -95,14 +95,19 @@ def alert_markdown(alert: Mapping[str, Any]) -> str:
         return str(value).replace("|", "\\|")
 
     head = (
-        f"**{str(alert.get('severity', 'alert')).upper()}** `{alert.get('rule', '?')}` "
-        f"at step {alert.get('step', '?')}"
+        f"**{str(alert.get('severity', 'alert')).upper()}** `{alert.get('rule', '?')}` at step {alert.get('step', '?')}"
     )
     fields = ("metric", "layer", "value", "threshold", "flight_record")
     table = (
-        "| " + " | ".join(fields) + " |\n"
-        + "|" + "---|" * len(fields) + "\n"
-        + "| " + " | ".join(cell(alert.get(f)) for f in fields) + " |"
+        "| "
+        + " | ".join(fields)
+        + " |\n"
+        + "|"
+        + "---|" * len(fields)
+        + "\n"
+        + "| "
+        + " | ".join(cell(alert.get(f)) for f in fields)
+        + " |"
     )
     return f"{head}\n\n{alert.get('message', '')}\n\n{table}"
 
@@ -174,9 +179,7 @@ class TensorBoardBackend:
             self._layout_written = True
         for family, family_values in values.items():
             wanted = (
-                is_tail_index_family(family)
-                if self._histogram_families is None
-                else family in self._histogram_families
+                is_tail_index_family(family) if self._histogram_families is None else family in self._histogram_families
             )
             if not wanted:
                 continue

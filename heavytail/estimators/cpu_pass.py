@@ -64,13 +64,38 @@ class _Samples(ctypes.Structure):
 
     _P = ctypes.c_void_p
     _fields_ = [
-        ("L", ctypes.c_int64), ("S", ctypes.c_int64), ("B", ctypes.c_int64), ("W", ctypes.c_int64),
-        ("g", _P), ("valid", _P), ("has_den", ctypes.c_int), ("ratio", _P), ("den", _P), ("bc", _P),
-        ("ratio_ok", _P), ("threshold", ctypes.c_double), ("inflation2", ctypes.c_float),
-        ("level", _P * 2), ("age", _P * 2), ("active", _P * 2), ("memory_sum", _P), ("events", _P),
-        ("betas", _P), ("bias", _P), ("shadow_v", _P), ("shadow_t", _P), ("shadow_sum", _P), ("shadow_max", _P),
-        ("noise_mean", _P), ("noise_seen", _P), ("ring", _P), ("ring_valid", _P), ("slot", ctypes.c_int64),
-        ("noise_beta", ctypes.c_float), ("q", ctypes.c_double), ("quantile", _P),
+        ("L", ctypes.c_int64),
+        ("S", ctypes.c_int64),
+        ("B", ctypes.c_int64),
+        ("W", ctypes.c_int64),
+        ("g", _P),
+        ("valid", _P),
+        ("has_den", ctypes.c_int),
+        ("ratio", _P),
+        ("den", _P),
+        ("bc", _P),
+        ("ratio_ok", _P),
+        ("threshold", ctypes.c_double),
+        ("inflation2", ctypes.c_float),
+        ("level", _P * 2),
+        ("age", _P * 2),
+        ("active", _P * 2),
+        ("memory_sum", _P),
+        ("events", _P),
+        ("betas", _P),
+        ("bias", _P),
+        ("shadow_v", _P),
+        ("shadow_t", _P),
+        ("shadow_sum", _P),
+        ("shadow_max", _P),
+        ("noise_mean", _P),
+        ("noise_seen", _P),
+        ("ring", _P),
+        ("ring_valid", _P),
+        ("slot", ctypes.c_int64),
+        ("noise_beta", ctypes.c_float),
+        ("q", ctypes.c_double),
+        ("quantile", _P),
     ]
 
 
@@ -112,8 +137,12 @@ def _compile(compiler: str, out: Path) -> str:
         fd, tmp = tempfile.mkstemp(dir=out, suffix=".so.tmp")
         os.close(fd)
         try:
-            proc = subprocess.run([compiler, *flags, "-fPIC", "-shared", "-o", tmp, *map(str, sources), "-lm"],
-                                  capture_output=True, text=True, timeout=120)
+            proc = subprocess.run(
+                [compiler, *flags, "-fPIC", "-shared", "-o", tmp, *map(str, sources), "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             if proc.returncode == 0:
                 os.replace(tmp, target)  # atomic: concurrent processes never load a half-written file
                 return str(target)
@@ -207,8 +236,12 @@ def _table(tensors: Sequence[torch.Tensor | None]) -> _Table:
     if 0 in numels or not all(map(Tensor.is_contiguous, tensors)) or not all([t.is_cpu for t in tensors]):
         return _general_table(tensors)
     pointers = list(map(Tensor.data_ptr, tensors))
-    return _Table(list(tensors), _array(ctypes.c_void_p, _POINTER_KIND, pointers), _array(ctypes.c_int, "i", codes),
-                  _array(ctypes.c_int64, "q", numels))
+    return _Table(
+        list(tensors),
+        _array(ctypes.c_void_p, _POINTER_KIND, pointers),
+        _array(ctypes.c_int, "i", codes),
+        _array(ctypes.c_int64, "q", numels),
+    )
 
 
 def _general_table(tensors: Sequence[torch.Tensor | None]) -> _Table:
@@ -237,8 +270,12 @@ def _general_table(tensors: Sequence[torch.Tensor | None]) -> _Table:
         pointers.append(t.data_ptr())
         codes.append(code)
         numels.append(n)
-    return _Table(kept, _array(ctypes.c_void_p, _POINTER_KIND, pointers), _array(ctypes.c_int, "i", codes),
-                  _array(ctypes.c_int64, "q", numels))
+    return _Table(
+        kept,
+        _array(ctypes.c_void_p, _POINTER_KIND, pointers),
+        _array(ctypes.c_int, "i", codes),
+        _array(ctypes.c_int64, "q", numels),
+    )
 
 
 def _threads() -> int:
@@ -264,8 +301,12 @@ def cpu_gradient_pass(
     has_den = denominators is not None and any(v is not None for v in denominators.v)
     if has_den:
         # the kernel reads v over g's entries: a denominator of another size is no denominator
-        v = _table([v if v is not None and grads[i] is not None and v.numel() == grads[i].numel() else None
-                    for i, v in enumerate(denominators.v)])
+        v = _table(
+            [
+                v if v is not None and grads[i] is not None and v.numel() == grads[i].numel() else None
+                for i, v in enumerate(denominators.v)
+            ]
+        )
         inv_bc = denominators.bias_correction.to(torch.float64).reciprocal().contiguous()
         eps = denominators.eps.to(torch.float64).contiguous()
     else:
@@ -277,16 +318,32 @@ def cpu_gradient_pass(
     g_samples = torch.empty(num_layers, num_samples, dtype=torch.float64)
     r_samples, v_samples = torch.empty_like(g_samples), torch.empty_like(g_samples)
     status = lib.ht_pass(
-        num_layers, g.pointers, g.codes, g.numels, v.pointers, v.codes, inv_bc.data_ptr(), eps.data_ptr(),
-        int(has_den), float(spike_threshold) ** 0.5, num_samples, index.data_ptr(), stats.data_ptr(),
-        g_samples.data_ptr(), r_samples.data_ptr(), v_samples.data_ptr(), _threads())
+        num_layers,
+        g.pointers,
+        g.codes,
+        g.numels,
+        v.pointers,
+        v.codes,
+        inv_bc.data_ptr(),
+        eps.data_ptr(),
+        int(has_den),
+        float(spike_threshold) ** 0.5,
+        num_samples,
+        index.data_ptr(),
+        stats.data_ptr(),
+        g_samples.data_ptr(),
+        r_samples.data_ptr(),
+        v_samples.data_ptr(),
+        _threads(),
+    )
     if status != 0:
         raise MemoryError("heavytail CPU gradient pass: out of memory for its work table")
     return PassResult(stats, g_samples, r_samples, v_samples)
 
 
-def gather(tensors: Sequence[torch.Tensor | None], sample_index: torch.Tensor, dtype: torch.dtype,
-           fill: float = float("nan")) -> torch.Tensor:
+def gather(
+    tensors: Sequence[torch.Tensor | None], sample_index: torch.Tensor, dtype: torch.dtype, fill: float = float("nan")
+) -> torch.Tensor:
     """Each tensor's entries at its sampled coordinates, ``(L, S)`` in ``dtype`` (``fill`` where None)."""
     lib = _load()
     if lib is None:
@@ -294,8 +351,16 @@ def gather(tensors: Sequence[torch.Tensor | None], sample_index: torch.Tensor, d
     table = _table(tensors)
     index = sample_index.to(torch.int64).contiguous()
     out = torch.empty(tuple(index.shape), dtype=torch.float64)
-    lib.ht_gather(len(tensors), table.pointers, table.codes, table.numels,
-                  index.shape[1], index.data_ptr(), float(fill), out.data_ptr())
+    lib.ht_gather(
+        len(tensors),
+        table.pointers,
+        table.codes,
+        table.numels,
+        index.shape[1],
+        index.data_ptr(),
+        float(fill),
+        out.data_ptr(),
+    )
     return out if dtype == torch.float64 else out.to(dtype)
 
 
@@ -312,8 +377,9 @@ def sums_of_squares(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     return out
 
 
-def top_magnitudes(tensors: Sequence[torch.Tensor | None], counts: Sequence[int]
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def top_magnitudes(
+    tensors: Sequence[torch.Tensor | None], counts: Sequence[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each tensor the ``counts[i]`` largest valid ``|x|`` (float32, descending, zero-padded) and the number
     of valid (finite, non-zero) entries: :func:`heavytail.estimators.hill.top_magnitudes` for every tensor in one
     call, by an exact radix select (three reads of each tensor, no sort of it).
@@ -331,8 +397,17 @@ def top_magnitudes(tensors: Sequence[torch.Tensor | None], counts: Sequence[int]
     want, start = (ctypes.c_int64 * len(counts))(*counts), (ctypes.c_int64 * len(offsets))(*offsets)
     out = torch.empty(total, dtype=torch.float32)
     valid = torch.empty(len(tensors), dtype=torch.int64)
-    status = lib.ht_top_abs(len(tensors), table.pointers, table.codes, table.numels, want, start, out.data_ptr(),
-                            valid.data_ptr(), _threads())
+    status = lib.ht_top_abs(
+        len(tensors),
+        table.pointers,
+        table.codes,
+        table.numels,
+        want,
+        start,
+        out.data_ptr(),
+        valid.data_ptr(),
+        _threads(),
+    )
     if status != 0:
         raise MemoryError("heavytail CPU top-k: out of memory for its histograms")
     return [(out[o : o + c], valid[i]) for i, (o, c) in enumerate(zip(offsets, counts))]
@@ -351,8 +426,10 @@ class SampleStep(NamedTuple):
 def _ptr(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> int:
     # The kernel writes through these pointers: anything but the exact dense CPU layout is refused, never copied.
     if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or not t.is_cpu:
-        raise ValueError(f"heavytail CPU sample step: {name} must be a contiguous CPU {dtype} tensor of shape "
-                         f"{shape}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        raise ValueError(
+            f"heavytail CPU sample step: {name} must be a contiguous CPU {dtype} tensor of shape "
+            f"{shape}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+        )
     return t.data_ptr()
 
 
@@ -435,8 +512,15 @@ def sample_step(
     return SampleStep(events, quantile)
 
 
-def update_step(before: torch.Tensor, after: torch.Tensor, g: torch.Tensor, valid: torch.Tensor,
-                events: Sequence[torch.Tensor | None], update_sum: torch.Tensor, columns: Sequence[int]) -> None:
+def update_step(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    g: torch.Tensor,
+    valid: torch.Tensor,
+    events: Sequence[torch.Tensor | None],
+    update_sum: torch.Tensor,
+    columns: Sequence[int],
+) -> None:
     """``Monitor._stream_updates`` in one C call: adds to ``update_sum`` ``(L, U)`` float64 in place, at
     ``columns`` = (rms_ratio, rms_steps, event_ratio_adam, events_adam, event_ratio_shadow, events_shadow).
     ``before``/``after``/``g`` ``(L, S)`` float64 samples; ``events`` the real denominator's and the first
@@ -447,9 +531,17 @@ def update_step(before: torch.Tensor, after: torch.Tensor, g: torch.Tensor, vali
     L, S = g.shape
     f64 = torch.float64
     valid64 = valid.to(f64).contiguous()
-    pointers = (ctypes.c_void_p * 2)(*[None if e is None else _ptr(e, torch.float32, (L, S), "events")
-                                       for e in events])
+    pointers = (ctypes.c_void_p * 2)(*[None if e is None else _ptr(e, torch.float32, (L, S), "events") for e in events])
     cols = (ctypes.c_int64 * 6)(*columns)
-    lib.ht_updates(L, S, _ptr(before, f64, (L, S), "before"), _ptr(after, f64, (L, S), "after"),
-                   _ptr(g, f64, (L, S), "g"), valid64.data_ptr(), pointers,
-                   _ptr(update_sum, f64, (L, update_sum.shape[1]), "update_sum"), update_sum.shape[1], cols)
+    lib.ht_updates(
+        L,
+        S,
+        _ptr(before, f64, (L, S), "before"),
+        _ptr(after, f64, (L, S), "after"),
+        _ptr(g, f64, (L, S), "g"),
+        valid64.data_ptr(),
+        pointers,
+        _ptr(update_sum, f64, (L, update_sum.shape[1]), "update_sum"),
+        update_sum.shape[1],
+        cols,
+    )

@@ -213,8 +213,9 @@ class GradientPass:
             pads = self._pads[(device, dtype)] = [zeros[:k] for k in range(BLOCK)]
         return pads
 
-    def _pack(self, chunk: _Chunk, tensors: Sequence[torch.Tensor | None], out: torch.Tensor,
-              staging: torch.Tensor) -> None:
+    def _pack(
+        self, chunk: _Chunk, tensors: Sequence[torch.Tensor | None], out: torch.Tensor, staging: torch.Tensor
+    ) -> None:
         """Copy the chunk's pieces of ``tensors`` into ``out``, each padded to the block; ``None`` reads as 0.
 
         Many small pieces are packed in their own dtype first and then converted in one copy: ``torch.cat``
@@ -222,8 +223,11 @@ class GradientPass:
         """
         first = next((tensors[layer] for layer, *_ in chunk.spec if tensors[layer] is not None), None)
         src_dtype = out.dtype if first is None else first.dtype
-        convert = src_dtype != out.dtype and len(chunk.spec) > 8 and \
-            torch.empty((), dtype=src_dtype).element_size() <= out.element_size()
+        convert = (
+            src_dtype != out.dtype
+            and len(chunk.spec) > 8
+            and torch.empty((), dtype=src_dtype).element_size() <= out.element_size()
+        )
         dtype = src_dtype if convert else out.dtype
         pads = self._pad(out.device, dtype)
         parts: list[torch.Tensor] = []

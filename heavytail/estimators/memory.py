@@ -40,8 +40,15 @@ def init(num_layers: int, num_samples: int, device=None, dtype: torch.dtype = to
     return MemoryState(zeros, zeros.clone(), zeros.clone())
 
 
-def update(state: MemoryState, ratio: torch.Tensor, v_hat: torch.Tensor, valid: torch.Tensor, *,
-           threshold: float = 5000.0, inflation: float = 1.5) -> tuple[MemoryState, MemoryStep]:
+def update(
+    state: MemoryState,
+    ratio: torch.Tensor,
+    v_hat: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    threshold: float = 5000.0,
+    inflation: float = 1.5,
+) -> tuple[MemoryState, MemoryStep]:
     """Advance every open episode with this step's ``v_hat`` (v_{t-1}, bias-corrected), then open new ones.
 
     An open episode ends when sqrt(v_hat) <= ``inflation`` * sqrt(level), i.e. v_hat <= inflation^2 * level;

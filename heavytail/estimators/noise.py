@@ -77,5 +77,10 @@ def noise_tail(values: torch.Tensor, mask: torch.Tensor, min_count: int = 100) -
     enough = counts >= min_count
     nan = torch.full_like(kurtosis, math.nan)
     return torch.stack(
-        [torch.where(enough, result.alpha.to(torch.float64), nan), torch.where(enough, result.se.to(torch.float64), nan),
-         torch.where(enough, kurtosis, nan)], dim=1).to(torch.float32)
+        [
+            torch.where(enough, result.alpha.to(torch.float64), nan),
+            torch.where(enough, result.se.to(torch.float64), nan),
+            torch.where(enough, kurtosis, nan),
+        ],
+        dim=1,
+    ).to(torch.float32)

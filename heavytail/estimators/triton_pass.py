@@ -23,7 +23,6 @@ from typing import Sequence
 
 import torch
 
-from heavytail.transfer import to_device
 from heavytail.estimators.gradient_pass import (
     ABSMAX,
     COUNT,
@@ -34,6 +33,7 @@ from heavytail.estimators.gradient_pass import (
     Denominators,
     PassResult,
 )
+from heavytail.transfer import to_device
 
 try:  # Triton is optional: present with CUDA builds of PyTorch, absent on most CPU machines.
     import triton
@@ -64,9 +64,21 @@ def available(device: torch.device | None = None) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _stats_kernel(ptrs, vptrs, work_tensor, work_start, work_len, bias_correction, eps, out,
-                      threshold, DTYPE: tl.constexpr, VDTYPE: tl.constexpr, HAS_V: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr):
+    def _stats_kernel(
+        ptrs,
+        vptrs,
+        work_tensor,
+        work_start,
+        work_len,
+        bias_correction,
+        eps,
+        out,
+        threshold,
+        DTYPE: tl.constexpr,
+        VDTYPE: tl.constexpr,
+        HAS_V: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         t = tl.load(work_tensor + pid)
         start = tl.load(work_start + pid)
@@ -116,8 +128,22 @@ if triton is not None:
         tl.store(row + 8, tl.sum(spikes, 0))
 
     @triton.jit
-    def _samples_kernel(ptrs, vptrs, rows, index, bias_correction, eps, g_out, r_out, v_out, num_samples,
-                        DTYPE: tl.constexpr, VDTYPE: tl.constexpr, HAS_V: tl.constexpr, SAMPLES: tl.constexpr):
+    def _samples_kernel(
+        ptrs,
+        vptrs,
+        rows,
+        index,
+        bias_correction,
+        eps,
+        g_out,
+        r_out,
+        v_out,
+        num_samples,
+        DTYPE: tl.constexpr,
+        VDTYPE: tl.constexpr,
+        HAS_V: tl.constexpr,
+        SAMPLES: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         t = tl.load(rows + pid)
         base = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
@@ -139,8 +165,12 @@ if triton is not None:
 
 _TL_DTYPES = {}
 if tl is not None:
-    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-                  torch.float64: tl.float64}
+    _TL_DTYPES = {
+        torch.float32: tl.float32,
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+        torch.float64: tl.float64,
+    }
 
 
 def _pointer_table(tensors: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor:
@@ -167,8 +197,7 @@ def triton_gradient_pass(
     grads = [None if g is None or g.numel() == 0 else g.detach().contiguous() for g in grads]
     vs: list[torch.Tensor | None] = [None] * num_layers
     if denominators is not None:
-        vs = [None if v is None or grads[i] is None else v.detach().contiguous()
-              for i, v in enumerate(denominators.v)]
+        vs = [None if v is None or grads[i] is None else v.detach().contiguous() for i, v in enumerate(denominators.v)]
         bias_correction = denominators.bias_correction.to(device, torch.float64)
         eps = denominators.eps.to(device, torch.float64)
     else:
@@ -202,8 +231,20 @@ def triton_gradient_pass(
         has_v = vdtype is not None
         vtl = _TL_DTYPES[vdtype] if has_v else tl.float32
         _stats_kernel[(len(work_tensor),)](
-            ptrs, vptrs, work[0], work[1], work[2], bias_correction, eps, partial, float(spike_threshold),
-            DTYPE=_TL_DTYPES[dtype], VDTYPE=vtl, HAS_V=has_v, BLOCK_SIZE=BLOCK)
+            ptrs,
+            vptrs,
+            work[0],
+            work[1],
+            work[2],
+            bias_correction,
+            eps,
+            partial,
+            float(spike_threshold),
+            DTYPE=_TL_DTYPES[dtype],
+            VDTYPE=vtl,
+            HAS_V=has_v,
+            BLOCK_SIZE=BLOCK,
+        )
         owner = work[0]
         stats[:, _SUM_COLUMNS] = stats[:, _SUM_COLUMNS].index_add(0, owner, partial[:, [0, 1, 2, 3, 4, 6, 8]])
         maxima = torch.zeros(num_layers, 2, device=device, dtype=torch.float64)
@@ -214,8 +255,21 @@ def triton_gradient_pass(
             stats[row_index, RATIO_MAX] = maxima[row_index, 1]
         if num_samples:
             _samples_kernel[(len(rows),)](
-                ptrs, vptrs, row_index, index, bias_correction, eps, g_samples, r_samples, v_samples, num_samples,
-                DTYPE=_TL_DTYPES[dtype], VDTYPE=vtl, HAS_V=has_v, SAMPLES=triton.next_power_of_2(num_samples))
+                ptrs,
+                vptrs,
+                row_index,
+                index,
+                bias_correction,
+                eps,
+                g_samples,
+                r_samples,
+                v_samples,
+                num_samples,
+                DTYPE=_TL_DTYPES[dtype],
+                VDTYPE=vtl,
+                HAS_V=has_v,
+                SAMPLES=triton.next_power_of_2(num_samples),
+            )
     if denominators is not None:
         missing = to_device([v is None for v in vs], device, torch.bool)
         stats[:, RATIO_SPIKES] = torch.where(missing, nan, stats[:, RATIO_SPIKES])

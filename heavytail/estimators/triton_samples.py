@@ -71,10 +71,42 @@ if triton is not None:
         _add(sums_p + 2, ended_steps)
 
     @triton.jit
-    def _sample_step_kernel(g_p, valid_p, ratio_p, den_p, bc_p, ratio_ok_p, level0, age0, active0, level1, age1,
-                            active1, memory_sum, events, betas, bias, shadow_v, shadow_t, shadow_sum, shadow_max,
-                            noise_mean, noise_seen, ring, ring_valid, consts, slot, noise_beta, inflation2, L, S, W,
-                            B: tl.constexpr, HAS_DEN: tl.constexpr, BLOCK: tl.constexpr):
+    def _sample_step_kernel(
+        g_p,
+        valid_p,
+        ratio_p,
+        den_p,
+        bc_p,
+        ratio_ok_p,
+        level0,
+        age0,
+        active0,
+        level1,
+        age1,
+        active1,
+        memory_sum,
+        events,
+        betas,
+        bias,
+        shadow_v,
+        shadow_t,
+        shadow_sum,
+        shadow_max,
+        noise_mean,
+        noise_seen,
+        ring,
+        ring_valid,
+        consts,
+        slot,
+        noise_beta,
+        inflation2,
+        L,
+        S,
+        W,
+        B: tl.constexpr,
+        HAS_DEN: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         l = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < S
@@ -88,8 +120,9 @@ if triton is not None:
             r = tl.load(ratio_p + offs, mask=inside, other=0.0)
             vh = tl.load(den_p + offs, mask=inside, other=0.0) / tl.load(bc_p + l)
             ok = tl.load(ratio_ok_p + l).to(tl.float32)
-            _memory_row(r, vh, ok, inflation2, threshold, level0, age0, active0, events, memory_sum + l * 3,
-                        offs, inside)
+            _memory_row(
+                r, vh, ok, inflation2, threshold, level0, age0, active0, events, memory_sum + l * 3, offs, inside
+            )
         gj = _nan_to_num64(g, big)
         for b in tl.static_range(B):
             bl = b * L + l
@@ -112,8 +145,20 @@ if triton is not None:
             tl.store(shadow_max + bl * 2, tl.where((old != old) | (new != new), float("nan"), tl.maximum(old, new)))
             _add(shadow_max + bl * 2 + 1, tl.where(ok_b, 1.0, 0.0))
             if b == 0:
-                _memory_row(rb, vhb, tl.where(ok_b, 1.0, 0.0), inflation2, threshold, level1, age1, active1,
-                            events + L * S, memory_sum + (L + l) * 3, offs, inside)
+                _memory_row(
+                    rb,
+                    vhb,
+                    tl.where(ok_b, 1.0, 0.0),
+                    inflation2,
+                    threshold,
+                    level1,
+                    age1,
+                    active1,
+                    events + L * S,
+                    memory_sum + (L + l) * 3,
+                    offs,
+                    inside,
+                )
             tl.store(shadow_t + bl, t + valid)
         # Temporal noise: the deviation from the EMA into the ring (once the EMA has a value), then the EMA.
         mean = tl.load(noise_mean + offs, mask=inside, other=0.0)
@@ -129,8 +174,27 @@ if triton is not None:
         tl.store(noise_seen + l, seen + valid)
 
     @triton.jit
-    def _update_kernel(before_p, after_p, g_p, valid_p, ev0, ev1, upd, consts, S, UCOLS, C0, C1, C2, C3, C4, C5,
-                       HAS0: tl.constexpr, HAS1: tl.constexpr, BLOCK: tl.constexpr):
+    def _update_kernel(
+        before_p,
+        after_p,
+        g_p,
+        valid_p,
+        ev0,
+        ev1,
+        upd,
+        consts,
+        S,
+        UCOLS,
+        C0,
+        C1,
+        C2,
+        C3,
+        C4,
+        C5,
+        HAS0: tl.constexpr,
+        HAS1: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         l = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < S
@@ -170,17 +234,39 @@ def _consts(threshold: float, device: torch.device) -> torch.Tensor:
 
 def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> torch.Tensor:
     if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
-        raise ValueError(f"heavytail Triton sample step: {name} must be a contiguous {dtype} tensor of shape "
-                         f"{shape}, got {t.dtype} {tuple(t.shape)}")
+        raise ValueError(
+            f"heavytail Triton sample step: {name} must be a contiguous {dtype} tensor of shape "
+            f"{shape}, got {t.dtype} {tuple(t.shape)}"
+        )
     return t
 
 
-def sample_step(*, g: torch.Tensor, valid: torch.Tensor, ratio: torch.Tensor | None, den: torch.Tensor | None,
-                bias_correction: torch.Tensor | None, ratio_ok: torch.Tensor, memory: Sequence[Sequence[torch.Tensor]],
-                memory_sum: torch.Tensor, betas: torch.Tensor, shadow_bias: torch.Tensor, shadow_v: torch.Tensor,
-                shadow_t: torch.Tensor, shadow_sum: torch.Tensor, shadow_max: torch.Tensor, noise_mean: torch.Tensor,
-                noise_seen: torch.Tensor, ring: torch.Tensor, ring_valid: torch.Tensor, slot: int, threshold: float,
-                inflation: float, noise_beta: float, q: float) -> SampleStep:
+def sample_step(
+    *,
+    g: torch.Tensor,
+    valid: torch.Tensor,
+    ratio: torch.Tensor | None,
+    den: torch.Tensor | None,
+    bias_correction: torch.Tensor | None,
+    ratio_ok: torch.Tensor,
+    memory: Sequence[Sequence[torch.Tensor]],
+    memory_sum: torch.Tensor,
+    betas: torch.Tensor,
+    shadow_bias: torch.Tensor,
+    shadow_v: torch.Tensor,
+    shadow_t: torch.Tensor,
+    shadow_sum: torch.Tensor,
+    shadow_max: torch.Tensor,
+    noise_mean: torch.Tensor,
+    noise_seen: torch.Tensor,
+    ring: torch.Tensor,
+    ring_valid: torch.Tensor,
+    slot: int,
+    threshold: float,
+    inflation: float,
+    noise_beta: float,
+    q: float,
+) -> SampleStep:
     """:func:`heavytail.estimators.cpu_pass.sample_step` on the GPU: the same arguments, states and result."""
     if triton is None:
         raise RuntimeError("the Triton sample step needs Triton (pip install triton) and a CUDA device")
@@ -190,12 +276,19 @@ def sample_step(*, g: torch.Tensor, valid: torch.Tensor, ratio: torch.Tensor | N
     device = g.device
     _check(g, f64, (L, S), "g")
     states = [_check(t, f32, (L, S), "memory state") for family in memory for t in family]
-    for t, dtype, shape, name in ((memory_sum, f64, (2, L, 3), "memory_sum"), (betas, f64, (B,), "betas"),
-                                  (shadow_bias, f64, (B, L), "shadow_bias"), (shadow_v, f32, (B, L, S), "shadow_v"),
-                                  (shadow_t, f64, (B, L), "shadow_t"), (shadow_sum, f64, (B, L), "shadow_sum"),
-                                  (shadow_max, f64, (B, L, 2), "shadow_max"), (noise_mean, f32, (L, S), "noise_mean"),
-                                  (noise_seen, f64, (L,), "noise_seen"), (ring, f32, (L, S, W), "ring"),
-                                  (ring_valid, torch.bool, (L, W), "ring_valid")):
+    for t, dtype, shape, name in (
+        (memory_sum, f64, (2, L, 3), "memory_sum"),
+        (betas, f64, (B,), "betas"),
+        (shadow_bias, f64, (B, L), "shadow_bias"),
+        (shadow_v, f32, (B, L, S), "shadow_v"),
+        (shadow_t, f64, (B, L), "shadow_t"),
+        (shadow_sum, f64, (B, L), "shadow_sum"),
+        (shadow_max, f64, (B, L, 2), "shadow_max"),
+        (noise_mean, f32, (L, S), "noise_mean"),
+        (noise_seen, f64, (L,), "noise_seen"),
+        (ring, f32, (L, S, W), "ring"),
+        (ring_valid, torch.bool, (L, W), "ring_valid"),
+    ):
         _check(t, dtype, shape, name)
     has_den = ratio is not None
     if has_den:
@@ -212,15 +305,48 @@ def sample_step(*, g: torch.Tensor, valid: torch.Tensor, ratio: torch.Tensor | N
         quantile = torch.full((L,), float("nan"), dtype=f64, device=device)
     events = torch.zeros(2, L, S, dtype=f32, device=device)
     _sample_step_kernel[(L,)](
-        g, valid.to(f64).contiguous(), ratio, den, bc, ratio_ok.to(f64).contiguous(), *states, memory_sum, events,
-        betas, shadow_bias, shadow_v, shadow_t, shadow_sum, shadow_max, noise_mean, noise_seen, ring, ring_valid,
-        _consts(threshold, device), int(slot) % W, float(noise_beta), float(inflation) * float(inflation), L, S, W,
-        B=B, HAS_DEN=has_den, BLOCK=triton.next_power_of_2(S))
+        g,
+        valid.to(f64).contiguous(),
+        ratio,
+        den,
+        bc,
+        ratio_ok.to(f64).contiguous(),
+        *states,
+        memory_sum,
+        events,
+        betas,
+        shadow_bias,
+        shadow_v,
+        shadow_t,
+        shadow_sum,
+        shadow_max,
+        noise_mean,
+        noise_seen,
+        ring,
+        ring_valid,
+        _consts(threshold, device),
+        int(slot) % W,
+        float(noise_beta),
+        float(inflation) * float(inflation),
+        L,
+        S,
+        W,
+        B=B,
+        HAS_DEN=has_den,
+        BLOCK=triton.next_power_of_2(S),
+    )
     return SampleStep(events, quantile)
 
 
-def update_step(before: torch.Tensor, after: torch.Tensor, g: torch.Tensor, valid: torch.Tensor,
-                events: Sequence[torch.Tensor | None], update_sum: torch.Tensor, columns: Sequence[int]) -> None:
+def update_step(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    g: torch.Tensor,
+    valid: torch.Tensor,
+    events: Sequence[torch.Tensor | None],
+    update_sum: torch.Tensor,
+    columns: Sequence[int],
+) -> None:
     """:func:`heavytail.estimators.cpu_pass.update_step` on the GPU: adds to ``update_sum`` in place."""
     if triton is None:
         raise RuntimeError("the Triton update step needs Triton (pip install triton) and a CUDA device")
@@ -231,6 +357,18 @@ def update_step(before: torch.Tensor, after: torch.Tensor, g: torch.Tensor, vali
     _check(update_sum, f64, (L, update_sum.shape[1]), "update_sum")
     ev = [None if e is None else _check(e, torch.float32, (L, S), "events") for e in events]
     _update_kernel[(L,)](
-        before, after, g, valid.to(f64).contiguous(), ev[0] if ev[0] is not None else g,
-        ev[1] if ev[1] is not None else g, update_sum, _consts(0.0, g.device), S, update_sum.shape[1], *columns,
-        HAS0=ev[0] is not None, HAS1=ev[1] is not None, BLOCK=triton.next_power_of_2(S))
+        before,
+        after,
+        g,
+        valid.to(f64).contiguous(),
+        ev[0] if ev[0] is not None else g,
+        ev[1] if ev[1] is not None else g,
+        update_sum,
+        _consts(0.0, g.device),
+        S,
+        update_sum.shape[1],
+        *columns,
+        HAS0=ev[0] is not None,
+        HAS1=ev[1] is not None,
+        BLOCK=triton.next_power_of_2(S),
+    )

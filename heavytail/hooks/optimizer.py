@@ -8,9 +8,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from heavytail.distributed import local
-from heavytail.transfer import to_device
 from heavytail.estimators import cpu_pass
 from heavytail.estimators.gradient_pass import Denominators
+from heavytail.transfer import to_device
 
 
 class OptimizerTap:
@@ -128,7 +128,9 @@ def _adafactor_variance(state: Mapping[str, Any], group: Mapping[str, Any], p: t
 
 
 def denominators(
-    optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor], device: torch.device,
+    optimizer: torch.optim.Optimizer | None,
+    params: Sequence[torch.Tensor],
+    device: torch.device,
     rows: Mapping[int, int] | None = None,
 ) -> Denominators | None:
     """The optimizer's denominator for each watched parameter, as the *next* ``step()`` will divide by it.
@@ -205,8 +207,13 @@ SMALL_TENSOR = 1 << 14
 tensor on its own costs ~12 us of dispatch, more than copying 16,000 entries."""
 
 
-def gather_samples(tensors: Sequence[torch.Tensor | None], sample_index: torch.Tensor, dtype: torch.dtype,
-                   fill: float = math.nan, prepared: bool = False) -> torch.Tensor:
+def gather_samples(
+    tensors: Sequence[torch.Tensor | None],
+    sample_index: torch.Tensor,
+    dtype: torch.dtype,
+    fill: float = math.nan,
+    prepared: bool = False,
+) -> torch.Tensor:
     """Each tensor's entries at its sampled coordinates, ``(L, S)`` (``fill`` where a tensor is None).
     ``prepared``: the tensors are already local and real (or None), as the monitor's parameter list is."""
     # A shard may be empty; a complex tensor has no real samples (casting would drop its imaginary part).
@@ -227,12 +234,14 @@ def gather_samples(tensors: Sequence[torch.Tensor | None], sample_index: torch.T
         out[index] = flat[(sample_index[index] + offsets[:, None]).reshape(-1)].view(len(small), -1).to(dtype)
     if big:
         out[to_device(big, device, torch.int64)] = torch.stack(
-            [tensors[i].detach().reshape(-1)[sample_index[i]].to(dtype) for i in big])
+            [tensors[i].detach().reshape(-1)[sample_index[i]].to(dtype) for i in big]
+        )
     return out
 
 
-def premomentum_matrix(optimizer: torch.optim.Optimizer, p: torch.Tensor, group: Mapping[str, Any] | None
-                       ) -> torch.Tensor | None:
+def premomentum_matrix(
+    optimizer: torch.optim.Optimizer, p: torch.Tensor, group: Mapping[str, Any] | None
+) -> torch.Tensor | None:
     """The matrix Muon is about to orthogonalise for ``p`` (in param group ``group``): buf_t = lerp(buf_{t-1},
     g_t, 1 - mu), then the Nesterov form lerp(g_t, buf_t, mu) (``torch.optim.Muon``); ``None`` before the first
     step or without grad."""

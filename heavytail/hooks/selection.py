@@ -31,8 +31,10 @@ def _matches(pattern: Any, name: str, owner: type | None) -> bool:
             except re.error as exc:  # name the pattern: a bare re.error does not say which option was wrong
                 raise ValueError(f"include/exclude: invalid regex {pattern!r}: {exc}") from None
         return fnmatch.fnmatchcase(name, pattern)
-    raise TypeError(f"include/exclude: a pattern must be a glob string, 're:<regex>', a compiled regex or a module "
-                    f"type, got {pattern!r}")
+    raise TypeError(
+        f"include/exclude: a pattern must be a glob string, 're:<regex>', a compiled regex or a module "
+        f"type, got {pattern!r}"
+    )
 
 
 def select_parameters(

@@ -15,8 +15,10 @@ from heavytail.integrations import loss_scaler, unwrap_model, unwrap_optimizer
 from heavytail.monitor import Monitor
 
 if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - old transformers
-    raise ImportError("heavytail.integrations.hf needs a transformers release whose TrainerCallback has "
-                      "on_pre_optimizer_step (the event between gradient clipping and optimizer.step())")
+    raise ImportError(
+        "heavytail.integrations.hf needs a transformers release whose TrainerCallback has "
+        "on_pre_optimizer_step (the event between gradient clipping and optimizer.step())"
+    )
 
 STATE_FILE = "heavytail_monitor.pt"
 """The monitor's ``state_dict`` in each Trainer checkpoint folder (``heavytail_monitor_rank<r>.pt`` on rank r > 0)."""
@@ -87,8 +89,9 @@ class HeavyTailCallback(TrainerCallback):
         if fields["log_dir"] is None:
             fields["log_dir"] = Path(args.output_dir) / "heavytail"
         monitor_args = {"scaler": loss_scaler(optimizer), **self._monitor_args}
-        self.monitor = Monitor(unwrap_model(model), unwrap_optimizer(optimizer), config=MonitorConfig(**fields),
-                               **monitor_args)
+        self.monitor = Monitor(
+            unwrap_model(model), unwrap_optimizer(optimizer), config=MonitorConfig(**fields), **monitor_args
+        )
         if state.global_step > 0:
             self._resume(args, state)
         # On the model the Trainer calls (inside DDP it is called by the wrapper), so every micro-batch is seen.
@@ -103,9 +106,13 @@ class HeavyTailCallback(TrainerCallback):
         if total is None:
             if not self._warned_no_loss:
                 self._warned_no_loss = True
-                warnings.warn("heavytail: the model returned no loss in its training forward passes, so the `loss` "
-                              "metric and loss-spike alerts are off; call HeavyTailCallback.observe_loss(loss) from "
-                              "your compute_loss", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    "heavytail: the model returned no loss in its training forward passes, so the `loss` "
+                    "metric and loss-spike alerts are off; call HeavyTailCallback.observe_loss(loss) from "
+                    "your compute_loss",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return
         if shares:
             loss = total
@@ -166,9 +173,12 @@ class HeavyTailCallback(TrainerCallback):
             if path.is_file():
                 self.monitor.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
                 return
-        warnings.warn(f"heavytail: resuming at step {state.global_step} without a saved monitor state "
-                      f"({STATE_FILE} in the checkpoint); the monitor counts steps from 0 and its detectors re-warm",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"heavytail: resuming at step {state.global_step} without a saved monitor state "
+            f"({STATE_FILE} in the checkpoint); the monitor counts steps from 0 and its detectors re-warm",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _close(self) -> None:
         if self._forward_handle is not None:

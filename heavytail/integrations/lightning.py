@@ -85,8 +85,9 @@ class HeavyTailCallback(pl.Callback):
             fields["log_dir"] = Path(trainer.default_root_dir) / "heavytail"
         self._scaler = getattr(trainer.precision_plugin, "scaler", None) or loss_scaler(optimizer)
         monitor_args = {"scaler": self._scaler, **self._monitor_args}
-        self.monitor = Monitor(unwrap_model(pl_module), unwrap_optimizer(optimizer),
-                               config=MonitorConfig(**fields), **monitor_args)
+        self.monitor = Monitor(
+            unwrap_model(pl_module), unwrap_optimizer(optimizer), config=MonitorConfig(**fields), **monitor_args
+        )
         self._open = True
         self._final_state = None
         if self._pending_state is not None:

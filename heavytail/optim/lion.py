@@ -73,8 +73,7 @@ class Lion(Optimizer):
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(
-                    "Lion does not support sparse gradients; use dense gradients "
-                    "(e.g. nn.Embedding(sparse=False))"
+                    "Lion does not support sparse gradients; use dense gradients (e.g. nn.Embedding(sparse=False))"
                 )
             if torch.is_complex(p):
                 raise RuntimeError("Lion does not support complex parameters: a complex sign() is not a direction")

@@ -221,9 +221,7 @@ def render_noise_table(run: Run) -> str:
         "1: noise proportional to the gradient), fitted on the coordinates whose gradient the probe resolves "
         f"(the resolved fraction).{ref}</p>"
     )
-    return (
-        f"{note}<div class='ht-scroll'><table class='ht-table' id='noise-table'>{head}{''.join(rows)}</table></div>"
-    )
+    return f"{note}<div class='ht-scroll'><table class='ht-table' id='noise-table'>{head}{''.join(rows)}</table></div>"
 
 
 def _nav_label(spec: HeatmapSpec) -> str:

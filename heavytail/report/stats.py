@@ -21,7 +21,7 @@ def _nanstat(fn: Callable[[np.ndarray], Any], values: np.ndarray) -> float:
 
 def shadow_beta(family: str) -> float:
     """The beta2 a shadow family's tag stands for (``shadow999/...`` -> 0.999, ``shadow95`` -> 0.95); NaN if none."""
-    tag = family.split("/", 1)[0][len("shadow"):]
+    tag = family.split("/", 1)[0][len("shadow") :]
     return float("0." + tag) if tag.isdigit() else math.nan
 
 

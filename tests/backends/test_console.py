@@ -13,14 +13,24 @@ from heavytail.backends.console import ConsoleBackend, format_value, shorten, wo
 
 def record() -> dict[str, float]:
     metrics = {"loss": 2.84312, "grad/norm": 1.23456}
-    alphas = {"embed.weight": 3.1, "blocks.0.attn.qkv.weight": 1.52, "blocks.0.mlp.fc.weight": math.nan,
-              "blocks.1.attn.qkv.weight": 2.2, "blocks.1.mlp.fc.weight": 1.9, "lm_head.weight": 4.0,
-              "blocks.2.attn.qkv.weight": 2.9}
+    alphas = {
+        "embed.weight": 3.1,
+        "blocks.0.attn.qkv.weight": 1.52,
+        "blocks.0.mlp.fc.weight": math.nan,
+        "blocks.1.attn.qkv.weight": 2.2,
+        "blocks.1.mlp.fc.weight": 1.9,
+        "lm_head.weight": 4.0,
+        "blocks.2.attn.qkv.weight": 2.9,
+    }
     for layer, alpha in alphas.items():
         metrics[f"grad/hill_alpha/{layer}"] = alpha
         metrics[f"grad/kurtosis/{layer}"] = 50.0
-    ratios = {"embed.weight": 3.0, "blocks.0.attn.qkv.weight": 412.0, "blocks.1.mlp.fc.weight": math.inf,
-              "lm_head.weight": 7.5}
+    ratios = {
+        "embed.weight": 3.0,
+        "blocks.0.attn.qkv.weight": 412.0,
+        "blocks.1.mlp.fc.weight": math.inf,
+        "lm_head.weight": 7.5,
+    }
     for layer, ratio in ratios.items():
         metrics[f"adam/ratio_max/{layer}"] = ratio
     return metrics
@@ -44,7 +54,10 @@ def test_table_layout_and_ranking():
     assert lines[1][second:].startswith("highest adam/ratio_max")
     assert [line[second : second + 9] for line in lines[2:]] == ["      inf", "      412", "      7.5"]
     assert [line[second + 10 :] for line in lines[2:]] == [
-        "blocks.1.mlp.fc.weight", "blocks.0.attn.qkv.weight", "lm_head.weight"]
+        "blocks.1.mlp.fc.weight",
+        "blocks.0.attn.qkv.weight",
+        "lm_head.weight",
+    ]
 
 
 def test_nan_shown_as_dash_and_ranked_last():
@@ -72,11 +85,30 @@ def test_missing_families_and_globals():
 def test_alert_lines():
     stream = io.StringIO()
     backend = ConsoleBackend(stream=stream)
-    backend.alert({"step": 412, "wall_time": 0.0, "rule": "loss_spike", "severity": "warning", "metric": "loss",
-                   "layer": None, "value": 7.9, "threshold": 4.1, "message": "loss 7.9 is 6.3 sd above",
-                   "flight_record": "flight/000412_loss_spike.json"})
-    backend.alert({"step": 413, "rule": "nonfinite_grad", "severity": "critical", "layer": "blocks.0.w",
-                   "message": "3 non-finite entries", "flight_record": None})
+    backend.alert(
+        {
+            "step": 412,
+            "wall_time": 0.0,
+            "rule": "loss_spike",
+            "severity": "warning",
+            "metric": "loss",
+            "layer": None,
+            "value": 7.9,
+            "threshold": 4.1,
+            "message": "loss 7.9 is 6.3 sd above",
+            "flight_record": "flight/000412_loss_spike.json",
+        }
+    )
+    backend.alert(
+        {
+            "step": 413,
+            "rule": "nonfinite_grad",
+            "severity": "critical",
+            "layer": "blocks.0.w",
+            "message": "3 non-finite entries",
+            "flight_record": None,
+        }
+    )
     assert stream.getvalue().splitlines() == [
         "heavytail ALERT WARNING step 412 loss_spike: loss 7.9 is 6.3 sd above (flight/000412_loss_spike.json)",
         "heavytail ALERT CRITICAL step 413 nonfinite_grad [blocks.0.w]: 3 non-finite entries",

@@ -52,9 +52,16 @@ def test_scalars_histograms_text_and_layout(tmp_path):
     backend.log(first, 10)
     backend.log(second, 20)
     alert = {
-        "step": 20, "wall_time": 0.0, "rule": "tail_index_drop", "severity": "warning",
-        "metric": "grad/hill_alpha", "layer": "blocks.0.attn.qkv.weight", "value": 1.75, "threshold": 2.0,
-        "message": "tail index of blocks.0.attn.qkv.weight fell to 1.75", "flight_record": "flight/000020_x.json",
+        "step": 20,
+        "wall_time": 0.0,
+        "rule": "tail_index_drop",
+        "severity": "warning",
+        "metric": "grad/hill_alpha",
+        "layer": "blocks.0.attn.qkv.weight",
+        "value": 1.75,
+        "threshold": 2.0,
+        "message": "tail index of blocks.0.attn.qkv.weight fell to 1.75",
+        "flight_record": "flight/000020_x.json",
     }
     backend.alert(alert)
     backend.close()
@@ -117,8 +124,9 @@ def test_scalars_histograms_text_and_layout(tmp_path):
 def test_tb_dir_histogram_families_and_registry(tmp_path):
     factory = backend_factory("tensorboard")
     assert factory is TensorBoardBackend
-    backend = factory(log_dir=tmp_path / "run", config=None, tb_dir=tmp_path / "tb",
-                      histogram_families=("grad/kurtosis",))
+    backend = factory(
+        log_dir=tmp_path / "run", config=None, tb_dir=tmp_path / "tb", histogram_families=("grad/kurtosis",)
+    )
     backend.log(record(1), 1)
     backend.close()
     assert not (tmp_path / "run" / "tensorboard").exists()
@@ -170,5 +178,7 @@ def test_key_helpers():
     assert block_of("0.weight") == "0"
     many = {"grad/hill_alpha": [f"h.{i}.w" for i in range(100)]}
     assert list(custom_scalars_layout(many)["grad/hill_alpha"]) == ["grad/hill_alpha (all layers)"]
-    assert "grad/hill_alpha h.10" == list(custom_scalars_layout({"grad/hill_alpha": ["h.2.w", "h.10.w"]})[
-        "grad/hill_alpha"])[2]
+    assert (
+        "grad/hill_alpha h.10"
+        == list(custom_scalars_layout({"grad/hill_alpha": ["h.2.w", "h.10.w"]})["grad/hill_alpha"])[2]
+    )

@@ -111,8 +111,15 @@ def record(step: int) -> dict[str, float]:
 
 
 ALERT = {
-    "step": 20, "wall_time": 0.0, "rule": "loss_spike", "severity": "critical", "metric": "loss", "layer": None,
-    "value": 7.9, "threshold": 4.1, "message": "loss 7.9 at step 20 is 6.3 robust sd above its recent level",
+    "step": 20,
+    "wall_time": 0.0,
+    "rule": "loss_spike",
+    "severity": "critical",
+    "metric": "loss",
+    "layer": None,
+    "value": 7.9,
+    "threshold": 4.1,
+    "message": "loss 7.9 at step 20 is 6.3 robust sd above its recent level",
     "flight_record": "flight/000020_loss_spike.json",
 }
 
@@ -148,7 +155,8 @@ def test_starts_finishes_and_tears_down_its_own_run(tmp_path, monkeypatch, caplo
         backend.alert({**ALERT, "step": 22, "severity": "warning"})
     backend.alert({**ALERT, "step": 23, "severity": "info"})
     assert [r.message for r in caplog.records if r.name == "heavytail.backends.wandb"] == [
-        "wandb backend: could not send a W&B alert (no network); alerts are still logged"]
+        "wandb backend: could not send a W&B alert (no network); alerts are still logged"
+    ]
 
     backend.close()
     backend.close()  # idempotent
@@ -214,7 +222,8 @@ def test_logs_into_the_users_run_and_leaves_it_open(tmp_path, caplog):
         late.log(record(40), 40)
         late.alert(ALERT)
     assert [r.message for r in caplog.records if r.name == "heavytail.backends.wandb"] == [
-        "wandb backend: the W&B run it logged into has finished; dropping records"]
+        "wandb backend: the W&B run it logged into has finished; dropping records"
+    ]
     late.close()
     assert not (tmp_path / "heavytail_run").exists()  # no run of its own was started
 
@@ -233,8 +242,16 @@ def test_logs_into_the_users_run_and_leaves_it_open(tmp_path, caplog):
     assert rows[4:] == [{"user/step": 2, "user/acc": 0.5}]
     # the user's "*" still points at the user's step, heavytail's groups at heavytail's; "loss" without a prefix
     # is left alone (it may be the user's series too)
-    assert metric_defs(records) == {"*": "user/step", STEP: "", "ht/loss": STEP, "ht/grad/*": STEP,
-                                    "ht/adam/*": STEP, "ht/alerts/*": STEP, "grad/*": STEP, "adam/*": STEP}
+    assert metric_defs(records) == {
+        "*": "user/step",
+        STEP: "",
+        "ht/loss": STEP,
+        "ht/grad/*": STEP,
+        "ht/adam/*": STEP,
+        "ht/alerts/*": STEP,
+        "grad/*": STEP,
+        "adam/*": STEP,
+    }
     updates = [{i.key: json.loads(i.value_json) for i in c.update} for c in records.get("config", [])]
     assert any(u.get("heavytail", {}).get("run_name") == "ignored" for u in updates)
 

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from heavytail.estimators import cpu_pass
 from heavytail.estimators.gradient_pass import RATIO_MAX, RATIO_SPIKES, Denominators, gradient_pass
@@ -24,29 +25,37 @@ FIELDS = ("stats", "grad_samples", "ratio_samples", "denom_samples")
 def _case(seed: int, dtype=torch.float32, vdtype=torch.float32, samples: int = 32):
     gen = torch.Generator().manual_seed(seed)
     shapes = [(40, 30), (5,), (1,), (70_000,), (17, 3, 2), (0,), (600, 300)]
-    grads = [(torch.randn(*s, generator=gen) * 10 ** float(torch.randint(-8, 1, (1,), generator=gen))).to(dtype)
-             for s in shapes]
+    grads = [
+        (torch.randn(*s, generator=gen) * 10 ** float(torch.randint(-8, 1, (1,), generator=gen))).to(dtype)
+        for s in shapes
+    ]
     grads[0][3, 4] = float("nan")
     grads[3][7] = float("inf")
     grads[3][70] = -float("inf")
     grads[6][:200] = 0.0  # rows that never had a gradient (an embedding): g = 0 and v = 0
     grads.insert(2, None)
-    vs = [None if g is None else (torch.rand(g.shape, generator=gen) * 1e-3 * g.float().abs().mean()).to(vdtype)
-          for g in grads]
+    vs = [
+        None if g is None else (torch.rand(g.shape, generator=gen) * 1e-3 * g.float().abs().mean()).to(vdtype)
+        for g in grads
+    ]
     vs[1] = None
     vs[4][:10] = 0.0  # never-seen coordinates: r = 0
     vs[7][:200] = 0.0
     n = len(grads)
-    den = Denominators(vs, torch.linspace(0.1, 1.0, n, dtype=torch.float64), torch.full((n,), 1e-8, dtype=torch.float64))
-    index = torch.stack([torch.randint(0, max(1, 1 if g is None else max(g.numel(), 1)), (samples,), generator=gen)
-                         for g in grads])
+    den = Denominators(
+        vs, torch.linspace(0.1, 1.0, n, dtype=torch.float64), torch.full((n,), 1e-8, dtype=torch.float64)
+    )
+    index = torch.stack(
+        [torch.randint(0, max(1, 1 if g is None else max(g.numel(), 1)), (samples,), generator=gen) for g in grads]
+    )
     return grads, den, index
 
 
 def _assert_same(got, want, rtol=1e-12):
     for name in FIELDS:
-        torch.testing.assert_close(getattr(got, name), getattr(want, name).to(torch.float64), rtol=rtol, atol=1e-300,
-                                   equal_nan=True, msg=name)
+        torch.testing.assert_close(
+            getattr(got, name), getattr(want, name).to(torch.float64), rtol=rtol, atol=1e-300, equal_nan=True, msg=name
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -88,8 +97,9 @@ def test_heavy_tailed_ratios_many_records_and_spikes():
     vs = [(torch.randn(300_000, generator=gen) * 1e-3) ** 2]
     den = Denominators(vs, torch.full((1,), 0.3, dtype=torch.float64), torch.full((1,), 1e-8, dtype=torch.float64))
     index = torch.randint(0, 300_000, (1, 64), generator=gen)
-    _assert_same(cpu_pass.cpu_gradient_pass(grads, index, den), gradient_pass(grads, sample_index=index,
-                                                                              denominators=den))
+    _assert_same(
+        cpu_pass.cpu_gradient_pass(grads, index, den), gradient_pass(grads, sample_index=index, denominators=den)
+    )
 
 
 def test_nan_denominator_poisons_the_ratio_max_as_in_the_reference():
@@ -127,11 +137,15 @@ def test_kernel_matches_the_torch_pass_on_random_inputs(sizes, scale, specials, 
             grads[i % len(grads)][0] = value
     vs = [(torch.randn(n, generator=gen) * scale) ** 2 for n in sizes]
     n = len(sizes)
-    den = Denominators(vs, torch.rand(n, generator=gen, dtype=torch.float64) + 0.05,
-                       torch.full((n,), 1e-8, dtype=torch.float64))
+    den = Denominators(
+        vs, torch.rand(n, generator=gen, dtype=torch.float64) + 0.05, torch.full((n,), 1e-8, dtype=torch.float64)
+    )
     index = torch.stack([torch.randint(0, max(s, 1), (16,), generator=gen) for s in sizes])
-    _assert_same(cpu_pass.cpu_gradient_pass(grads, index, den, spike_threshold=10.0),
-                 gradient_pass(grads, sample_index=index, denominators=den, spike_threshold=10.0), rtol=1e-10)
+    _assert_same(
+        cpu_pass.cpu_gradient_pass(grads, index, den, spike_threshold=10.0),
+        gradient_pass(grads, sample_index=index, denominators=den, spike_threshold=10.0),
+        rtol=1e-10,
+    )
 
 
 def test_gather_matches_indexing():
@@ -149,8 +163,14 @@ def test_gather_matches_indexing():
 def test_sums_of_squares_match_float64_numpy(dtype):
     gen = torch.Generator().manual_seed(3)
     # sizes across the 65,536-entry work items; a transposed view (copied first); tiny and huge magnitudes
-    tensors = [torch.randn(200_001, generator=gen), None, torch.empty(0), torch.randn(3, 5, generator=gen).t(),
-               torch.randn(7, generator=gen) * 1e-20, torch.randn(1000, generator=gen) * 1e30]
+    tensors = [
+        torch.randn(200_001, generator=gen),
+        None,
+        torch.empty(0),
+        torch.randn(3, 5, generator=gen).t(),
+        torch.randn(7, generator=gen) * 1e-20,
+        torch.randn(1000, generator=gen) * 1e30,
+    ]
     tensors = [t if t is None else t.to(dtype) for t in tensors]
     got = cpu_pass.sums_of_squares(tensors)
     assert got.dtype == torch.float64 and got.shape == (len(tensors),)
@@ -167,17 +187,24 @@ def test_sums_of_squares_match_float64_numpy(dtype):
 
 
 def test_sums_of_squares_carry_non_finite_entries_like_a_norm():
-    got = cpu_pass.sums_of_squares([torch.tensor([1.0, float("inf")]), torch.tensor([float("nan"), 2.0]),
-                                    torch.tensor([3.0, 4.0])])
+    got = cpu_pass.sums_of_squares(
+        [torch.tensor([1.0, float("inf")]), torch.tensor([float("nan"), 2.0]), torch.tensor([3.0, 4.0])]
+    )
     assert math.isinf(got[0]) and math.isnan(got[1]) and got[2] == 25.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_top_magnitudes_match_topk(dtype):
     gen = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(50_000, generator=gen) * 1e-4, torch.randn(7, generator=gen),
-               torch.zeros(100), torch.randint(-2, 3, (5000,), generator=gen).float(),  # massive ties
-               torch.randn(3000, generator=gen) ** 9, torch.randn(20, generator=gen), torch.rand(1000, generator=gen)]
+    tensors = [
+        torch.randn(50_000, generator=gen) * 1e-4,
+        torch.randn(7, generator=gen),
+        torch.zeros(100),
+        torch.randint(-2, 3, (5000,), generator=gen).float(),  # massive ties
+        torch.randn(3000, generator=gen) ** 9,
+        torch.randn(20, generator=gen),
+        torch.rand(1000, generator=gen),
+    ]
     tensors = [t.to(dtype) for t in tensors]
     tensors[0][:10] = float("nan")
     tensors[0][10:20] = float("inf")
@@ -188,12 +215,12 @@ def test_top_magnitudes_match_topk(dtype):
         assert int(valid) == int(want_valid)
         assert top.shape == (m,)
         torch.testing.assert_close(top[: want.numel()], want.float(), rtol=0, atol=0)
-        assert (top[want.numel():] == 0).all()
+        assert (top[want.numel() :] == 0).all()
 
 
 def test_top_magnitudes_of_subnormals_and_huge_values():
     t = torch.tensor([1e-45, 1e-40, 3e38, -3e38, 1e-38, 0.0, 2.0], dtype=torch.float32)
-    (top, valid), = cpu_pass.top_magnitudes([t], [5])
+    ((top, valid),) = cpu_pass.top_magnitudes([t], [5])
     assert int(valid) == 6
     assert top.tolist() == torch.sort(t.abs()[t != 0], descending=True).values[:5].tolist()
 
@@ -224,9 +251,12 @@ def test_monitor_with_the_cpu_kernel_writes_the_same_records(tmp_path):
         for key, value in a["metrics"].items():
             if value is None:
                 assert b["metrics"][key] is None, key
-            elif key.startswith("grad/norm_preclip/"):
-                # torch._foreach_norm sums float32 gradients in float32; the C kernel sums in float64
-                assert b["metrics"][key] == pytest.approx(value, rel=1e-6), key
+            elif key == "grad/norm_preclip" or key.startswith("grad/norm_preclip/"):
+                # The torch path's pre-clip norms come from torch._foreach_norm, which sums float32 gradients in
+                # float32 in an order that depends on the thread count; the C kernel sums in float64. A float32 sum
+                # of n squares is within about sqrt(n) * 6e-8 relative of the exact one (a few 1e-6 at the
+                # 1e3-1e4 entries of these layers), the per-layer and the global norm alike.
+                assert b["metrics"][key] == pytest.approx(value, rel=1e-5), key
             else:
                 assert b["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
@@ -248,8 +278,12 @@ def test_without_a_compiler_the_monitor_uses_the_torch_pass(tmp_path):
         "    raise AssertionError('kernel=cpu without a compiler must fail at attach time')\n"
     ) % (tmp_path / "a", tmp_path / "b")
     env = {**os.environ, "CC": "no-such-compiler-heavytail", "HEAVYTAIL_CACHE_DIR": str(tmp_path / "cache")}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.path.dirname(os.path.dirname(
-        os.path.dirname(os.path.abspath(__file__)))))
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     assert (tmp_path / "a" / "metrics.jsonl").read_text().strip()
 
 

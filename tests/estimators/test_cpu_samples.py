@@ -50,10 +50,20 @@ def _run(implementation, optimizer: str, tmp_path, steps: int = 36, device: str 
         opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95))
     else:
         opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9)
-    config = ht.MonitorConfig(every=13, sample_size=64, spike_threshold=4.0, memory_inflation=1.3, noise_beta=0.9,
-                              shadow_betas=(0.999, 0.95, 0.5), noise_window=5, kernel="cpu" if device == "cpu" else "auto")
+    config = ht.MonitorConfig(
+        every=13,
+        sample_size=64,
+        spike_threshold=4.0,
+        memory_inflation=1.3,
+        noise_beta=0.9,
+        shadow_betas=(0.999, 0.95, 0.5),
+        noise_window=5,
+        kernel="cpu" if device == "cpu" else "auto",
+    )
     model = torch.nn.ParameterList(params)
-    mon = ht.Monitor(model, opt, config=config, log_dir=tmp_path / f"{optimizer}-{getattr(implementation, '__name__', 'torch')}")
+    mon = ht.Monitor(
+        model, opt, config=config, log_dir=tmp_path / f"{optimizer}-{getattr(implementation, '__name__', 'torch')}"
+    )
     if device == "cpu":
         assert mon._samples is cpu_pass  # the C path is what the CPU gets by default
     mon._samples = implementation
@@ -75,8 +85,9 @@ def test_sample_kernel_states_equal_the_torch_code(optimizer, tmp_path):
     reference.close()
 
 
-def assert_same_states(kernel: ht.Monitor, reference: ht.Monitor, optimizer: str, rounded: set[str] = ROUNDED,
-                       rtol: float = 1e-12) -> None:
+def assert_same_states(
+    kernel: ht.Monitor, reference: ht.Monitor, optimizer: str, rounded: set[str] = ROUNDED, rtol: float = 1e-12
+) -> None:
     """Every state tensor of the two monitors equal (those in ``rounded`` to ``rtol``), and the run did reach
     what it compares."""
     a, b = kernel._state, reference._state
@@ -87,7 +98,7 @@ def assert_same_states(kernel: ht.Monitor, reference: ht.Monitor, optimizer: str
                 torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
             continue
         tol = dict(rtol=rtol, atol=1e-300) if key in rounded else dict(rtol=0, atol=0)
-        torch.testing.assert_close(a[key], b[key], equal_nan=True, msg=lambda m: f"{key}: {m}", **tol)
+        torch.testing.assert_close(a[key], b[key], equal_nan=True, msg=lambda m, key=key: f"{key}: {m}", **tol)
     # The run did exercise what it compares: episodes opened and closed, shadow spikes, update ratios at events.
     memory_sum = b["memory_sum"]
     if optimizer == "adamw":
@@ -115,16 +126,30 @@ def _random_inputs(L: int, S: int, B: int, W: int, seed: int) -> dict:
     ratio[1] = float("nan")
     ratio[2, 3] = float("inf")
     return dict(
-        g=g, valid=torch.ones(L, dtype=torch.bool), ratio=ratio, den=den, bias_correction=torch.ones(L, dtype=f64),
+        g=g,
+        valid=torch.ones(L, dtype=torch.bool),
+        ratio=ratio,
+        den=den,
+        bias_correction=torch.ones(L, dtype=f64),
         ratio_ok=torch.ones(L, dtype=torch.bool),
         memory=[tuple(torch.zeros(L, S, dtype=f32) for _ in range(3)) for _ in range(2)],
-        memory_sum=torch.zeros(2, L, 3, dtype=f64), betas=torch.tensor([0.999, 0.9][:B], dtype=f64),
-        shadow_bias=torch.ones(B, L, dtype=f64), shadow_v=torch.zeros(B, L, S, dtype=f32),
-        shadow_t=torch.zeros(B, L, dtype=f64), shadow_sum=torch.zeros(B, L, dtype=f64),
-        shadow_max=torch.zeros(B, L, 2, dtype=f64), noise_mean=torch.zeros(L, S, dtype=f32),
-        noise_seen=torch.zeros(L, dtype=f64), ring=torch.zeros(L, S, W, dtype=f32),
-        ring_valid=torch.zeros(L, W, dtype=torch.bool), slot=0, threshold=5000.0, inflation=1.5, noise_beta=0.9,
-        q=0.99)
+        memory_sum=torch.zeros(2, L, 3, dtype=f64),
+        betas=torch.tensor([0.999, 0.9][:B], dtype=f64),
+        shadow_bias=torch.ones(B, L, dtype=f64),
+        shadow_v=torch.zeros(B, L, S, dtype=f32),
+        shadow_t=torch.zeros(B, L, dtype=f64),
+        shadow_sum=torch.zeros(B, L, dtype=f64),
+        shadow_max=torch.zeros(B, L, 2, dtype=f64),
+        noise_mean=torch.zeros(L, S, dtype=f32),
+        noise_seen=torch.zeros(L, dtype=f64),
+        ring=torch.zeros(L, S, W, dtype=f32),
+        ring_valid=torch.zeros(L, W, dtype=torch.bool),
+        slot=0,
+        threshold=5000.0,
+        inflation=1.5,
+        noise_beta=0.9,
+        q=0.99,
+    )
 
 
 @pytest.mark.parametrize("S", [8, 9, 256, 1000])
@@ -151,8 +176,11 @@ def test_without_a_denominator_the_quantile_is_nan_and_the_real_memory_untouched
 def test_a_state_of_the_wrong_layout_is_refused_before_anything_is_written(bad):
     inputs = _random_inputs(4, 16, 2, 3, seed=0)
     v = inputs["shadow_v"]
-    inputs["shadow_v"] = {"dtype": v.double(), "layout": v.transpose(1, 2).contiguous().transpose(1, 2),
-                          "shape": v[:, :, :8]}[bad]
+    inputs["shadow_v"] = {
+        "dtype": v.double(),
+        "layout": v.transpose(1, 2).contiguous().transpose(1, 2),
+        "shape": v[:, :, :8],
+    }[bad]
     before = inputs["noise_mean"].clone()
     with pytest.raises(ValueError, match="shadow_v"):
         cpu_pass.sample_step(**inputs)

@@ -5,7 +5,18 @@ import pytest
 import torch
 
 from heavytail.estimators.gradient_pass import (
-    ABSMAX, COUNT, NONFINITE, RATIO_MAX, RATIO_SPIKES, S1, S2, S3, S4, Denominators, GradientPass, gradient_pass,
+    ABSMAX,
+    COUNT,
+    NONFINITE,
+    RATIO_MAX,
+    RATIO_SPIKES,
+    S1,
+    S2,
+    S3,
+    S4,
+    Denominators,
+    GradientPass,
+    gradient_pass,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -55,8 +66,9 @@ def test_denominator_ratio_matches_adamw_division(chunk):
     bc = torch.tensor([0.5, 1.0, 0.25, 0.9, 0.1], dtype=torch.float64)
     eps = torch.full((5,), 1e-8, dtype=torch.float64)
     grads[0].view(-1)[0] = 50.0  # a hidden spike
-    stats = gradient_pass(grads, denominators=Denominators(vs, bc, eps), spike_threshold=5000.0,
-                          chunk_numel=chunk).stats.numpy()
+    stats = gradient_pass(
+        grads, denominators=Denominators(vs, bc, eps), spike_threshold=5000.0, chunk_numel=chunk
+    ).stats.numpy()
     for i, (g, v) in enumerate(zip(grads, vs)):
         if v is None:
             assert np.isnan(stats[i, RATIO_MAX]) and np.isnan(stats[i, RATIO_SPIKES])

@@ -69,12 +69,14 @@ def ref_default(x: np.ndarray) -> tuple[float, float, float]:
 
 def _rows(seed: int = 0, n: int = 3000) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return np.stack([
-        rng.pareto(1.5, n) + 1,
-        rng.standard_t(3, n),
-        rng.standard_normal(n),
-        levy_stable.rvs(1.7, 0, size=n, random_state=seed),
-    ])
+    return np.stack(
+        [
+            rng.pareto(1.5, n) + 1,
+            rng.standard_t(3, n),
+            rng.standard_normal(n),
+            levy_stable.rvs(1.7, 0, size=n, random_state=seed),
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- agreement with the references

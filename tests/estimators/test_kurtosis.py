@@ -18,13 +18,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 def _rows(seed: int = 0, n: int = 3000) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return np.stack([
-        rng.standard_t(5, n),
-        rng.laplace(size=n),
-        rng.standard_normal(n) * 1e-3 + 5.0,  # offset 5000 standard deviations: the two passes must centre first
-        rng.pareto(3, n),
-        rng.uniform(size=n),  # platykurtic: -1.2
-    ])
+    return np.stack(
+        [
+            rng.standard_t(5, n),
+            rng.laplace(size=n),
+            rng.standard_normal(n) * 1e-3 + 5.0,  # offset 5000 standard deviations: the two passes must centre first
+            rng.pareto(3, n),
+            rng.uniform(size=n),  # platykurtic: -1.2
+        ]
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -95,8 +97,9 @@ def test_power_sums_accept_python_n_and_broadcast():
     torch.testing.assert_close(kurtosis_from_power_sums(400, *sums), kurtosis(x), rtol=1e-9, atol=1e-9)
     zero = torch.zeros(2)
     assert torch.isnan(kurtosis_from_power_sums(torch.tensor([1.0, 0.0]), zero, zero, zero, zero)).all()
-    constant = kurtosis_from_power_sums(10, torch.tensor(20.0), torch.tensor(40.0), torch.tensor(80.0),
-                                        torch.tensor(160.0))
+    constant = kurtosis_from_power_sums(
+        10, torch.tensor(20.0), torch.tensor(40.0), torch.tensor(80.0), torch.tensor(160.0)
+    )
     assert torch.isnan(constant)
 
 

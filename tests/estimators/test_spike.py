@@ -168,8 +168,9 @@ def test_nonfinite_is_skipped_and_not_flagged(bad):
     assert state.count[1] == before.count[1] + 1  # stream 1 went on
     # Skipping is the same as the value never arriving.
     _, f_skip, z_skip = run(torch.tensor(x[121:, :1]), FAST, state=SpikeState(*(t[:1] for t in state)))
-    _, f_ref, z_ref = run(torch.tensor(np.delete(x, 120, axis=0)[120:, :1]), FAST,
-                          state=SpikeState(*(t[:1] for t in before)))
+    _, f_ref, z_ref = run(
+        torch.tensor(np.delete(x, 120, axis=0)[120:, :1]), FAST, state=SpikeState(*(t[:1] for t in before))
+    )
     assert torch.equal(z_skip, z_ref) and torch.equal(f_skip, f_ref)
 
 
@@ -275,6 +276,7 @@ def test_update_makes_no_host_sync(monkeypatch):
     def forbidden(name):
         def raise_(*args, **kwargs):
             raise AssertionError(f"host sync: Tensor.{name} called inside spike.update")
+
         return raise_
 
     for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
@@ -330,8 +332,18 @@ def test_compiles_to_one_graph_and_matches_eager_on_cuda():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("warmup", 1), ("halflife", 0.0), ("halflife", math.inf), ("trend_halflife", -1.0),
-     ("scale_halflife", 0.0), ("threshold", 0.0), ("clip", -1.0), ("rtol", -0.1), ("atol", -1.0), ("domain", "exp")],
+    [
+        ("warmup", 1),
+        ("halflife", 0.0),
+        ("halflife", math.inf),
+        ("trend_halflife", -1.0),
+        ("scale_halflife", 0.0),
+        ("threshold", 0.0),
+        ("clip", -1.0),
+        ("rtol", -0.1),
+        ("atol", -1.0),
+        ("domain", "exp"),
+    ],
 )
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -29,12 +29,14 @@ def ref_stable(x: np.ndarray) -> float:
 
 def _rows(seed: int = 0, n: int = 5000) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return np.stack([
-        levy_stable.rvs(1.5, 0, size=n, random_state=seed),
-        rng.standard_cauchy(n),
-        rng.standard_t(3, n),
-        rng.standard_normal(n),
-    ])
+    return np.stack(
+        [
+            levy_stable.rvs(1.5, 0, size=n, random_state=seed),
+            rng.standard_cauchy(n),
+            rng.standard_t(3, n),
+            rng.standard_normal(n),
+        ]
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -22,8 +22,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _case(seed: int, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     shapes = [(40, 30), (5,), (1,), (3000,), (17, 3, 2)]
-    grads = [(torch.randn(*s, generator=gen) * 10 ** float(torch.randint(-6, 1, (1,), generator=gen))).to(dtype)
-             for s in shapes]
+    grads = [
+        (torch.randn(*s, generator=gen) * 10 ** float(torch.randint(-6, 1, (1,), generator=gen))).to(dtype)
+        for s in shapes
+    ]
     grads[0][3, 4] = float("nan")
     grads[3][7] = float("inf")
     grads.insert(2, None)
@@ -33,10 +35,14 @@ def _case(seed: int, dtype=torch.float32):
     grads = [None if g is None else g.to(DEVICE) for g in grads]
     vs = [None if v is None else v.to(DEVICE) for v in vs]
     n = len(grads)
-    den = Denominators(vs, torch.linspace(0.1, 1.0, n, dtype=torch.float64, device=DEVICE),
-                       torch.full((n,), 1e-8, dtype=torch.float64, device=DEVICE))
-    index = torch.stack([torch.randint(0, max(1, 1 if g is None else g.numel()), (32,), generator=gen)
-                         for g in grads]).to(DEVICE)
+    den = Denominators(
+        vs,
+        torch.linspace(0.1, 1.0, n, dtype=torch.float64, device=DEVICE),
+        torch.full((n,), 1e-8, dtype=torch.float64, device=DEVICE),
+    )
+    index = torch.stack(
+        [torch.randint(0, max(1, 1 if g is None else g.numel()), (32,), generator=gen) for g in grads]
+    ).to(DEVICE)
     return grads, vs, den, index
 
 
@@ -51,8 +57,14 @@ def test_triton_kernels_match_the_torch_pass(dtype, with_denominator, monkeypatc
     want = gradient_pass(grads, sample_index=index.cpu(), denominators=den, spike_threshold=50.0)
     got = triton_pass.triton_gradient_pass(grads, index, den, spike_threshold=50.0)
     for name in ("stats", "grad_samples", "ratio_samples", "denom_samples"):
-        torch.testing.assert_close(getattr(got, name).cpu(), getattr(want, name).cpu().to(torch.float64),
-                                   rtol=1e-9, atol=1e-30, equal_nan=True, msg=name)
+        torch.testing.assert_close(
+            getattr(got, name).cpu(),
+            getattr(want, name).cpu().to(torch.float64),
+            rtol=1e-9,
+            atol=1e-30,
+            equal_nan=True,
+            msg=name,
+        )
 
 
 def test_monitor_with_the_triton_kernel_writes_the_same_records(tmp_path):
@@ -79,4 +91,3 @@ def test_monitor_with_the_triton_kernel_writes_the_same_records(tmp_path):
                 assert b["metrics"][key] is None, key
             else:
                 assert b["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
-

@@ -12,9 +12,11 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # run the kernels on CPU tensors: slow, exact
 
-pytestmark = [pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed"),
-              # the interpreter's NumPy reports the IEEE divisions by zero and 0 * inf the formulas rely on
-              pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")]
+pytestmark = [
+    pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed"),
+    # the interpreter's NumPy reports the IEEE divisions by zero and 0 * inf the formulas rely on
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+]
 
 from tests.estimators.test_cpu_samples import ROUNDED, _random_inputs, _run, assert_same_states  # noqa: E402
 
@@ -53,4 +55,6 @@ def test_triton_quantile_and_states_match_the_c_kernel():
     torch.testing.assert_close(out_t.quantile.cpu(), out_c.quantile, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(out_t.events.cpu(), out_c.events, rtol=0, atol=0)
     for key in ("shadow_v", "shadow_t", "noise_mean", "ring", "ring_valid", "memory_sum"):
-        torch.testing.assert_close(b[key].cpu(), a[key], rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(
+            b[key].cpu(), a[key], rtol=0, atol=0, equal_nan=True, msg=lambda m, key=key: f"{key}: {m}"
+        )

@@ -51,7 +51,8 @@ def run(accelerator, model, optimizer, loader, mon):
     inner = unwrap(model, optimizer)[1]
     norms, losses = [], []
     inner.register_step_pre_hook(  # after the monitor's: the gradient the update is about to consume
-        lambda opt, args, kwargs: norms.append({n: float(p.grad.norm()) for n, p in model.named_parameters()}))
+        lambda opt, args, kwargs: norms.append({n: float(p.grad.norm()) for n, p in model.named_parameters()})
+    )
     for idx, y in loader:
         with accelerator.accumulate(model):
             loss = nn.functional.mse_loss(model(idx), y)

@@ -43,13 +43,22 @@ class RandomTokens(torch.utils.data.Dataset):
 
 def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16, bos_token_id=0,
-                        eos_token_id=0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config)
 
 
-def make_trainer(tmp_path, callback, *, model=None, max_steps=12, accumulation=1, logging_steps=4,
-                 trainer_class=Trainer, eval_dataset=None, **kw) -> Trainer:
+def make_trainer(
+    tmp_path,
+    callback,
+    *,
+    model=None,
+    max_steps=12,
+    accumulation=1,
+    logging_steps=4,
+    trainer_class=Trainer,
+    eval_dataset=None,
+    **kw,
+) -> Trainer:
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
         max_steps=max_steps,
@@ -64,8 +73,13 @@ def make_trainer(tmp_path, callback, *, model=None, max_steps=12, accumulation=1
         seed=0,
         **kw,
     )
-    trainer = trainer_class(model=model or tiny_gpt2(), args=args, train_dataset=RandomTokens(),
-                            eval_dataset=eval_dataset, callbacks=[callback])
+    trainer = trainer_class(
+        model=model or tiny_gpt2(),
+        args=args,
+        train_dataset=RandomTokens(),
+        eval_dataset=eval_dataset,
+        callbacks=[callback],
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
@@ -75,8 +89,14 @@ def make_trainer(tmp_path, callback, *, model=None, max_steps=12, accumulation=1
 def test_trainer_records_loss_and_steps(tmp_path, accumulation):
     callback = HeavyTailCallback(every=4)
     # Evaluation every 4 steps: its forward passes (eval mode, no grad) must not leak into the training loss.
-    trainer = make_trainer(tmp_path, callback, accumulation=accumulation, eval_strategy="steps", eval_steps=4,
-                           eval_dataset=RandomTokens(n=8))
+    trainer = make_trainer(
+        tmp_path,
+        callback,
+        accumulation=accumulation,
+        eval_strategy="steps",
+        eval_steps=4,
+        eval_dataset=RandomTokens(n=8),
+    )
     model = trainer.model
     trainer.train()
 
@@ -97,7 +117,8 @@ def test_trainer_records_loss_and_steps(tmp_path, accumulation):
         assert math.isfinite(m["loss"])
     # Under accumulation the monitor sees every micro-batch's backward: the micro-batch noise source.
     assert ("noise/microbatch_kurtosis/transformer.h.0.attn.c_attn.weight" in records[-1]["metrics"]) == (
-        accumulation > 1)
+        accumulation > 1
+    )
     # The monitor's loss is the Trainer's own logged loss (mean over the same logging window of 4 steps).
     logged = [h for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
     assert [h["step"] for h in logged] == [4, 8, 12]
@@ -125,13 +146,13 @@ def test_loss_computed_outside_the_model(tmp_path):
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             logits = model(input_ids=inputs["input_ids"]).logits[:, :-1]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                     inputs["labels"][:, 1:].reshape(-1))
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), inputs["labels"][:, 1:].reshape(-1)
+            )
             fed.observe_loss(loss)
             return loss
 
-    trainer = make_trainer(tmp_path / "b", fed, max_steps=4, trainer_class=OwnLoss, accumulation=2,
-                           logging_steps=2)
+    trainer = make_trainer(tmp_path / "b", fed, max_steps=4, trainer_class=OwnLoss, accumulation=2, logging_steps=2)
     trainer.train()
     records = read_records(fed.monitor.log_dir)
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -184,8 +205,10 @@ def test_trainer_resume_restores_monitor_state(tmp_path):
 
 
 def test_integrations_package_imports_no_framework():
-    code = ("import sys, heavytail.integrations; "
-            "print(sorted({'transformers', 'lightning', 'pytorch_lightning', 'accelerate'} & set(sys.modules)))")
+    code = (
+        "import sys, heavytail.integrations; "
+        "print(sorted({'transformers', 'lightning', 'pytorch_lightning', 'accelerate'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

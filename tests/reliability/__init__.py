@@ -100,9 +100,13 @@ def read_lines(path: Path | str) -> list[dict]:
 
 def heavytail_warnings(caught: Sequence[warnings.WarningMessage], contains: str = "") -> list[str]:
     """The messages of the RuntimeWarnings heavytail gave that contain ``contains``."""
-    return [str(w.message) for w in caught
-            if issubclass(w.category, RuntimeWarning) and str(w.message).startswith("heavytail") and
-            contains in str(w.message)]
+    return [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, RuntimeWarning)
+        and str(w.message).startswith("heavytail")
+        and contains in str(w.message)
+    ]
 
 
 def same_metrics(a: Mapping[str, Any], b: Mapping[str, Any], *, rel: float = 0.0, skip: Sequence[str] = ()) -> None:

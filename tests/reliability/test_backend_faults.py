@@ -52,8 +52,9 @@ def _monitored_run(tmp_path, backends, steps: int = 12, every: int = 4, callback
     model = HandModel(SHAPES)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mon = ht.Monitor(model, every=every, log_dir=tmp_path, backends=["jsonl", *backends], alert_cooldown=0,
-                         **kwargs)
+        mon = ht.Monitor(
+            model, every=every, log_dir=tmp_path, backends=["jsonl", *backends], alert_cooldown=0, **kwargs
+        )
         for fn in callbacks:
             mon.on_alert(fn)
         _drive(model, mon, steps)
@@ -293,8 +294,14 @@ def test_jsonl_disk_full_mid_record_then_space_returns(tmp_path):
     script = tmp_path / "fsize.py"
     script.write_text(_FSIZE_SCRIPT)
     run = tmp_path / "run"
-    out = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, str(script), str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["steps"] == [1, 2, 3, 4, 5, 6]  # the other backends never noticed

@@ -159,8 +159,10 @@ def test_zero_steps_do_not_trigger_the_spike_detectors(tmp_path):
 def test_tiny_tensors_one_and_two_entries(tmp_path):
     model = HandModel({"one": (1,), "two": (2,)})
     with ht.Monitor(model, every=2, log_dir=tmp_path) as mon:
-        for grads in ({"one": torch.tensor([3.0]), "two": torch.tensor([1.0, -2.0])},
-                      {"one": torch.tensor([-4.0]), "two": torch.tensor([0.5, 0.25])}):
+        for grads in (
+            {"one": torch.tensor([3.0]), "two": torch.tensor([1.0, -2.0])},
+            {"one": torch.tensor([-4.0]), "two": torch.tensor([0.5, 0.25])},
+        ):
             model.set_grads(grads)
             mon.step()
     m = read_records(tmp_path)[0]["metrics"]
@@ -318,8 +320,11 @@ def _reference(g: torch.Tensor) -> dict[str, float]:
     x = g.detach().double().numpy().reshape(-1)
     finite = np.isfinite(x)
     xc = np.where(finite, x, 0.0)
-    out = {"count": float(finite.sum()), "nonfinite": float((~finite).sum()),
-           "absmax": float(np.abs(xc).max()) if x.size else 0.0}
+    out = {
+        "count": float(finite.sum()),
+        "nonfinite": float((~finite).sum()),
+        "absmax": float(np.abs(xc).max()) if x.size else 0.0,
+    }
     for p, key in ((1, "s1"), (2, "s2"), (3, "s3"), (4, "s4")):
         out[key] = float(np.sum(xc**p))
         out[key + "_scale"] = float(np.sum(np.abs(xc) ** p))
@@ -327,14 +332,18 @@ def _reference(g: torch.Tensor) -> dict[str, float]:
 
 
 @settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
-@given(tensors=st.lists(gradient_tensors(), min_size=1, max_size=4), chunk=st.sampled_from([1, 3, 16, 1 << 23]),
-       data=st.data())
+@given(
+    tensors=st.lists(gradient_tensors(), min_size=1, max_size=4),
+    chunk=st.sampled_from([1, 3, 16, 1 << 23]),
+    data=st.data(),
+)
 def test_gradient_pass_matches_a_float64_reference(tensors, chunk, data):
     grads = [g for _, _, g in tensors]
     numels = [0 if g is None else g.numel() for g in grads]
     samples = 3
-    index = torch.tensor([[data.draw(st.integers(0, max(n - 1, 0))) for _ in range(samples)] for n in numels],
-                         dtype=torch.long).reshape(len(grads), samples)
+    index = torch.tensor(
+        [[data.draw(st.integers(0, max(n - 1, 0))) for _ in range(samples)] for n in numels], dtype=torch.long
+    ).reshape(len(grads), samples)
     res = gradient_pass(grads, index, chunk_numel=chunk)
     stats = res.stats.numpy()
     for i, g in enumerate(grads):
@@ -391,8 +400,11 @@ def test_monitor_step_on_hand_set_gradients(tmp_path_factory, case):
                 assert m[f"{family}/{name}"] is None
         else:
             norm = math.sqrt(ref["s2"])
-            assert m[f"grad/norm/{name}"] == pytest.approx(norm, rel=1e-12) if math.isfinite(norm) else \
-                m[f"grad/norm/{name}"] is None
+            assert (
+                m[f"grad/norm/{name}"] == pytest.approx(norm, rel=1e-12)
+                if math.isfinite(norm)
+                else m[f"grad/norm/{name}"] is None
+            )
             assert m[f"grad/max/{name}"] == ref["absmax"]
             kurt = m[f"grad/kurtosis/{name}"]
             if numel < 4:

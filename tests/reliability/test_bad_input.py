@@ -21,6 +21,7 @@ import heavytail as ht
 from heavytail import MonitorConfig
 from tests.reliability import one_intra_op_thread  # noqa: F401 (autouse fixture)
 
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -37,8 +38,10 @@ def _assert_untouched(model: nn.Module, optimizer: torch.optim.Optimizer | None 
 # ---------------------------------------------------------------------------------------------- wrong types
 
 
-@pytest.mark.parametrize("model, got", [(object(), "object"), (torch.zeros(3), "Tensor"),
-                                        ([nn.Parameter(torch.zeros(2))], "list"), (None, "NoneType")])
+@pytest.mark.parametrize(
+    "model, got",
+    [(object(), "object"), (torch.zeros(3), "Tensor"), ([nn.Parameter(torch.zeros(2))], "list"), (None, "NoneType")],
+)
 def test_model_must_be_a_module(tmp_path, model, got):
     with pytest.raises(TypeError, match=f"model must be a torch.nn.Module, got {got}"):
         ht.Monitor(model, log_dir=tmp_path)
@@ -62,8 +65,11 @@ def test_a_wrapper_around_something_else_is_not_an_optimizer(tmp_path):
 @pytest.mark.parametrize("pattern", [3, 3.5, b"0.*", nn.Linear(2, 2), None])
 def test_pattern_of_a_wrong_type(tmp_path, field, pattern):
     # A module *instance* where a module type was meant is the likely mistake; bytes and numbers too.
-    with pytest.raises(TypeError, match=r"a pattern must be a glob string, 're:<regex>', a compiled regex or a "
-                                        r"module type, got "):
+    with pytest.raises(
+        TypeError,
+        match=r"a pattern must be a glob string, 're:<regex>', a compiled regex or a "
+        r"module type, got ",
+    ):
         ht.Monitor(_model(), log_dir=tmp_path, **{field: ["0.weight", pattern] if field == "include" else [pattern]})
 
 
@@ -82,37 +88,57 @@ def test_backend_that_is_neither_a_name_nor_a_backend(tmp_path, backend):
 
 # (field, bad value, error type). Every field of MonitorConfig appears here, or in ATTACH_VALIDATED.
 CONFIG_CASES = [
-    ("every", 2.5, ValueError), ("every", True, ValueError), ("every", "10", ValueError),
+    ("every", 2.5, ValueError),
+    ("every", True, ValueError),
+    ("every", "10", ValueError),
     ("log_dir", 123, ValueError),
     ("run_name", 5, ValueError),
-    ("sample_size", -1, ValueError), ("sample_size", "256", ValueError),
-    ("sample_budget", 0, ValueError), ("sample_budget", True, ValueError), ("sample_budget", 2.5, ValueError),
+    ("sample_size", -1, ValueError),
+    ("sample_size", "256", ValueError),
+    ("sample_budget", 0, ValueError),
+    ("sample_budget", True, ValueError),
+    ("sample_budget", 2.5, ValueError),
     ("noise_window", 0, ValueError),
-    ("noise_beta", 1.0, ValueError), ("noise_beta", -0.1, ValueError),
-    ("noise_beta", math.nan, ValueError), ("noise_beta", "0.9", ValueError),
-    ("spike_threshold", 0.0, ValueError), ("spike_threshold", math.nan, ValueError),
+    ("noise_beta", 1.0, ValueError),
+    ("noise_beta", -0.1, ValueError),
+    ("noise_beta", math.nan, ValueError),
+    ("noise_beta", "0.9", ValueError),
+    ("spike_threshold", 0.0, ValueError),
+    ("spike_threshold", math.nan, ValueError),
     ("spike_threshold", "big", ValueError),
-    ("memory_inflation", 1.0, ValueError), ("memory_inflation", math.nan, ValueError),
+    ("memory_inflation", 1.0, ValueError),
+    ("memory_inflation", math.nan, ValueError),
     ("memory_inflation", "2", ValueError),
-    ("shadow_betas", (1.0,), ValueError), ("shadow_betas", (0.0, 0.9), ValueError),
+    ("shadow_betas", (1.0,), ValueError),
+    ("shadow_betas", (0.0, 0.9), ValueError),
     ("shadow_betas", ("a",), ValueError),
     ("min_tail_samples", 0, ValueError),
     ("tail_top_max", 0, ValueError),
-    ("seed", "0", ValueError), ("seed", 1.5, ValueError),
-    ("stats_dtype", torch.float16, ValueError), ("stats_dtype", "float64", ValueError),
+    ("seed", "0", ValueError),
+    ("seed", 1.5, ValueError),
+    ("stats_dtype", torch.float16, ValueError),
+    ("stats_dtype", "float64", ValueError),
     ("chunk_numel", 0, ValueError),
     ("flight_steps", 0, ValueError),
-    ("alerts", ("bogus",), ValueError), ("alerts", 3, ValueError),
-    ("alert_cooldown", -1, ValueError), ("alert_cooldown", 1.5, ValueError),
-    ("tail_alpha_threshold", 0.0, ValueError), ("tail_alpha_threshold", math.nan, ValueError),
-    ("hidden_spike_frac", 1.0, ValueError), ("hidden_spike_frac", -0.1, ValueError),
+    ("alerts", ("bogus",), ValueError),
+    ("alerts", 3, ValueError),
+    ("alert_cooldown", -1, ValueError),
+    ("alert_cooldown", 1.5, ValueError),
+    ("tail_alpha_threshold", 0.0, ValueError),
+    ("tail_alpha_threshold", math.nan, ValueError),
+    ("hidden_spike_frac", 1.0, ValueError),
+    ("hidden_spike_frac", -0.1, ValueError),
     ("hidden_spike_frac", None, ValueError),
-    ("spike_z", 0.0, ValueError), ("spike_z", "3", ValueError),
-    ("spike_warmup", 1, ValueError), ("spike_warmup", 2.5, ValueError),
+    ("spike_z", 0.0, ValueError),
+    ("spike_z", "3", ValueError),
+    ("spike_warmup", 1, ValueError),
+    ("spike_warmup", 2.5, ValueError),
     ("track_preclip", "yes", ValueError),
-    ("probe_every", -1, ValueError), ("probe_every", 1.5, ValueError),
+    ("probe_every", -1, ValueError),
+    ("probe_every", 1.5, ValueError),
     ("extra", [1, 2], ValueError),
-    ("group_by", 3, ValueError), ("group_by", "blocks.(", ValueError),
+    ("group_by", 3, ValueError),
+    ("group_by", "blocks.(", ValueError),
     ("kernel", "cuda", ValueError),
 ]
 # Validated when the monitor attaches, with the errors tested above (a backend or pattern of a wrong type).

@@ -13,12 +13,24 @@ from torch import nn
 import heavytail as ht
 from tests.reliability import one_intra_op_thread  # noqa: F401 (autouse fixture)
 
-_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                 "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-                 "_load_state_dict_post_hooks")
-_OPTIMIZER_HOOKS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
-                    "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
-                    "_optimizer_load_state_dict_post_hooks")
+_MODULE_HOOKS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+_OPTIMIZER_HOOKS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
 
 
 class Net(nn.Module):
@@ -74,8 +86,7 @@ def _attributes(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, set[s
     attrs = {f"module {name}": set(vars(module)) for name, module in model.named_modules()}
     for name, p in model.named_parameters():
         # PyTorch keeps an empty hook dict on a tensor once a hook was registered and removed: not ours, no hook.
-        attrs[f"param {name}"] = {k for k, v in vars(p).items()
-                                  if not (k == "_post_accumulate_grad_hooks" and not v)}
+        attrs[f"param {name}"] = {k for k, v in vars(p).items() if not (k == "_post_accumulate_grad_hooks" and not v)}
     attrs["optimizer"] = set(vars(opt))
     attrs["param_groups"] = {k for g in opt.param_groups for k in g}
     return attrs
@@ -115,6 +126,7 @@ def test_the_monitor_never_changes_a_gradient(tmp_path):
     def capture(into):
         def hook(optimizer, args, kwargs):
             into.append({n: (p.grad, p.grad.data_ptr(), p.grad.clone()) for n, p in model.named_parameters()})
+
         return hook
 
     opt.register_step_pre_hook(capture(before))  # runs before the monitor's hook
@@ -136,7 +148,10 @@ def test_training_is_bit_for_bit_the_same_with_and_without_a_monitor(tmp_path):
         model, opt = _setup()
         grads = []
         opt.register_step_pre_hook(
-            lambda o, a, k: grads.append({n: p.grad.clone() for n, p in model.named_parameters()}))
+            lambda o, a, k, grads=grads, model=model: grads.append(
+                {n: p.grad.clone() for n, p in model.named_parameters()}
+            )
+        )
         mon = ht.Monitor(model, opt, every=3, log_dir=tmp_path / "m") if monitored else None
         for step in range(10):
             _step(model, opt, mon, step)

@@ -64,8 +64,13 @@ def test_sigkill_mid_training_leaves_valid_files_and_resumes(tmp_path):
     script.write_text(_TRAIN_SCRIPT)
     run, ckpt = tmp_path / "run", tmp_path / "ckpt.pt"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), str(run), str(ckpt)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(run), str(ckpt)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 240
         while _line_count(run / "metrics.jsonl") < 3 or not ckpt.exists():
@@ -103,7 +108,7 @@ def test_sigkill_mid_training_leaves_valid_files_and_resumes(tmp_path):
         mon.load_state_dict(state["monitor"])
         train(model, opt, mon, steps=10, start=state["step"])
     after = read_lines(run / "metrics.jsonl")  # still every line whole
-    resumed = [r["step"] for r in after[len(records):]]
+    resumed = [r["step"] for r in after[len(records) :]]
     assert resumed == [saved + 5, saved + 10]  # the step counter went on from the checkpoint
 
 

@@ -116,8 +116,9 @@ def test_resuming_mid_interval_is_indistinguishable_from_not_stopping(tmp_path):
         same_metrics(got["metrics"], want["metrics"], rel=1e-12)
     alerts = read_alerts(tmp_path / "after")
     want_alerts = [a for a in read_alerts(tmp_path / "unbroken") if a["step"] > 17]
-    assert [(a["step"], a["rule"], a["layer"]) for a in alerts] == \
-        [(a["step"], a["rule"], a["layer"]) for a in want_alerts]
+    assert [(a["step"], a["rule"], a["layer"]) for a in alerts] == [
+        (a["step"], a["rule"], a["layer"]) for a in want_alerts
+    ]
     assert any(a["rule"] == "loss_spike" and a["step"] == 25 for a in alerts)
 
 

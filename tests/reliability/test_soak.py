@@ -57,8 +57,14 @@ class Probe:
 
     def log(self, metrics, step) -> None:
         traced = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else -1
-        self.table[self.n] = (step, _rss_bytes(), sys.getallocatedblocks(), _hooks(self.model, self.opt),
-                              os.path.getsize(self.metrics_path), traced)
+        self.table[self.n] = (
+            step,
+            _rss_bytes(),
+            sys.getallocatedblocks(),
+            _hooks(self.model, self.opt),
+            os.path.getsize(self.metrics_path),
+            traced,
+        )
         self.n += 1
 
     def column(self, name: str, since: int = 0) -> np.ndarray:
@@ -129,11 +135,15 @@ def test_soak_20000_steps_memory_hooks_and_files_stay_flat(tmp_path):
     assert os.path.getsize(tmp_path / "metrics.jsonl") == sum(sizes)
     alerts = read_lines(tmp_path / "alerts.jsonl")
 
-    print(f"\nsoak: {STEPS} steps in {elapsed:.1f} s ({1e3 * elapsed / STEPS:.2f} ms/step, monitor included); "
-          f"{len(alerts)} alerts")
-    print(f"soak: after warm-up ({WARM} steps) Python heap {blocks[0]} -> {blocks[-1]} blocks "
-          f"(max growth {block_growth}), RSS {rss[0] / 2**20:.1f} -> {rss[-1] / 2**20:.1f} MiB "
-          f"(max growth {rss_growth / 2**20:.2f} MiB), tracemalloc over steps {TRACE}: {trace_growth:+d} B")
+    print(
+        f"\nsoak: {STEPS} steps in {elapsed:.1f} s ({1e3 * elapsed / STEPS:.2f} ms/step, monitor included); "
+        f"{len(alerts)} alerts"
+    )
+    print(
+        f"soak: after warm-up ({WARM} steps) Python heap {blocks[0]} -> {blocks[-1]} blocks "
+        f"(max growth {block_growth}), RSS {rss[0] / 2**20:.1f} -> {rss[-1] / 2**20:.1f} MiB "
+        f"(max growth {rss_growth / 2**20:.2f} MiB), tracemalloc over steps {TRACE}: {trace_growth:+d} B"
+    )
     print(f"soak: metrics.jsonl {len(records)} records, {min(sizes)}..{max(sizes)} bytes each (median {median:.0f})")
 
 
@@ -169,16 +179,20 @@ def test_record_size_for_a_model_with_1000_tensors(tmp_path):
     keys, size = len(record["metrics"]), len(line)
     longest = max(len(n) for n in mon.names)
     per_tensor = {k.rsplit("/", 1)[0] for k in record["metrics"] if k.endswith("/blocks.0.weight")}
-    print(f"\nrecord for 1,000 tensors (AdamW, names up to {longest} chars): {size} bytes, {keys} keys "
-          f"({len(per_tensor)} per tensor), {size / keys:.1f} bytes per key")
+    print(
+        f"\nrecord for 1,000 tensors (AdamW, names up to {longest} chars): {size} bytes, {keys} keys "
+        f"({len(per_tensor)} per tensor), {size / keys:.1f} bytes per key"
+    )
     # The bound in docs/reliability.md: K keys per tensor (K <= 32 with the default config: 29 for AdamW under
     # gradient accumulation, 3 more for DDP rank noise), each at most len(name) + 58 bytes (a family prefix of up
     # to 29 characters, quotes, colon, comma and a float repr of up to 24 characters), plus the global keys.
     assert len(per_tensor) <= 32 and keys <= 32 * 1000 + 64
     assert size <= keys * (longest + 58) + 4096
 
-    for label, group_by in (("per block (500 groups)", r"blocks\.\d+"),
-                            ("per 50 blocks (10 groups)", lambda n: f"blocks/{int(n.split('.')[1]) // 50}")):
+    for label, group_by in (
+        ("per block (500 groups)", r"blocks\.\d+"),
+        ("per 50 blocks (10 groups)", lambda n: f"blocks/{int(n.split('.')[1]) // 50}"),
+    ):
         run = tmp_path / f"grouped{len(label)}"
         line, record, _ = _one_checkpoint_record(run, group_by=group_by)
         print(f"record grouped {label}: {len(line)} bytes, {len(record['metrics'])} keys")
@@ -206,8 +220,11 @@ def test_mixture_of_experts_routing_keeps_the_plan_cache_bounded(tmp_path):
     names = [n for n, _ in model.named_parameters()]
     seen = []
     mon = ht.Monitor(model, opt, every=300, log_dir=tmp_path)
-    opt.register_step_pre_hook(lambda o, a, k: seen.append(
-        {n: p.grad.double().clone() for n, p in zip(names, model.parameters()) if p.grad is not None}))
+    opt.register_step_pre_hook(
+        lambda o, a, k: seen.append(
+            {n: p.grad.double().clone() for n, p in zip(names, model.parameters()) if p.grad is not None}
+        )
+    )
     gen = torch.Generator().manual_seed(0)
     for _ in range(300):
         used = torch.randperm(16, generator=gen)[:2].tolist()

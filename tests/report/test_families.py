@@ -19,10 +19,17 @@ LAYERS = ("embed.weight", "blocks.0.mlp.fc.weight", "head.weight")
 
 def _write(path: Path, records: list[dict], meta: dict | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    meta = meta if meta is not None else {
-        "run_name": path.name, "model": "GPT", "optimizer": "Lion", "every": 10,
-        "params": [{"name": n, "shape": [8, 8], "numel": 64, "dtype": "float32"} for n in LAYERS],
-    }
+    meta = (
+        meta
+        if meta is not None
+        else {
+            "run_name": path.name,
+            "model": "GPT",
+            "optimizer": "Lion",
+            "every": 10,
+            "params": [{"name": n, "shape": [8, 8], "numel": 64, "dtype": "float32"} for n in LAYERS],
+        }
+    )
     (path / "meta.json").write_text(json.dumps(meta))
     lines = [json.dumps({"step": 10 * (i + 1), "wall_time": float(i), "metrics": m}) for i, m in enumerate(records)]
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
@@ -64,9 +71,17 @@ def _section(text: str, section_id: str) -> str:
 
 
 def test_split_key_knows_the_new_families_without_meta() -> None:
-    for family in ("noise/microbatch_hill_alpha", "noise/rank_hill_alpha_se", "shadow999/ratio_max",
-                   "shadow95/spike_frac", "grad/norm_preclip", "grad/hill_k", "probe/moment_slope_p1.5",
-                   "probe/hill_alpha_gauss", "adam/memory_steps"):
+    for family in (
+        "noise/microbatch_hill_alpha",
+        "noise/rank_hill_alpha_se",
+        "shadow999/ratio_max",
+        "shadow95/spike_frac",
+        "grad/norm_preclip",
+        "grad/hill_k",
+        "probe/moment_slope_p1.5",
+        "probe/hill_alpha_gauss",
+        "adam/memory_steps",
+    ):
         assert split_key(f"{family}/enc/layer.0.weight") == (family, "enc/layer.0.weight")
     assert split_key("grad/norm_preclip") == ("grad/norm_preclip", None)  # the global figure
 
@@ -137,8 +152,13 @@ def test_compare_report_tables_side_by_side(tmp_path: Path) -> None:
     b = _write(tmp_path / "lion", _records())
     text = write_compare_report({"adamw": a, "lion": b}, tmp_path / "c.html").read_text(encoding="utf-8")
     tables = _section(text, "sec-family-tables")
-    for family in ("grad/hill_alpha", "probe/hill_alpha", "adam/ratio_max", "shadow999/ratio_max",
-                   "shadow95/ratio_max"):
+    for family in (
+        "grad/hill_alpha",
+        "probe/hill_alpha",
+        "adam/ratio_max",
+        "shadow999/ratio_max",
+        "shadow95/ratio_max",
+    ):
         assert f"data-family='{family}'" in tables
     assert 'data-family="shadow95/ratio_max"' in _section(text, "sec-shadow-ratio-2")
     assert "sec-noise-probe" in text and "sec-noise-microbatch" in text

@@ -94,7 +94,7 @@ def test_demo_trains(demo):
     model = demo.new_model()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for step, (x, y) in zip(range(40), demo.batches):
+    for _step, (x, y) in zip(range(40), demo.batches):
         opt.zero_grad()
         _, loss = model(x, y)
         loss.backward()

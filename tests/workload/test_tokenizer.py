@@ -21,7 +21,21 @@ def test_pieces_partition_any_text(text):
 
 def test_pieces():
     assert split_tokens("def f(x1):\n    return 42 + x_1") == [
-        "def", " ", "f", "(", "x1", ")", ":", "\n    ", "return", " ", "42", " ", "+", " ", "x_1"
+        "def",
+        " ",
+        "f",
+        "(",
+        "x1",
+        ")",
+        ":",
+        "\n    ",
+        "return",
+        " ",
+        "42",
+        " ",
+        "+",
+        " ",
+        "x_1",
     ]
 
 
@@ -89,6 +103,8 @@ def test_stdlib_token_frequencies_are_zipfian():
     counts = Counter(split_tokens(load_corpus()))
     head = zipf_slope(counts.values(), max_rank=4096)
     full = zipf_slope(counts.values())
-    print(f"\nZipf rank-frequency slope of the stdlib corpus: {head:.3f} over ranks 1..4096, {full:.3f} over all "
-          f"{len(counts)} distinct pieces")
+    print(
+        f"\nZipf rank-frequency slope of the stdlib corpus: {head:.3f} over ranks 1..4096, {full:.3f} over all "
+        f"{len(counts)} distinct pieces"
+    )
     assert -1.4 < head < -0.7
