@@ -42,6 +42,16 @@ class MonitorConfig:
     group (``r"blocks\\.\\d+"``: one set of keys per block) or a callable from name to group. Groups merge
     exactly (power sums add, tops merge); ``None`` reports every tensor."""
 
+    resume: bool = False
+    """Continue the run already in ``log_dir``: its records are kept and the step count goes on from its last
+    record (or from the state given to ``Monitor.load_state_dict``). The integrations set it when their trainer
+    resumes from a checkpoint."""
+
+    overwrite: bool = False
+    """Replace the run already in ``log_dir``: its records, alerts, flight records, ``meta.json`` and report are
+    removed at attach (other files in the directory stay). Without ``resume`` or ``overwrite``, a ``log_dir``
+    that already holds a run is refused at attach, so two runs never mix in one record."""
+
     run_name: str | None = None
     """A name for the run in backends and reports. Defaults to the run directory's name."""
 
@@ -62,6 +72,15 @@ class MonitorConfig:
 
     noise_beta: float = 0.9
     """EMA coefficient of the per-coordinate running mean that temporal noise deviations are taken against."""
+
+    ratio_warmup: int = 10
+    """Steps a tensor's optimizer second moment must have averaged before its denominator ratios count
+    (``adam/ratio_max``, ``adam/ratio_p99``, ``adam/spike_frac``, ``adam/memory_*``). At step 2 AdamW's
+    sqrt(v_hat) is one earlier gradient's magnitude, so the ratio is a ratio of two independent gradients: over
+    a million coordinates its maximum reads 1e4-1e5 on any healthy run. After 10 gradients a Gaussian
+    coordinate's ratio follows a Student-t with 10 degrees of freedom, whose largest of 10^6 draws is about 10
+    (the long-run value is about 5; with 2 gradients it is about 1,000). Counted by the optimizer's own step counter, so a resumed run is warm. 0
+    or 1: no warm-up."""
 
     spike_threshold: float = 5000.0
     """A coordinate is a hidden spike when (g / (sqrt(v_hat) + eps))^2 exceeds this (SPAM's 5000)."""
@@ -150,7 +169,7 @@ class MonitorConfig:
             raise ValueError(
                 f"MonitorConfig.sample_budget must be a positive integer or None, got {self.sample_budget!r}"
             )
-        for name in ("alert_cooldown", "probe_every"):
+        for name in ("alert_cooldown", "probe_every", "ratio_warmup"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"MonitorConfig.{name} must be a non-negative integer, got {value!r}")
@@ -171,8 +190,14 @@ class MonitorConfig:
             isinstance(self.spike_warmup, bool) or not isinstance(self.spike_warmup, int) or self.spike_warmup < 2
         ):
             raise ValueError(f"MonitorConfig.spike_warmup must be an integer >= 2 or None, got {self.spike_warmup!r}")
-        if not isinstance(self.track_preclip, bool):
-            raise ValueError(f"MonitorConfig.track_preclip must be True or False, got {self.track_preclip!r}")
+        for name in ("track_preclip", "resume", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MonitorConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "MonitorConfig.resume and MonitorConfig.overwrite: choose one (continue the run in "
+                "log_dir, or replace it)"
+            )
         if not isinstance(self.extra, dict):
             raise ValueError(f"MonitorConfig.extra must be a dict, got {self.extra!r}")
         if not 0.0 <= self.noise_beta < 1.0:

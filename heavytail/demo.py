@@ -6,7 +6,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -22,6 +21,7 @@ from heavytail.config import MonitorConfig
 from heavytail.monitor import Monitor
 from heavytail.optim import Lion, muon_with_adamw
 from heavytail.report import Run, load_run, write_report
+from heavytail.runfiles import clear_run_dir
 from heavytail.workload import SIZES, DemoWorkload, build_demo
 
 __all__ = [
@@ -58,8 +58,6 @@ DEFAULT_STEPS = 300
 DEFAULT_MICRO_BATCHES = 32
 """Mini-batches of the held-out batch per noise probe."""
 
-RUN_FILES = ("metrics.jsonl", "alerts.jsonl", "meta.json", "report.html")
-RUN_DIRS = ("flight", "tensorboard")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,16 +240,6 @@ class TrainedRun:
     alerts: list[dict] = field(default_factory=list)
     probe: bool = False
     """Whether the noise probe ran at checkpoints."""
-
-
-def clear_run_dir(path: Path) -> None:
-    """Remove a previous run's files from ``path`` (only the files a heavytail run writes), so the new run's
-    JSONL is not appended to the old one's."""
-    for name in RUN_FILES:
-        (path / name).unlink(missing_ok=True)
-    for name in RUN_DIRS:
-        if (path / name).is_dir():
-            shutil.rmtree(path / name)
 
 
 def train_monitored(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import logging
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from heavytail import __version__
+from heavytail import __version__, runfiles
 from heavytail.alerts import AlertEngine
 from heavytail.backends import backend_factory, is_backend
 from heavytail.backends.jsonl import dumps_record
@@ -224,6 +225,8 @@ class Monitor:
             config.run_name = self.log_dir.name
         self.config = config
         self.run_name = config.run_name
+        # The step of the run continued in log_dir (resume=True), or 0; checked before any backend opens a file.
+        resumed_at = self._prepare_run_dir() if self.dist.writer else 0
         self._backends = self._open_backends()
         self._alert_callbacks: list[Callable[[dict], None]] = []
         # Failures outside the backends (a user callback, flight-record files) are reported once each, as backends.
@@ -247,8 +250,8 @@ class Monitor:
         self._shadow_betas = torch.tensor(config.shadow_betas, dtype=config.stats_dtype).to(self.device)
         self._spike_config = self._make_spike_config()
         self.alerts = AlertEngine(config, self.log_dir, self._emit_alert, warmup=self._spike_config.warmup)
-        self.step_count = 0
-        self._interval_start = 0
+        self.step_count = resumed_at
+        self._interval_start = resumed_at
         self._loss_sum: torch.Tensor | None = None
         self._loss_n = 0
         self._tails: torch.Tensor | None = None
@@ -294,7 +297,12 @@ class Monitor:
             self._local_tap = LocalSampleTap(self.params, self._sample_index_dev, self._state["rank_local"])
         _ATTACHED[inner] = self
         if self.dist.writer:
-            self._write_meta()
+            self._write_meta(resumed_at)
+        # Backward passes since the last counted optimizer step, and whether that has been warned about.
+        self._unstepped_backwards = 0
+        self._warned_no_step = False
+        # The last partial interval is written at interpreter exit if close() is never called.
+        _OPEN_MONITORS.add(self)
 
     # ------------------------------------------------------------------ set-up
 
@@ -375,7 +383,35 @@ class Monitor:
             ring = noise.init(len(self.params), self.sample_size, cfg.noise_window, self.device)
             self._state["noise_microbatch"], self._state["noise_microbatch_valid"] = ring.values, ring.valid
 
-    def _write_meta(self) -> None:
+    def _prepare_run_dir(self) -> int:
+        """Refuse, continue or replace a run already in ``log_dir`` (config.resume / overwrite); returns the
+        step a continued run goes on from (0 for a new run)."""
+        existing = runfiles.existing_run(self.log_dir)
+        if not existing:
+            return 0
+        if self.config.resume:
+            return runfiles.last_record_step(self.log_dir)
+        if self.config.overwrite:
+            runfiles.clear_run_dir(self.log_dir)
+            return 0
+        raise FileExistsError(
+            f"Monitor: log_dir {self.log_dir} already holds {runfiles.describe_existing(self.log_dir)}; pass "
+            "resume=True to continue it, overwrite=True to replace it, or choose another log_dir"
+        )
+
+    def _write_meta(self, resumed_at: int = 0) -> None:
+        if resumed_at or (self.config.resume and (self.log_dir / "meta.json").is_file()):
+            # The run goes on: its meta.json stays (started, parameters); it is marked running again.
+            try:
+                previous = json.loads((self.log_dir / "meta.json").read_text())
+            except (OSError, ValueError):
+                previous = None
+            if isinstance(previous, dict):
+                resumes = [*previous.get("resumed", []), {"time": time.time(), "step": resumed_at}]
+                previous.pop("finished", None)
+                previous.pop("final_step", None)
+                self._replace_meta({**previous, "resumed": resumes})
+                return
         meta = {
             "heavytail_version": __version__,
             "run_name": self.run_name,
@@ -403,13 +439,16 @@ class Monitor:
                 {k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, str, bool, tuple, list))}
                 for g in self.optimizer.param_groups
             ]
+        self._replace_meta(meta)
+
+    def _replace_meta(self, meta: dict[str, Any]) -> None:
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.log_dir / "meta.json.tmp"
             tmp.write_text(json.dumps(meta, indent=2, default=str))
             os.replace(tmp, self.log_dir / "meta.json")
         except OSError as exc:
-            warnings.warn(f"heavytail: could not write meta.json: {exc}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"heavytail: could not write meta.json: {exc}", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ public API
 
@@ -421,7 +460,12 @@ class Monitor:
         if self._closed:
             return
         if isinstance(loss, torch.Tensor):
-            value = loss.detach().reshape(-1)[0].to(self.device, self.config.stats_dtype, non_blocking=True)
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"Monitor.observe_loss: expected the scalar loss of the step (or micro-batch), got a tensor of "
+                    f"shape {tuple(loss.shape)}; pass the loss you back-propagate, e.g. loss.mean()"
+                )
+            value = loss.detach().reshape(()).to(self.device, self.config.stats_dtype, non_blocking=True)
         else:
             value = torch.full((), float(loss), device=self.device, dtype=self.config.stats_dtype)
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
@@ -486,10 +530,14 @@ class Monitor:
         """Flush, remove every hook and close the backends. Safe to call more than once."""
         if self._closed:
             return
+        _OPEN_MONITORS.discard(self)
+        self._warn_no_step(at_close=True)
         try:
             self.flush()
         finally:
             self._closed = True
+            if self.dist.writer and self._failure is None:
+                runfiles.update_meta(self.log_dir, finished=time.time(), final_step=self.step_count)
             for tap in (self._optimizer_tap, self._backward_tap, self._local_tap):
                 if tap is not None:
                     tap.remove()
@@ -566,6 +614,9 @@ class Monitor:
         if self._closed or self._probing:
             return
         self._backwards += 1
+        self._unstepped_backwards += 1
+        if self._unstepped_backwards == _NO_STEP_BACKWARDS:
+            self._warn_no_step(at_close=False)
         if not (self.config.track_preclip or self._accumulating):
             return
         grads = [local(p.grad) if p.grad is not None else None for p in self.params]
@@ -655,6 +706,9 @@ class Monitor:
         valid = (entries > 0) & (stats[:, NONFINITE] == 0)
         clean = torch.where(valid[:, None], stats, torch.zeros_like(stats))
         ratio_ok = valid & torch.isfinite(stats[:, RATIO_MAX])
+        if den is not None and den.steps is not None and cfg.ratio_warmup > 1:
+            # A denominator that has averaged only a few gradients makes every ratio large (config.ratio_warmup).
+            ratio_ok = ratio_ok & (den.steps >= cfg.ratio_warmup)
         g = res.grad_samples
         events_adam, events_shadow, p99 = self._stream_samples(res, den, valid, ratio_ok)
 
@@ -1002,9 +1056,33 @@ class Monitor:
         else:
             self._pending_flags.append((packed, None, self.step_count + 1))
 
+    def _warn_no_step(self, at_close: bool) -> None:
+        """Warn once when backward passes run and no optimizer step is counted: nothing would ever be recorded."""
+        if self._warned_no_step or self._unstepped_backwards == 0 or (at_close and self.step_count > 0):
+            return
+        self._warned_no_step = True
+        if self._optimizer_tap is None:
+            how = (
+                "the monitor was built without an optimizer: pass it, Monitor(model, optimizer), or call "
+                "mon.step() after each optimizer.step()"
+            )
+        else:
+            how = (
+                "the optimizer given to the monitor never stepped: is it the one the training loop steps? "
+                "(a trainer or a wrapper may have built another)"
+            )
+        warnings.warn(
+            f"heavytail: {self._unstepped_backwards} backward passes and no optimizer step counted "
+            f"{'in this run' if at_close else 'since the last one'}; {how}. Nothing is recorded until steps are "
+            "counted.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
     def _after_step(self) -> None:
         if self._closed:
             return
+        self._unstepped_backwards = 0
         with torch.no_grad():
             self._stream_updates()
         self.step_count += 1
@@ -1462,6 +1540,28 @@ class Monitor:
         self._preclip_untouched = None if untouched is None else int(untouched)
         self._preclip_reuse = bool(preclip.get("reuse", False))
         self.alerts.load_state_dict(state["alerts"])
+
+
+_NO_STEP_BACKWARDS = 200
+"""Backward passes without an optimizer step after which the monitor warns (far above any accumulation)."""
+
+# Monitors not yet closed: at interpreter exit each writes its last partial interval (close() was forgotten).
+_OPEN_MONITORS: "weakref.WeakSet[Monitor]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for monitor in list(_OPEN_MONITORS):
+        if monitor.dist.active:
+            continue  # the other ranks may be gone: the checkpoint's collectives would wait for ever
+        try:
+            monitor.close()
+        except Exception as exc:  # the interpreter is exiting: report, never raise
+            warnings.warn(
+                f"heavytail: closing the monitor at exit failed: {type(exc).__name__}: {exc}",
+                RuntimeWarning,
+                stacklevel=1,
+            )
 
 
 MIN_SAMPLE_SIZE = 8

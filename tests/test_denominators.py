@@ -46,7 +46,7 @@ def test_adafactor_ratio_uses_the_factored_second_moment(tmp_path):
         r = p.grad.double().abs() / v.double().sqrt()
         expected.append(float(r.max()))
 
-    with ht.Monitor(model, opt, every=1, log_dir=tmp_path) as mon:
+    with ht.Monitor(model, opt, every=1, log_dir=tmp_path, ratio_warmup=0) as mon:  # the formula at every step
         opt.register_step_pre_hook(hook)
         train(model, opt, mon, steps=4)
     records = read_records(tmp_path)
@@ -64,7 +64,8 @@ def test_lion_reports_sign_flips_and_shadow_ratios(tmp_path):
 
 
 def test_muon_with_adamw_reports_both_families(tmp_path):
-    _, opt, records = _run(tmp_path, lambda m: muon_with_adamw(m, lr=0.02, adamw_lr=1e-3))
+    # 12 steps: the last interval (steps 10-12) is past the AdamW half's ratio warm-up of 10 gradients.
+    _, opt, records = _run(tmp_path, lambda m: muon_with_adamw(m, lr=0.02, adamw_lr=1e-3), steps=12)
     m = records[-1]["metrics"]
     assert m["muon/sv_cond/fc2.weight"] >= m["muon/sv_max_median/fc2.weight"] >= 1.0
     assert "muon/sv_cond/embed.weight" not in m  # the embedding is trained by AdamW

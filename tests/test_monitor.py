@@ -81,7 +81,7 @@ def test_adam_ratio_matches_adamw_state(tmp_path, tiny_model):
             row[name] = (float(r.max()), float((r**2 > 5000).double().mean()))
         expected.append(row)
 
-    with ht.Monitor(tiny_model, opt, every=1, log_dir=tmp_path) as mon:
+    with ht.Monitor(tiny_model, opt, every=1, log_dir=tmp_path, ratio_warmup=0) as mon:
         opt.register_step_pre_hook(hook)
         train(tiny_model, opt, mon, steps=3)
     records = read_records(tmp_path)
@@ -198,7 +198,7 @@ def test_sample_budget_shares_the_coordinates_out_over_many_tensors(tmp_path):
     # on (L, 15) samples, and meta.json says so.
     model = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(40)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with ht.Monitor(model, opt, every=2, log_dir=tmp_path, sample_size=32, sample_budget=600) as mon:
+    with ht.Monitor(model, opt, every=2, log_dir=tmp_path, sample_size=32, sample_budget=600, ratio_warmup=0) as mon:
         assert mon.sample_size == 15
         assert tuple(mon._sample_index.shape) == (40, 15)
         for _ in range(4):

@@ -65,6 +65,9 @@ class Denominators(NamedTuple):
     v: Sequence[torch.Tensor | None]
     bias_correction: torch.Tensor
     eps: torch.Tensor
+    steps: torch.Tensor | None = None
+    """``(L,)`` float64: how many gradients each denominator has averaged (the optimizer's step counter before
+    this step), or None when unknown; the monitor's ratio warm-up reads it."""
 
 
 class PassResult(NamedTuple):

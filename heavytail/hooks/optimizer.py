@@ -182,6 +182,8 @@ def denominators(
                 v = _adafactor_variance(state, group, p)
                 if v is not None:  # no bias correction (its beta2 schedule has none), eps folded into v
                     vs[i] = v
+                    step = state.get("step", one)
+                    steps[i] = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
                     found = True
     if not found:
         return None
@@ -199,7 +201,7 @@ def denominators(
         step_vec = torch.stack([s.to(device, torch.float64, non_blocking=True).reshape(()) for s in steps])
     beta2 = to_device(beta2s, device, torch.float64)
     bias_correction = 1.0 - beta2**step_vec
-    return Denominators(vs, bias_correction, to_device(epss, device, torch.float64))
+    return Denominators(vs, bias_correction, to_device(epss, device, torch.float64), step_vec)
 
 
 SMALL_TENSOR = 1 << 14

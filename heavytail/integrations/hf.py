@@ -11,7 +11,13 @@ import torch
 from transformers import TrainerCallback
 
 from heavytail.config import MonitorConfig
-from heavytail.integrations import loss_scaler, unwrap_model, unwrap_optimizer
+from heavytail.integrations import (
+    explicit_run_dir_choice,
+    follow_trainer,
+    loss_scaler,
+    unwrap_model,
+    unwrap_optimizer,
+)
 from heavytail.monitor import Monitor
 
 if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - old transformers
@@ -35,7 +41,10 @@ class HeavyTailCallback(TrainerCallback):
 
     ``monitor_kwargs`` are :class:`heavytail.MonitorConfig` fields (or ``config=``, ``scaler=``,
     ``process_group=``); they are validated here, when the callback is built. ``log_dir`` defaults to
-    ``<args.output_dir>/heavytail``.
+    ``<args.output_dir>/heavytail`` and ``run_name`` to the Trainer's ``args.run_name``. A resumed ``train()``
+    (``resume_from_checkpoint``) continues the records there (``resume=True``); a new ``train()`` into an output
+    directory that holds an earlier run replaces its records, as the Trainer replaces its own checkpoints, with
+    a warning (``overwrite=True``). Pass ``resume`` or ``overwrite`` to decide yourself.
 
     Events used:
 
@@ -61,6 +70,7 @@ class HeavyTailCallback(TrainerCallback):
 
     def __init__(self, **monitor_kwargs: Any) -> None:
         self._monitor_args = {k: monitor_kwargs.pop(k) for k in _MONITOR_ARGS if k in monitor_kwargs}
+        self._explicit = explicit_run_dir_choice(monitor_kwargs)
         self.config = MonitorConfig.from_arguments(monitor_kwargs.pop("config", None), **monitor_kwargs)
         self.monitor: Monitor | None = None
         self._forward_handle: Any = None
@@ -88,6 +98,9 @@ class HeavyTailCallback(TrainerCallback):
         fields["extra"] = {**extra, **fields["extra"]}
         if fields["log_dir"] is None:
             fields["log_dir"] = Path(args.output_dir) / "heavytail"
+        if fields["run_name"] is None and isinstance(getattr(args, "run_name", None), str) and args.run_name:
+            fields["run_name"] = args.run_name
+        follow_trainer(fields, self._explicit, resuming=state.global_step > 0, trainer="Trainer")
         monitor_args = {"scaler": loss_scaler(optimizer), **self._monitor_args}
         self.monitor = Monitor(
             unwrap_model(model), unwrap_optimizer(optimizer), config=MonitorConfig(**fields), **monitor_args

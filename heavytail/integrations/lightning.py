@@ -13,7 +13,13 @@ except ImportError:  # the standalone package
     import pytorch_lightning as pl  # type: ignore[no-redef]
 
 from heavytail.config import MonitorConfig
-from heavytail.integrations import loss_scaler, unwrap_model, unwrap_optimizer
+from heavytail.integrations import (
+    explicit_run_dir_choice,
+    follow_trainer,
+    loss_scaler,
+    unwrap_model,
+    unwrap_optimizer,
+)
 from heavytail.monitor import Monitor
 
 # Keyword arguments of Monitor that are not MonitorConfig fields.
@@ -28,7 +34,10 @@ class HeavyTailCallback(pl.Callback):
 
     ``monitor_kwargs`` are :class:`heavytail.MonitorConfig` fields (or ``config=``, ``scaler=``,
     ``process_group=``), validated when the callback is built. ``log_dir`` defaults to
-    ``<trainer.default_root_dir>/heavytail``. The class derives from ``lightning.pytorch.Callback``, or from
+    ``<trainer.default_root_dir>/heavytail`` and ``run_name`` to the logger's ``name/version``. A fit resumed
+    with ``ckpt_path`` continues the records there (``resume=True``); a new fit into a directory that holds an
+    earlier run replaces its records with a warning (``overwrite=True``), as Lightning does with its own
+    checkpoints. Pass ``resume`` or ``overwrite`` to decide yourself. The class derives from ``lightning.pytorch.Callback``, or from
     ``pytorch_lightning.Callback`` when only the standalone package is installed.
 
     Hooks used:
@@ -57,6 +66,7 @@ class HeavyTailCallback(pl.Callback):
     def __init__(self, **monitor_kwargs: Any) -> None:
         super().__init__()
         self._monitor_args = {k: monitor_kwargs.pop(k) for k in _MONITOR_ARGS if k in monitor_kwargs}
+        self._explicit = explicit_run_dir_choice(monitor_kwargs)
         self.config = MonitorConfig.from_arguments(monitor_kwargs.pop("config", None), **monitor_kwargs)
         self.monitor: Monitor | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -83,6 +93,10 @@ class HeavyTailCallback(pl.Callback):
         }
         if fields["log_dir"] is None:
             fields["log_dir"] = Path(trainer.default_root_dir) / "heavytail"
+        if fields["run_name"] is None:
+            fields["run_name"] = _run_name(trainer)
+        resuming = trainer.ckpt_path is not None or self._pending_state is not None
+        follow_trainer(fields, self._explicit, resuming=resuming, trainer="Lightning Trainer")
         self._scaler = getattr(trainer.precision_plugin, "scaler", None) or loss_scaler(optimizer)
         monitor_args = {"scaler": self._scaler, **self._monitor_args}
         self.monitor = Monitor(
@@ -139,3 +153,16 @@ class HeavyTailCallback(pl.Callback):
         self.monitor.close()
         # A checkpoint saved after training (a last save) still carries the monitor's state.
         self._final_state = self.monitor.state_dict()
+
+
+def _run_name(trainer: "pl.Trainer") -> str | None:
+    """The run's name as the Trainer's logger shows it (``lightning_logs/version_3``), or None without a logger."""
+    logger = trainer.logger
+    if logger is None:
+        return None
+    name, version = getattr(logger, "name", None), getattr(logger, "version", None)
+    if not isinstance(name, str) or not name:
+        return None
+    if isinstance(version, int):
+        version = f"version_{version}"
+    return f"{name}/{version}" if isinstance(version, str) and version else name

@@ -140,6 +140,10 @@ CONFIG_CASES = [
     ("group_by", 3, ValueError),
     ("group_by", "blocks.(", ValueError),
     ("kernel", "cuda", ValueError),
+    ("ratio_warmup", -1, ValueError),
+    ("ratio_warmup", 2.5, ValueError),
+    ("resume", "yes", ValueError),
+    ("overwrite", 1, ValueError),
 ]
 # Validated when the monitor attaches, with the errors tested above (a backend or pattern of a wrong type).
 ATTACH_VALIDATED = {"backends", "include", "exclude"}

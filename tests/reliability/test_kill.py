@@ -104,7 +104,7 @@ def test_sigkill_mid_training_leaves_valid_files_and_resumes(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt.load_state_dict(state["opt"])
     saved = state["monitor"]["step_count"]
-    with ht.Monitor(model, opt, every=5, log_dir=run) as mon:
+    with ht.Monitor(model, opt, every=5, log_dir=run, resume=True) as mon:
         mon.load_state_dict(state["monitor"])
         train(model, opt, mon, steps=10, start=state["step"])
     after = read_lines(run / "metrics.jsonl")  # still every line whole
@@ -122,6 +122,7 @@ def test_a_line_cut_by_a_kill_is_dropped_when_the_run_resumes(tmp_path):
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.warns(RuntimeWarning, match="dropped a cut last line"):
-        with ht.Monitor(model, opt, every=5, log_dir=run) as mon:
+        with ht.Monitor(model, opt, every=5, log_dir=run, resume=True) as mon:
             train(model, opt, mon, steps=5)
-    assert [r["step"] for r in read_lines(run / "metrics.jsonl")] == [5, 5]
+    # The count goes on from the last whole record (step 5), not from the cut one.
+    assert [r["step"] for r in read_lines(run / "metrics.jsonl")] == [5, 10]
