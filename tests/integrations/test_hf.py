@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import subprocess
@@ -216,3 +217,29 @@ def test_integrations_package_imports_no_framework():
 def test_bad_monitor_arguments_fail_when_the_callback_is_built():
     with pytest.raises(ValueError, match="every"):
         HeavyTailCallback(every=0)
+
+
+def test_the_run_is_titled_with_the_trainers_run_name(tmp_path):
+    callback = HeavyTailCallback(every=2)
+    make_trainer(tmp_path, callback, max_steps=2, run_name="gpt2-lr1e-3").train()
+    meta = json.loads((callback.monitor.log_dir / "meta.json").read_text())
+    assert meta["run_name"] == "gpt2-lr1e-3"
+    assert meta["final_step"] == 2
+
+
+def test_a_new_train_into_the_same_output_dir_replaces_the_records_with_a_warning(tmp_path):
+    make_trainer(tmp_path, HeavyTailCallback(every=2), max_steps=4).train()
+    again = HeavyTailCallback(every=2)
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"a new Trainer run in the same output directory: replacing the records "
+        r"of a previous run \(2 records up to step 4\)",
+    ):
+        make_trainer(tmp_path, again, max_steps=2).train()
+    assert [r["step"] for r in read_records(again.monitor.log_dir)] == [2]  # not [2, 4, 2]
+
+
+def test_an_explicit_choice_overrides_the_trainers(tmp_path):
+    make_trainer(tmp_path, HeavyTailCallback(every=2), max_steps=4).train()
+    with pytest.raises(FileExistsError, match="already holds a previous run"):
+        make_trainer(tmp_path, HeavyTailCallback(every=2, overwrite=False, resume=False), max_steps=2).train()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -68,7 +69,7 @@ def fit(tmp_path, callbacks, *, max_steps=12, accumulation=1, ckpt_path=None, **
         max_steps=max_steps,
         accelerator="cpu",
         devices=1,
-        logger=False,
+        logger=kw.pop("logger", False),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -151,3 +152,20 @@ def test_resume_from_checkpoint_restores_monitor(tmp_path):
 def test_bad_monitor_arguments_fail_when_the_callback_is_built():
     with pytest.raises(ValueError, match="sample_size"):
         HeavyTailCallback(sample_size=-1)
+
+
+def test_the_run_is_titled_with_the_loggers_name_and_version(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    callback = HeavyTailCallback(every=3)
+    fit(tmp_path, [callback], max_steps=3, logger=CSVLogger(tmp_path, name="tiny"))
+    meta = json.loads((callback.monitor.log_dir / "meta.json").read_text())
+    assert meta["run_name"] == "tiny/version_0"
+
+
+def test_a_new_fit_into_the_same_directory_replaces_the_records_with_a_warning(tmp_path):
+    fit(tmp_path, [HeavyTailCallback(every=3)], max_steps=6)
+    again = HeavyTailCallback(every=3)
+    with pytest.warns(RuntimeWarning, match=r"a new Lightning Trainer run in the same output directory: replacing"):
+        fit(tmp_path, [again], max_steps=3)
+    assert [r["step"] for r in read_records(again.monitor.log_dir)] == [3]
