@@ -1,4 +1,4 @@
-"""The ``heavytail`` command: ``demo``, ``compare`` and ``report``."""
+"""The ``heavytail`` command: ``demo``, ``summary``, ``report``, ``compare`` and ``sweep``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import shlex
 import sys
 import time
 import warnings
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from heavytail import __version__
+
+if TYPE_CHECKING:
+    from heavytail.report import Run
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # a run could not be done as asked (bad input file, unwritable output, ...)
@@ -37,45 +41,96 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    """The options ``demo`` and ``compare`` share: the workload, the checkpoints and how the run is shown."""
+def _add_run_options(parser: argparse.ArgumentParser, hidden: bool = False) -> None:
+    """The options ``demo`` and ``sweep`` share: the workload, the checkpoints and how the run is shown.
+
+    ``hidden``: accepted but not listed, with no default (``compare`` takes them for the old ``compare`` form,
+    and tells a given one from an absent one).
+    """
     from heavytail.workload import SIZES
 
-    parser.add_argument(
+    def add(*flags: str, **kwargs: object) -> None:
+        if hidden:
+            kwargs["help"] = argparse.SUPPRESS
+            kwargs["default"] = argparse.SUPPRESS
+        parser.add_argument(*flags, **kwargs)  # type: ignore[arg-type]
+
+    add(
         "--text",
         default=None,
         help="train on this text file or directory of .txt/.py/.md files instead of the Python stdlib source",
     )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the initial weights and the data order (default 0)"
-    )
-    parser.add_argument("--size", choices=list(SIZES), default="small", help="model and batch size (default small)")
-    parser.add_argument(
+    add("--seed", type=int, default=0, help="seed of the initial weights and the data order (default 0)")
+    add("--size", choices=list(SIZES), default="small", help="model and batch size (default small)")
+    add(
         "--every",
         type=_positive_int,
         default=None,
         help="steps per checkpoint (default: steps / 20, about 20 checkpoints)",
     )
-    parser.add_argument("--no-probe", action="store_true", help="do not run the noise probe at checkpoints")
-    parser.add_argument(
+    add("--no-probe", action="store_true", help="do not run the noise probe at checkpoints")
+    add(
         "--threads",
         type=_positive_int,
         default=None,
         help="torch intra-op threads, the same for every run (default: 1 for tiny and small; for "
         "medium one per core, or 1 when the machine is busy)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_sweep_options(parser: argparse.ArgumentParser, hidden: bool = False) -> None:
+    """``sweep``'s own options (``hidden`` as in :func:`_add_run_options`; ``--out`` is then compare's)."""
+    from heavytail.compare import DEFAULT_COMPARE_STEPS
+    from heavytail.demo import DEFAULT_LR, OPTIMIZERS
+
+    lr_table = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+
+    def add(*flags: str, **kwargs: object) -> None:
+        if hidden:
+            kwargs["help"] = argparse.SUPPRESS
+            kwargs["default"] = argparse.SUPPRESS
+        parser.add_argument(*flags, **kwargs)  # type: ignore[arg-type]
+
+    add(
+        "--optimizers",
+        default=",".join(OPTIMIZERS),
+        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default all four)",
+    )
+    add(
+        "--steps",
+        type=_positive_int,
+        default=DEFAULT_COMPARE_STEPS,
+        help=f"optimizer steps per run (default {DEFAULT_COMPARE_STEPS})",
+    )
+    if not hidden:
+        add("-o", "--out", default="heavytail_runs/compare", help="output directory (default heavytail_runs/compare)")
+    add(
+        "--lr",
+        default=None,
+        metavar="NAME=LR,...",
+        help=f"learning rates to override, e.g. adamw=3e-4,lion=1e-4 (defaults: {lr_table})",
+    )
+    _add_run_options(parser, hidden=hidden)
+
+
+# Options of the old ``heavytail compare`` (now ``sweep``) that ``compare`` of run directories has no use for.
+_SWEEP_ONLY = ("optimizers", "steps", "lr", "text", "seed", "size", "every", "no_probe", "threads", "quiet")
+
+RUN_DIR_HELP = (
+    "a run directory (with metrics.jsonl), or a trainer's output directory holding one (OUT/heavytail, or the "
+    "one run found up to 3 levels down)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``heavytail`` command (documented in docs/cli.md)."""
-    from heavytail.compare import DEFAULT_COMPARE_STEPS
     from heavytail.demo import DEFAULT_LR, DEFAULT_STEPS, OPTIMIZERS
 
     parser = argparse.ArgumentParser(
         prog="heavytail",
         description="Heavy-tail statistics of gradients and optimizer denominators: a demo training run, an "
-        "optimizer comparison, and HTML reports of run directories.",
+        "optimizer sweep, and summaries, HTML reports and comparisons of run directories.",
     )
     parser.add_argument("--version", action="version", version=f"heavytail {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -103,42 +158,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(demo)
 
+    summary = sub.add_parser(
+        "summary",
+        help="print what a run directory holds: status, loss, heaviest-tailed layers, ratios, alerts",
+        description="Print a plain-text summary of any run directory: the run's name, steps and wall time, "
+        "whether it finished, the loss, the heaviest-tailed layers (lowest median grad/hill_alpha), the noise "
+        "tail indices, the largest denominator ratio and where it was read, and the alerts by rule.",
+    )
+    summary.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    summary.add_argument("--top", type=_positive_int, default=5, help="heaviest-tailed layers to list (default 5)")
+
+    report = sub.add_parser(
+        "report",
+        help="write the HTML report of a run directory (--watch: rewrite it as the run goes on)",
+        description="Write the self-contained HTML report of a heavytail run directory and print its path, the "
+        "run's status, its alerts by rule and its heaviest-tailed layers. With --watch, write it again whenever "
+        "new records arrive, until the run finishes or Ctrl-C.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    report.add_argument("-o", "--out", default=None, help="output file (default RUN_DIR/report.html)")
+    report.add_argument(
+        "--watch",
+        action="store_true",
+        help="rewrite the report whenever metrics.jsonl, alerts.jsonl or meta.json change, until meta.json says "
+        "the run finished (Ctrl-C stops it sooner); the page reloads itself meanwhile",
+    )
+    report.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=2.0,
+        help="with --watch: seconds between looks at the run directory (default 2)",
+    )
+
     compare = sub.add_parser(
         "compare",
+        help="compare run directories side by side: a table here and one HTML page",
+        description="Compare existing run directories (any trainer, any optimizer): print a table of each run's "
+        "figures side by side and what makes the comparison fair (same model, steps, interval, seed), and write "
+        "one HTML page with the runs side by side on shared colour scales. A directory that holds several runs "
+        "(a sweep's output) adds them all. To train runs to compare, see `heavytail sweep`.",
+    )
+    compare.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    compare.add_argument(
+        "-o", "--out", default=None, help="the HTML page to write (default compare.html in the current directory)"
+    )
+    _add_sweep_options(compare, hidden=True)
+
+    sweep = sub.add_parser(
+        "sweep",
         help="train the demo workload under several optimizers with everything else equal, and compare them",
         description="Train the demo workload once per optimizer from the same initial weights, on the same data "
         "order, seed and step budget, each monitored into OUT/<optimizer>/; write OUT/summary.json and one "
         "HTML page OUT/compare.html with the optimizers side by side.",
     )
-    compare.add_argument(
-        "--optimizers",
-        default=",".join(OPTIMIZERS),
-        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default all four)",
-    )
-    compare.add_argument(
-        "--steps",
-        type=_positive_int,
-        default=DEFAULT_COMPARE_STEPS,
-        help=f"optimizer steps per run (default {DEFAULT_COMPARE_STEPS})",
-    )
-    compare.add_argument(
-        "--out", default="heavytail_runs/compare", help="output directory (default heavytail_runs/compare)"
-    )
-    compare.add_argument(
-        "--lr",
-        default=None,
-        metavar="NAME=LR,...",
-        help=f"learning rates to override, e.g. adamw=3e-4,lion=1e-4 (defaults: {lr_table})",
-    )
-    _add_run_options(compare)
-
-    report = sub.add_parser(
-        "report",
-        help="write the HTML report of a run directory",
-        description="Write the self-contained HTML report of a heavytail run directory.",
-    )
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (with metrics.jsonl)")
-    report.add_argument("-o", "--out", default=None, help="output file (default RUN_DIR/report.html)")
+    _add_sweep_options(sweep)
     return parser
 
 
@@ -163,7 +236,7 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from heavytail.compare import parse_lrs, parse_optimizers, run_compare
 
     optimizers = parse_optimizers(args.optimizers)
@@ -202,11 +275,137 @@ def _compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
-def _report(args: argparse.Namespace) -> int:
-    from heavytail.report import write_report
+def _locate(path: str) -> Path:
+    """The run directory ``path`` names (``heavytail.report.find_run_dir``), saying which when it is not ``path``."""
+    from heavytail.report import find_run_dir
 
-    path = write_report(args.run_dir, args.out)
-    print(f"Report: {path}")
+    found = find_run_dir(path)
+    if found != Path(path):
+        _note(f"using the run in {found}")
+    return found
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from heavytail.report import load_run, summary_text
+
+    run = load_run(_locate(args.run_dir))
+    print(summary_text(run, top=args.top))
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from heavytail.report import load_run, write_report
+    from heavytail.report.summary import report_lines
+
+    if args.watch:
+        return _watch(args)
+    run = load_run(_locate(args.run_dir))
+    path = write_report(run, args.out)
+    print(f"Report:  {path}")
+    print("\n".join(report_lines(run)))
+    return EXIT_OK
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from heavytail.report import NoRunYet, watch_report
+    from heavytail.report.stats import run_status
+    from heavytail.report.summary import alert_counts
+
+    given = Path(args.run_dir)
+    state = {"said": False, "last": None}
+
+    def on_render(run: Run, report: Path) -> None:
+        if not state["said"]:
+            state["said"] = True
+            if run.path != given:
+                _note(f"using the run in {run.path}")
+            print(
+                f"Watching {run.path} every {args.interval:g} s: the report is rewritten as records arrive, until "
+                "the run finishes (Ctrl-C stops it sooner).",
+                flush=True,
+            )
+        status = run_status(run)
+        state["last"] = (report, status)
+        clock = time.strftime("%H:%M:%S")
+        print(
+            f"[{clock}] step {status.last_step:,} ({len(run.steps):,} checkpoints), alerts {alert_counts(run)}: "
+            f"{report}",
+            flush=True,
+        )
+        if status.complete:
+            print(f"The run {status.text()}. Report: {report}", flush=True)
+
+    def on_wait(exc: NoRunYet) -> None:
+        print(f"Waiting for records ({exc}); Ctrl-C to stop.", flush=True)
+
+    try:
+        watch_report(args.run_dir, args.out, interval=args.interval, on_render=on_render, on_wait=on_wait)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        if state["last"] is not None:
+            report, status = state["last"]
+            print(f"Stopped watching; the report shows step {status.last_step:,}: {report}")
+        else:
+            print("Stopped watching before any record arrived.")
+    return EXIT_OK
+
+
+def _run_labels(runs: Sequence[Run]) -> list[str]:
+    """Each run's name; runs that share one get their path below the runs' common folder after it."""
+    names = [r.name for r in runs]
+    paths = [r.path.resolve() for r in runs]
+    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else None
+    labels = []
+    for run, path in zip(runs, paths):
+        if names.count(run.name) > 1:
+            where = path.relative_to(common) if common is not None and path != common else path
+            labels.append(f"{run.name} ({where})")
+        else:
+            labels.append(run.name)
+    return labels
+
+
+def _compare(args: argparse.Namespace, argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
+    from heavytail.report import compare_text, find_runs, load_run, write_compare_report
+    from heavytail.report.rundir import INTEGRATION_DIR
+
+    if not args.run_dirs:
+        # The old form, `heavytail compare --optimizers ...`, trained the runs: users' scripts still call it.
+        _warn(
+            "`heavytail compare` without run directories is the old name of `heavytail sweep` (train the demo "
+            "workload under several optimizers) and will be removed; run `heavytail sweep` instead. `heavytail "
+            "compare RUN_DIR RUN_DIR ...` now compares existing run directories."
+        )
+        at = argv.index("compare")
+        return _sweep(parser.parse_args([*argv[:at], "sweep", *argv[at + 1 :]]), argv)
+    given = [f"--{name.replace('_', '-')}" for name in _SWEEP_ONLY if hasattr(args, name)]
+    if given:
+        parser.error(
+            f"compare: {', '.join(given)} train runs, which `heavytail sweep` does; `heavytail compare` takes "
+            "run directories and -o only"
+        )
+    dirs: list[Path] = []
+    for text in args.run_dirs:
+        path = Path(text)
+        runs = find_runs(path) if path.is_dir() else []
+        if len(runs) > 1 and path not in runs and (path / INTEGRATION_DIR) not in runs:
+            _note(f"{path} holds {len(runs)} runs; comparing them all: {', '.join(str(r) for r in runs)}")
+            found = runs
+        else:
+            found = [_locate(text)]
+        dirs += [d for d in found if d.resolve() not in {x.resolve() for x in dirs}]
+    runs = [load_run(d) for d in dirs]
+    labels = _run_labels(runs)
+    loaded = dict(zip(labels, runs))
+    out = write_compare_report(loaded, args.out if args.out is not None else "compare.html")
+    width = max(len(n) for n in labels)
+    print(f"Compared {len(runs)} run{'s' if len(runs) != 1 else ''}:")
+    for label, run in loaded.items():
+        print(f"  {label.ljust(width)}  {run.path}")
+    print()
+    print(compare_text(loaded))
+    print()
+    print(f"Report: {out}")
     return EXIT_OK
 
 
@@ -225,17 +424,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
-        return _run(args, argv)
+        return _run(args, argv, parser)
 
 
-def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
     from heavytail.report import RunDirError
 
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "sweep":
+            return _sweep(args, argv)
         if args.command == "compare":
-            return _compare(args, argv)
+            return _compare(args, argv, parser)
+        if args.command == "summary":
+            return _summary(args)
         return _report(args)
     except RunDirError as exc:
         if os.environ.get("HEAVYTAIL_DEBUG"):
@@ -262,6 +465,14 @@ def _one_line(exc: BaseException) -> str:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
     print(f"heavytail: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _note(message: str) -> None:
+    print(f"heavytail: {message}", file=sys.stderr)
+
+
+def _warn(message: str) -> None:
+    print(f"heavytail: warning: {message}", file=sys.stderr)
 
 
 def _error(message: str) -> None:

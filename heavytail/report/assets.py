@@ -31,7 +31,7 @@ section.ht-sec h3{font-size:14px;margin:14px 0 6px;font-weight:600;word-break:br
 .ht-card{background:#fff;border:1px solid var(--line);border-radius:8px;padding:10px 14px}
 .ht-card .v{font-size:21px;font-weight:600;font-variant-numeric:tabular-nums;word-break:break-word}
 .ht-card .k{font-size:12px;color:var(--muted);font-weight:600}
-.ht-card .n{font-size:12px;color:var(--muted)}
+.ht-card .n{font-size:12px;color:var(--muted);overflow-wrap:anywhere}
 .ht-card.bad .v{color:var(--crit)}
 table.ht-table{border-collapse:collapse;width:100%;font-size:13px}
 .ht-table th,.ht-table td{padding:5px 9px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
@@ -70,6 +70,8 @@ white-space:pre-wrap;overflow-wrap:anywhere}
 .ht-grid>div{min-width:0}
 .ht-note{border-left:4px solid var(--accent);background:#eef3fb;padding:10px 14px;white-space:pre-wrap;border-radius:0 6px 6px 0;
 overflow-wrap:anywhere}
+.ht-banner{border:1px solid #e7b46a;border-left:5px solid var(--warn);background:#fff6e8;padding:10px 14px;
+border-radius:0 6px 6px 0;margin-top:16px;overflow-wrap:anywhere}
 .ht-checks{margin:10px 0 0;padding-left:20px;font-size:13px}
 .ht-ok{color:#2e7d32;font-weight:600}.ht-diff{color:var(--crit);font-weight:600}
 .ht-low{color:var(--crit);font-weight:600}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,14 @@ class RunDirError(ValueError):
     """A run directory that cannot be read: missing, not a heavytail run, empty or corrupt.
 
     The message is one line naming the path and what is wrong with it.
+    """
+
+
+class NoRunYet(RunDirError):
+    """A place that holds no records yet: missing, without ``metrics.jsonl``, or with an empty one.
+
+    A run being started may still be there in a moment (``heavytail report --watch`` waits for it); a corrupt
+    file is a plain :class:`RunDirError`.
     """
 
 
@@ -264,9 +273,31 @@ class Run:
 
     @property
     def name(self) -> str:
-        """The run's name from meta.json, else the directory name."""
-        name = self.meta.get("run_name")
-        return str(name) if name else self.path.name
+        """The run's name from meta.json, else the directory name.
+
+        A run the Hugging Face or Lightning integration wrote lives in ``<output_dir>/heavytail``, and a monitor
+        not given a ``run_name`` names the run after that folder: "heavytail" says nothing, so the trainer's
+        output directory names it instead.
+        """
+        name = str(self.meta.get("run_name") or self.path.name)
+        if name == self.path.name == INTEGRATION_DIR:
+            return self.path.resolve().parent.name or name
+        return name
+
+    @property
+    def finished(self) -> float | None:
+        """When the monitor closed (meta.json ``finished``, unix time), or None for a run that is still going,
+        was killed, or was written by a monitor older than that key."""
+        value = self.meta.get("finished")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        return float(value)
+
+    @property
+    def final_step(self) -> int | None:
+        """The monitor's step count when it closed (meta.json ``final_step``), or None."""
+        value = self.meta.get("final_step")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     @property
     def steps(self) -> np.ndarray:
@@ -346,18 +377,18 @@ def load_run(path: str | Path) -> Run:
     """
     path = Path(path)
     if not path.exists():
-        raise RunDirError(f"{path}: no such run directory")
+        raise NoRunYet(f"{path}: no such run directory")
     if not path.is_dir():
         raise RunDirError(f"{path}: not a directory (expected a heavytail run directory)")
     metrics_path = path / "metrics.jsonl"
     if not metrics_path.is_file():
-        raise RunDirError(f"{path}: no metrics.jsonl, so this is not a heavytail run directory")
+        raise NoRunYet(f"{path}: no metrics.jsonl, so this is not a heavytail run directory")
     builder = _TableBuilder()
     for lineno, obj in _read_jsonl(metrics_path):
         step, wall_time, metrics = _check_record(metrics_path, lineno, obj)
         builder.add(step, wall_time, metrics)
     if not builder.steps:
-        raise RunDirError(f"{metrics_path}: empty, the run wrote no checkpoint record")
+        raise NoRunYet(f"{metrics_path}: empty, the run wrote no checkpoint record")
     # After the records: a directory that is no run at all gets its error, not a warning about meta.json first.
     meta = _read_meta(path / "meta.json")
 
@@ -370,6 +401,72 @@ def load_run(path: str | Path) -> Run:
             alerts.append(obj)
     alerts.sort(key=lambda a: a.get("step") if isinstance(a.get("step"), (int, float)) else math.inf)
     return Run(path=path, meta=meta, records=builder.build(), alerts=alerts)
+
+
+INTEGRATION_DIR = "heavytail"
+"""The folder the Hugging Face, Lightning and Accelerate integrations write their run into, under the trainer's
+output directory."""
+
+FIND_DEPTH = 3
+"""How deep under a given directory :func:`find_run_dir` looks for a run (``out/runs/<name>/heavytail``)."""
+
+_FIND_MAX_DIRS = 20_000  # a search that would read a home directory stops here rather than take minutes
+
+
+def find_runs(path: str | Path, depth: int = FIND_DEPTH) -> list[Path]:
+    """Every run directory (a folder holding ``metrics.jsonl``) at ``path`` or under it, at most ``depth`` levels
+    down, sorted. A run's own folders are not searched; hidden folders and symbolic links to folders are skipped."""
+    root = Path(path)
+    if (root / "metrics.jsonl").is_file():
+        return [root]
+    found: list[Path] = []
+    level, seen = [root], 0
+    for _ in range(depth):
+        below: list[Path] = []
+        for folder in level:
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
+                    continue
+                seen += 1
+                child = Path(entry.path)
+                if (child / "metrics.jsonl").is_file():
+                    found.append(child)
+                else:
+                    below.append(child)
+            if seen > _FIND_MAX_DIRS:
+                return sorted(found)
+        level = below
+    return sorted(found)
+
+
+def find_run_dir(path: str | Path) -> Path:
+    """The run directory that ``path`` names: ``path`` itself when it holds ``metrics.jsonl`` (or is that file),
+    else the run a trainer's output directory holds: ``path/heavytail`` (where the integrations write), else the
+    one folder at most :data:`FIND_DEPTH` levels under ``path`` that holds ``metrics.jsonl``.
+
+    Raises :class:`NoRunYet` when there is none and :class:`RunDirError` listing them when there are several.
+    """
+    path = Path(path)
+    if path.is_file() and path.name == "metrics.jsonl":
+        return path.parent
+    if not path.is_dir() or (path / "metrics.jsonl").is_file():
+        return path  # load_run says what is wrong with it, or reads it
+    if (path / INTEGRATION_DIR / "metrics.jsonl").is_file():
+        return path / INTEGRATION_DIR
+    runs = find_runs(path)
+    if len(runs) == 1:
+        return runs[0]
+    if not runs:
+        raise NoRunYet(
+            f"{path}: no metrics.jsonl here or in the folders under it ({FIND_DEPTH} levels), so this is not a "
+            "heavytail run directory"
+        )
+    shown = ", ".join(str(r) for r in runs[:10]) + (f" and {len(runs) - 10} more" if len(runs) > 10 else "")
+    raise RunDirError(f"{path}: holds {len(runs)} runs, name one of them: {shown}")
 
 
 def _read_meta(meta_path: Path) -> dict[str, Any]:

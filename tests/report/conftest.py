@@ -1,4 +1,5 @@
-"""Synthetic run directories in the format of docs/run-directory.md, independent of the monitor."""
+"""Run directories for the report tests: synthetic ones in the format of docs/run-directory.md (independent of
+the monitor), and real ones written by a small monitored training run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pytest
+import torch
 
 DEFAULT_LAYERS = (
     "embed.weight",
@@ -154,6 +156,83 @@ def make_run_dir(
             }
             (path / a["flight_record"]).write_text(_dump(flight), encoding="utf-8")
     return path
+
+
+def make_monitored_run(
+    path: Path,
+    *,
+    optimizer: str = "adamw",
+    steps: int = 32,
+    every: int = 4,
+    spike_at: int | None = 25,
+    run_name: str | None = None,
+    clip: float | None = 5.0,
+) -> Path:
+    """Train the tests' TinyNet under a real :class:`heavytail.Monitor` into ``path`` and close it.
+
+    At step ``spike_at`` the targets are scaled by 100, so the run has a real loss and gradient spike (with
+    ``spike_warmup=8`` the detectors may flag it) and a large denominator ratio; ``clip`` clips the global
+    gradient norm, so ``grad/norm`` (after) and ``grad/norm_preclip`` (before) differ at the spike.
+    """
+    import heavytail as ht
+    from heavytail.optim import Lion
+    from tests.conftest import TinyNet, tiny_batch
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = Lion(model.parameters(), lr=3e-4) if optimizer == "lion" else torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with ht.Monitor(model, opt, every=every, log_dir=path, run_name=run_name, spike_warmup=8) as mon:
+        for step in range(steps):
+            idx, y = tiny_batch(step)
+            if step == spike_at:
+                y = y * 100
+            loss = torch.nn.functional.mse_loss(model(idx), y)
+            loss.backward()
+            mon.observe_loss(loss)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return path
+
+
+def strip_finished(run_dir: Path) -> Path:
+    """Make a closed run look killed: SIGKILL leaves the records of every checkpoint (flushed as written) and a
+    meta.json without the ``finished`` and ``final_step`` that ``Monitor.close`` adds."""
+    meta = json.loads((run_dir / "meta.json").read_text())
+    meta.pop("finished", None)
+    meta.pop("final_step", None)
+    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def monitored(tmp_path_factory) -> SimpleNamespace:
+    """Real run directories written by the monitor (made once per session, about a second each):
+
+    - ``trainer_out``: a trainer's output directory, the AdamW run in ``trainer_out/heavytail`` (where the
+      Hugging Face and Lightning integrations write), named ``tiny-adamw``; ``adamw`` is that run directory;
+    - ``lion``: the same model, data and spike under Lion, in a directory of its own;
+    - ``killed``: a copy of the AdamW run as a SIGKILL leaves it (no ``finished`` in meta.json).
+
+    Tests must not write into them; copy one first (``shutil.copytree``). Modules outside tests/report import
+    this fixture, which registers it once more: the runs are still made once.
+    """
+    import shutil
+
+    if _MONITORED:
+        return _MONITORED[0]
+    root = tmp_path_factory.mktemp("monitored")
+    trainer_out = root / "trainer_out"
+    (trainer_out / "checkpoint-32").mkdir(parents=True)  # what else a trainer keeps there
+    adamw = make_monitored_run(trainer_out / "heavytail", run_name="tiny-adamw")
+    lion = make_monitored_run(root / "lion", optimizer="lion", run_name="tiny-lion")
+    killed = strip_finished(Path(shutil.copytree(adamw, root / "killed")))
+    _MONITORED.append(SimpleNamespace(root=root, trainer_out=trainer_out, adamw=adamw, lion=lion, killed=killed))
+    return _MONITORED[0]
+
+
+_MONITORED: list[SimpleNamespace] = []
 
 
 @pytest.fixture
