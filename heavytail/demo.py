@@ -8,12 +8,10 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, TextIO
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +19,8 @@ from heavytail.config import MonitorConfig
 from heavytail.monitor import Monitor
 from heavytail.optim import Lion, muon_with_adamw
 from heavytail.report import Run, load_run, write_report
+from heavytail.report.summary import duration
+from heavytail.report.summary import summary_text as run_summary_text
 from heavytail.runfiles import clear_run_dir
 from heavytail.workload import SIZES, DemoWorkload, build_demo
 
@@ -57,7 +57,6 @@ DEFAULT_STEPS = 300
 
 DEFAULT_MICRO_BATCHES = 32
 """Mini-batches of the held-out batch per noise probe."""
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,42 +400,6 @@ def run_demo(
 # Summary
 
 
-def _median_by_layer(run: Run, family: str) -> dict[str, float]:
-    layers, _, values = run.matrix(family)
-    out = {}
-    for name, row in zip(layers, values):
-        finite = row[np.isfinite(row)]
-        out[name] = float(np.median(finite)) if finite.size else math.nan
-    return out
-
-
-MIN_RANKED_NUMEL = 1000
-"""Tensors with fewer entries are left out of the summary's heaviest-tail ranking (Hill keeps at most n/10)."""
-
-
-def _numels(meta: Mapping[str, Any]) -> dict[str, int]:
-    """Entries per parameter, and per group under ``group_by``, from meta.json."""
-    params = meta.get("params") if isinstance(meta.get("params"), list) else []
-    out = {p["name"]: int(p.get("numel") or 0) for p in params if isinstance(p, Mapping) and "name" in p}
-    groups = meta.get("groups")
-    if isinstance(groups, Mapping):
-        for group, members in groups.items():
-            out[group] = sum(out.get(m, 0) for m in members) if isinstance(members, list) else 0
-    return out
-
-
-def _num(v: float, digits: int = 3) -> str:
-    if v is None or not math.isfinite(v):
-        return "-" if v is None or math.isnan(v) else ("inf" if v > 0 else "-inf")
-    return f"{v:.{digits}g}"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    m, s = divmod(seconds, 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
-
-
 def summary_text(
     run: Run,
     trained: TrainedRun | None = None,
@@ -446,102 +409,24 @@ def summary_text(
     top: int = 5,
     first_alerts: int = 3,
 ) -> str:
-    """A short plain-text account of a run: loss, heaviest-tailed layers, noise tails, alerts, where things are."""
-    lines: list[str] = []
+    """The demo's account of its run: :func:`heavytail.report.summary_text` (what ``heavytail summary`` prints
+    for any run) under a first line that says what was trained and how fast."""
     meta = run.meta
     steps = int(run.steps[-1]) if len(run.steps) else 0
-    _, loss = run.series("loss")
-    finite = loss[np.isfinite(loss)]
     what = f"{meta.get('model', 'model')}"
     if workload:
         what += f" ({workload.get('size', '?')}, {workload.get('n_params', 0):,} parameters)"
-    took = f" in {_duration(trained.seconds)} ({trained.steps / trained.seconds:.1f} it/s" if trained else ""
+    took = f" in {duration(trained.seconds)} ({trained.steps / trained.seconds:.1f} it/s" if trained else ""
     threads = (meta.get("extra") or {}).get("torch_threads")
     if trained:
         took += f", {threads} thread{'s' if threads != 1 else ''})" if threads else ")"
-    lines.append(f"{steps} steps of {what} with {meta.get('optimizer', '?')}{took}.")
-    if finite.size:
-        lines.append(f"Loss (checkpoint means): {finite[0]:.3f} at the first checkpoint, {finite[-1]:.3f} at the last.")
-
-    alpha = _median_by_layer(run, "grad/hill_alpha")
-    se = _median_by_layer(run, "grad/hill_alpha_se")
-    noise = _median_by_layer(run, "noise/hill_alpha")
-    probe = _median_by_layer(run, "probe/hill_alpha")
-    stable = _median_by_layer(run, "probe/stable_alpha")
-    # A tensor of a few hundred entries (a norm's gain, a bias) leaves Hill about ten order statistics: its
-    # estimate is as uncertain as it is large, and would head the list on noise alone. Rank tensors (or groups)
-    # of at least MIN_RANKED_NUMEL entries; the others are in the report.
-    numel = _numels(meta)
-    certain = {
-        n: a
-        for n, a in alpha.items()
-        if math.isfinite(a) and (numel.get(n, 0) >= MIN_RANKED_NUMEL if numel else se.get(n, math.inf) <= a / 2)
-    }
-    ranked = sorted((a, n) for n, a in certain.items())
-    uncertain = sum(1 for n, a in alpha.items() if math.isfinite(a) and n not in certain)
-    if ranked:
-        lines.append("")
-        lines.append(
-            f"Heaviest-tailed layers (median over {len(run.steps)} checkpoints; alpha < 2: infinite variance):"
-        )
-        width = max(len(n) for _, n in ranked[:top])
-        cols = "coordinate alpha (grad/hill_alpha)"
-        if noise:
-            cols += " | noise alpha, temporal"
-        if probe:
-            cols += " | probe (Hill, stable)"
-        lines.append(f"  {'layer'.ljust(width)}  {cols}")
-        for a, n in ranked[:top]:
-            text = f"  {n.ljust(width)}  {_num(a)} +/- {_num(se.get(n, math.nan), 2)}"
-            if noise:
-                text += f" | {_num(noise.get(n, math.nan))}"
-            if probe:
-                text += f" | {_num(probe.get(n, math.nan))}, {_num(stable.get(n, math.nan))}"
-            lines.append(text)
-        if uncertain:
-            lines.append(
-                f"  ({uncertain} small tensor{'s' if uncertain > 1 else ''} (norm gains, biases) left out: "
-                "too few entries for a tail index to rank; all are in the report)"
-            )
-    if noise or probe:
-        lines.append("")
-        lines.append("Noise tail indices (median over layers and checkpoints):")
-        if noise:
-            vals = np.asarray([v for v in noise.values() if math.isfinite(v)])
-            if vals.size:
-                heaviest = min((v, n) for n, v in noise.items() if math.isfinite(v))
-                lines.append(
-                    f"  temporal (noise/hill_alpha): {np.median(vals):.3g}; heaviest {heaviest[1]} {heaviest[0]:.3g}"
-                )
-        if probe:
-            vals = np.asarray([v for v in probe.values() if math.isfinite(v)])
-            gauss = _median_by_layer(run, "probe/hill_alpha_gauss")
-            ref = np.nanmedian(list(gauss.values())) if gauss else math.nan
-            if vals.size:
-                heaviest = min((v, n) for n, v in probe.items() if math.isfinite(v))
-                lines.append(
-                    f"  probe (probe/hill_alpha): {np.median(vals):.3g} (Gaussian noise reads {ref:.3g}); "
-                    f"heaviest {heaviest[1]} {heaviest[0]:.3g}"
-                )
-    elif trained is not None and not trained.probe:
-        lines.append("")
-        lines.append("Noise probe: off (--no-probe).")
-
-    lines.append("")
-    alerts = run.alerts
-    if alerts:
-        rules = Counter(str(a.get("rule", "?")) for a in alerts)
-        lines.append(f"Alerts: {len(alerts)} (" + ", ".join(f"{k} x{v}" for k, v in rules.most_common()) + ")")
-        for a in alerts[:first_alerts]:
-            lines.append(
-                f"  step {a.get('step')} [{a.get('severity', '?')}] {a.get('rule', '?')}: {a.get('message', '')}"
-            )
-        if len(alerts) > first_alerts:
-            lines.append(f"  ... {len(alerts) - first_alerts} more in {run.path / 'alerts.jsonl'}")
-    else:
-        lines.append("Alerts: none.")
-    lines.append("")
-    lines.append(f"Run directory: {run.path}")
-    if report is not None:
-        lines.append(f"Report:        {report}")
-    return "\n".join(lines)
+    probe_off = trained is not None and not trained.probe and not run.layers("probe/hill_alpha")
+    return run_summary_text(
+        run,
+        title=f"{steps} steps of {what} with {meta.get('optimizer', '?')}{took}.",
+        status=False,  # printed right after the run closed
+        notes=["Noise probe: off (--no-probe)."] if probe_off else (),
+        report=report,
+        top=top,
+        first_alerts=first_alerts,
+    )
