@@ -24,6 +24,18 @@ def _rate(halflife: float) -> float:
     return 1.0 - 2.0 ** (-1.0 / halflife)
 
 
+def _sigma(scale: torch.Tensor, forecast: torch.Tensor, log_domain: torch.Tensor) -> torch.Tensor:
+    # The score's denominator. Relative floor in either domain (see _SCALE_FLOOR); `tiny` keeps an all-zero
+    # linear stream off 0/0.
+    floor = _SCALE_FLOOR * torch.where(log_domain, 1.0, forecast.abs()) + torch.finfo(scale.dtype).tiny
+    return torch.maximum(_MAD_TO_SIGMA * scale, floor)
+
+
+def _gate(baseline: torch.Tensor, config: SpikeConfig) -> torch.Tensor:
+    # How far above (or below) the baseline a value must also be to flag, in the input's units.
+    return config.atol + config.rtol * baseline.abs()
+
+
 @dataclass(frozen=True, kw_only=True)
 class SpikeConfig:
     """Parameters of the spike detector; defaults were chosen with ``benchmarks/spike_detection.py``.
@@ -111,11 +123,14 @@ class SpikeState(NamedTuple):
 
 
 class SpikeSummary(NamedTuple):
-    """What ``compute`` reports per stream: the forecast for the next step and how settled the detector is."""
+    """What ``compute`` reports per stream: the forecast for the next step, the band outside which that step
+    flags, and how settled the detector is. All in the input's units except ``scale``."""
 
-    baseline: torch.Tensor  # the next value the detector expects, in the input's units
+    baseline: torch.Tensor  # the next value the detector expects
     scale: torch.Tensor  # noise scale in Gaussian-sigma units: relative in the log domain, absolute in linear
     warmed_up: torch.Tensor  # bool: the stream can flag
+    upper: torch.Tensor  # a warmed-up stream flags when its next value is above this
+    lower: torch.Tensor  # ... or below this, with ``two_sided`` (in the log domain it may be 0: no lower flag)
 
 
 def init(
@@ -197,14 +212,12 @@ def update(
 
     forecast = level + trend
     residual = y - forecast
-    # Relative floor in either domain (see _SCALE_FLOOR); `tiny` keeps an all-zero linear stream off 0/0.
-    floor = _SCALE_FLOOR * torch.where(log_domain, 1.0, forecast.abs()) + torch.finfo(level.dtype).tiny
-    sigma = torch.maximum(_MAD_TO_SIGMA * scale, floor)
+    sigma = _sigma(scale, forecast, log_domain)
     score = torch.where(valid & started, residual / sigma, 0.0)
 
     baseline = torch.where(log_domain, torch.exp(forecast), forecast)
     excess = x - baseline
-    gate = config.atol + config.rtol * baseline.abs()
+    gate = _gate(baseline, config)
     if config.two_sided:
         flags = valid & warmed & (score.abs() > config.threshold) & (excess.abs() > gate)
     else:
@@ -237,17 +250,33 @@ def update(
 
 
 def compute(state: SpikeState, config: SpikeConfig = SpikeConfig()) -> SpikeSummary:
-    """Each stream's forecast for the next step, its noise scale and whether it is warmed up.
+    """Each stream's forecast for the next step, the band outside which that step flags, and its noise scale.
 
-    baseline = exp(level + trend) in the log domain, level + trend in the linear domain; scale = sqrt(pi/2) *
-    mean absolute forecast error (a relative scale in the log domain). For dashboards: the loss with its
-    expected band, and the per-layer gradient-norm noise the detector is comparing against.
+    With f = level + trend and s = sqrt(pi/2) * scale (floored as in ``update``), in the log domain:
+
+        baseline = exp(f)
+        upper = max(exp(f + threshold * s), baseline + atol + rtol * |baseline|)
+        lower = min(exp(f - threshold * s), baseline - atol - rtol * |baseline|)
+
+    and in the linear domain the same with f + threshold * s and f - threshold * s in place of the exponentials.
+    A warmed-up stream's next value x flags exactly when x > upper (or x < lower with ``two_sided``): the two
+    conditions of ``update``, z > threshold and the rtol/atol gate, solved for x. ``scale`` is the noise scale
+    in Gaussian-sigma units (relative in the log domain). Called on the state before a step, this is what that
+    step was compared with: an alert's expected value and threshold; for dashboards, the loss with its band.
     """
     forecast = state.level + state.trend
+    log_domain = state.log_domain
+    baseline = torch.where(log_domain, torch.exp(forecast), forecast)
+    reach = config.threshold * _sigma(state.scale, forecast, log_domain)
+    gate = _gate(baseline, config)
+    high = torch.where(log_domain, torch.exp(forecast + reach), forecast + reach)
+    low = torch.where(log_domain, torch.exp(forecast - reach), forecast - reach)
     return SpikeSummary(
-        baseline=torch.where(state.log_domain, torch.exp(forecast), forecast),
+        baseline=baseline,
         scale=_MAD_TO_SIGMA * state.scale,
         warmed_up=state.count >= config.warmup,
+        upper=torch.maximum(high, baseline + gate),
+        lower=torch.minimum(low, baseline - gate),
     )
 
 
@@ -269,11 +298,17 @@ class Cooldown:
             raise ValueError(f"steps must be an int >= 0, got {steps!r}")
         self.steps = steps
         self._last_flag: list[int | None] = [None] * num_streams
+        self._last_any: int | None = None
         self._step = -1
 
     @property
     def num_streams(self) -> int:
         return len(self._last_flag)
+
+    @property
+    def last_flag(self) -> int | None:
+        """The last step at which any stream flagged (None before the first flag)."""
+        return self._last_any
 
     def __call__(self, flags: Sequence[bool], step: int | None = None) -> list[bool]:
         """Alerts for one step's host-side flags; ``step`` defaults to one past the previous call's."""
@@ -287,6 +322,7 @@ class Cooldown:
             last = self._last_flag[i]
             alerts.append(last is None or step - last > self.steps)
             self._last_flag[i] = step
+            self._last_any = step
         return alerts
 
     def quiet(self, step: int | None = None) -> None:
@@ -300,3 +336,4 @@ class Cooldown:
         self.steps = int(state["steps"])
         self._last_flag = list(state["last_flag"])
         self._step = int(state["step"])
+        self._last_any = max((s for s in self._last_flag if s is not None), default=None)

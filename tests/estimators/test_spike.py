@@ -21,14 +21,23 @@ FAST = SpikeConfig(warmup=30)
 # ----------------------------------------------------------------------------- slow, obvious reference
 
 
-def reference(xs, config: SpikeConfig):
-    """The recursion of ``spike.update`` for one stream, written as a plain float64 loop."""
+def reference(xs, config: SpikeConfig, bands: list | None = None):
+    """The recursion of ``spike.update`` for one stream, written as a plain float64 loop. ``bands`` receives,
+    per step, the forecast it was compared with and the values above / below which it flags (``compute``)."""
     rate = lambda h: 1.0 - 2.0 ** (-1.0 / h)  # noqa: E731
     n, level, trend, scale = 0, 0.0, 0.0, 0.0
     log_domain = config.domain != "linear"
     flags, scores = [], []
     for x in xs:
         x = float(x)
+        if bands is not None:
+            f = level + trend
+            sigma = max(math.sqrt(math.pi / 2) * scale, 1e-6 if log_domain else 1e-6 * abs(f), 1e-300)
+            reach = config.threshold * sigma
+            base = math.exp(f) if log_domain else f
+            gate = config.atol + config.rtol * abs(base)
+            high, low = (math.exp(f + reach), math.exp(f - reach)) if log_domain else (f + reach, f - reach)
+            bands.append((base, max(high, base + gate), min(low, base - gate)))
         if config.domain == "auto" and log_domain and math.isfinite(x) and x < 0:
             base = math.exp(level)
             level, trend, scale, log_domain = base, trend * base, scale * base, False
@@ -257,6 +266,32 @@ def test_warmup():
     assert not spike.compute(state, SpikeConfig(warmup=300)).warmed_up.any()
 
 
+@pytest.mark.parametrize(
+    "config",
+    [FAST, SpikeConfig(warmup=30, domain="linear", two_sided=True, rtol=0.0, atol=0.01)],
+    ids=["default", "linear-two-sided"],
+)
+def test_compute_on_the_state_before_a_step_gives_its_forecast_and_flag_band(config):
+    # What the alerts report as expected value and threshold: compute() on the state a step is scored against.
+    x = with_spikes(loss_curve(300, noise=0.01, seed=21), [100, 180, 181, 250], 2.0)
+    x[140, 0] *= 0.3  # a drop: flagged only two-sided
+    bands = []
+    ref_flags, _ = reference(x[:, 0], config, bands=bands)
+    state = spike.init(1, config=config, dtype=torch.float64)
+    flagged = []
+    for t in range(len(x)):
+        summary = spike.compute(state, config)
+        np.testing.assert_allclose(
+            [summary.baseline.item(), summary.upper.item(), summary.lower.item()], bands[t], rtol=1e-12
+        )
+        state, flags, _ = spike.update(state, torch.tensor(x[t]), config)
+        over = x[t, 0] > summary.upper.item() or (config.two_sided and x[t, 0] < summary.lower.item())
+        assert flags.item() == (summary.warmed_up.item() and over)  # the band is exactly where update flags
+        flagged.append(flags.item())
+    np.testing.assert_array_equal(flagged, ref_flags)
+    assert np.flatnonzero(flagged).tolist() == ([100, 140, 180, 181, 250] if config.two_sided else [100, 180, 181, 250])
+
+
 def test_compute_reports_the_forecast():
     x = loss_curve(500, noise=0.01, seed=13, df=None)
     state, _, _ = run(torch.tensor(x), FAST)
@@ -377,5 +412,18 @@ def test_cooldown_counts_steps_itself_and_round_trips():
     again = Cooldown(num_streams=1)
     again.load_state_dict(saved)
     assert again([True]) == cd([True]) == [False]
+
+
+def test_cooldown_last_flag_is_the_last_step_any_stream_flagged():
+    cd = Cooldown(num_streams=3, steps=5)
+    assert cd.last_flag is None
+    cd([0, 1, 0], step=4)
+    cd([1, 0, 0], step=9)
+    cd.quiet(step=10)
+    cd([0, 0, 0], step=11)
+    assert cd.last_flag == 9
+    again = Cooldown(num_streams=3)
+    again.load_state_dict(cd.state_dict())
+    assert again.last_flag == 9
     with pytest.raises(ValueError, match="steps"):
         Cooldown(1, steps=-1)
