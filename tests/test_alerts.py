@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
+import types
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
 import heavytail as ht
-from tests.conftest import TinyNet, read_alerts, tiny_batch
+from heavytail.alerts import AlertEngine, StepFlags, flag_vector_size, pack_step_flags, unpack_step_flags
+from heavytail.estimators import spike
+from tests.conftest import TinyNet, read_alerts, read_records, tiny_batch
+from tests.estimators.test_spike import reference
 
 
 class Collect:
@@ -88,6 +96,20 @@ def test_loss_spike_fires_once_within_one_step_everywhere(tmp_path, caplog):
     flight = json.loads((tmp_path / record["flight_record"]).read_text())
     assert 60 in flight["steps"] and flight["steps"][-1] <= 61 and flight["layers"] == mon.names
     assert len(flight["series"]["grad/norm"]) == len(flight["steps"]) and flight["series"]["loss"][-1] > 0
+    # The flight record holds the loss the alert reports, at the alert's step.
+    assert flight["series"]["loss"][flight["steps"].index(60)] == pytest.approx(record["value"], rel=1e-6)
+    for alert in (record, grad_alerts[0]):
+        assert_states_observed_expected_threshold(alert)
+        # A 5x jump over a smooth curve: far over the threshold, which sits over the forecast.
+        assert alert["value"] > 4 * alert["expected"] and alert["expected"] < alert["value_threshold"] < alert["value"]
+        assert alert["z"] > alert["z_threshold"] == alert["threshold"] == 18.0
+
+
+def assert_states_observed_expected_threshold(alert):
+    """The message states the record's observed value, expected value and threshold, as the record has them."""
+    for word, key in (("observed", "value"), ("expected", "expected"), ("threshold", "value_threshold")):
+        number = re.escape(f"{alert[key]:.4g}")
+        assert re.search(rf"\b{word} (at least |at most )?{number}\b", alert["message"]), (word, alert["message"])
 
 
 def test_nonfinite_gradients_alert_and_are_excluded(tmp_path):
@@ -109,7 +131,9 @@ def test_nonfinite_gradients_alert_and_are_excluded(tmp_path):
         _train(model, opt, mon, steps=10, grad_hook=poison)
     alerts = [a for a in read_alerts(tmp_path) if a["rule"] == "nonfinite_grad"]
     assert len(alerts) == 1 and alerts[0]["layer"] == "fc2.weight" and alerts[0]["severity"] == "critical"
-    assert alerts[0]["value"] == 3
+    assert alerts[0]["value"] == 3 and alerts[0]["expected"] == 0 and alerts[0]["value_threshold"] == 0
+    assert alerts[0]["step"] == 5
+    assert_states_observed_expected_threshold(alerts[0])
 
 
 def test_hidden_spike_alert_after_warmup(tmp_path):
@@ -125,6 +149,10 @@ def test_hidden_spike_alert_after_warmup(tmp_path):
         _train(model, opt, mon, steps=45, grad_hook=jolt)
     alerts = read_alerts(tmp_path)
     assert [(a["rule"], a["layer"], a["step"]) for a in alerts] == [("hidden_spike", "fc1.weight", 41)]
+    # One coordinate of fc1.weight's 4096 is over the ratio; healthy is none (hidden_spike_frac = 0).
+    assert alerts[0]["value"] == pytest.approx(1 / 4096) and alerts[0]["expected"] == alerts[0]["threshold"] == 0
+    assert alerts[0]["ratio_max"] > 1000
+    assert_states_observed_expected_threshold(alerts[0])
 
 
 def test_tail_index_drop_needs_a_confident_estimate(tmp_path):
@@ -142,7 +170,14 @@ def test_tail_index_drop_needs_a_confident_estimate(tmp_path):
             opt.step()
     alerts = read_alerts(tmp_path)
     assert [a["step"] for a in alerts] == [1]  # once (cooldown), and never for the Gaussian steps
-    assert alerts[0]["value"] < 2 and alerts[0]["layer"] == "weight"
+    alert = alerts[0]
+    assert alert["value"] < 2 and alert["layer"] == "weight"
+    record = next(r for r in read_records(tmp_path) if r["step"] == 1)["metrics"]
+    assert alert["value"] == record["grad/hill_alpha/weight"] and alert["se"] == record["grad/hill_alpha_se/weight"]
+    assert alert["expected"] == alert["threshold"] == 2.0
+    assert alert["value_threshold"] == pytest.approx(2.0 - 2.0 * alert["se"])  # fires under 2 by two errors
+    assert alert["value"] < alert["value_threshold"] < 2.0
+    assert_states_observed_expected_threshold(alert)
 
 
 def test_disabled_rules_do_not_fire(tmp_path):
@@ -162,3 +197,166 @@ def test_healthy_training_raises_no_alert(tmp_path):
         _train(model, opt, mon, steps=300)
     rules = [a["rule"] for a in read_alerts(tmp_path)]
     assert "loss_spike" not in rules and "grad_spike" not in rules and "nonfinite_grad" not in rules
+
+
+# ----------------------------------------------------------------------------- expected values
+
+
+def test_expected_value_is_the_detectors_forecast(tmp_path):
+    # A loss series the test controls, recomputed by the float64 reference loop of the detector.
+    rng = np.random.default_rng(3)
+    t = np.arange(80)
+    losses = ((2.0 + 3.0 * (1 + t / 30) ** -0.7) * np.exp(0.01 * rng.standard_normal(80))).astype(np.float32)
+    losses[60] *= 2.5
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with ht.Monitor(model, opt, every=100, log_dir=tmp_path, spike_warmup=30, alerts=("loss_spike",)) as mon:
+        for value in losses:
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+            mon.observe_loss(torch.tensor(value))
+            opt.step()
+    (alert,) = read_alerts(tmp_path)
+    assert alert["step"] == 61 and alert["value"] == losses[60]
+    config = spike.SpikeConfig(warmup=30)
+    bands = []
+    ref_flags, ref_scores = reference(losses.astype(np.float64), config, bands=bands)
+    assert np.flatnonzero(ref_flags).tolist() == [60]
+    baseline, upper, _ = bands[60]
+    assert alert["expected"] == pytest.approx(baseline, rel=1e-5)
+    assert alert["value_threshold"] == pytest.approx(upper, rel=1e-5)
+    assert alert["z"] == pytest.approx(ref_scores[60], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- the flag vector
+
+
+def test_flag_vector_round_trip():
+    gen = torch.Generator().manual_seed(0)
+    layers = 3
+    detector = spike.SpikeState(
+        count=torch.tensor([0, 5, 100, 7, 20_000]),
+        level=torch.randn(5, generator=gen),
+        trend=torch.randn(5, generator=gen) * 0.01,
+        scale=torch.rand(5, generator=gen),
+        log_domain=torch.tensor([True, False, True, True, False]),
+    )
+    step = StepFlags(
+        flags=torch.tensor([True, False, True, False, False]),
+        scores=torch.randn(5, generator=gen),
+        values=torch.rand(5, generator=gen),
+        detector=detector,
+        nonfinite=torch.tensor([0, 3, 0]),
+        spike_frac=torch.rand(3, generator=gen),
+        ratio_max=torch.tensor([1.5, math.nan, 2.0]),
+    )
+    packed = pack_step_flags(step)
+    assert packed.dtype == torch.float32 and packed.shape == (flag_vector_size(layers),) == (8 * 5 + 3 * 3,)
+    back = unpack_step_flags(packed.numpy(), layers)
+    for name in ("flags", "scores", "values", "nonfinite", "spike_frac", "ratio_max"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(step, name).to(torch.float32).numpy())
+    for name, value in detector._asdict().items():
+        assert torch.equal(getattr(back.detector, name), value), name
+    # The forecast read on the host is the forecast of the state the device packed.
+    assert torch.equal(spike.compute(back.detector).upper, spike.compute(detector).upper)
+    with pytest.raises(ValueError, match="do not fit 4 layers"):
+        pack_step_flags(step._replace(nonfinite=torch.zeros(4)))
+    with pytest.raises(ValueError, match="49 values for 3 layers"):
+        unpack_step_flags(packed.numpy()[:-1], layers)
+
+
+# ----------------------------------------------------------------------------- one event, one alert
+
+
+def _engine(cooldown=50):
+    alerts = []
+    config = types.SimpleNamespace(
+        alerts=("loss_spike", "grad_spike"),
+        alert_cooldown=cooldown,
+        tail_alpha_threshold=2.0,
+        hidden_spike_frac=0.0,
+        spike_threshold=5000.0,
+    )
+    return AlertEngine(config, log_dir=".", emit=alerts.append), alerts
+
+
+def _step_flags(scores, threshold=18.0):
+    """A step's flag vector for streams (loss, global, a, b) with these z-scores; every norm forecast at 1."""
+    scores = torch.tensor(scores, dtype=torch.float32)
+    state = spike.init(4)._replace(count=torch.full((4,), 500), scale=torch.full((4,), 0.01))
+    return pack_step_flags(
+        StepFlags(
+            flags=scores > threshold,
+            scores=scores,
+            values=torch.exp(scores * 0.01 * math.sqrt(math.pi / 2)),
+            detector=state,
+            nonfinite=torch.zeros(2),
+            spike_frac=torch.zeros(2),
+            ratio_max=torch.zeros(2),
+        )
+    ).numpy()
+
+
+def test_streams_that_rise_into_an_open_event_join_it_and_jumps_alert():
+    engine, alerts = _engine()
+    names, config = ["a", "b"], spike.SpikeConfig()
+    history = {
+        9: [0, 14, 16, 0],  # a drift: layer a and the global norm rise towards the threshold
+        10: [0, 16, 19, 0],  # a flags: an alert
+        11: [0, 19, 20, 0],  # the global norm follows (it was at 16): the same event
+        12: [0, 10, 19, 25],  # b jumps from 0 to 25 while the event is open: a new spike, an alert
+        13: [0, 0, 19, 0],
+        # Quiet from 14 to 63: the event closes 50 steps after its last flag.
+        64: [0, 20, 0, 0],  # the global norm jumps: an alert
+    }
+    for step in range(9, 70):
+        engine.process_step_flags(step, _step_flags(history.get(step, [0, 0, 0, 0])), names, config)
+    assert [(a["step"], a["metric"], a["layers"]) for a in alerts] == [
+        (10, "grad/norm/a", ["a"]),
+        (12, "grad/norm/b", ["b"]),
+        (64, "grad/norm", ["global"]),
+    ]
+    assert alerts[0]["expected"] == pytest.approx(1.0) and alerts[0]["value_threshold"] == pytest.approx(
+        math.exp(18 * 0.01 * math.sqrt(math.pi / 2)), rel=1e-5
+    )
+
+    # A restart between 10 and 11 keeps the previous step's scores: the global norm still joins the event.
+    engine, alerts = _engine()
+    for step in (9, 10):
+        engine.process_step_flags(step, _step_flags(history[step]), names, config)
+    resumed, alerts_after = _engine()
+    resumed.load_state_dict(json.loads(json.dumps(engine.state_dict())))
+    resumed.process_step_flags(11, _step_flags(history[11]), names, config)
+    assert len(alerts) == 1 and alerts_after == []
+
+
+def test_a_smooth_drift_is_one_alert_and_a_later_spike_still_alerts(tmp_path):
+    # One layer's gradient norm rises smoothly by 18% over 30 steps (0.0094 -> 0.0111, the reported case),
+    # its bias with it, so the layer and the global norm cross the threshold a few steps apart; the loss is flat.
+    # Fifteen steps after the drift, another layer's norm jumps 3x for one step: a spike of its own.
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 32))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    params = list(model.parameters())
+    base = [0.0094, 0.003, 0.001, 0.001, 0.001, 0.001]
+    directions = [torch.randn(p.shape, generator=gen) for p in params]
+    start, length, jump = 155, 30, 200
+    with ht.Monitor(model, opt, every=100, log_dir=tmp_path) as mon:
+        for step in range(260):
+            drift = (0.0111 / 0.0094) ** (min(max(step - start, 0), length) / length)
+            for i, (p, d) in enumerate(zip(params, directions)):
+                norm = base[i] * (drift if i < 2 else 1.0) * math.exp(0.002 * rng.standard_normal())
+                norm *= 3.0 if (i == 4 and step == jump) else 1.0
+                g = d + 0.05 * torch.randn(p.shape, generator=gen)
+                p.grad = g * (norm / g.norm())
+            mon.observe_loss(torch.tensor(2.0 * math.exp(0.01 * rng.standard_normal())))
+            opt.step()
+    alerts = read_alerts(tmp_path)
+    drift_alerts = [a for a in alerts if a["step"] <= jump]
+    assert len(drift_alerts) == 1, [(a["step"], a["metric"]) for a in alerts]
+    assert drift_alerts[0]["rule"] == "grad_spike" and start < drift_alerts[0]["step"] <= start + length
+    assert set(drift_alerts[0]["layers"]) <= {"global", "0.weight", "0.bias"}
+    assert_states_observed_expected_threshold(drift_alerts[0])
+    assert [(a["rule"], a["step"], a["layer"]) for a in alerts[1:]] == [("grad_spike", jump + 1, "2.weight")]
+    assert alerts[1]["value"] == pytest.approx(3 * alerts[1]["expected"], rel=0.02)
