@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 DEFAULT_COMPARE_STEPS = 300
-"""Steps per optimizer of ``heavytail compare`` when ``--steps`` is not given."""
+"""Steps per optimizer of ``heavytail sweep`` when ``--steps`` is not given."""
 
 TAIL_FAMILIES = ("grad/hill_alpha", "noise/hill_alpha", "probe/hill_alpha", "probe/stable_alpha")
 """Tail indices summarised per layer: coordinate tail, temporal noise tail, the probe's noise tail (Hill, stable)."""
@@ -220,7 +220,7 @@ def run_compare(
         model = workload.new_model()
         optimizer = make_optimizer(name, model, chosen[name])
         extra = {
-            "compare": "heavytail compare",
+            "compare": "heavytail sweep",
             "optimizer_name": name,
             "lr": chosen[name],
             "seed": seed,

@@ -31,7 +31,7 @@ def test_compare_writes_summary_and_report(tmp_path: Path, small_text: Path) -> 
         text=small_text,
         lrs={"lion": 3e-4, "sgd": 0.05},
         progress=None,
-        command="heavytail compare (test)",
+        command="heavytail sweep (test)",
     )
     summary = json.loads((out / "summary.json").read_text())
     assert result.summary_path == out / "summary.json" and result.report == out / "compare.html"

@@ -36,7 +36,8 @@ def json_for_script(obj: Any) -> str:
 
 
 def fmt(value: Any, digits: int = 4) -> str:
-    """A number for a table cell: 4 significant digits, exponent form when very large or small, '—' for none."""
+    """A number for a table cell: 4 significant digits (whole numbers up to 99,999 written out), exponent form
+    when very large or small, '—' for none."""
     if value is None:
         return "—"
     if isinstance(value, (bool, np.bool_)):
@@ -54,7 +55,9 @@ def fmt(value: Any, digits: int = 4) -> str:
     a = abs(v)
     if a != 0 and (a >= 1e5 or a < 1e-3):
         return f"{v:.{digits - 2}e}"
-    return f"{v:.{digits}g}"
+    text = f"{v:.{digits}g}"
+    # Under 1e5, a value with more integer digits than ``digits`` reads better written out (1,001, not 1e+03).
+    return f"{v:,.0f}" if "e" in text else text
 
 
 def _num(value: Any, digits: int = 5) -> float | None:

@@ -89,7 +89,7 @@ def load(tmp_path: Path, html: Path) -> Page:
 
 
 @pytest.fixture(scope="module")
-def pages(tmp_path_factory: pytest.TempPathFactory, write_run_dir: Callable[..., Path]) -> dict[str, Page]:
+def pages(tmp_path_factory: pytest.TempPathFactory, write_run_dir: Callable[..., Path], monitored) -> dict[str, Page]:
     """One Chromium load per page, shared by the assertions below."""
     tmp = tmp_path_factory.mktemp("browser")
     run = write_run_dir(tmp / "run")
@@ -110,6 +110,8 @@ def pages(tmp_path_factory: pytest.TempPathFactory, write_run_dir: Callable[...,
         "report": write_report(run),
         "compare": write_compare_report({"AdamW": run, "Lion": lion}, tmp / "compare.html", note="same seed"),
         "evil": write_report(evil),
+        # A real monitored run, killed: the incomplete banner, and pre- and post-clip norms on one chart.
+        "real": write_report(monitored.killed, tmp / "real.html"),
     }
     # A control page that does fetch: proves the net log would show the report's requests if it made any.
     control = tmp / "control.html"
@@ -130,7 +132,7 @@ def _count_charts(dom: str) -> int:
 # ------------------------------------------------------------------------------------------------ tests
 
 
-@pytest.mark.parametrize("name", ["report", "compare", "evil"])
+@pytest.mark.parametrize("name", ["report", "compare", "evil", "real"])
 def test_script_ran_and_every_chart_has_its_data(pages: dict[str, Page], name: str) -> None:
     dom = pages[name].dom
     assert 'data-ht-ready="1"' in dom
@@ -141,12 +143,12 @@ def test_script_ran_and_every_chart_has_its_data(pages: dict[str, Page], name: s
     assert 'id="ht-tooltip"' in dom  # created by the script
 
 
-@pytest.mark.parametrize("name", ["report", "compare", "evil"])
+@pytest.mark.parametrize("name", ["report", "compare", "evil", "real"])
 def test_no_console_errors_or_policy_violations(pages: dict[str, Page], name: str) -> None:
     assert pages[name].console == []
 
 
-@pytest.mark.parametrize("name", ["report", "compare", "evil"])
+@pytest.mark.parametrize("name", ["report", "compare", "evil", "real"])
 def test_page_makes_no_request(pages: dict[str, Page], name: str) -> None:
     assert pages[name].page_requests == []
 
@@ -165,6 +167,16 @@ def test_report_elements_after_scripts(pages: dict[str, Page]) -> None:
     assert len(re.findall(r'<image class="ht-cells"', dom)) == 4
     assert len(re.findall(r'<g class="ht-alert-marker"', dom)) == 4
     assert "<title>" not in dom.split('class="ht-alert-marker"', 1)[1][:200]  # replaced by the read-out
+
+
+def test_real_run_shows_its_banner_and_both_norms(pages: dict[str, Page]) -> None:
+    dom = pages["real"].dom
+    banner = re.search(r'<div class="ht-banner" id="run-status" role="status">(.*?)</div>', dom, re.S)
+    assert banner is not None and "Incomplete run" in banner.group(1)
+    norm_chart = re.search(r'<svg [^>]*aria-label="global gradient norm over optimizer steps".*?</svg>', dom, re.S)
+    assert norm_chart is not None
+    assert len(re.findall(r'<path class="ht-series"', norm_chart.group(0))) == 2
+    assert "grad/norm_preclip (before clipping)" in norm_chart.group(0)
 
 
 def test_injected_markup_stays_text(pages: dict[str, Page]) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
+import shutil
+from datetime import datetime, timezone
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -388,3 +391,130 @@ def test_compare_report_shares_colour_scales(make_run, tmp_path: Path) -> None:
 def test_compare_report_needs_runs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="runs is empty"):
         write_compare_report({}, tmp_path / "c.html")
+
+
+# ------------------------------------------------------------------------------------------------ cards and status
+
+
+def _card(text: str, ident: str) -> tuple[str, str]:
+    """The value and the note of a headline card, unescaped."""
+    match = re.search(
+        rf'id="{ident}"><div class="k">[^<]*</div><div class="v">([^<]*)</div><div class="n">([^<]*)</div>', text
+    )
+    assert match is not None, f"no card {ident!r}"
+    return html.unescape(match.group(1)), html.unescape(match.group(2))
+
+
+def _whole(v: float, digits: int) -> str:
+    """The report's figure format under 1e5: ``digits`` significant digits, whole numbers written out."""
+    text = f"{v:.{digits}g}"
+    return f"{v:,.0f}" if "e" in text else text
+
+
+def test_cards_name_their_key_and_step_on_a_real_run(monitored) -> None:
+    records = [json.loads(line) for line in (monitored.adamw / "metrics.jsonl").read_text().splitlines()]
+    text = render_report(load_run(monitored.adamw))
+    ratios = [
+        (v, r["step"], k)
+        for r in records
+        for k, v in r["metrics"].items()
+        if k.startswith("adam/ratio_max/") and v is not None
+    ]
+    value, step, key = max(ratios)
+    median = float(np.median([v for v, _, _ in ratios]))
+    assert _card(text, "card-ratio") == (_whole(value, 3), f"{key} at step {step} · median {_whole(median, 3)}")
+    losses = [(r["step"], r["metrics"]["loss"]) for r in records]
+    low_step, low = min(losses, key=lambda t: t[1])
+    assert _card(text, "card-loss") == (
+        _whole(losses[-1][1], 4),
+        f"loss at step {losses[-1][0]} · lowest {_whole(low, 4)} at step {low_step}",
+    )
+    assert _card(text, "card-step") == (
+        f"{records[-1]['step']}",
+        f"step of the last record · {len(records)} checkpoints",
+    )
+    alpha_steps = [r["step"] for r in records if any(k.startswith("grad/hill_alpha/") for k in r["metrics"])]
+    assert _card(text, "card-alpha")[1] == f"grad/hill_alpha, all layers, steps {alpha_steps[0]}–{alpha_steps[-1]}"
+    alerts = [json.loads(line) for line in (monitored.adamw / "alerts.jsonl").read_text().splitlines()]
+    assert _card(text, "card-alerts")[0] == str(len(alerts))
+    assert _card(text, "card-alerts")[1].endswith(f", last at step {max(a['step'] for a in alerts)}")
+
+
+def test_largest_ratio_card_skips_nulls_or_says_none_yet(tmp_path: Path) -> None:
+    records = [
+        (10, 0.0, {"loss": 3.0, "adam/ratio_max/a": None, "adam/ratio_max/b": None}),
+        (20, 1.0, {"loss": 2.0, "adam/ratio_max/a": 4.0, "adam/ratio_max/b": None}),
+        (30, 2.0, {"loss": 2.5, "adam/ratio_max/a": float("nan"), "adam/ratio_max/b": 9.5}),
+    ]
+    text = render_report(Run(path=tmp_path, meta={}, records=records))
+    assert _card(text, "card-ratio") == ("9.5", "adam/ratio_max/b at step 30 · median 6.75")
+    warm = render_report(Run(path=tmp_path, meta={}, records=records[:1]))
+    assert _card(warm, "card-ratio") == (
+        "none yet",
+        "adam/ratio_max: null at every checkpoint so far (the optimizer's denominator is warming up)",
+    )
+    bare = render_report(Run(path=tmp_path, meta={}, records=[(1, 0.0, {"loss": 1.0})]))
+    assert _card(bare, "card-ratio") == ("—", "not recorded")
+
+
+def test_under_two_card_names_the_first_layer_under_two(run_dir: Path, names) -> None:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if (r["metrics"][f"grad/hill_alpha/{names.heavy}"] or 9) < 2)
+    value = first["metrics"][f"grad/hill_alpha/{names.heavy}"]
+    assert _card(render_report(load_run(run_dir)), "card-under2") == (
+        f"1 / {len(names.layers)}",
+        f"first: grad/hill_alpha/{names.heavy} = {value:.3g} at step {first['step']}",
+    )
+
+
+def test_norm_chart_shows_the_pre_clip_norm_beside_the_post_clip_one(monitored) -> None:
+    records = [json.loads(line) for line in (monitored.adamw / "metrics.jsonl").read_text().splitlines()]
+    data = _data(render_report(load_run(monitored.adamw)))
+    (chart,) = [ln for ln in data["lines"].values() if ln["ylabel"] == "global gradient norm"]
+    series = {s["label"]: s for s in chart["series"]}
+    assert list(series) == ["grad/norm (after clipping)", "grad/norm_preclip (before clipping)"]
+    for label in series:
+        key = label.split(" ")[0]
+        assert series[label]["steps"] == [r["step"] for r in records]
+        assert series[label]["values"] == pytest.approx([r["metrics"][key] for r in records], rel=1e-4)
+    # The spike was clipped: before clipping the norm is larger than after at that checkpoint.
+    pre, post = series["grad/norm_preclip (before clipping)"]["values"], series["grad/norm (after clipping)"]["values"]
+    assert max(p / q for p, q in zip(pre, post)) > 2
+
+
+def test_incomplete_run_banner(monitored) -> None:
+    last = json.loads((monitored.killed / "metrics.jsonl").read_text().splitlines()[-1])
+    text = render_report(load_run(monitored.killed))
+    banner = re.search(r'<div class="ht-banner" id="run-status" role="status">(.*?)</div>', text).group(1)
+    stamp = datetime.fromtimestamp(last["wall_time"], tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert html.unescape(re.sub("<[^>]+>", "", banner)) == (
+        "Incomplete run: the run is still going or was stopped without closing (killed); last record at step "
+        f"{last['step']}, {stamp}. meta.json has no finished time, which the monitor writes when it closes."
+    )
+    assert 'http-equiv="refresh"' not in text
+    done = render_report(load_run(monitored.adamw))
+    meta = json.loads((monitored.adamw / "meta.json").read_text())
+    finished = datetime.fromtimestamp(meta["finished"], tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert 'id="run-status"' not in done
+    assert f"<dt>Status</dt><dd>finished at {finished}, final step {meta['final_step']}</dd>" in done
+
+
+def test_watched_report_reloads_while_running(monitored) -> None:
+    text = render_report(load_run(monitored.killed), refresh=1.5)
+    assert '<meta http-equiv="refresh" content="2">' in text
+    assert "This page reloads every 2 s while <code>heavytail report --watch</code> runs." in text
+    # A finished run's page never reloads, and says nothing of it.
+    assert 'http-equiv="refresh"' in render_report(load_run(monitored.adamw), refresh=1.5)
+    assert_self_contained(text)
+
+
+def test_title_shows_the_run_name(monitored, tmp_path: Path) -> None:
+    text = render_report(load_run(monitored.adamw))
+    assert "<title>heavytail report: tiny-adamw</title>" in text and "<h1>tiny-adamw</h1>" in text
+    # A run the integrations wrote without a run_name is named after the trainer's output directory.
+    meta = json.loads((monitored.adamw / "meta.json").read_text())
+    shutil.copytree(monitored.adamw, tmp_path / "my-trainer-run" / "heavytail")
+    meta["run_name"] = "heavytail"
+    (tmp_path / "my-trainer-run" / "heavytail" / "meta.json").write_text(json.dumps(meta))
+    text = render_report(load_run(tmp_path / "my-trainer-run" / "heavytail"))
+    assert "<title>heavytail report: my-trainer-run</title>" in text

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heavytail.report import Run, RunDirError, load_run, split_key
+from heavytail.report import NoRunYet, Run, RunDirError, find_run_dir, find_runs, load_run, split_key
 
 
 def _lines(path: Path) -> list[str]:
@@ -307,3 +307,78 @@ def test_malformed_last_record_is_an_error_not_a_cut_line(run_dir: Path) -> None
     _write_lines(run_dir / "metrics.jsonl", lines + ['{"step": "x", "metrics": {}}'])
     with pytest.raises(RunDirError, match=r"metrics\.jsonl:51: 'step' must be an integer"):
         load_run(run_dir)
+
+
+# ------------------------------------------------------------------------------------------------ finding a run
+
+
+def test_find_run_dir(make_run, tmp_path: Path) -> None:
+    run = make_run("plain")
+    assert find_run_dir(run) == run
+    assert find_run_dir(run / "metrics.jsonl") == run  # the file itself names its folder
+    assert find_run_dir(tmp_path / "missing") == tmp_path / "missing"  # load_run says what is wrong
+
+    trainer = tmp_path / "trainer"
+    (trainer / "checkpoint-500").mkdir(parents=True)
+    (trainer / "runs" / "Nov25").mkdir(parents=True)  # TensorBoard's folder: no metrics.jsonl
+    make_run("trainer/heavytail")
+    make_run("trainer/runs/old/heavytail")  # another run deeper: the integrations' folder still wins
+    assert find_run_dir(trainer) == trainer / "heavytail"
+
+    nested = make_run("nested/a/b/c")
+    assert find_run_dir(tmp_path / "nested") == nested  # 3 levels down
+    make_run("deep/a/b/c/d")
+    with pytest.raises(NoRunYet, match=r"no metrics.jsonl here or in the folders under it \(3 levels\)"):
+        find_run_dir(tmp_path / "deep")
+
+    make_run("hidden/.cache/run")
+    make_run("hidden/real")
+    assert find_run_dir(tmp_path / "hidden") == tmp_path / "hidden" / "real"
+
+    make_run("two/x")
+    make_run("two/y/heavytail")
+    with pytest.raises(RunDirError, match=r"two: holds 2 runs, name one of them: .*two/x, .*two/y/heavytail$"):
+        find_run_dir(tmp_path / "two")
+
+
+def test_find_runs_does_not_search_inside_a_run(make_run, tmp_path: Path) -> None:
+    outer = make_run("outer")
+    make_run("outer/flight/not-a-run")  # nothing inside a run directory is another run
+    make_run("sweep/adamw")
+    make_run("sweep/lion")
+    assert find_runs(outer) == [outer]
+    assert find_runs(tmp_path / "sweep") == [tmp_path / "sweep" / "adamw", tmp_path / "sweep" / "lion"]
+    assert find_runs(tmp_path / "missing") == []
+
+
+def test_no_run_yet_is_a_run_dir_error(tmp_path: Path) -> None:
+    """What a watcher may wait for (missing, no or empty metrics.jsonl) is a NoRunYet; a corrupt file is not."""
+    with pytest.raises(NoRunYet, match="no such run directory"):
+        load_run(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NoRunYet, match="no metrics.jsonl"):
+        load_run(tmp_path / "empty")
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    with pytest.raises(NoRunYet, match="empty, the run wrote no checkpoint record"):
+        load_run(tmp_path / "empty")
+    (tmp_path / "empty" / "metrics.jsonl").write_text('{"step": "x", "metrics": {}}\n')
+    with pytest.raises(RunDirError, match="'step' must be an integer") as info:
+        load_run(tmp_path / "empty")
+    assert not isinstance(info.value, NoRunYet)
+
+
+def test_run_name_finished_and_final_step(tmp_path: Path) -> None:
+    def run(path: Path, **meta) -> Run:
+        return Run(path=path, meta=meta, records=[(1, 0.0, {"loss": 1.0})])
+
+    assert run(tmp_path / "exp", run_name="gpt-small").name == "gpt-small"
+    assert run(tmp_path / "exp").name == "exp"
+    # The integrations write into <output_dir>/heavytail; that folder's name says nothing of the run.
+    assert run(tmp_path / "my-run" / "heavytail", run_name="heavytail").name == "my-run"
+    assert run(tmp_path / "my-run" / "heavytail").name == "my-run"
+    assert run(tmp_path / "my-run" / "heavytail", run_name="hf-run-7").name == "hf-run-7"
+    done = run(tmp_path, finished=1764097200.5, final_step=300)
+    assert (done.finished, done.final_step) == (1764097200.5, 300)
+    for odd in ({}, {"finished": None}, {"finished": "yes"}, {"finished": True}, {"final_step": 3.5}):
+        r = run(tmp_path, **odd)
+        assert r.finished is None and (r.final_step is None)
