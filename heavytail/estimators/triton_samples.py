@@ -232,6 +232,11 @@ def _consts(threshold: float, device: torch.device) -> torch.Tensor:
     return _CONSTS[key]
 
 
+def _warps(block: int) -> int:
+    # two samples per thread up to 1,024 samples (16 warps), so a row's dozen float64 temporaries stay in registers
+    return max(4, min(16, block // 64))
+
+
 def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> torch.Tensor:
     if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
         raise ValueError(
@@ -304,6 +309,7 @@ def sample_step(
     else:
         quantile = torch.full((L,), float("nan"), dtype=f64, device=device)
     events = torch.zeros(2, L, S, dtype=f32, device=device)
+    block = triton.next_power_of_2(S)
     _sample_step_kernel[(L,)](
         g,
         valid.to(f64).contiguous(),
@@ -333,7 +339,9 @@ def sample_step(
         W,
         B=B,
         HAS_DEN=has_den,
-        BLOCK=triton.next_power_of_2(S),
+        BLOCK=block,
+        num_warps=_warps(block),
+        enable_fp_fusion=False,  # each multiply and add rounds on its own, as in the torch code
     )
     return SampleStep(events, quantile)
 
@@ -356,6 +364,7 @@ def update_step(
         _check(t, f64, (L, S), name)
     _check(update_sum, f64, (L, update_sum.shape[1]), "update_sum")
     ev = [None if e is None else _check(e, torch.float32, (L, S), "events") for e in events]
+    block = triton.next_power_of_2(S)
     _update_kernel[(L,)](
         before,
         after,
@@ -370,5 +379,7 @@ def update_step(
         *columns,
         HAS0=ev[0] is not None,
         HAS1=ev[1] is not None,
-        BLOCK=triton.next_power_of_2(S),
+        BLOCK=block,
+        num_warps=_warps(block),
+        enable_fp_fusion=False,
     )
