@@ -56,6 +56,30 @@ class DistContext:
             torch.distributed.all_reduce(tensor, op=reduce_op, group=self.group)
         return tensor
 
+    def owners(self, params: Sequence[torch.Tensor]) -> list[bool]:
+        """Whether this rank's part of each tensor counts in the sums merged at checkpoints: one copy of every piece.
+
+        Under FSDP2 each rank holds a distinct shard and every rank counts. On a 2-D mesh (FSDP2 with tensor
+        parallelism, HSDP) some pieces are held by several ranks: a placement ``Replicate`` on a mesh dimension
+        means the ranks along it hold equal copies, and a tensor whose mesh is a sub-mesh (FSDP's dimension only)
+        is copied in every other sub-mesh. The copy counted is the one at coordinate 0 of each replicated
+        dimension, in the sub-mesh that holds the group's rank 0. A plain tensor in a sharded run is a full copy
+        on every rank: rank 0's counts. Without sharding (one process, DDP) nothing is summed across ranks.
+        """
+        if not self.sharded:
+            return [True] * len(params)
+        first = torch.distributed.get_global_rank(self.group, 0) if self.group is not None else 0
+        out = []
+        for p in params:
+            if not _is_dtensor(p):
+                out.append(self.rank == 0)
+                continue
+            coordinate = p.device_mesh.get_coordinate() or []
+            replicated = [d for d, placement in enumerate(p.placements) if placement.is_replicate()]
+            in_first = first in p.device_mesh.mesh.flatten().tolist()
+            out.append(in_first and all(coordinate[d] == 0 for d in replicated))
+        return out
+
     def gather_cat(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Every rank's ``tensor`` (same shape on all ranks), concatenated along ``dim`` in rank order."""
         if not self.active:
@@ -63,6 +87,47 @@ class DistContext:
         parts = [torch.empty_like(tensor) for _ in range(self.world)]
         torch.distributed.all_gather(parts, tensor.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
+
+
+def _is_shard(placement: Any) -> bool:
+    # FSDP2 over a tensor-parallel Shard(0) shards the same dimension again as a _StridedShard, which is not a
+    # Shard subclass and answers is_shard() False; its local piece is still disjoint from the other ranks'.
+    return placement.is_shard() or type(placement).__name__ == "_StridedShard"
+
+
+def check_placements(names: Sequence[str], params: Sequence[torch.Tensor]) -> None:
+    """Refuse at attach a DTensor placement whose local pieces do not add up to the tensor.
+
+    Statistics are merged by summing each rank's power sums over its local piece (one copy of each piece, see
+    :meth:`DistContext.owners`), which is exact for ``Shard`` (and FSDP2's ``_StridedShard``) and ``Replicate``.
+    A ``Partial`` parameter holds summands of the tensor, not pieces of it: its gradient statistics would be
+    those of the summands.
+    """
+    for name, p in zip(names, params):
+        if not _is_dtensor(p):
+            continue
+        for placement in p.placements:
+            if not (_is_shard(placement) or placement.is_replicate()):
+                raise ValueError(
+                    f"Monitor: parameter {name!r} is a DTensor with placement {placement!r} "
+                    f"(placements {tuple(p.placements)!r}); heavytail merges Shard and Replicate placements "
+                    "exactly and cannot read the gradient of this one"
+                )
+
+
+def check_one_device(names: Sequence[str], params: Sequence[torch.Tensor]) -> None:
+    """Refuse at attach parameters spread over several devices in one process (pipeline stages, a model split by
+    hand): a monitor keeps its statistics on one device and batches every tensor into one pass there."""
+    first: dict[str, str] = {}
+    for name, p in zip(names, params):
+        first.setdefault(str(local(p).device), name)
+    if len(first) > 1:
+        where = ", ".join(f"{device} (first: {name})" for device, name in first.items())
+        raise ValueError(
+            f"Monitor: the watched parameters are on several devices: {where}. A monitor keeps its statistics on "
+            "one device; watch the parameters of one device with include=/exclude= (for pipeline stages: one "
+            "monitor per stage, each on its own module)"
+        )
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
