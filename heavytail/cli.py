@@ -328,7 +328,8 @@ def _watch(args: argparse.Namespace) -> int:
         state["last"] = (report, status)
         clock = time.strftime("%H:%M:%S")
         print(
-            f"[{clock}] step {status.last_step:,} ({len(run.steps):,} checkpoints), alerts {alert_counts(run)}: "
+            f"[{clock}] step {status.last_step:,} ({len(run.steps):,} checkpoint{'s' if len(run.steps) != 1 else ''}), "
+            f"alerts {alert_counts(run)}: "
             f"{report}",
             flush=True,
         )
@@ -440,6 +441,14 @@ def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Argumen
         if args.command == "summary":
             return _summary(args)
         return _report(args)
+    except BrokenPipeError:
+        # The reader went away (`heavytail summary DIR | head`): what it did not read was not wanted. Python
+        # would report the failed flush of stdout at exit; point stdout at nothing first.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_ERROR
     except RunDirError as exc:
         if os.environ.get("HEAVYTAIL_DEBUG"):
             raise

@@ -54,6 +54,23 @@ def test_report_errors_are_one_line_in_a_real_process(tmp_path: Path) -> None:
     assert done.stderr.startswith("heavytail: error: ") and "no such run directory" in done.stderr
 
 
+def test_a_reader_that_goes_away_is_no_error(tmp_path: Path) -> None:
+    """`heavytail summary DIR | head -1`: the pipe closes before the summary is written; no traceback, no message."""
+    run = make_run_dir(tmp_path / "run", n_checkpoints=3)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "heavytail", "summary", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
+    )
+    proc.stdout.close()  # before the command has even imported heavytail
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == EXIT_ERROR
+    assert err == ""
+
+
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "empty_metrics", "corrupt_metrics", "not_a_dir"])
 def test_report_errors(case: str, tmp_path: Path, capsys) -> None:
     path = tmp_path / "run"
@@ -296,8 +313,10 @@ def test_summary_of_a_trainer_output_dir(monitored, capsys) -> None:  # noqa: F8
     )
     assert f"Alerts: {truth.alert_text}" in lines
     first_alert = truth.alerts[0]
+    # Cut to 100 characters in the terminal; whole in alerts.jsonl and the report.
+    message = first_alert["message"] if len(first_alert["message"]) <= 100 else first_alert["message"][:99] + "…"
     assert lines[lines.index(f"Alerts: {truth.alert_text}") + 1] == (
-        f"  step {first_alert['step']} [{first_alert['severity']}] {first_alert['rule']}: {first_alert['message']}"
+        f"  step {first_alert['step']} [{first_alert['severity']}] {first_alert['rule']}: {message}"
     )
     assert lines[-1] == f"Run directory: {monitored.adamw}"
 

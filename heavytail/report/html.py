@@ -621,10 +621,15 @@ def render_report(run: Run, *, max_columns: int = 600, refresh: float | None = N
     if norms:
         parts.append("<h3>Global gradient norm</h3>")
         if len(norms) > 1:
+            post, pre = norms[0].values, norms[1].values
+            both = np.isfinite(post) & np.isfinite(pre)
+            same = bool(both.any()) and bool(np.allclose(post[both], pre[both], rtol=1e-6, atol=0.0))
             parts.append(
                 '<p class="ht-desc"><code>grad/norm</code> is the gradient the optimizer steps with (after clipping '
                 "and unscaling), <code>grad/norm_preclip</code> the one backward produced; where they part, "
-                "clipping cut the step.</p>"
+                "clipping cut the step."
+                + (" Here they agree at every checkpoint (the lines overlap): nothing was clipped." if same else "")
+                + "</p>"
             )
         parts.append(
             render_line_chart(

@@ -15,6 +15,10 @@ MIN_RANKED_NUMEL = 1000
 """Tensors with fewer entries are left out of the heaviest-tail ranking (Hill keeps at most n/10)."""
 
 
+ALERT_MESSAGE_CHARS = 100
+"""An alert's message is cut to this many characters in the summary (whole in alerts.jsonl and the report)."""
+
+
 def median_by_layer(run: Run, family: str) -> dict[str, float]:
     """Per layer, the median over the run of a per-layer family (nulls skipped; NaN for a layer with none)."""
     layers, _, values = run.matrix(family)
@@ -221,7 +225,8 @@ def summary_text(
         lines.append(f"Alerts: {_alert_counts(s)}")
         for a in run.alerts[:first_alerts]:
             lines.append(
-                f"  step {a.get('step')} [{a.get('severity', '?')}] {a.get('rule', '?')}: {a.get('message', '')}"
+                f"  step {a.get('step')} [{a.get('severity', '?')}] {a.get('rule', '?')}: "
+                f"{_cut(str(a.get('message', '')), ALERT_MESSAGE_CHARS)}"
             )
         if len(run.alerts) > first_alerts:
             lines.append(f"  ... {len(run.alerts) - first_alerts} more in {run.path / 'alerts.jsonl'}")
@@ -296,5 +301,5 @@ def _ratio_cell(s: RunSummary) -> str:
     return f"{num(s.ratio_peak.value)} ({s.ratio_peak.step:,})"
 
 
-def _cut(text: str) -> str:
-    return text if len(text) <= _CELL else text[: _CELL - 1] + "…"
+def _cut(text: str, width: int = _CELL) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

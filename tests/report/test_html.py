@@ -480,6 +480,14 @@ def test_norm_chart_shows_the_pre_clip_norm_beside_the_post_clip_one(monitored) 
     # The spike was clipped: before clipping the norm is larger than after at that checkpoint.
     pre, post = series["grad/norm_preclip (before clipping)"]["values"], series["grad/norm (after clipping)"]["values"]
     assert max(p / q for p, q in zip(pre, post)) > 2
+    assert "nothing was clipped" not in render_report(load_run(monitored.adamw))
+    # Without clipping the two agree, and the page says why only one line shows.
+    records = [
+        (r["step"], r["wall_time"], {**r["metrics"], "grad/norm_preclip": r["metrics"]["grad/norm"]}) for r in records
+    ]
+    assert "Here they agree at every checkpoint (the lines overlap): nothing was clipped." in render_report(
+        Run(path=monitored.adamw, meta={}, records=records)
+    )
 
 
 def test_incomplete_run_banner(monitored) -> None:
