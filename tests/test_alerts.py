@@ -281,46 +281,49 @@ def _engine(cooldown=50):
 
 
 def _step_flags(scores, threshold=18.0):
-    """A step's flag vector for streams (loss, global, a, b) with these z-scores; every norm forecast at 1."""
+    """A step's flag vector for streams (loss, global, a, b, c) with these z-scores; every norm forecast at 1."""
     scores = torch.tensor(scores, dtype=torch.float32)
-    state = spike.init(4)._replace(count=torch.full((4,), 500), scale=torch.full((4,), 0.01))
+    state = spike.init(5)._replace(count=torch.full((5,), 500), scale=torch.full((5,), 0.01))
     return pack_step_flags(
         StepFlags(
             flags=scores > threshold,
             scores=scores,
             values=torch.exp(scores * 0.01 * math.sqrt(math.pi / 2)),
             detector=state,
-            nonfinite=torch.zeros(2),
-            spike_frac=torch.zeros(2),
-            ratio_max=torch.zeros(2),
+            nonfinite=torch.zeros(3),
+            spike_frac=torch.zeros(3),
+            ratio_max=torch.zeros(3),
         )
     ).numpy()
 
 
 def test_streams_that_rise_into_an_open_event_join_it_and_jumps_alert():
     engine, alerts = _engine()
-    names, config = ["a", "b"], spike.SpikeConfig()
+    names, config = ["a", "b", "c"], spike.SpikeConfig()
     history = {
-        9: [0, 14, 16, 0],  # a drift: layer a and the global norm rise towards the threshold
-        10: [0, 16, 19, 0],  # a flags: an alert
-        11: [0, 19, 20, 0],  # the global norm follows (it was at 16): the same event
-        12: [0, 10, 19, 25],  # b jumps from 0 to 25 while the event is open: a new spike, an alert
-        13: [0, 0, 19, 0],
-        # Quiet from 14 to 63: the event closes 50 steps after its last flag.
-        64: [0, 20, 0, 0],  # the global norm jumps: an alert
+        9: [0, 14, 16, 0, 0],  # a drift: layer a and the global norm rise towards the threshold
+        10: [0, 16, 19, 0, 0],  # a flags: an alert
+        11: [0, 19, 20, 0, 0],  # the global norm follows (over 9 at steps 9 and 10): the same event
+        12: [0, 10, 19, 25, 0],  # b jumps from 0 to 25 while the event is open: a new spike, an alert
+        13: [0, 0, 19, 0, 0],
+        14: [0, 0, 0, 0, 15],  # c's spike scores just under the threshold on its first step...
+        15: [0, 0, 0, 0, 19],  # ... and flags on its second: one step over half the threshold is no rise
+        # Quiet from 16 to 65: the event closes 50 steps after its last flag.
+        66: [0, 20, 0, 0, 0],  # the global norm jumps: an alert
     }
     for step in range(9, 70):
-        engine.process_step_flags(step, _step_flags(history.get(step, [0, 0, 0, 0])), names, config)
+        engine.process_step_flags(step, _step_flags(history.get(step, [0] * 5)), names, config)
     assert [(a["step"], a["metric"], a["layers"]) for a in alerts] == [
         (10, "grad/norm/a", ["a"]),
         (12, "grad/norm/b", ["b"]),
-        (64, "grad/norm", ["global"]),
+        (15, "grad/norm/c", ["c"]),
+        (66, "grad/norm", ["global"]),
     ]
     assert alerts[0]["expected"] == pytest.approx(1.0) and alerts[0]["value_threshold"] == pytest.approx(
         math.exp(18 * 0.01 * math.sqrt(math.pi / 2)), rel=1e-5
     )
 
-    # A restart between 10 and 11 keeps the previous step's scores: the global norm still joins the event.
+    # A restart between 10 and 11 keeps the previous steps' scores: the global norm still joins the event.
     engine, alerts = _engine()
     for step in (9, 10):
         engine.process_step_flags(step, _step_flags(history[step]), names, config)
