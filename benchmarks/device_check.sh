@@ -6,7 +6,9 @@
 # 1. the CUDA tests: zero host-device synchronizations between checkpoints (torch.cuda.set_sync_debug_mode
 #    "error"), the Triton gradient pass and sample estimators against the torch code, the probe on CUDA;
 # 2. the overhead figure of docs/performance.md: GPT-2 124M, bf16 autocast, fused AdamW, 8 x 1024;
-# 3. device memory (torch.cuda.max_memory_allocated over a step) and the tensor-count scaling on the GPU.
+# 3. device memory (torch.cuda.max_memory_allocated over a step) and the tensor-count scaling on the GPU;
+# 4. the Triton kernels' registers, spills and load widths (benchmarks/kernel_report.py, the same figures as on a
+#    CPU-only machine: they come from the compiler, so this only pins them next to the GPU's results).
 #
 # Needs torch with CUDA, Triton, numpy, scipy, pytest and hypothesis (what the GPU image holds); heavytail is
 # taken from this checkout (PYTHONPATH), nothing is installed. Everything printed also goes to OUT_DIR/log.
@@ -28,6 +30,7 @@ step() {
     step python3 benchmarks/overhead.py --device cuda --model gpt2-small --steps 100 --every 100 --rounds 3
     step python3 benchmarks/memory.py --device cuda
     step python3 benchmarks/scaling.py --device cuda --steps 5 --checkpoints 1
+    step python3 benchmarks/kernel_report.py --arch 90
     echo "=== done ($(date -u +%H:%M:%S)); failed: $(cat "$out/failed" 2>/dev/null | wc -l)"
 } 2>&1 | tee "$out/log"
 [ ! -s "$out/failed" ]

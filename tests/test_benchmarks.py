@@ -151,3 +151,17 @@ def test_device_check_script_names_what_exists_and_parses():
     assert {"benchmarks/overhead.py", "tests/test_no_sync.py", "tests/estimators/test_triton_samples.py"} <= named
     missing = [p for p in named if not (BENCHMARKS.parent / p).exists()]
     assert not missing, missing
+
+
+def test_kernel_report_compiles_each_triton_kernel_ahead_of_time():
+    """One specialization of every Triton kernel for sm_90, on this CPU-only machine (skipped where Triton or its
+    ptxas is missing): the figures' table and the final line."""
+    pytest.importorskip("triton")
+    proc = run("kernel_report.py", "--quick", expect_ok=False)
+    if proc.returncode == 2:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for kernel in ("_stats_kernel", "_samples_kernel", "_sample_step_kernel", "_update_kernel"):
+        assert re.search(rf"^{kernel} .* sm_90 +\d+ +\d+/\d+ +\d+( +\d+){{5}}$", proc.stdout, re.M), kernel
+    match = re.fullmatch(r"max_regs=(\d+) kernels_with_spills=(\d+) kernels=4", last_line(proc))
+    assert match, last_line(proc)

@@ -9,8 +9,16 @@ each a launch and a few microseconds of a GPU that has nothing else to do meanwh
 does them all. The ratio's percentile stays a few torch operations (a top-k). Every float64 constant the
 formulas use comes in through a float64 tensor: a literal in a Triton kernel is float32.
 
-Tested against the torch code through Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors;
-tests/estimators/test_triton_samples.py); on a GPU, division and square roots are IEEE-rounded in both.
+Tested against the torch code and the C kernel through Triton's interpreter (``TRITON_INTERPRET=1``, CPU
+tensors; tests/estimators/test_triton_samples.py), where every state is bitwise equal but the sums over the
+samples (added in another order, equal to float64 rounding) and, against torch on the CPU, the shadow ratio max
+(torch's vectorised CPU square root is not always correctly rounded). What makes the GPU's figures the interpreter's:
+both launches turn FMA contraction off (``enable_fp_fusion=False``: Triton 3.9 contracts by default, and a fused
+``beta * v + (1 - beta) * g^2`` rounds once where torch rounds twice); divisions and square roots are the IEEE
+``div.rn``/``sqrt.rn`` in float64 and no float32 operation flushes subnormals (``benchmarks/kernel_report.py``
+counts the FMAs in the PTX: 0); and NaN never reaches ``tl.max``/``tl.maximum`` unguarded (they skip NaN on a
+GPU and propagate it in the interpreter): NaN ratios are masked and counted, and the NaN of torch's ``amax`` is
+restored explicitly. The same tests run on a GPU in ``benchmarks/device_check.sh``.
 """
 
 from __future__ import annotations
