@@ -228,16 +228,17 @@ class AlertEngine:
                 rising &= before > RISING * z_threshold
         self._scores = {s: z for s, z in self._scores.items() if s > step - RISING_STEPS}
         self._scores[int(step)] = np.array(f.scores, dtype=np.float64)
-        forecast: list[spike.SpikeSummary] = []  # computed on the host, only on a step that alerts
+        forecast: list[np.ndarray] = []  # expected and upper, computed on the host only on a step that alerts
 
         def spike_fields(i: int) -> dict:
             if not forecast:  # the detectors' state before this step gives what the step was compared with
-                forecast.append(spike.compute(f.detector, spike_config))
+                summary = spike.compute(f.detector, spike_config)
+                forecast.extend((summary.baseline.numpy(), summary.upper.numpy()))
             return {
                 "value": f.values[i],
                 "threshold": z_threshold,
-                "expected": forecast[0].baseline[i],
-                "value_threshold": forecast[0].upper[i],
+                "expected": forecast[0][i],
+                "value_threshold": forecast[1][i],
                 "z": f.scores[i],
                 "z_threshold": z_threshold,
             }
