@@ -771,22 +771,23 @@ class Monitor:
         streams = torch.cat(
             [loss.reshape(1), torch.where(torch.isfinite(gnorm), gnorm, math.nan).reshape(1), layer_norm]
         ).to(torch.float32)
-        st["spike"], flags, scores = spike.update(st["spike"], streams, self._spike_config)
+        prior = st["spike"]  # the state this step is scored against: the alerts' forecast comes from it
+        st["spike"], flags, scores = spike.update(prior, streams, self._spike_config)
         kurt = kurtosis_from_power_sums(clean[:, COUNT], clean[:, S1], clean[:, S2], clean[:, S3], clean[:, S4])
         slot = self.step_count % cfg.flight_steps
         st["flight"][slot] = torch.stack([layer_norm, clean[:, ABSMAX], kurt], dim=1).to(torch.float32)
         st["flight_loss"][slot] = loss.to(torch.float32)
         if self.dist.writer:
-            spike_frac = stats[:, RATIO_SPIKES] / stats[:, COUNT].clamp_min(1)
-            packed = torch.cat(
-                [
-                    flags.to(torch.float32),
-                    scores.to(torch.float32),
-                    streams,
-                    stats[:, NONFINITE].to(torch.float32),
-                    spike_frac.to(torch.float32),
-                    torch.where(ratio_ok, stats[:, RATIO_MAX], math.nan).to(torch.float32),
-                ]
+            # NaN (no hidden_spike) until the ratio counts (ratio_warmup), as in the record's adam/spike_frac.
+            spike_frac = torch.where(ratio_ok, stats[:, RATIO_SPIKES] / stats[:, COUNT].clamp_min(1), math.nan)
+            packed = self.alerts.pack_flags(
+                flags=flags,
+                scores=scores,
+                values=streams,
+                detector=prior,
+                nonfinite=stats[:, NONFINITE],
+                spike_frac=spike_frac,
+                ratio_max=torch.where(ratio_ok, stats[:, RATIO_MAX], math.nan),
             )
             self._queue_flags(packed)
 
@@ -1106,7 +1107,7 @@ class Monitor:
                 event.synchronize()  # sync point: only at checkpoints and close
             pending.popleft()
             values = host.numpy()  # sync point: none, host memory already copied asynchronously
-            self.alerts.process_step_flags(step, values, self.names, self._spike_config.threshold)
+            self.alerts.process_step_flags(step, values, self.names, self._spike_config)
 
     # ------------------------------------------------------------------ checkpoint path
 
