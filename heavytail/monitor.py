@@ -26,7 +26,7 @@ from heavytail.alerts import AlertEngine
 from heavytail.backends import backend_factory, is_backend
 from heavytail.backends.jsonl import dumps_record
 from heavytail.config import MonitorConfig
-from heavytail.distributed import DistContext, local, local_numel
+from heavytail.distributed import DistContext, check_one_device, check_placements, local, local_numel
 from heavytail.estimators import cpu_pass, memory, noise, spike
 from heavytail.estimators.gradient_pass import (
     ABSMAX,
@@ -195,6 +195,8 @@ class Monitor:
         watched = select_parameters(inner, config.include, config.exclude)
         self.names = [n for n, _ in watched]
         self.params = [p for _, p in watched]
+        check_one_device(self.names, self.params)
+        check_placements(self.names, self.params)
         self._rows = {id(p): i for i, p in enumerate(self.params)}
         # The parameter list as the sample gathers read it (complex ones have no real samples), unless DTensors
         # must be localised at each read.
@@ -219,6 +221,12 @@ class Monitor:
         self.device = local(self.params[0]).device
         self.numels = [local_numel(p) for p in self.params]
         num_layers = len(self.params)
+        # Which tensors' local parts this rank adds into the checkpoint sums (one copy of each piece), and which of
+        # those it samples (a non-empty piece): the sample-based figures are means over these ranks.
+        owners = self._owned = self.dist.owners(self.params)
+        self._owner = torch.tensor(owners, dtype=config.stats_dtype).to(self.device)
+        sampling = [o and n > 0 for o, n in zip(owners, self.numels)]
+        self._sampling = torch.tensor(sampling, dtype=config.stats_dtype).to(self.device)
 
         self.log_dir = Path(config.log_dir) if config.log_dir is not None else _default_log_dir()
         if config.run_name is None:
@@ -248,6 +256,8 @@ class Monitor:
         # code below, instead of about 250 small operations. kernel="torch" keeps the torch code everywhere.
         self._samples = _sample_kernels(config, self.device)
         self._shadow_betas = torch.tensor(config.shadow_betas, dtype=config.stats_dtype).to(self.device)
+        # A shadow denominator's figures count from its ratio_warmup-th gradient on, as the real one's do.
+        self._shadow_warmup = float(max(1, config.ratio_warmup))
         self._spike_config = self._make_spike_config()
         self.alerts = AlertEngine(config, self.log_dir, self._emit_alert, warmup=self._spike_config.warmup)
         self.step_count = resumed_at
@@ -287,7 +297,9 @@ class Monitor:
             if optimizer
             else None
         )
-        self._backward_tap = BackwardTap(self.params, self._guarded(self._on_backward_end))
+        self._backward_tap = BackwardTap(
+            self.params, self._guarded(self._on_backward_end), self._guarded(self._on_gradients_final)
+        )
         self._local_tap = None
         if self.dist.active and not self.dist.sharded:
             # DDP: each rank's gradient before the all-reduce, sampled as it is accumulated (rank noise).
@@ -610,61 +622,83 @@ class Monitor:
         return grads
 
     def _on_backward_end(self) -> None:
-        """After each backward pass: pre-clip norms, and micro-batch samples under gradient accumulation."""
+        """After each backward pass: count it, and take micro-batch samples under gradient accumulation.
+
+        Runs before DDP's reducer finalises the all-reduce (hooks.gradients.BackwardTap), so under DDP the samples
+        are this rank's own accumulated gradient and their successive differences its micro-batch gradients.
+        """
         if self._closed or self._probing:
             return
         self._backwards += 1
         self._unstepped_backwards += 1
         if self._unstepped_backwards == _NO_STEP_BACKWARDS:
             self._warn_no_step(at_close=False)
-        if not (self.config.track_preclip or self._accumulating):
+        if not self._accumulating:
             return
+        grads, rows = self._backward_gradients()
+        if not rows:
+            return
+        # The accumulated gradient's samples; successive differences are the micro-batch gradients.
+        keep = set(rows)
+        samples = gather_samples(
+            [g if i in keep else None for i, g in enumerate(grads)],
+            self._sample_index_dev,
+            self.config.stats_dtype,
+            fill=0.0,
+        )
+        previous = self._micro_prev if self._micro_prev is not None else torch.zeros_like(samples)
+        self._micro.append(samples - previous)
+        self._micro_prev = samples
+
+    def _backward_gradients(self) -> tuple[list[torch.Tensor | None], list[int]]:
+        """This rank's gradients (local shards under FSDP2) and the rows whose gradient can be measured."""
         grads = [local(p.grad) if p.grad is not None else None for p in self.params]
         rows = [
             i
             for i, g in enumerate(grads)
             if g is not None and g.layout == torch.strided and not g.is_complex() and g.numel() > 0
         ]
+        return grads, rows
+
+    def _on_gradients_final(self) -> None:
+        """Once a backward pass's gradients are those ``optimizer.step()`` would see, before any clipping: the
+        pre-clip norms.
+
+        BackwardTap calls this after every callback queued during the backward pass, so the gradients are the
+        reduced ones on every rank: DDP's all-reduce has been finalised (on the last micro-batch under
+        ``no_sync``; earlier micro-batches are measured too, and replaced by the next one), FSDP2's reduce-scatter
+        has produced this rank's shard of the reduced gradient (its squares are summed over ranks at checkpoints).
+        """
+        if self._closed or self._probing or not self.config.track_preclip:
+            return
+        grads, rows = self._backward_gradients()
         if not rows:
             return
         tensors = [grads[i] for i in rows]
+        # The step pass sees these very tensors again unless something changes them in place before
+        # optimizer.step() (clipping and GradScaler.unscale_ bump ._version). Once two steps have shown nothing
+        # does, the pre-clip norm is the step's own norm and this extra read of every gradient is skipped
+        # (_check_preclip); a change seen later switches the measurement back on for good.
+        self._preclip_seen = (rows, tensors, [g._version for g in tensors])
+        if self._preclip_reuse:
+            return
         dtype = self.config.stats_dtype
-        if self.config.track_preclip:
-            # The step pass sees these very tensors again unless something changes them in place before
-            # optimizer.step() (clipping, GradScaler.unscale_ and DDP's copies all bump ._version). Once two steps
-            # have shown nothing does, the pre-clip norm is the step's own norm and this extra read of every
-            # gradient is skipped (_check_preclip); a change seen later switches the measurement back on for good.
-            self._preclip_seen = (rows, tensors, [g._version for g in tensors])
-        if self.config.track_preclip and not self._preclip_reuse:
-            squares = None
-            if self._fused is not None and self.device.type == "cpu":
-                try:  # one C call over every tensor, float64 sums (the C pass's library)
-                    squares = cpu_pass.sums_of_squares(tensors).to(dtype)
-                except (RuntimeError, MemoryError, OSError):  # no kernel here: torch's norms give the same figure
-                    squares = None
-            if squares is None:
-                norms = torch.stack(torch._foreach_norm(tensors)).to(dtype)
-                squares = norms * norms
-            if (
-                self.scaler is not None
-                and getattr(self.scaler, "_scale", None) is not None
-                and self.scaler.is_enabled()
-            ):
-                # Hooks see gradients multiplied by the loss scale: divide on the device, never read the scale.
-                scale = self.scaler._scale.to(squares.dtype)
-                squares = squares / (scale * scale)
-            s2 = torch.full_like(self._state["preclip_s2"], math.nan)
-            s2[to_device(rows, self.device, torch.int64)] = squares
-            self._state["preclip_s2"] = s2
-        if self._accumulating:
-            # The accumulated gradient's samples; successive differences are the micro-batch gradients.
-            keep = set(rows)
-            samples = gather_samples(
-                [g if i in keep else None for i, g in enumerate(grads)], self._sample_index_dev, dtype, fill=0.0
-            )
-            previous = self._micro_prev if self._micro_prev is not None else torch.zeros_like(samples)
-            self._micro.append(samples - previous)
-            self._micro_prev = samples
+        squares = None
+        if self._fused is not None and self.device.type == "cpu":
+            try:  # one C call over every tensor, float64 sums (the C pass's library)
+                squares = cpu_pass.sums_of_squares(tensors).to(dtype)
+            except (RuntimeError, MemoryError, OSError):  # no kernel here: torch's norms give the same figure
+                squares = None
+        if squares is None:
+            norms = torch.stack(torch._foreach_norm(tensors)).to(dtype)
+            squares = norms * norms
+        if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None and self.scaler.is_enabled():
+            # Hooks see gradients multiplied by the loss scale: divide on the device, never read the scale.
+            scale = self.scaler._scale.to(squares.dtype)
+            squares = squares / (scale * scale)
+        s2 = torch.full_like(self._state["preclip_s2"], math.nan)
+        s2[to_device(rows, self.device, torch.int64)] = squares
+        self._state["preclip_s2"] = s2
 
     def _before_step(self) -> None:
         if self._closed:
@@ -859,6 +893,7 @@ class Monitor:
             inflation=cfg.memory_inflation,
             noise_beta=cfg.noise_beta,
             q=0.99,
+            shadow_warmup=self._shadow_warmup,
         )
         self._noise_slots["temporal"] = slot + 1
         return (None if den is None else out.events[0]), out.events[1], out.quantile
@@ -870,8 +905,12 @@ class Monitor:
         if seen is None:
             return
         rows, tensors, versions = seen
-        untouched = sum(g is not None for g in grads) == len(rows) and all(
-            grads[i] is g and g._version == v for i, g, v in zip(rows, tensors, versions)
+        # In-place ops on a DTensor (clipping under FSDP2) change its local tensor without bumping that tensor's
+        # version counter: with DTensors nothing proves the gradients untouched, so they are always measured.
+        untouched = (
+            self._plain_params is not None
+            and sum(g is not None for g in grads) == len(rows)
+            and all(grads[i] is g and g._version == v for i, g, v in zip(rows, tensors, versions))
         )
         if self._preclip_reuse and untouched:
             self._state["preclip_s2"] = stats[:, S2]
@@ -1007,7 +1046,7 @@ class Monitor:
         # 0/1 float masks rather than booleans and torch.where (estimators.masks); v >= 0 and g is finite, so the
         # products below are exact selections.
         r = g.abs()[None] / denom * float_mask(torch.gt, v, 0.0, g.dtype)
-        ok = valid[None] & (t > 0)  # (B, L)
+        ok = valid[None] & (t >= self._shadow_warmup)  # (B, L): warm as the real denominator (ratio_warmup)
         frac = float_mask(torch.gt, r * r, cfg.spike_threshold, g.dtype).mean(dim=2)
         st["shadow_sum"] += torch.where(ok, frac, 0.0)
         shadow_max = st["shadow_max"]
@@ -1130,7 +1169,9 @@ class Monitor:
                 if n < cfg.min_tail_samples:
                     continue
                 m = int(min(default_top_count(n), cfg.tail_top_max))
-                wanted.append((u, m, [i for i in members if grads[i] is not None and grads[i].numel() > 0]))
+                # One copy of each piece (DistContext.owners): a replica's tops would tie the order statistics.
+                present = [i for i in members if grads[i] is not None and grads[i].numel() > 0 and self._owned[i]]
+                wanted.append((u, m, present))
             # Zeros and non-finite entries are missing data for the tail (the estimator's rule).
             if self.device.type == "cpu" and cpu_pass.available():  # every tensor's top in one C call
                 flat = [(i, m) for _, m, present in wanted for i in present]
@@ -1171,61 +1212,100 @@ class Monitor:
                 )
         return out
 
-    def _noise_tails(self) -> dict[str, torch.Tensor]:
-        """Hill alpha, standard error and kurtosis of each noise source's deviations, ``(L, 3)`` per source."""
-        out = {}
+    def _noise_tails(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Hill alpha, standard error and kurtosis of each noise source's deviations, ``(U, 3)`` per source.
+
+        Returns ``(tails, rank_sums)``. Rank noise (DDP) pools every rank's deviations (gathered here). Sources
+        that differ between ranks are estimated on each rank from its own deviations, exactly as one process
+        estimates them, and the record reads the mean over ranks: under sharding the temporal and micro-batch
+        sources (each rank samples its own piece), under DDP the micro-batch source (each rank's micro-batches are
+        its own). Those come back in ``rank_sums`` as summable ``(U, 5)`` rows (see :func:`_rank_tail_sums`),
+        merged by the checkpoint's sum all-reduce and turned back by :func:`_rank_mean_tails`.
+        """
+        tails, rank_sums = {}, {}
         for source in ("temporal", "microbatch", "rank"):
             key = f"noise_{source}"
             if key not in self._state:
                 continue
             values, mask = noise.flatten(noise.NoiseRing(self._state[key], self._state[f"{key}_valid"]))
-            # Temporal noise is per rank under FSDP2 (each samples its shard); rank noise is per rank by nature.
             # With two ranks each rank's deviation is exactly minus the other's (they sum to zero): gathering would
             # only duplicate every magnitude, which ties the order statistics, so rank 0's alone are used.
-            mirrored = source == "rank" and self.dist.world == 2
-            if self.dist.active and (source == "rank" or self.dist.sharded) and not mirrored:
+            if source == "rank" and self.dist.world > 2:
                 values = self.dist.gather_cat(values, dim=1)
                 mask = self.dist.gather_cat(mask.to(values.dtype), dim=1) > 0
+            per_rank = source != "rank" and self.dist.sharded or (source == "microbatch" and self.dist.active)
+            if per_rank:
+                mask = mask & (self._owner > 0)[:, None]  # one copy of each piece (DistContext.owners)
             if not self._grouped:
-                out[source] = noise.noise_tail(values, mask, self.config.min_tail_samples)
-                continue
-            # A group pools its members' deviations (checkpoint only: one estimate per group).
-            out[source] = torch.cat(
-                [
-                    noise.noise_tail(
-                        values[members].reshape(1, -1), mask[members].reshape(1, -1), self.config.min_tail_samples
-                    )
-                    for members in self._unit_members
-                ]
-            )
-        return out
+                out = noise.noise_tail(values, mask, self.config.min_tail_samples)
+            else:
+                # A group pools its members' deviations (checkpoint only: one estimate per group).
+                out = torch.cat(
+                    [
+                        noise.noise_tail(
+                            values[members].reshape(1, -1),
+                            mask[members].reshape(1, -1),
+                            self.config.min_tail_samples,
+                        )
+                        for members in self._unit_members
+                    ]
+                )
+            if per_rank:
+                rank_sums[source] = _rank_tail_sums(out)
+            else:
+                tails[source] = out
+        return tails, rank_sums
 
     def _checkpoint(self) -> None:
         st = self._state
         tails = (
             self._tails if self._tails is not None else torch.full((len(self.units), 3), math.nan, device=self.device)
         )
-        noise_tails = self._noise_tails()
-        sums = torch.cat(
+        noise_tails, noise_sums = self._noise_tails()
+        dt = self.config.stats_dtype
+        owner = self._owner
+        shadow_steps = st["shadow_max"][:, :, 1]
+        # Per tensor, summed over ranks: the ranks sampling it, and the steps each ranks' sample-based figures
+        # count; per shadow denominator the ranks' steps, the sum of the ranks' maxima and the ranks with a step.
+        # With one process these are 1 (or 0) and the step counts themselves.
+        ranks = torch.stack([self._sampling, st["acc_max"][:, _M["ratio_steps"]] * owner], dim=1)
+        shadow_ranks = torch.stack(
+            [shadow_steps * owner, st["shadow_max"][:, :, 0] * owner, (shadow_steps > 0).to(dt) * owner], dim=2
+        )
+        per_tensor = torch.cat(
             [
-                st["acc_sum"].reshape(-1),
+                (st["acc_sum"] * owner[:, None]).reshape(-1),
                 st["glob_sum"],
-                st["shadow_sum"].reshape(-1),
-                st["memory_sum"].reshape(-1),
-                st["update_sum"].reshape(-1),
+                (st["shadow_sum"] * owner).reshape(-1),
+                (st["memory_sum"] * owner[None, :, None]).reshape(-1),
+                (st["update_sum"] * owner[:, None]).reshape(-1),
+                ranks.reshape(-1),
+                shadow_ranks.reshape(-1),
             ]
         )
-        maxes = torch.cat([st["acc_max"].reshape(-1), st["glob_max"], st["shadow_max"].reshape(-1)])
-        if self.dist.sharded:  # exact merge of the shards' interval statistics: two collectives per checkpoint
+        sums = torch.cat([per_tensor, *(v.reshape(-1).to(dt) for v in noise_sums.values())])
+        # The pre-clip steps are max-merged: every rank holding a piece measures the same steps.
+        preclip_steps = st["acc_sum"][:, _S["preclip_steps"]]
+        maxes = torch.cat([st["acc_max"].reshape(-1), st["glob_max"], st["shadow_max"].reshape(-1), preclip_steps])
+        if self.dist.sharded:  # exact merge of the pieces' interval statistics: one collective per merge kind
             sums = self.dist.all_reduce_(sums.clone(), "sum")
             maxes = self.dist.all_reduce_(maxes.clone(), "max")
         elif self.dist.active:
-            # DDP: the gradients already agree across ranks, the losses do not (each rank sees its own batch).
-            num_sum = st["acc_sum"].numel()
+            # DDP: the gradients already agree across ranks; the losses and the micro-batch noise estimates do not
+            # (each rank sees its own batch).
+            num_sum, num_local = st["acc_sum"].numel(), per_tensor.numel()
             sums, maxes = sums.clone(), maxes.clone()
-            sums[num_sum : num_sum + 2] = self.dist.all_reduce_(sums[num_sum : num_sum + 2].clone(), "sum")
+            shared = self.dist.all_reduce_(torch.cat([sums[num_sum : num_sum + 2], sums[num_local:]]), "sum")
+            sums[num_sum : num_sum + 2], sums[num_local:] = shared[:2], shared[2:]
             num_max = st["acc_max"].numel()
             maxes[num_max : num_max + 1] = self.dist.all_reduce_(maxes[num_max : num_max + 1].clone(), "max")
+        offset = per_tensor.numel()
+        for source, local_sums in noise_sums.items():
+            merged = sums[offset : offset + local_sums.numel()].reshape(local_sums.shape)
+            noise_tails[source] = _rank_mean_tails(merged)
+            offset += local_sums.numel()
+        sums = sums[: per_tensor.numel()]
+        noise_tails = {k: noise_tails[k] for k in ("temporal", "microbatch", "rank") if k in noise_tails}
         parts = {"sums": sums, "maxes": maxes, "tails": tails}
         if self._muon_sv is not None:
             parts["muon_sv"] = self._muon_sv
@@ -1259,19 +1339,30 @@ class Monitor:
         offset += num_betas * num_layers
         memory_sum = sums[offset : offset + 2 * num_layers * len(MEMORY_FIELDS)].reshape(2, num_layers, -1)
         offset += 2 * num_layers * len(MEMORY_FIELDS)
-        update_sum = sums[offset:].reshape(num_layers, len(UPDATE_FIELDS))
+        update_sum = sums[offset : offset + num_layers * len(UPDATE_FIELDS)].reshape(num_layers, len(UPDATE_FIELDS))
+        offset += num_layers * len(UPDATE_FIELDS)
+        ranks = sums[offset : offset + 2 * num_layers].reshape(num_layers, 2)
+        shadow_ranks = sums[offset + 2 * num_layers :].reshape(num_betas, num_layers, 3)
         muon_sv = a["muon_sv"].reshape(num_layers, 2) if "muon_sv" in a else None
         acc_max = maxes[: num_layers * len(MAX_FIELDS)].reshape(num_layers, len(MAX_FIELDS))
         glob_max = maxes[num_layers * len(MAX_FIELDS) : num_layers * len(MAX_FIELDS) + 3]
-        shadow_max = maxes[num_layers * len(MAX_FIELDS) + 3 :].reshape(num_betas, num_layers, 2)
-        world = self.dist.world if self.dist.sharded else 1
-        # Sums of step counts, before groups max-merge them: the means of per-step figures divide by these.
-        ratio_steps_sum = acc_max[:, _M["ratio_steps"]].copy()
-        shadow_steps_sum = shadow_max[:, :, 1].copy()
+        offset = num_layers * len(MAX_FIELDS) + 3
+        shadow_max = maxes[offset : offset + num_betas * num_layers * 2].reshape(num_betas, num_layers, 2).copy()
+        preclip_steps = maxes[offset + num_betas * num_layers * 2 :]
+        # Sample-based figures are means over the ranks sampling a tensor (one, without sharding: DistContext.owners)
+        # and their steps, so that they read the same at any world size: per-step means divide by the ranks' steps,
+        # maxima are the mean of the ranks' maxima, episode counts are per rank.
+        ratio_steps_sum = ranks[:, 1]
+        shadow_steps_sum = shadow_ranks[:, :, 0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shadow_max[:, :, 0] = np.where(shadow_ranks[:, :, 2] > 0, shadow_ranks[:, :, 1] / shadow_ranks[:, :, 2], 0)
+            memory_sum = memory_sum.copy()
+            memory_sum[:, :, 0] = np.where(ranks[None, :, 0] > 0, memory_sum[:, :, 0] / ranks[None, :, 0], 0)
         if self._grouped:
             unit = self._unit_index
             acc_sum, update_sum = _by_unit(acc_sum, unit, np.add), _by_unit(update_sum, unit, np.add)
             acc_max = _by_unit(acc_max, unit, np.maximum)
+            preclip_steps = _by_unit(preclip_steps, unit, np.maximum)
             ratio_steps_sum = _by_unit(ratio_steps_sum, unit, np.add)
             shadow_sum = _by_unit(shadow_sum, unit, np.add, axis=1)
             shadow_steps_sum = _by_unit(shadow_steps_sum, unit, np.add, axis=1)
@@ -1286,7 +1377,7 @@ class Monitor:
         count = col("count")
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             norm = np.sqrt(col("s2") / steps)
-            preclip = np.sqrt(col("preclip_s2") / col("preclip_steps"))
+            preclip = np.sqrt(col("preclip_s2") / preclip_steps)
             mean = col("s1") / count
             m2 = col("s2") / count - mean**2
             m4 = col("s4") / count - 4 * mean * col("s3") / count + 6 * mean**2 * col("s2") / count - 3 * mean**4
@@ -1303,7 +1394,7 @@ class Monitor:
             ratio_steps = acc_max[:, _M["ratio_steps"]]
             ratio_max = np.where(ratio_steps > 0, acc_max[:, _M["ratio_max"]], np.nan)
             spike_frac = col("ratio_spikes") / col("ratio_entries")
-            p99 = col("ratio_p99") / ratio_steps_sum / world
+            p99 = col("ratio_p99") / ratio_steps_sum
         has_ratio = bool(np.any(ratio_steps > 0)) or _adam_like(self.optimizer)
         noise_sources = {k[len("noise_") :]: v.reshape(num_units, 3) for k, v in a.items() if k.startswith("noise_")}
         first_shadow = _shadow_tag(cfg.shadow_betas[0]) if cfg.shadow_betas else None
@@ -1316,7 +1407,7 @@ class Monitor:
             present = steps[i] > 0
             metrics[f"grad/norm/{name}"] = float(norm[i]) if present else nan
             if cfg.track_preclip:
-                metrics[f"grad/norm_preclip/{name}"] = float(preclip[i]) if col("preclip_steps")[i] > 0 else nan
+                metrics[f"grad/norm_preclip/{name}"] = float(preclip[i]) if preclip_steps[i] > 0 else nan
             metrics[f"grad/max/{name}"] = float(acc_max[i, _M["absmax"]]) if present else nan
             metrics[f"grad/kurtosis/{name}"] = float(kurt[i]) if present else nan
             metrics[f"grad/kurtosis_gauss/{name}"] = float(gauss[i]) if present else nan
@@ -1363,15 +1454,14 @@ class Monitor:
                 shadow_steps = shadow_steps_sum[b, i]
                 ok = shadow_steps > 0
                 metrics[f"{tag}/ratio_max/{name}"] = float(shadow_max[b, i, 0]) if ok else nan
-                metrics[f"{tag}/spike_frac/{name}"] = float(shadow_sum[b, i] / shadow_steps / world) if ok else nan
+                metrics[f"{tag}/spike_frac/{name}"] = float(shadow_sum[b, i] / shadow_steps) if ok else nan
         total_steps = glob_max[2]
-        metrics["grad/norm"] = float(math.sqrt(glob_sum[2] / total_steps)) if total_steps > 0 else nan
+        # From the tensors' sums rather than glob_sum's own (the same figure): those count one copy of each piece.
+        metrics["grad/norm"] = float(math.sqrt(col("s2").sum() / total_steps)) if total_steps > 0 else nan
         metrics["grad/norm_max"] = float(glob_max[1]) if total_steps > 0 else nan
         if cfg.track_preclip:
-            preclip_steps = col("preclip_steps").max() if len(self.units) else 0.0
-            metrics["grad/norm_preclip"] = (
-                float(math.sqrt(col("preclip_s2").sum() / preclip_steps)) if preclip_steps > 0 else nan
-            )
+            most = preclip_steps.max() if len(self.units) else 0.0
+            metrics["grad/norm_preclip"] = float(math.sqrt(col("preclip_s2").sum() / most)) if most > 0 else nan
         metrics["grad/bad_steps"] = float(acc_max[:, _M["bad_steps"]].max())
         metrics["steps"] = float(total_steps)
         if glob_sum[1] > 0:
@@ -1671,6 +1761,37 @@ def _by_unit(values: np.ndarray, unit: np.ndarray, op: Any, axis: int = 0) -> np
 
 def _shadow_tag(beta: float) -> str:
     return "shadow" + f"{beta:.6g}".split(".")[-1]
+
+
+def _rank_tail_sums(tails: torch.Tensor) -> torch.Tensor:
+    """One rank's noise-tail estimates ``(U, 3)`` (alpha, se, kurtosis) as summable rows ``(U, 5)``: Hill's
+    gamma = 1/alpha and its squared standard error (delta method: se / alpha^2) where the rank has an estimate,
+    that count, the kurtosis where it has one, that count. A light tail (alpha = inf) is gamma = 0."""
+    t = tails.to(torch.float64)
+    alpha, se, kurt = t[:, 0], t[:, 1], t[:, 2]
+    has_alpha = ~torch.isnan(alpha)
+    light = torch.isinf(alpha)
+    gamma = torch.where(has_alpha & ~light, 1.0 / alpha, 0.0)
+    se_gamma = torch.where(has_alpha & ~light, se / (alpha * alpha), 0.0)
+    has_kurt = torch.isfinite(kurt)
+    return torch.stack(
+        [gamma, se_gamma * se_gamma, has_alpha.to(t.dtype), torch.where(has_kurt, kurt, 0.0), has_kurt.to(t.dtype)],
+        dim=1,
+    )
+
+
+def _rank_mean_tails(sums: torch.Tensor) -> torch.Tensor:
+    """The ranks' estimates merged from :func:`_rank_tail_sums` rows summed over ranks: alpha = 1 / (mean gamma),
+    the harmonic mean of the ranks' alphas (Hill's estimator is a mean of log-spacings, an estimate of gamma, so
+    the mean of independent estimates is one of the same gamma), its standard error sqrt(sum se_gamma^2) / n /
+    gamma^2, and the mean kurtosis; NaN where no rank has an estimate."""
+    gamma_sum, se_sq, n_alpha, kurt_sum, n_kurt = sums.unbind(dim=1)
+    gamma = gamma_sum / n_alpha
+    alpha = torch.where(n_alpha > 0, 1.0 / gamma, math.nan)  # gamma = 0 (every rank light): inf, as one process
+    se = torch.where(gamma > 0, se_sq.sqrt() / n_alpha / (gamma * gamma), math.inf)  # inf with alpha, as Hill's
+    se = torch.where(n_alpha > 0, se, math.nan)
+    kurt = torch.where(n_kurt > 0, kurt_sum / n_kurt, math.nan)
+    return torch.stack([alpha, se, kurt], dim=1).to(torch.float32)
 
 
 def _adam_like(optimizer: torch.optim.Optimizer | None) -> bool:
