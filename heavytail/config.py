@@ -75,7 +75,8 @@ class MonitorConfig:
 
     ratio_warmup: int = 10
     """Steps a tensor's optimizer second moment must have averaged before its denominator ratios count
-    (``adam/ratio_max``, ``adam/ratio_p99``, ``adam/spike_frac``, ``adam/memory_*``). At step 2 AdamW's
+    (``adam/ratio_max``, ``adam/ratio_p99``, ``adam/spike_frac``, ``adam/memory_*``; a shadow denominator's
+    ``shadow*/`` figures likewise count from its own ``ratio_warmup``-th gradient). At step 2 AdamW's
     sqrt(v_hat) is one earlier gradient's magnitude, so the ratio is a ratio of two independent gradients: over
     a million coordinates its maximum reads 1e4-1e5 on any healthy run. After 10 gradients a Gaussian
     coordinate's ratio follows a Student-t with 10 degrees of freedom, whose largest of 10^6 draws is about 10

@@ -25,8 +25,37 @@ def test_sgd_update_ratio_is_the_learning_rate(tmp_path):
     # Plain SGD moves every coordinate by lr * g: update RMS over gradient RMS is exactly the learning rate.
     assert m["update/rms_ratio/fc1.weight"] == pytest.approx(0.05, rel=1e-6)
     assert "adam/ratio_max/fc1.weight" not in m
-    assert m["shadow999/ratio_max/fc1.weight"] > 0
-    assert m["shadow95/spike_frac/fc1.weight"] >= 0
+
+
+def test_shadow_ratio_is_an_adamw_denominator_on_the_sampled_coordinates(tmp_path):
+    # SGD (no denominator of its own): the shadow's r at step t is |g_t| / (sqrt(v_{t-1} / (1 - beta^(t-1))) + 1e-8)
+    # on the sampled coordinates, counted from its 10th gradient on (ratio_warmup); recomputed here in float64.
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    grads = []
+    opt.register_step_pre_hook(lambda o, a, k: grads.append(model.fc1.weight.grad.detach().double().clone()))
+    with ht.Monitor(model, opt, every=6, log_dir=tmp_path) as mon:
+        train(model, opt, mon, steps=12)
+        index = mon._sample_index[mon.names.index("fc1.weight")]
+    records = read_records(tmp_path)
+    expected = {}
+    for beta in (0.999, 0.95):
+        v, maxima, fracs = torch.zeros(len(index), dtype=torch.float64), [], []
+        for t, g in enumerate(grads):  # t gradients folded into v before this one
+            g = g.reshape(-1)[index]
+            if t >= 10:
+                r = g.abs() / ((v / (1 - beta**t)).sqrt() + 1e-8)
+                maxima.append(float(r.max()))
+                fracs.append(float((r * r > 5000).double().mean()))
+            v = beta * v + (1 - beta) * g * g
+            v = v.float().double()  # the shadow state is float32
+        expected[beta] = (max(maxima), sum(fracs) / len(fracs))
+    assert records[0]["metrics"]["shadow999/ratio_max/fc1.weight"] is None  # steps 1-6: warm-up
+    m = records[1]["metrics"]
+    assert m["shadow999/ratio_max/fc1.weight"] == pytest.approx(expected[0.999][0], rel=1e-6)
+    assert m["shadow95/ratio_max/fc1.weight"] == pytest.approx(expected[0.95][0], rel=1e-6)
+    assert m["shadow999/spike_frac/fc1.weight"] == pytest.approx(expected[0.999][1], abs=1e-12)
 
 
 def test_adafactor_ratio_uses_the_factored_second_moment(tmp_path):
@@ -55,7 +84,7 @@ def test_adafactor_ratio_uses_the_factored_second_moment(tmp_path):
 
 
 def test_lion_reports_sign_flips_and_shadow_ratios(tmp_path):
-    _, _, records = _run(tmp_path, lambda m: Lion(m.parameters(), lr=1e-4))
+    _, _, records = _run(tmp_path, lambda m: Lion(m.parameters(), lr=1e-4), steps=12)  # past the shadow warm-up
     m = records[-1]["metrics"]
     assert 0.0 <= m["lion/sign_flip_frac/fc1.weight"] <= 1.0
     assert "adam/ratio_max/fc1.weight" not in m

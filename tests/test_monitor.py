@@ -135,7 +135,7 @@ def test_interval_kurtosis_pools_the_intervals_entries(tmp_path, tiny_model):
     rms = math.sqrt(np.mean([float((g["fc2.weight"].double() ** 2).sum()) for g in grads]))
     assert m["grad/norm/fc2.weight"] == pytest.approx(rms, rel=1e-9)
     assert "adam/ratio_max/fc2.weight" not in m  # SGD has no denominator: shadow figures instead
-    assert m["shadow999/ratio_max/fc2.weight"] is not None
+    assert m["shadow999/ratio_max/fc2.weight"] is None  # three gradients: still in the shadows' warm-up
 
 
 def test_without_optimizer_step_counts(tmp_path, tiny_model):

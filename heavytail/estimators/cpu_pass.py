@@ -96,6 +96,7 @@ class _Samples(ctypes.Structure):
         ("noise_beta", ctypes.c_float),
         ("q", ctypes.c_double),
         ("quantile", _P),
+        ("shadow_warmup", ctypes.c_double),
     ]
 
 
@@ -458,6 +459,7 @@ def sample_step(
     inflation: float,
     noise_beta: float,
     q: float,
+    shadow_warmup: float = 1.0,
 ) -> SampleStep:
     """One step of the monitor's sample estimators in one C call, updating the states in place.
 
@@ -465,7 +467,9 @@ def sample_step(
     part of ``_stream_noise`` and ``_upper_quantile``; tests/estimators/test_cpu_samples.py): ``g``, ``ratio``,
     ``den`` ``(L, S)`` float64 samples (``ratio``/``den``/``bias_correction`` None without a denominator);
     ``valid``/``ratio_ok`` ``(L,)`` masks; ``memory`` the (level, age, active) float32 states of the real
-    denominator and the first shadow; ``shadow_bias`` ``(B, L)`` float64 ``1 - beta^t`` clamped at 1e-30. States
+    denominator and the first shadow; ``shadow_bias`` ``(B, L)`` float64 ``1 - beta^t`` clamped at 1e-30;
+    ``shadow_warmup``: a shadow's ratio figures and memory episodes count once it has averaged that many
+    gradients (at least 1). States
     must be dense CPU tensors of the monitor's layout (``ValueError`` otherwise, before anything is written).
     """
     lib = _load()
@@ -507,6 +511,7 @@ def sample_step(
     a.ring = _ptr(ring, f32, (L, S, W), "ring")
     a.ring_valid = _ptr(ring_valid, torch.bool, (L, W), "ring_valid")
     a.slot, a.noise_beta, a.q = int(slot), float(noise_beta), float(q)
+    a.shadow_warmup = max(1.0, float(shadow_warmup))
     if lib.ht_samples(ctypes.byref(a)) != 0:
         raise MemoryError("heavytail CPU sample step: out of memory for its scratch rows")
     return SampleStep(events, quantile)

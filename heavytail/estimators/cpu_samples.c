@@ -55,6 +55,7 @@ typedef struct {
     float noise_beta;
     double q;               /* the ratio quantile to report (0.99) */
     double *quantile;       /* (L,) out */
+    double shadow_warmup;   /* a shadow's figures count from its shadow_warmup-th gradient on (at least 1) */
 } HtSamples;
 
 /* torch.nan_to_num(x): NaN to 0, +-Inf to the largest finite value; selects only, so loops stay vectorised. */
@@ -199,7 +200,7 @@ int ht_samples(const HtSamples *a) {
             const i64 bl = b * L + l;
             float *v = a->shadow_v + bl * S;
             const double beta = a->betas[b], one_minus = 1.0 - beta, bias = a->bias[bl];
-            const int ok = valid != 0.0 && a->shadow_t[bl] > 0.0, update = valid != 0.0;
+            const int ok = valid != 0.0 && a->shadow_t[bl] >= a->shadow_warmup, update = valid != 0.0;
             double over = 0.0, nans = 0.0, rmax = -INFINITY;
 #pragma omp simd reduction(+ : over, nans) reduction(max : rmax)
             for (i64 j = 0; j < S; j++) {

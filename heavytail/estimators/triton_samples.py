@@ -137,7 +137,7 @@ if triton is not None:
             v = tl.load(shadow_v + bl * S + cols, mask=inside, other=0.0)
             beta = tl.load(betas + b)
             t = tl.load(shadow_t + bl)
-            ok_b = (valid != 0) & (t > 0)
+            ok_b = (valid != 0) & (t >= tl.load(consts + 4))
             vj = v.to(tl.float64)
             vhb = vj / tl.load(bias + bl)
             rb = tl.abs(gj) / (tl.sqrt(vhb) + eps) * tl.where(vj > 0, 1.0, 0.0).to(tl.float64)
@@ -231,12 +231,15 @@ if triton is not None:
 _CONSTS: dict[tuple[float, torch.device], torch.Tensor] = {}
 
 
-def _consts(threshold: float, device: torch.device) -> torch.Tensor:
-    # threshold, the shadows' eps, nan_to_num's bound, the update ratio's floor: float64, never Triton literals.
+def _consts(threshold: float, device: torch.device, shadow_warmup: float = 1.0) -> torch.Tensor:
+    # threshold, the shadows' eps, nan_to_num's bound, the update ratio's floor, the shadows' warm-up: float64,
+    # never Triton literals.
     # Copied to the device once per threshold (an asynchronous copy from pinned memory), not at every step.
-    key = (float(threshold), device)
+    key = (float(threshold), device, float(shadow_warmup))
     if key not in _CONSTS:
-        _CONSTS[key] = to_device([float(threshold), 1e-8, _DBL_MAX, 1e-30], device, torch.float64)
+        _CONSTS[key] = to_device(
+            [float(threshold), 1e-8, _DBL_MAX, 1e-30, max(1.0, float(shadow_warmup))], device, torch.float64
+        )
     return _CONSTS[key]
 
 
@@ -279,6 +282,7 @@ def sample_step(
     inflation: float,
     noise_beta: float,
     q: float,
+    shadow_warmup: float = 1.0,
 ) -> SampleStep:
     """:func:`heavytail.estimators.cpu_pass.sample_step` on the GPU: the same arguments, states and result."""
     if triton is None:
@@ -338,7 +342,7 @@ def sample_step(
         noise_seen,
         ring,
         ring_valid,
-        _consts(threshold, device),
+        _consts(threshold, device, shadow_warmup),
         int(slot) % W,
         float(noise_beta),
         float(inflation) * float(inflation),

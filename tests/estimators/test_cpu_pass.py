@@ -234,7 +234,10 @@ def test_monitor_with_the_cpu_kernel_writes_the_same_records(tmp_path):
         torch.manual_seed(0)
         model = TinyNet()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        with ht.Monitor(model, opt, every=3, log_dir=tmp_path / kernel, kernel=kernel, min_tail_samples=100) as mon:
+        # ratio_warmup=4: the later records compare warm denominator figures, the first one the warm-up nulls
+        with ht.Monitor(
+            model, opt, every=3, log_dir=tmp_path / kernel, kernel=kernel, min_tail_samples=100, ratio_warmup=4
+        ) as mon:
             for step in range(9):
                 idx, y = tiny_batch(step)
                 loss = torch.nn.functional.mse_loss(model(idx), y)

@@ -283,7 +283,7 @@ def test_monitor_with_the_triton_kernel_writes_the_same_records(tmp_path):
         torch.manual_seed(0)
         model = TinyNet().to(DEVICE)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        with ht.Monitor(model, opt, every=2, log_dir=tmp_path / kernel, kernel=kernel) as mon:
+        with ht.Monitor(model, opt, every=2, log_dir=tmp_path / kernel, kernel=kernel, ratio_warmup=2) as mon:
             for step in range(4):
                 idx, y = tiny_batch(step)
                 loss = torch.nn.functional.mse_loss(model(idx.to(DEVICE)), y.to(DEVICE))
