@@ -126,7 +126,9 @@ class MonitorConfig:
     """Alert rules that are on."""
 
     alert_cooldown: int = 50
-    """Steps during which a rule does not fire again for the same metric: one event, one alert."""
+    """Steps during which a rule does not fire again: for the same metric (``nonfinite_grad``, ``hidden_spike``,
+    ``tail_index_drop``), or, for ``loss_spike`` and ``grad_spike``, for an event already open on any of the rule's
+    streams (docs/alerts.md, "One event, one alert"). One event, one alert."""
 
     tail_alpha_threshold: float = 2.0
     """``tail_index_drop`` fires when a layer's Hill alpha is under this (2: infinite variance) by more than
