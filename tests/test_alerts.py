@@ -16,7 +16,7 @@ from torch import nn
 import heavytail as ht
 from heavytail.alerts import AlertEngine, StepFlags, flag_vector_size, pack_step_flags, unpack_step_flags
 from heavytail.estimators import spike
-from tests.conftest import TinyNet, read_alerts, read_records, tiny_batch
+from tests.conftest import TinyNet, read_alerts, read_records, tiny_batch, train
 from tests.estimators.test_spike import reference
 
 
@@ -363,3 +363,13 @@ def test_a_smooth_drift_is_one_alert_and_a_later_spike_still_alerts(tmp_path):
     assert_states_observed_expected_threshold(drift_alerts[0])
     assert [(a["rule"], a["step"], a["layer"]) for a in alerts[1:]] == [("grad_spike", jump + 1, "2.weight")]
     assert alerts[1]["value"] == pytest.approx(3 * alerts[1]["expected"], rel=0.02)
+
+
+def test_the_per_step_flag_vector_is_what_the_readme_says(tmp_path, tiny_model):
+    # README, Cost: "one small flag vector per step (11 floats per tensor plus 16)", queued by the step path.
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    with ht.Monitor(tiny_model, opt, every=100, log_dir=tmp_path) as mon:
+        train(tiny_model, opt, mon, steps=1)
+        (packed, _, _) = mon._pending_flags[0]
+        assert packed.shape == (11 * len(mon.names) + 16,) == (flag_vector_size(len(mon.names)),)
+        assert packed.dtype == torch.float32

@@ -222,6 +222,8 @@ def test_sample_budget_shares_the_coordinates_out_over_many_tensors(tmp_path):
         (256, 1 << 16, 256),  # exactly the budget
         (257, 1 << 16, 255),
         (1000, 1 << 16, 65),
+        (8192, 1 << 16, 8),  # the budget holds up to 8,192 tensors (README, Cost)
+        (8193, 1 << 16, 8),  # past it: 8 per tensor, the total grows
         (10_000, 1 << 16, 8),  # never fewer than MIN_SAMPLE_SIZE
         (10_000, None, 256),  # no budget
     ],
