@@ -431,16 +431,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
     from heavytail.report import RunDirError
 
+    commands = {
+        "demo": lambda: _demo(args),
+        "sweep": lambda: _sweep(args, argv),
+        "compare": lambda: _compare(args, argv, parser),
+        "summary": lambda: _summary(args),
+        "report": lambda: _report(args),
+    }
     try:
-        if args.command == "demo":
-            return _demo(args)
-        if args.command == "sweep":
-            return _sweep(args, argv)
-        if args.command == "compare":
-            return _compare(args, argv, parser)
-        if args.command == "summary":
-            return _summary(args)
-        return _report(args)
+        status = commands[args.command]()
+        # A pipe's output is block-buffered: a reader that went away shows at this flush, not only in the
+        # interpreter's last one (which would end the process with status 120 and a message).
+        sys.stdout.flush()
+        return status
     except BrokenPipeError:
         # The reader went away (`heavytail summary DIR | head`): what it did not read was not wanted. Python
         # would report the failed flush of stdout at exit; point stdout at nothing first.
