@@ -227,6 +227,10 @@ class Monitor:
         self._owner = torch.tensor(owners, dtype=config.stats_dtype).to(self.device)
         sampling = [o and n > 0 for o, n in zip(owners, self.numels)]
         self._sampling = torch.tensor(sampling, dtype=config.stats_dtype).to(self.device)
+        # Each step's squared global norm is summed over ranks at checkpoints: one copy of each piece under
+        # sharding (the owner weights), rank 0's alone under DDP (every rank holds the same reduced gradient).
+        ddp_follower = self.dist.active and not self.dist.sharded and not self.dist.writer
+        self._norm_share = 0.0 if ddp_follower else 1.0
 
         self.log_dir = Path(config.log_dir) if config.log_dir is not None else _default_log_dir()
         if config.run_name is None:
@@ -359,6 +363,10 @@ class Monitor:
             # loss sum, loss count, squared global norm sum | loss max, global norm max, steps
             "glob_sum": torch.zeros(3, device=dev, dtype=dt),
             "glob_max": torch.tensor([-math.inf, 0.0, 0.0], device=dev, dtype=dt),
+            # Per step of the interval: loss sum, loss count, squared global norm. Summed over ranks at the
+            # checkpoint, so loss/max and grad/norm_max are of the global batch's loss and gradient, as with one
+            # process (24 bytes a step of `every`).
+            "step_sums": torch.zeros(cfg.every, 3, device=dev, dtype=dt),
             # Shadow denominators on the sampled coordinates, and their interval figures.
             # Per-sample state is float32: it is (L, S)-sized, the largest state after the noise ring.
             "shadow_v": torch.zeros(betas, num_layers, self.sample_size, device=dev, dtype=torch.float32),
@@ -793,11 +801,12 @@ class Monitor:
         else:
             loss = torch.full((), math.nan, device=self.device, dtype=stats.dtype)
         finite_loss = torch.isfinite(loss)
-        st["glob_sum"] += torch.stack([torch.where(finite_loss, loss, 0.0), finite_loss.to(stats.dtype), s2.sum()])
-        glob_max = st["glob_max"]
-        glob_max[0] = torch.where(finite_loss, torch.maximum(glob_max[0], loss), glob_max[0])
-        glob_max[1] = torch.maximum(glob_max[1], gnorm)
-        glob_max[2] += 1
+        loss_parts = torch.stack([torch.where(finite_loss, loss, 0.0), finite_loss.to(stats.dtype)])
+        st["glob_sum"] += torch.cat([loss_parts, s2.sum().reshape(1)])
+        # glob_max keeps its (loss max, norm max, steps) layout for saved states; the maxima come from step_sums.
+        st["glob_max"][2] += 1
+        at = (self.step_count - self._interval_start) % cfg.every  # this step's row of the interval
+        st["step_sums"][at] = torch.cat([loss_parts, ((s2 * self._owner).sum() * self._norm_share).reshape(1)])
         self._loss_sum, self._loss_n = None, 0
 
         # Spike detectors on the loss, the global norm and each layer's norm; flags go to the host asynchronously.
@@ -1283,7 +1292,9 @@ class Monitor:
                 shadow_ranks.reshape(-1),
             ]
         )
-        sums = torch.cat([per_tensor, *(v.reshape(-1).to(dt) for v in noise_sums.values())])
+        sums = torch.cat(
+            [per_tensor, *(v.reshape(-1).to(dt) for v in noise_sums.values()), st["step_sums"].reshape(-1)]
+        )
         # The pre-clip steps are max-merged: every rank holding a piece measures the same steps.
         preclip_steps = st["acc_sum"][:, _S["preclip_steps"]]
         maxes = torch.cat([st["acc_max"].reshape(-1), st["glob_max"], st["shadow_max"].reshape(-1), preclip_steps])
@@ -1291,22 +1302,21 @@ class Monitor:
             sums = self.dist.all_reduce_(sums.clone(), "sum")
             maxes = self.dist.all_reduce_(maxes.clone(), "max")
         elif self.dist.active:
-            # DDP: the gradients already agree across ranks; the losses and the micro-batch noise estimates do not
-            # (each rank sees its own batch).
+            # DDP: the gradients already agree across ranks; the losses (glob_sum's and each step's, in step_sums)
+            # and the micro-batch noise estimates do not (each rank sees its own batch): one sum all-reduce.
             num_sum, num_local = st["acc_sum"].numel(), per_tensor.numel()
-            sums, maxes = sums.clone(), maxes.clone()
+            sums = sums.clone()
             shared = self.dist.all_reduce_(torch.cat([sums[num_sum : num_sum + 2], sums[num_local:]]), "sum")
             sums[num_sum : num_sum + 2], sums[num_local:] = shared[:2], shared[2:]
-            num_max = st["acc_max"].numel()
-            maxes[num_max : num_max + 1] = self.dist.all_reduce_(maxes[num_max : num_max + 1].clone(), "max")
         offset = per_tensor.numel()
         for source, local_sums in noise_sums.items():
             merged = sums[offset : offset + local_sums.numel()].reshape(local_sums.shape)
             noise_tails[source] = _rank_mean_tails(merged)
             offset += local_sums.numel()
+        step_sums = sums[offset:]
         sums = sums[: per_tensor.numel()]
         noise_tails = {k: noise_tails[k] for k in ("temporal", "microbatch", "rank") if k in noise_tails}
-        parts = {"sums": sums, "maxes": maxes, "tails": tails}
+        parts = {"sums": sums, "maxes": maxes, "tails": tails, "step_sums": step_sums}
         if self._muon_sv is not None:
             parts["muon_sv"] = self._muon_sv
         probe = self._run_probe()
@@ -1458,7 +1468,8 @@ class Monitor:
         total_steps = glob_max[2]
         # From the tensors' sums rather than glob_sum's own (the same figure): those count one copy of each piece.
         metrics["grad/norm"] = float(math.sqrt(col("s2").sum() / total_steps)) if total_steps > 0 else nan
-        metrics["grad/norm_max"] = float(glob_max[1]) if total_steps > 0 else nan
+        step_sums = a["step_sums"].reshape(-1, 3)
+        metrics["grad/norm_max"] = float(math.sqrt(step_sums[:, 2].max())) if total_steps > 0 else nan
         if cfg.track_preclip:
             most = preclip_steps.max() if len(self.units) else 0.0
             metrics["grad/norm_preclip"] = float(math.sqrt(col("preclip_s2").sum() / most)) if most > 0 else nan
@@ -1466,7 +1477,8 @@ class Monitor:
         metrics["steps"] = float(total_steps)
         if glob_sum[1] > 0:
             metrics["loss"] = float(glob_sum[0] / glob_sum[1])
-            metrics["loss/max"] = float(glob_max[0])
+            counted = step_sums[:, 1] > 0
+            metrics["loss/max"] = float((step_sums[counted, 0] / step_sums[counted, 1]).max())
         for kind, skipped in self._skips.items():
             if skipped:
                 metrics[f"grad/skipped_{kind}"] = float(skipped)
@@ -1515,7 +1527,16 @@ class Monitor:
     def _reset_interval(self) -> None:
         st = self._state
         self._muon_sv = None
-        for key in ("acc_sum", "acc_max", "glob_sum", "shadow_sum", "shadow_max", "memory_sum", "update_sum"):
+        for key in (
+            "acc_sum",
+            "acc_max",
+            "glob_sum",
+            "shadow_sum",
+            "shadow_max",
+            "memory_sum",
+            "update_sum",
+            "step_sums",
+        ):
             st[key].zero_()
         st["glob_max"].zero_()
         st["glob_max"][0] = -math.inf  # a fill on the device, not a host-to-device copy

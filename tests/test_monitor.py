@@ -351,3 +351,21 @@ def test_a_failing_fused_pass_falls_back_to_torch(tmp_path):
             train(model, opt, mon, steps=2)
         assert mon._fused is None
     assert read_records(tmp_path)[0]["metrics"]["grad/norm/fc1.weight"] > 0
+
+
+def test_loss_max_and_norm_max_are_the_largest_step_values(tmp_path, tiny_model):
+    # Kept per step of the interval (summed over ranks under DDP/FSDP2, tests/test_distributed.py); here against
+    # the step losses and the global norms recomputed from the gradients the optimizer saw.
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    norms = []
+    opt.register_step_pre_hook(
+        lambda o, a, k: norms.append(
+            math.sqrt(sum(float(p.grad.double().square().sum()) for p in tiny_model.parameters()))
+        )
+    )
+    with ht.Monitor(tiny_model, opt, every=4, log_dir=tmp_path) as mon:
+        losses = train(tiny_model, opt, mon, steps=10)  # records at 4, 8 and the partial interval 9-10
+    records = read_records(tmp_path)
+    for record, (lo, hi) in zip(records, [(0, 4), (4, 8), (8, 10)], strict=True):
+        assert record["metrics"]["loss/max"] == pytest.approx(max(losses[lo:hi]), rel=1e-6)
+        assert record["metrics"]["grad/norm_max"] == pytest.approx(max(norms[lo:hi]), rel=1e-9)
