@@ -233,7 +233,7 @@ class AlertEngine:
         def spike_fields(i: int) -> dict:
             if not forecast:  # the detectors' state before this step gives what the step was compared with
                 summary = spike.compute(f.detector, spike_config)
-                forecast.extend((summary.baseline.numpy(), summary.upper.numpy()))
+                forecast.extend((summary.baseline.numpy(), summary.upper.numpy()))  # sync point: none, host data
             return {
                 "value": f.values[i],
                 "threshold": z_threshold,
@@ -351,7 +351,7 @@ class AlertEngine:
         return {
             "count": self.count,
             "cooldowns": {k: c.state_dict() for k, c in self._cooldowns.items()},
-            "scores": [{"step": step, "values": z.tolist()} for step, z in self._scores.items()],
+            "scores": [{"step": step, "values": z.tolist()} for step, z in self._scores.items()],  # sync point: none
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -76,7 +76,7 @@ class DistContext:
                 continue
             coordinate = p.device_mesh.get_coordinate() or []
             replicated = [d for d, placement in enumerate(p.placements) if placement.is_replicate()]
-            in_first = first in p.device_mesh.mesh.flatten().tolist()
+            in_first = first in p.device_mesh.mesh.flatten().tolist()  # sync point: none, at attach (a CPU tensor)
             out.append(in_first and all(coordinate[d] == 0 for d in replicated))
         return out
 
