@@ -35,10 +35,12 @@ browser:
 demo: install
 	$(VENV)/bin/heavytail demo --steps $(STEPS) --out $(OUT)
 
+# The suite's temporary files stay in this checkout (.pytest_tmp): pytest's default, one directory per user that
+# each session prunes, lets two test sessions on one machine delete each other's files.
 test: install-dev browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q -p no:cacheprovider tests
+	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q -p no:cacheprovider --basetemp=.pytest_tmp tests
 
 clean:
 	rm -rf $(VENV) heavytail_runs
