@@ -363,10 +363,10 @@ class Monitor:
             # loss sum, loss count, squared global norm sum | loss max, global norm max, steps
             "glob_sum": torch.zeros(3, device=dev, dtype=dt),
             "glob_max": torch.tensor([-math.inf, 0.0, 0.0], device=dev, dtype=dt),
-            # Per step of the interval: loss sum, loss count, squared global norm. Summed over ranks at the
-            # checkpoint, so loss/max and grad/norm_max are of the global batch's loss and gradient, as with one
-            # process (24 bytes a step of `every`).
-            "step_sums": torch.zeros(cfg.every, 3, device=dev, dtype=dt),
+            # Per step of the interval (its first STEP_ROWS steps): loss sum, loss count, squared global norm.
+            # Summed over ranks at the checkpoint, so loss/max and grad/norm_max are of the global batch's loss and
+            # gradient, as with one process (24 bytes a step).
+            "step_sums": torch.zeros(min(cfg.every, STEP_ROWS), 3, device=dev, dtype=dt),
             # Shadow denominators on the sampled coordinates, and their interval figures.
             # Per-sample state is float32: it is (L, S)-sized, the largest state after the noise ring.
             "shadow_v": torch.zeros(betas, num_layers, self.sample_size, device=dev, dtype=torch.float32),
@@ -803,10 +803,15 @@ class Monitor:
         finite_loss = torch.isfinite(loss)
         loss_parts = torch.stack([torch.where(finite_loss, loss, 0.0), finite_loss.to(stats.dtype)])
         st["glob_sum"] += torch.cat([loss_parts, s2.sum().reshape(1)])
-        # glob_max keeps its (loss max, norm max, steps) layout for saved states; the maxima come from step_sums.
-        st["glob_max"][2] += 1
-        at = (self.step_count - self._interval_start) % cfg.every  # this step's row of the interval
-        st["step_sums"][at] = torch.cat([loss_parts, ((s2 * self._owner).sum() * self._norm_share).reshape(1)])
+        # This rank's maxima: the figures themselves with one process, and for the steps of an interval past
+        # STEP_ROWS under torch.distributed (each rank's own loss; under FSDP2 its shard's norm).
+        glob_max = st["glob_max"]
+        glob_max[0] = torch.where(finite_loss, torch.maximum(glob_max[0], loss), glob_max[0])
+        glob_max[1] = torch.maximum(glob_max[1], gnorm)
+        glob_max[2] += 1
+        at = self.step_count - self._interval_start  # this step's row of the interval (a host count)
+        if at < st["step_sums"].shape[0]:
+            st["step_sums"][at] = torch.cat([loss_parts, ((s2 * self._owner).sum() * self._norm_share).reshape(1)])
         self._loss_sum, self._loss_n = None, 0
 
         # Spike detectors on the loss, the global norm and each layer's norm; flags go to the host asynchronously.
@@ -1305,9 +1310,11 @@ class Monitor:
             # DDP: the gradients already agree across ranks; the losses (glob_sum's and each step's, in step_sums)
             # and the micro-batch noise estimates do not (each rank sees its own batch): one sum all-reduce.
             num_sum, num_local = st["acc_sum"].numel(), per_tensor.numel()
-            sums = sums.clone()
+            sums, maxes = sums.clone(), maxes.clone()
             shared = self.dist.all_reduce_(torch.cat([sums[num_sum : num_sum + 2], sums[num_local:]]), "sum")
             sums[num_sum : num_sum + 2], sums[num_local:] = shared[:2], shared[2:]
+            num_max = st["acc_max"].numel()
+            maxes[num_max : num_max + 1] = self.dist.all_reduce_(maxes[num_max : num_max + 1].clone(), "max")
         offset = per_tensor.numel()
         for source, local_sums in noise_sums.items():
             merged = sums[offset : offset + local_sums.numel()].reshape(local_sums.shape)
@@ -1469,7 +1476,12 @@ class Monitor:
         # From the tensors' sums rather than glob_sum's own (the same figure): those count one copy of each piece.
         metrics["grad/norm"] = float(math.sqrt(col("s2").sum() / total_steps)) if total_steps > 0 else nan
         step_sums = a["step_sums"].reshape(-1, 3)
-        metrics["grad/norm_max"] = float(math.sqrt(step_sums[:, 2].max())) if total_steps > 0 else nan
+        # Past STEP_ROWS steps in one interval the later steps count through this rank's own maxima (glob_max).
+        overflow = self.step_count - self._interval_start > step_sums.shape[0]
+        norm_max = math.sqrt(step_sums[:, 2].max())
+        metrics["grad/norm_max"] = (
+            float(max(norm_max, glob_max[1]) if overflow else norm_max) if total_steps > 0 else nan
+        )
         if cfg.track_preclip:
             most = preclip_steps.max() if len(self.units) else 0.0
             metrics["grad/norm_preclip"] = float(math.sqrt(col("preclip_s2").sum() / most)) if most > 0 else nan
@@ -1478,7 +1490,8 @@ class Monitor:
         if glob_sum[1] > 0:
             metrics["loss"] = float(glob_sum[0] / glob_sum[1])
             counted = step_sums[:, 1] > 0
-            metrics["loss/max"] = float((step_sums[counted, 0] / step_sums[counted, 1]).max())
+            loss_max = float((step_sums[counted, 0] / step_sums[counted, 1]).max()) if counted.any() else -math.inf
+            metrics["loss/max"] = float(max(loss_max, glob_max[0]) if overflow else loss_max)
         for kind, skipped in self._skips.items():
             if skipped:
                 metrics[f"grad/skipped_{kind}"] = float(skipped)
@@ -1653,6 +1666,9 @@ class Monitor:
         self._preclip_reuse = bool(preclip.get("reuse", False))
         self.alerts.load_state_dict(state["alerts"])
 
+
+STEP_ROWS = 4096
+"""Steps of an interval whose loss and global norm are kept one by one for loss/max and grad/norm_max (98 KiB)."""
 
 _NO_STEP_BACKWARDS = 200
 """Backward passes without an optimizer step after which the monitor warns (far above any accumulation)."""

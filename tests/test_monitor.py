@@ -353,7 +353,9 @@ def test_a_failing_fused_pass_falls_back_to_torch(tmp_path):
     assert read_records(tmp_path)[0]["metrics"]["grad/norm/fc1.weight"] > 0
 
 
-def test_loss_max_and_norm_max_are_the_largest_step_values(tmp_path, tiny_model):
+@pytest.mark.parametrize("rows", [4096, 3])  # 3: intervals longer than the per-step rows (heavytail.monitor.STEP_ROWS)
+def test_loss_max_and_norm_max_are_the_largest_step_values(tmp_path, tiny_model, monkeypatch, rows):
+    monkeypatch.setattr("heavytail.monitor.STEP_ROWS", rows)
     # Kept per step of the interval (summed over ranks under DDP/FSDP2, tests/test_distributed.py); here against
     # the step losses and the global norms recomputed from the gradients the optimizer saw.
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
