@@ -44,6 +44,7 @@ KINDS = {
 NOISE_DF = 3.0  # Student-t degrees of freedom of the per-step log-noise: finite mean, infinite kurtosis
 HETERO_STD = 0.2  # the noise scale itself wanders: sigma_t = sigma * exp(0.2 * OU_t), OU_t stationary N(0, 1)
 HETERO_TIME = 1000.0
+TAIL_SIZE = 64  # order statistics of its own scores each stream keeps for a calibrated threshold (--rate)
 
 
 def _uniform(rng, lo_hi, n, log=False):
@@ -102,16 +103,26 @@ def make_traces(kind: str, n: int, steps: int, first_spike: int, seed: int, nois
     return x, spikes, sigma.mean(axis=1), oracle
 
 
-def run_detector(x: np.ndarray, config: spike.SpikeConfig, device: str):
-    """Raw flags and scores (n, steps) of the detector run batched over all traces, and seconds per update."""
+def run_detector(x: np.ndarray, config: spike.SpikeConfig, device: str, rate: float | None = None):
+    """Raw flags and scores (n, steps) of the detector run batched over all traces, and seconds per update.
+
+    With ``rate``, the threshold is calibrated to that false-alarm rate per step from each stream's own score
+    tail (``spike.tail_threshold``) instead of ``config.threshold``."""
     n, steps = x.shape
     xt = torch.as_tensor(x, dtype=torch.float32, device=device)
     state = spike.init(n, device=device, config=config)
+    tail = spike.tail_init(n, TAIL_SIZE, device=device)
     flags = torch.empty((steps, n), dtype=torch.bool, device=device)
     scores = torch.empty((steps, n), dtype=torch.float32, device=device)
     start = time.perf_counter()
     for t in range(steps):
-        state, flags[t], scores[t] = spike.update(state, xt[:, t], config)
+        if rate is None:
+            state, flags[t], scores[t] = spike.update(state, xt[:, t], config)
+            continue
+        scored = state.count >= 2
+        threshold = spike.tail_threshold(tail, rate)
+        state, flags[t], scores[t] = spike.update(state, xt[:, t], config, threshold=threshold)
+        tail = spike.tail_update(tail, scores[t], scored & (scores[t] != 0) & ~flags[t])
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -299,6 +310,12 @@ def main(argv=None):
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="calibrate the threshold to this false-alarm rate per step (spike.tail_threshold) instead of a fixed z",
+    )
+    ap.add_argument(
         "--streams",
         type=int,
         default=0,
@@ -326,14 +343,14 @@ def main(argv=None):
     config = spike.SpikeConfig(**overrides)
 
     x, spikes, sigma, oracle = make_traces(args.kind, args.traces, args.steps, args.first_spike, args.seed, args.noise)
-    flags, scores, per_step = run_detector(x, config, args.device)
+    flags, scores, per_step = run_detector(x, config, args.device, args.rate)
     caught, mags, durs, false_alerts, false_flags, healthy_steps = evaluate(
         x, spikes, flags, args.cooldown, config.warmup
     )
 
     ocaught = oracle_recall(oracle, spikes, x.shape, config.warmup, max(false_alerts, 1))
     print(f"kind={args.kind} traces={args.traces} steps={args.steps} seed={args.seed} cooldown={args.cooldown}")
-    print(f"config: {config}")
+    print(f"config: {config}" + ("" if args.rate is None else f" calibrated to rate={args.rate:g}"))
     print(
         f"healthy log-noise: Student-t df={NOISE_DF:g}, scale {sigma.min():.3f}..{sigma.max():.3f} "
         f"(mean {sigma.mean():.3f}); update: {per_step * 1e6:.0f} us/step for {args.traces} streams on {args.device}"

@@ -165,3 +165,10 @@ def test_kernel_report_compiles_each_triton_kernel_ahead_of_time():
         assert re.search(rf"^{kernel} .* sm_90 +\d+ +\d+/\d+ +\d+( +\d+){{5}}$", proc.stdout, re.M), kernel
     match = re.fullmatch(r"max_regs=(\d+) kernels_with_spills=(\d+) kernels=4", last_line(proc))
     assert match, last_line(proc)
+
+
+@pytest.mark.parametrize("extra", [(), ("--rate", "1e-3", "--set", "warmup=50")])
+def test_spike_detection_prints_the_final_line(extra):
+    proc = run("spike_detection.py", "--traces", "4", "--steps", "600", "--first-spike", "100", *extra)
+    assert re.fullmatch(rf"recall={NUMBER} false_per_10k={NUMBER}", last_line(proc)), last_line(proc)
+    assert ("calibrated to rate=0.001" in proc.stdout) == bool(extra)

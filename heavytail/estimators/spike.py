@@ -8,7 +8,19 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-__all__ = ["SpikeConfig", "SpikeState", "SpikeSummary", "Cooldown", "init", "update", "compute"]
+__all__ = [
+    "SpikeConfig",
+    "SpikeState",
+    "SpikeSummary",
+    "TailState",
+    "Cooldown",
+    "init",
+    "update",
+    "compute",
+    "tail_init",
+    "tail_update",
+    "tail_threshold",
+]
 
 # E|X - mu| = sigma * sqrt(2/pi) for a Gaussian: scaling the mean absolute deviation by sqrt(pi/2) makes the
 # score read as a Gaussian z-score, so thresholds compare with the usual "k sigma" intuition.
@@ -17,6 +29,11 @@ _MAD_TO_SIGMA = math.sqrt(math.pi / 2.0)
 # jump still scores huge while float rounding (~1e-7 relative) scores well under 1.
 _SCALE_FLOOR = 1e-6
 _DOMAINS = ("auto", "log", "linear")
+# Range of the generalized Pareto shape a calibrated threshold may use: 0 is an exponential (Gaussian-like) tail,
+# 0.5 a Student-t with 2 degrees of freedom. A shape fitted to a few dozen excesses varies by +-0.2; clamping it
+# keeps one stream's unlucky fit from giving it a threshold far too low (false alerts) or far too high.
+XI_MIN = 0.0
+XI_MAX = 0.5
 
 
 def _rate(halflife: float) -> float:
@@ -154,7 +171,10 @@ def init(
 
 
 def update(
-    state: SpikeState, x: torch.Tensor, config: SpikeConfig = SpikeConfig()
+    state: SpikeState,
+    x: torch.Tensor,
+    config: SpikeConfig = SpikeConfig(),
+    threshold: torch.Tensor | None = None,
 ) -> tuple[SpikeState, torch.Tensor, torch.Tensor]:
     """Score one new value per stream against its forecast, flag spikes, and fold the value into the state.
 
@@ -183,6 +203,8 @@ def update(
         state: from ``init`` or a previous ``update``, on ``x``'s device.
         x: shape (S,) (or any shape with S elements), any float dtype; not synchronized with the host.
         config: the same config every step.
+        threshold: optional (S,) tensor used in place of ``config.threshold`` (a calibrated threshold from
+            ``tail_threshold``); a tensor, so it never reaches the host.
 
     Returns:
         ``(new_state, flags, score)``: flags bool (S,), score (S,) in the state's dtype.
@@ -218,10 +240,11 @@ def update(
     baseline = torch.where(log_domain, torch.exp(forecast), forecast)
     excess = x - baseline
     gate = _gate(baseline, config)
+    limit = config.threshold if threshold is None else threshold.reshape(level.shape).to(level.dtype)
     if config.two_sided:
-        flags = valid & warmed & (score.abs() > config.threshold) & (excess.abs() > gate)
+        flags = valid & warmed & (score.abs() > limit) & (excess.abs() > gate)
     else:
-        flags = valid & warmed & (score > config.threshold) & (excess > gate)
+        flags = valid & warmed & (score > limit) & (excess > gate)
 
     # Winsorize only once warmed: early scales rest on a handful of values and would freeze the level.
     bound = torch.where(warmed, config.clip * sigma, math.inf)
@@ -278,6 +301,83 @@ def compute(state: SpikeState, config: SpikeConfig = SpikeConfig()) -> SpikeSumm
         upper=torch.maximum(high, baseline + gate),
         lower=torch.minimum(low, baseline - gate),
     )
+
+
+class TailState(NamedTuple):
+    """Per-stream record of the detector's own score tail, for a threshold calibrated to a false-alarm rate.
+
+    ``top`` keeps the largest scores seen so far (``-inf`` until filled), unsorted; ``seen`` counts every score
+    folded in, so ``top``'s smallest entry is an empirical quantile at rate about ``K / seen``.
+    """
+
+    seen: torch.Tensor  # int64 (S,): scores folded in
+    top: torch.Tensor  # (S, K): the K largest of them
+
+
+def tail_init(
+    num_streams: int, size: int = 64, device: torch.device | str | None = None, *, dtype: torch.dtype = torch.float32
+) -> TailState:
+    """An empty score tail of ``size`` order statistics per stream (``size`` >= 3: a scale and a shape)."""
+    if not (isinstance(size, int) and size >= 3):
+        raise ValueError(f"size must be an int >= 3, got {size!r}")
+    return TailState(
+        seen=torch.zeros(num_streams, device=device, dtype=torch.int64),
+        top=torch.full((num_streams, size), -math.inf, device=device, dtype=dtype),
+    )
+
+
+def tail_update(tail: TailState, score: torch.Tensor, include: torch.Tensor) -> TailState:
+    """Fold this step's score into each stream's tail where ``include`` (bool (S,)) holds.
+
+    The caller leaves out flagged steps (as SPOT does: an anomaly must not teach the model that anomalies are
+    normal) and steps without a score. Fixed cost: one min over K, one scatter; no host synchronization.
+    """
+    score = score.reshape(tail.seen.shape).to(tail.top.dtype)
+    low, where = tail.top.min(dim=1, keepdim=True)
+    replace = include.reshape(low.shape) & (score.reshape(low.shape) > low)
+    top = tail.top.scatter(1, where, torch.where(replace, score.reshape(low.shape), low))
+    return TailState(seen=tail.seen + include.reshape(tail.seen.shape).to(tail.seen.dtype), top=top)
+
+
+def tail_threshold(tail: TailState, rate: float) -> torch.Tensor:
+    """The score each stream exceeds with probability ``rate`` per step, from a generalized Pareto tail.
+
+    Peaks over threshold (Pickands 1975; SPOT, Siffer et al. 2017): with the m + 1 largest of n scores kept,
+    u the smallest of them and e_1 >= ... >= e_m the excesses of the others over u, the generalized Pareto
+    shape xi and scale sigma come from probability-weighted moments (Hosking & Wallis 1987),
+
+        a0 = mean(e),  a1 = (1/m) sum_j e_j * j / (m - 1)        (j = 0 for the largest)
+        xi = 2 - a0 / (a0 - 2 a1),  sigma = 2 a0 a1 / (a0 - 2 a1)
+
+    valid for xi < 1 (PWMs need a finite mean; a Student-t with nu > 1 degrees of freedom has xi = 1/nu), and
+
+        z_rate = u + sigma / xi * ((rate * n / m) ^ -xi - 1)     (u + sigma * log(m / (rate * n)) at xi = 0)
+
+    xi is clamped to [XI_MIN, XI_MAX] so that a handful of early scores cannot give an unbounded or negative-range
+    fit. A stream with fewer than 3 scores gets ``inf`` (it cannot flag). A fixed-cost tensor computation (one
+    sort of (S, K)), batched over streams, with no host synchronization.
+    """
+    top, _ = torch.sort(tail.top, dim=1, descending=True)
+    size = top.shape[1]
+    kept = tail.seen.clamp(max=size)
+    m = (kept - 1).clamp_min(0)
+    u = top.gather(1, (kept - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
+    j = torch.arange(size, device=top.device, dtype=top.dtype)
+    inside = j.unsqueeze(0) < m.unsqueeze(1)
+    e = torch.where(inside, top - u.unsqueeze(1), 0.0)
+    mf = m.to(top.dtype).clamp_min(2.0)
+    a0 = e.sum(dim=1) / mf
+    a1 = (e * j).sum(dim=1) / (mf * (mf - 1.0))
+    d = (a0 - 2.0 * a1).clamp_min(torch.finfo(top.dtype).tiny)
+    xi = (2.0 - a0 / d).clamp(XI_MIN, XI_MAX)
+    sigma = 2.0 * a0 * a1 / d
+    # Refit sigma to the clamped shape through the mean excess, E[e] = sigma / (1 - xi).
+    sigma = torch.where((2.0 - a0 / d) == xi, sigma, a0 * (1.0 - xi))
+    ratio = (mf / (rate * tail.seen.to(top.dtype).clamp_min(1.0))).clamp_min(torch.finfo(top.dtype).tiny)
+    small = xi.abs() < 1e-6
+    safe = torch.where(small, 1.0, xi)
+    z = u + torch.where(small, sigma * torch.log(ratio), sigma / safe * torch.expm1(safe * torch.log(ratio)))
+    return torch.where(kept >= 3, z, math.inf)
 
 
 class Cooldown:

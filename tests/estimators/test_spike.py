@@ -427,3 +427,98 @@ def test_cooldown_last_flag_is_the_last_step_any_stream_flagged():
     assert again.last_flag == 9
     with pytest.raises(ValueError, match="steps"):
         Cooldown(1, steps=-1)
+
+
+# ----------------------------------------------------------------------------- calibrated threshold (score tail)
+
+
+def gpd_pwm_reference(scores: np.ndarray, n: int, rate: float) -> float:
+    """Float64 textbook peaks-over-threshold: GPD by probability-weighted moments (Hosking & Wallis 1987) on the
+    excesses of the largest scores over the smallest kept one, then the quantile at ``rate``."""
+    x = np.sort(np.asarray(scores, dtype=np.float64))  # ascending
+    u, exc = x[0], x[1:] - x[0]
+    m = exc.size
+    i = np.arange(1, m + 1)
+    a0 = exc.mean()
+    a1 = np.sum(exc * (m - i) / (m - 1)) / m
+    xi = min(max(2.0 - a0 / (a0 - 2.0 * a1), spike.XI_MIN), spike.XI_MAX)
+    sigma = 2.0 * a0 * a1 / (a0 - 2.0 * a1) if xi == 2.0 - a0 / (a0 - 2.0 * a1) else a0 * (1.0 - xi)
+    if abs(xi) < 1e-6:
+        return u + sigma * math.log(m / (rate * n))
+    return u + sigma / xi * ((rate * n / m) ** -xi - 1.0)
+
+
+def test_tail_update_keeps_the_largest_included_scores():
+    rng = np.random.default_rng(20)
+    scores = rng.standard_t(3, (300, 4))
+    include = rng.random((300, 4)) < 0.7
+    tail = spike.tail_init(4, size=8, dtype=torch.float64)
+    for t in range(300):
+        tail = spike.tail_update(tail, torch.tensor(scores[t]), torch.tensor(include[t]))
+    for s in range(4):
+        kept = scores[include[:, s], s]
+        np.testing.assert_array_equal(np.sort(tail.top[s].numpy()), np.sort(kept)[-8:])
+        assert tail.seen[s] == kept.size
+
+
+@pytest.mark.parametrize("shape", [0.1, 0.3])
+def test_tail_threshold_matches_float64_reference(shape):
+    rng = np.random.default_rng(21)
+    n = 5000
+    scores = (rng.pareto(1.0 / shape, (n, 3)) if shape > 0 else rng.exponential(1.0, (n, 3))) + 1.0
+    tail = spike.tail_init(3, size=64, dtype=torch.float64)
+    tail = tail._replace(
+        seen=torch.full((3,), n), top=torch.tensor(np.sort(scores, axis=0)[-64:].T.copy(), dtype=torch.float64)
+    )
+    got = spike.tail_threshold(tail, 1e-4).numpy()
+    want = [gpd_pwm_reference(np.sort(scores[:, s])[-64:], n, 1e-4) for s in range(3)]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_tail_threshold_recovers_known_quantiles():
+    # Student-t(3) has GPD shape 1/3, a Gaussian an exponential-type tail (shape 0): the 1e-4 upper quantile
+    # from 1000 order statistics of 2e5 values, against scipy's exact one.
+    from scipy import stats
+
+    rng = np.random.default_rng(22)
+    n = 200_000
+    for sample, exact in ((rng.standard_t(3, n), stats.t.isf(1e-4, 3)), (rng.standard_normal(n), stats.norm.isf(1e-4))):
+        tail = spike.tail_init(1, size=1000, dtype=torch.float64)
+        tail = tail._replace(seen=torch.tensor([n]), top=torch.tensor(np.sort(sample)[-1000:][None, :]))
+        assert abs(spike.tail_threshold(tail, 1e-4).item() / exact - 1) < 0.1
+
+
+def test_tail_threshold_needs_three_scores():
+    tail = spike.tail_init(2, size=8)
+    assert torch.isinf(spike.tail_threshold(tail, 1e-4)).all()
+    for v in (1.0, 2.0):
+        tail = spike.tail_update(tail, torch.tensor([v, v]), torch.tensor([True, False]))
+    assert torch.isinf(spike.tail_threshold(tail, 1e-4)).all()
+    tail = spike.tail_update(tail, torch.tensor([3.0, 3.0]), torch.tensor([True, False]))
+    assert torch.isfinite(spike.tail_threshold(tail, 1e-4))[0] and torch.isinf(spike.tail_threshold(tail, 1e-4))[1]
+    with pytest.raises(ValueError, match="size"):
+        spike.tail_init(2, size=2)
+
+
+def test_update_with_a_threshold_tensor_equals_the_config_threshold():
+    x = torch.tensor(with_spikes(loss_curve(400, streams=2, seed=23), [250, 330], 2.0))
+    s1 = s2 = spike.init(2, config=FAST)
+    for t in range(x.shape[0]):
+        s1, f1, z1 = spike.update(s1, x[t], FAST)
+        s2, f2, z2 = spike.update(s2, x[t], FAST, threshold=torch.full((2,), FAST.threshold, dtype=torch.float64))
+        assert torch.equal(f1, f2) and torch.equal(z1, z2)
+    s3, f3, _ = spike.update(s1, x[-1] * 0 + 1e9, FAST, threshold=torch.tensor([math.inf, 0.0]))
+    assert f3.tolist() == [False, True]
+
+
+def test_calibrated_threshold_makes_no_host_sync(monkeypatch):
+    x = torch.tensor(with_spikes(loss_curve(120, streams=3, seed=24), [90], 3.0))
+    state, tail = spike.init(3, config=FAST), spike.tail_init(3, size=16)
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name, **k: (_ for _ in ()).throw(AssertionError(_n)))
+    for t in range(x.shape[0]):
+        threshold = spike.tail_threshold(tail, 1e-3)
+        state, flags, score = spike.update(state, x[t], FAST, threshold=threshold)
+        tail = spike.tail_update(tail, score, (state.count >= 2) & ~flags)
+    monkeypatch.undo()
+    assert tail.top.shape == (3, 16)
