@@ -41,6 +41,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _adder(parser: argparse.ArgumentParser, hidden: bool):
+    """``parser.add_argument``, or, when ``hidden``, the same option unlisted and without a default (so a given
+    option is told from an absent one)."""
+
+    def add(*flags: str, **kwargs: object) -> None:
+        if hidden:
+            kwargs["help"] = argparse.SUPPRESS
+            kwargs["default"] = argparse.SUPPRESS
+        parser.add_argument(*flags, **kwargs)  # type: ignore[arg-type]
+
+    return add
+
+
 def _add_run_options(parser: argparse.ArgumentParser, hidden: bool = False) -> None:
     """The options ``demo`` and ``sweep`` share: the workload, the checkpoints and how the run is shown.
 
@@ -49,11 +62,7 @@ def _add_run_options(parser: argparse.ArgumentParser, hidden: bool = False) -> N
     """
     from heavytail.workload import SIZES
 
-    def add(*flags: str, **kwargs: object) -> None:
-        if hidden:
-            kwargs["help"] = argparse.SUPPRESS
-            kwargs["default"] = argparse.SUPPRESS
-        parser.add_argument(*flags, **kwargs)  # type: ignore[arg-type]
+    add = _adder(parser, hidden)
 
     add(
         "--text",
@@ -86,11 +95,7 @@ def _add_sweep_options(parser: argparse.ArgumentParser, hidden: bool = False) ->
 
     lr_table = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
 
-    def add(*flags: str, **kwargs: object) -> None:
-        if hidden:
-            kwargs["help"] = argparse.SUPPRESS
-            kwargs["default"] = argparse.SUPPRESS
-        parser.add_argument(*flags, **kwargs)  # type: ignore[arg-type]
+    add = _adder(parser, hidden)
 
     add(
         "--optimizers",

@@ -802,7 +802,9 @@ class Monitor:
             loss = torch.full((), math.nan, device=self.device, dtype=stats.dtype)
         finite_loss = torch.isfinite(loss)
         loss_parts = torch.stack([torch.where(finite_loss, loss, 0.0), finite_loss.to(stats.dtype)])
-        st["glob_sum"] += torch.cat([loss_parts, s2.sum().reshape(1)])
+        # glob_sum keeps its (loss sum, loss count, squared norm) layout for saved states; grad/norm comes from
+        # the tensors' own sums, so only the loss parts are added.
+        st["glob_sum"][:2] += loss_parts
         # This rank's maxima: the figures themselves with one process, and for the steps of an interval past
         # STEP_ROWS under torch.distributed (each rank's own loss; under FSDP2 its shard's norm).
         glob_max = st["glob_max"]
