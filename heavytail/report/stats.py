@@ -11,8 +11,8 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from heavytail.report.charts import truncate as _truncate
 from heavytail.report.rundir import Run
+from heavytail.report.svg import truncate as _truncate
 
 
 def _nanstat(fn: Callable[[np.ndarray], Any], values: np.ndarray) -> float:
