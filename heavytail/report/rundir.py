@@ -8,61 +8,27 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence, overload
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-# Per-layer metric families the report knows by name. A key ``<family>/<param name>`` is split on these when the
-# run's meta.json does not list its parameters (with the list, any family splits unambiguously).
-KNOWN_FAMILIES: tuple[str, ...] = (
-    "grad/hill_alpha",
-    "grad/hill_alpha_se",
-    "grad/hill_k",
-    "grad/kurtosis",
-    "grad/kurtosis_gauss",
-    "grad/norm",
-    "grad/norm_preclip",
-    "grad/max",
-    "grad/nonfinite_frac",
-    "noise/hill_alpha",
-    "noise/hill_alpha_se",
-    "noise/kurtosis",
-    "noise/kurtosis_gauss",
-    "noise/microbatch_hill_alpha",
-    "noise/microbatch_hill_alpha_se",
-    "noise/microbatch_kurtosis",
-    "noise/rank_hill_alpha",
-    "noise/rank_hill_alpha_se",
-    "noise/rank_kurtosis",
-    "probe/hill_alpha",
-    "probe/hill_alpha_se",
-    "probe/hill_alpha_gauss",
-    "probe/stable_alpha",
-    "probe/kurtosis",
-    "probe/moment_slope_p1",
-    "probe/moment_intercept_p1",
-    "probe/moment_slope_p1.5",
-    "probe/moment_intercept_p1.5",
-    "probe/resolved_frac",
-    "probe/grad_norm",
-    "adam/ratio_max",
-    "adam/ratio_p99",
-    "adam/spike_frac",
-    "adam/memory_steps",
-    "shadow/ratio_max",
-    "shadow/ratio_p99",
-    "shadow/spike_frac",
-    "shadow/memory_steps",
-    # The monitor's shadow denominators are tagged by their beta2 (0.999 -> shadow999, 0.95 -> shadow95).
-    "shadow999/ratio_max",
-    "shadow999/spike_frac",
-    "shadow999/memory_steps",
-    "shadow95/ratio_max",
-    "shadow95/spike_frac",
-    "shadow95/memory_steps",
-)
-# Longest first, so that "grad/hill_alpha_se/x" is never read as family "grad/hill_alpha", layer "_se/x".
-_FAMILIES_LONGEST_FIRST = tuple(sorted(KNOWN_FAMILIES, key=len, reverse=True))
+from heavytail.report.families import KNOWN_FAMILIES, split_key
+from heavytail.report.records import Record, RecordTable, TableBuilder
+
+__all__ = [
+    "FIND_DEPTH",
+    "INTEGRATION_DIR",
+    "KNOWN_FAMILIES",
+    "NoRunYet",
+    "Record",
+    "RecordTable",
+    "Run",
+    "RunDirError",
+    "find_run_dir",
+    "find_runs",
+    "load_run",
+    "split_key",
+]
 
 
 class RunDirError(ValueError):
@@ -78,153 +44,6 @@ class NoRunYet(RunDirError):
     A run being started may still be there in a moment (``heavytail report --watch`` waits for it); a corrupt
     file is a plain :class:`RunDirError`.
     """
-
-
-class Record(NamedTuple):
-    """One checkpoint line of ``metrics.jsonl``: metric values are floats, or None where the run wrote null."""
-
-    step: int
-    wall_time: float
-    metrics: dict[str, float | None]
-
-
-def split_key(key: str, param_names: frozenset[str] | set[str] = frozenset()) -> tuple[str, str | None]:
-    """Split a metric key into ``(family, layer)``; global keys (``loss``, ``grad/norm``) give ``(key, None)``.
-
-    A family has at least two slash-separated parts (``grad/hill_alpha``), so a two-part key is always global.
-    Parameter names come first when known (they may contain slashes), then the known families, then the
-    convention that the first two parts are the family.
-    """
-    parts = key.split("/")
-    if len(parts) < 3:
-        return key, None
-    if param_names:
-        for i in range(2, len(parts)):
-            layer = "/".join(parts[i:])
-            if layer in param_names:
-                return "/".join(parts[:i]), layer
-    for family in _FAMILIES_LONGEST_FIRST:
-        if key.startswith(family + "/"):
-            return family, key[len(family) + 1 :]
-    return "/".join(parts[:2]), "/".join(parts[2:])
-
-
-class RecordTable(Sequence[Record]):
-    """The checkpoint records of a run, stored by column.
-
-    A run with hundreds of layers and thousands of checkpoints holds millions of values; one float64 matrix
-    (records x keys) with a presence mask costs 9 bytes a value, where a dict per record costs ten times that.
-    Indexing or iterating gives :class:`Record` tuples built on demand.
-    """
-
-    def __init__(
-        self,
-        steps: np.ndarray,
-        wall_times: np.ndarray,
-        keys: list[str],
-        values: np.ndarray,
-        present: np.ndarray,
-    ) -> None:
-        self.steps = np.asarray(steps, dtype=np.int64)
-        self.wall_times = np.asarray(wall_times, dtype=np.float64)
-        self.keys = list(keys)
-        self.key_index = {k: i for i, k in enumerate(self.keys)}
-        self.values = values
-        self.present = present
-
-    @classmethod
-    def from_records(cls, records: Iterable[Record | tuple[int, float, Mapping[str, float | None]]]) -> RecordTable:
-        """Build the table from ``(step, wall_time, metrics)`` tuples (None or NaN for a missing value)."""
-        builder = _TableBuilder()
-        for step, wall_time, metrics in records:
-            builder.add(int(step), float(wall_time), metrics)
-        return builder.build()
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    @overload
-    def __getitem__(self, i: int) -> Record: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[Record]: ...
-
-    def __getitem__(self, i: int | slice) -> Record | list[Record]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        row, mask = self.values[i], self.present[i]
-        metrics: dict[str, float | None] = {}
-        for j in np.flatnonzero(mask):
-            v = float(row[j])
-            metrics[self.keys[j]] = None if math.isnan(v) else v
-        return Record(int(self.steps[i]), float(self.wall_times[i]), metrics)
-
-    def __iter__(self) -> Iterator[Record]:
-        for i in range(len(self)):
-            yield self[i]
-
-    def column(self, key: str) -> np.ndarray:
-        """Values of ``key`` at every record, NaN where it is missing or null."""
-        j = self.key_index.get(key)
-        if j is None:
-            return np.full(len(self), np.nan)
-        return self.values[:, j].copy()
-
-
-class _TableBuilder:
-    """Collects records line by line as sparse rows, then packs them into one matrix."""
-
-    def __init__(self) -> None:
-        self.key_index: dict[str, int] = {}
-        self.steps: list[int] = []
-        self.wall_times: list[float] = []
-        self.rows: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def add(self, step: int, wall_time: float, metrics: Mapping[str, Any]) -> None:
-        index = self.key_index
-        cols = np.empty(len(metrics), dtype=np.int64)
-        vals = np.empty(len(metrics), dtype=np.float64)
-        for n, (k, v) in enumerate(metrics.items()):
-            j = index.get(k)
-            if j is None:
-                j = index[k] = len(index)
-            cols[n] = j
-            vals[n] = np.nan if v is None else v
-        self.steps.append(step)
-        self.wall_times.append(wall_time)
-        self.rows.append((cols, vals))
-
-    def build(self) -> RecordTable:
-        steps = np.asarray(self.steps, dtype=np.int64)
-        order = _latest_per_step(steps)
-        n_keys = len(self.key_index)
-        values = np.full((len(order), n_keys), np.nan)
-        present = np.zeros((len(order), n_keys), dtype=bool)
-        for i, src in enumerate(order):
-            cols, vals = self.rows[src]
-            values[i, cols] = vals
-            present[i, cols] = True
-        keys = sorted(self.key_index, key=self.key_index.__getitem__)
-        wall = np.asarray(self.wall_times, dtype=np.float64)
-        return RecordTable(steps[order], wall[order] if len(order) else wall, keys, values, present)
-
-
-def _latest_per_step(steps: np.ndarray) -> np.ndarray:
-    """Indices that put records in step order, keeping the last record written for each step.
-
-    A run resumed from a checkpoint appends to the same metrics.jsonl and writes again the steps between the
-    checkpoint and the kill; the later lines are the ones that the training run that went on actually took.
-    """
-    if len(steps) == 0 or bool(np.all(np.diff(steps) > 0)):
-        return np.arange(len(steps))
-    last: dict[int, int] = {}
-    for i, s in enumerate(steps.tolist()):
-        last[s] = i
-    return np.asarray([last[s] for s in sorted(last)], dtype=np.int64)
 
 
 @dataclass(eq=False)
@@ -383,7 +202,7 @@ def load_run(path: str | Path) -> Run:
     metrics_path = path / "metrics.jsonl"
     if not metrics_path.is_file():
         raise NoRunYet(f"{path}: no metrics.jsonl, so this is not a heavytail run directory")
-    builder = _TableBuilder()
+    builder = TableBuilder()
     for lineno, obj in _read_jsonl(metrics_path):
         step, wall_time, metrics = _check_record(metrics_path, lineno, obj)
         builder.add(step, wall_time, metrics)
