@@ -7,20 +7,24 @@ format (one long enough to be downsampled, one without meta.json, so keys split 
 depends on the time, the machine or the place (timestamps, durations, versions, the temporary directory) is
 masked; the rest of the page must stay byte-equal.
 
-The saved files are ``golden/reports.json`` (the sha256 of each masked page) and the masked page of one report,
-``golden/report_adamw_spike.html``, to diff against. A deliberate change of the report, or of what the monitor
-writes, regenerates them with ``HEAVYTAIL_REGEN_GOLDEN=1 pytest tests/report/test_report_golden.py`` and says why
-in its commit.
+The monitored runs' directories are saved too (``golden/runs.tar.gz``, the place they were written in replaced
+by ``@ROOT@``), so that these pages test the report alone: a change of what the monitor writes is pinned by
+``tests/test_golden_records.py``, not here. The saved pages are ``golden/reports.json`` (the sha256 of each
+masked page) and the masked page of one report, ``golden/report_adamw_spike.html``, to diff against. A
+deliberate change of the report regenerates them (and the runs, from the monitor as it is then) with
+``HEAVYTAIL_REGEN_GOLDEN=1 pytest tests/report/test_report_golden.py``, and says why in its commit.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import tarfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -34,23 +38,46 @@ from tests.test_golden_records import SCENARIOS, _run
 
 GOLDEN = Path(__file__).parent / "golden"
 HASHES = GOLDEN / "reports.json"
+RUNS = GOLDEN / "runs.tar.gz"
+PLACE = b"@ROOT@"  # stands for the folder the runs are in, in the saved run directories
 DIFFED = "adamw_spike"  # the report whose masked page is saved in full, for a readable diff
 REGEN = os.environ.get("HEAVYTAIL_REGEN_GOLDEN") == "1"
 MONITORED = ("adamw_accumulate_clip", "lion_grouped", "muon", "sgd_probe", "adamw_spike")
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run directories, written once for the module (about 3 s)."""
-    root = tmp_path_factory.mktemp("golden_reports")
+def _save_runs(tmp: Path) -> None:
+    """Run the monitored scenarios in ``tmp`` and save their directories to :data:`RUNS`."""
     # float32 sums depend on the thread count, and the page embeds the values' float32 bits.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for name in MONITORED:
-            _run(name, root / name, **SCENARIOS[name])
+            _run(name, tmp / name, **SCENARIOS[name])
     finally:
         torch.set_num_threads(threads)
+    with tarfile.open(RUNS, "w:gz") as tar:
+        for path in sorted(p for name in MONITORED for p in (tmp / name).rglob("*") if p.is_file()):
+            data = path.read_bytes().replace(str(tmp).encode(), PLACE)
+            info = tarfile.TarInfo(path.relative_to(tmp).as_posix())
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _load_runs(root: Path) -> None:
+    with tarfile.open(RUNS, "r:gz") as tar:
+        for member in tar.getmembers():
+            data = tar.extractfile(member).read().replace(PLACE, str(root).encode())
+            (root / member.name).parent.mkdir(parents=True, exist_ok=True)
+            (root / member.name).write_bytes(data)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run directories: the saved monitored runs, a killed copy of one, and synthetic ones."""
+    root = tmp_path_factory.mktemp("golden_reports")
+    if REGEN:
+        _save_runs(tmp_path_factory.mktemp("monitored_runs"))
+    _load_runs(root)
     strip_finished(Path(shutil.copytree(root / "adamw_spike", root / "killed")))
     make_run_dir(root / "synthetic_long", n_checkpoints=700, seed=3, run_name="synthetic-long")
     make_run_dir(root / "synthetic_no_meta", with_meta=False, n_checkpoints=30, seed=4)
@@ -115,7 +142,7 @@ def test_masking_leaves_nothing_of_the_place_or_the_time(pages: dict[str, str], 
 
 
 def test_golden_files_stay_small() -> None:
-    assert sum(p.stat().st_size for p in GOLDEN.iterdir()) < 300_000
+    assert sum(p.stat().st_size for p in GOLDEN.iterdir()) < 250_000
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
