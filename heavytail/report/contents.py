@@ -1,0 +1,40 @@
+"""The report's built-in sections in report order; importing this module registers them in ``SECTIONS``.
+
+Each section is declared next to what draws it (``loss``, ``layer_maps``, ``tables``, ``comparison_tables``);
+this list only orders them. A section that is in one kind of report only has no draw function for the other.
+"""
+
+from __future__ import annotations
+
+from heavytail.report.comparison_tables import COMPARISON_SECTION, FAMILY_TABLES_SECTION, LAYERS_SECTION
+from heavytail.report.layer_maps import (
+    KURTOSIS_SECTION,
+    NOISE_SECTIONS,
+    RATIO_SECTION,
+    SHADOW_RATIO_SECTION,
+    TAIL_INDEX_SECTION,
+)
+from heavytail.report.loss import LOSS_SECTION
+from heavytail.report.sections import SECTIONS, Section, register_section
+from heavytail.report.tables import ALERTS_SECTION, HEAVIEST_SECTION, META_SECTION, NOISE_TABLE_SECTION
+
+BUILTIN_SECTIONS: tuple[Section, ...] = (
+    COMPARISON_SECTION,  # comparison report only
+    LOSS_SECTION,
+    LAYERS_SECTION,  # comparison report only
+    FAMILY_TABLES_SECTION,  # comparison report only
+    TAIL_INDEX_SECTION,
+    *NOISE_SECTIONS,
+    KURTOSIS_SECTION,
+    RATIO_SECTION,
+    SHADOW_RATIO_SECTION,
+    NOISE_TABLE_SECTION,  # one-run report only
+    HEAVIEST_SECTION,  # one-run report only
+    ALERTS_SECTION,
+    META_SECTION,
+)
+
+for _section in BUILTIN_SECTIONS:
+    register_section(_section)
+
+__all__ = ["BUILTIN_SECTIONS", "SECTIONS"]
