@@ -10,7 +10,6 @@ from heavytail.report import contents  # noqa: F401  (importing it registers the
 from heavytail.report.page import as_run, document, footer, write
 from heavytail.report.rundir import Run
 from heavytail.report.sections import Context, draw_sections
-from heavytail.report.stats import summarize
 from heavytail.report.svg import ChartData, esc
 
 
@@ -27,7 +26,6 @@ def render_compare_report(
     loaded = {str(name): as_run(r) for name, r in runs.items()}
     names = list(loaded)
     ctx = Context(loaded, ChartData(), compare=True, max_columns=max_columns, summary=summary, note=note)
-    ctx.summaries.update({n: summarize(r) for n, r in loaded.items()})
     title = "heavytail comparison: " + ", ".join(names)
     optimizers = ", ".join(f"{n} ({r.meta.get('optimizer') or '—'})" for n, r in loaded.items())
     header = (

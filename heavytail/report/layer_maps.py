@@ -9,6 +9,7 @@ import dataclasses
 import math
 from typing import Callable, Sequence
 
+from heavytail.report.families import families
 from heavytail.report.heatmap import HeatmapSpec, render_heatmap, render_legend
 from heavytail.report.rundir import Run
 from heavytail.report.scales import ColorScale
@@ -246,6 +247,9 @@ def _shadows_compare(ctx: Context) -> list[Part]:
     return [_part(spec, grid_body(ctx, spec)) for spec in (ratio_spec(f, _shadow_id(i)) for i, f in enumerate(shadows))]
 
 
+# The ratio families (the optimizer's own and the shadows'), on one shared log colour scale.
+_RATIOS = tuple(f.key for f in families() if f.scale == "ratio")
+
 # The sections, in report order: the noise sources beyond the temporal one go right after it.
 TAIL_INDEX_SECTION = heatmap_section(TAIL_INDEX)
 NOISE_SECTIONS = (
@@ -256,7 +260,7 @@ KURTOSIS_SECTION = heatmap_section(KURTOSIS)
 RATIO_SECTION = Section(
     id="sec-ratio",
     title=ratio_heatmap().title,
-    keys=("adam/ratio_max", "shadow999/ratio_max", "shadow95/ratio_max", "shadow/ratio_max"),
+    keys=_RATIOS,
     draw=_ratio,
     compare=_ratio_compare,
     description=ratio_heatmap().description,
@@ -265,7 +269,7 @@ RATIO_SECTION = Section(
 SHADOW_RATIO_SECTION = Section(
     id="sec-shadow-ratio",
     title="Shadow denominator ratio",
-    keys=("shadow999/ratio_max", "shadow95/ratio_max", "shadow/ratio_max"),
+    keys=tuple(key for key in _RATIOS if key != ratio_heatmap().family),
     draw=_shadows,
     compare=_shadows_compare,
 )

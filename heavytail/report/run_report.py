@@ -9,7 +9,7 @@ from heavytail.report import contents  # noqa: F401  (importing it registers the
 from heavytail.report.page import as_run, document, footer, reload_seconds, write
 from heavytail.report.rundir import Run
 from heavytail.report.sections import Context, draw_sections
-from heavytail.report.stats import INCOMPLETE, RunSummary, summarize
+from heavytail.report.stats import INCOMPLETE, RunSummary
 from heavytail.report.svg import ChartData, esc, fmt
 from heavytail.report.tables import severity_order
 
@@ -103,9 +103,8 @@ def _cards(run: Run, s: RunSummary) -> str:
 def render_report(run: Run, *, max_columns: int = 600, refresh: float | None = None) -> str:
     """The report of one run as an HTML string; ``refresh`` (seconds) makes the page reload itself (the watch
     mode sets it while the run is going)."""
-    s = summarize(run)
-    ctx = Context({run.name: run}, ChartData(), compare=False, max_columns=max_columns, refresh=refresh)
-    ctx.summaries[run.name] = s
+    ctx = Context({run.name: run}, ChartData(), compare=False, max_columns=max_columns)
+    s = ctx.summaries[run.name]
     title = f"heavytail report: {run.name}"
     subtitle = " · ".join(
         str(x)

@@ -3,11 +3,12 @@
 A statistic family adds its section to every report with one declaration::
 
     register_section(Section(id="sec-lion-flips", title="Lion sign flips", keys=("lion/sign_flip_frac",),
-                             draw=draw_flips, compare=compare_flips))
+                             draw=draw_flips, compare=compare_flips), before="sec-heaviest")
 
 ``draw`` (the one-run report) and ``compare`` (the comparison report) take the page's :class:`Context` and
-return the section's body (HTML), or :class:`Part` s for a section drawn several times or under another title,
-or None to leave the section out of this page.
+return the section's body (HTML), or Parts (:class:`Part`) for a section drawn several times or under another
+title, or None to leave the section out of this page. A family drawn as a layer x step heatmap needs no draw
+function: ``register_section(heatmap_section(HeatmapSpec(...)))`` (:mod:`heavytail.report.layer_maps`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from heavytail.report.families import Family, families, register_family
 from heavytail.report.page import section_html
 from heavytail.report.rundir import Run
 from heavytail.report.scales import ALPHA_SCALE, ColorScale, decade_hi, kurtosis_scale, log_scale
-from heavytail.report.stats import RunSummary, all_values, shadow_ratio_families
+from heavytail.report.stats import RunSummary, all_values, shadow_ratio_families, summarize
 from heavytail.report.svg import ChartData
 
 
@@ -49,20 +50,19 @@ class Context:
     """True on the comparison report."""
     max_columns: int
     """The most step columns a heatmap shows."""
-    summaries: dict[str, Any] = field(default_factory=dict)
-    """Each run's :class:`~heavytail.report.stats.RunSummary`, by label."""
     summary: Mapping[str, Any] | None = None
     """The comparison's added figures (``{label: {figure: value}}`` and settings), if any."""
     note: str | None = None
     """The comparison's note on how it was made fair, if any."""
-    refresh: float | None = None
-    """The one-run report's reload period (seconds), when it is being watched."""
     scales: dict[str, tuple[ColorScale, str]] = field(init=False)
     """Colour scale and legend kind by family, shared by every run on the page."""
     gauss: float | None = field(init=False)
     """The median Gaussian reference of excess kurtosis (``grad/kurtosis_gauss``), marked on its legend."""
+    summaries: dict[str, RunSummary] = field(init=False)
+    """Each run's headline figures, by label."""
 
     def __post_init__(self) -> None:
+        self.summaries = {name: summarize(run) for name, run in self.runs.items()}
         self.scales = page_scales(list(self.runs.values()))
         self.gauss = gauss_reference(list(self.runs.values()))
 
@@ -70,11 +70,6 @@ class Context:
     def run(self) -> Run:
         """The page's first run: the one run of a one-run report."""
         return next(iter(self.runs.values()))
-
-    @property
-    def run_summary(self) -> RunSummary:
-        """The first run's summary."""
-        return next(iter(self.summaries.values()))
 
     def scale(self, family_key: str) -> tuple[ColorScale, str]:
         """The colour scale and legend kind of a family's heatmap (the tail index's when it has none)."""
