@@ -3,7 +3,7 @@
 Two figures per model:
 
 - ``extra_bytes``: memory the monitor *holds* between steps: every tensor reachable from the monitor (its
-  streaming state ``mon._state``, the coordinate sample index, the gradient pass's cached plan and pads, queued
+  statistic families' streaming state ``mon.families``, the coordinate sample index, the gradient pass's cached plan and pads, queued
   flag copies...) on the parameters' device, each storage counted once, the model's parameters, gradients and
   optimizer state excluded. Broken down by where it is held, so the dominant state is named.
 - ``transient_bytes``: the peak of what the monitor's step hooks allocate on top of that, while they run (the
@@ -93,6 +93,10 @@ def held_tensors(mon: heavytail.Monitor, device: torch.device) -> dict[str, int]
             for v in vars(obj).values():
                 walk(v, path, depth + 1)
 
+    # Each family's own tensors under its name first: the sample group holds its members, which would
+    # otherwise be counted under ``families.samples``.
+    for name, family in sorted(mon.families.items(), key=lambda item: item[0] == "samples"):
+        walk(family, f"families.{name}", 1)
     for name, value in vars(mon).items():
         if name not in _NOT_MONITOR:
             walk(value, name, 0)

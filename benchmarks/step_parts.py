@@ -1,11 +1,12 @@
 """Where the monitor's time goes inside a real training step: process CPU time per part, per step.
 
 Trains a benchmark model (``_models.py``) with the monitor at its default configuration and times, with
-``time.process_time``, each of the monitor's step-path methods and the module-level helpers they call: the
-gradient pass (the C kernel on the CPU, Triton on CUDA, or the torch pass), the sample estimators, the gathers,
-the optimizer-state reads, the alert flags, the checkpoint. Parts nest (``_stream_step`` contains the estimators
-it calls); ``hooks`` is the whole of the monitor's own work, as ``benchmarks/overhead.py`` reports it. A
-breakdown, not a figure against a goal: ``overhead.py`` measures the step-time overhead.
+``time.process_time``, the monitor's step view (the gradient pass: the C kernel on the CPU, Triton on CUDA, or
+the torch pass; the optimizer-state reads) and each statistic family's hooks (``<family>.update`` before the
+optimizer step, ``<family>.after_update`` after it, ``<family>.readout``/``metrics`` at checkpoints; the sample
+kernel runs inside ``samples.update``), and the checkpoint. Parts nest (``_checkpoint`` contains the readouts);
+``hooks`` is the whole of the monitor's own work, as ``benchmarks/overhead.py`` reports it. A breakdown, not a
+figure against a goal: ``overhead.py`` measures the step-time overhead.
 
     python benchmarks/step_parts.py --threads 1                  # tiny GPT, 200 steps, every=100
     python benchmarks/step_parts.py --threads 1 --sample-code torch   # the sample estimators' torch code
@@ -30,23 +31,9 @@ from overhead import TimedMonitor  # noqa: E402
 
 from heavytail import monitor as monitor_module  # noqa: E402
 
-METHODS = (
-    "_stream_step",
-    "_fused",
-    "_stream_samples",
-    "_stream_samples_kernel",
-    "_stream_shadow",
-    "_stream_memory",
-    "_stream_updates",
-    "_stream_noise",
-    "_stream_sign_flips",
-    "_check_preclip",
-    "_gradients",
-    "_read_flags",
-    "_tail_indices",
-    "_checkpoint",
-)
-HELPERS = ("denominators", "gather_samples", "_upper_quantile", "kurtosis_from_power_sums")
+METHODS = ("_step_view", "_checkpoint")
+FAMILY_HOOKS = ("on_backward", "on_gradients_final", "update", "after_update", "readout", "metrics")
+HELPERS = ("denominators",)
 
 
 def _timed(totals: dict[str, float], name: str, fn: Callable) -> Callable:
@@ -110,13 +97,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     totals: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as log_dir:
         mon = TimedMonitor(model, opt, every=args.every, log_dir=log_dir)
-        kernel = "torch pass" if mon._fused is None else mon._fused.__module__.rsplit(".", 1)[-1]
+        kernels = mon._kernels
+        kernel = "torch pass" if kernels.gradient_pass is None else kernels.gradient_pass.__module__.rsplit(".", 1)[-1]
         if args.sample_code == "torch":
-            mon._samples = None
-        samples = "torch code" if mon._samples is None else mon._samples.__name__.rsplit(".", 1)[-1]
+            kernels.samples = None
+        samples = "torch code" if kernels.samples is None else kernels.samples.__name__.rsplit(".", 1)[-1]
         for name in METHODS:
-            if getattr(mon, name, None) is not None:
-                setattr(mon, name, _timed(totals, name, getattr(mon, name)))
+            setattr(mon, name, _timed(totals, name, getattr(mon, name)))
+        for family_name, family in mon.families.items():
+            for hook in FAMILY_HOOKS:
+                setattr(family, hook, _timed(totals, f"{family_name}.{hook}", getattr(family, hook)))
         originals = {name: getattr(monitor_module, name) for name in HELPERS}
         try:
             for name, fn in originals.items():
@@ -132,7 +122,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             # One more step, untimed: how many torch operations the monitor's per-step work (before and after
             # optimizer.step()) dispatches, each one a kernel launch on CUDA except the views.
             counter = _OpCounter()
-            mon._stream_step, mon._stream_updates = counter.wrap(mon._stream_step), counter.wrap(mon._stream_updates)
+            mon._step_view = counter.wrap(mon._step_view)
+            for family in mon.families.values():
+                family.update, family.after_update = counter.wrap(family.update), counter.wrap(family.after_update)
             train_step(wl, model, opt, batches[0], on_loss=mon.observe_loss)
         finally:
             for name, fn in originals.items():
@@ -152,10 +144,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     figures["hooks"] = hooks * 1e3
     figures["ops"] = counter.ops
     print(
-        f"torch operations dispatched per step (_stream_step, _stream_updates): {counter.ops} "
+        f"torch operations dispatched per step (the step view, the families' updates): {counter.ops} "
         f"({counter.views} of them views)"
     )
-    print(f"hooks_ms={hooks * 1e3:.2f} pass_ms={figures.get('_fused', float('nan')):.2f} ops={counter.ops}")
+    print(f"hooks_ms={hooks * 1e3:.2f} pass_ms={figures.get('_step_view', float('nan')):.2f} ops={counter.ops}")
     return figures
 
 

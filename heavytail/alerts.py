@@ -124,7 +124,7 @@ class AlertEngine:
         self.cooldown_steps = int(config.alert_cooldown)
         self.tail_threshold = float(config.tail_alpha_threshold)
         self.hidden_frac = float(config.hidden_spike_frac)
-        self.spike_threshold = float(config.spike_threshold)
+        self.hidden_spike_cut = float(config.spike_threshold)  # the r^2 cut of a hidden spike
         self.log_dir = Path(log_dir)
         self._emit = emit
         # Early steps have a denominator built from very few gradients (at step 2, v_hat is g_1^2 alone), so
@@ -293,7 +293,7 @@ class AlertEngine:
         )
         hidden = (np.nan_to_num(f.spike_frac, nan=0.0) > self.hidden_frac) & (step > self.warmup)
         ratio_max = np.nan_to_num(f.ratio_max, nan=0.0)
-        ratio = math.sqrt(self.spike_threshold)
+        ratio = math.sqrt(self.hidden_spike_cut)
         self._rule(
             "hidden_spike",
             step,

@@ -75,8 +75,8 @@ def _optimizer(kind: str, model: nn.Module, inner: nn.Module):
     return muon_with_adamw(inner, lr=0.02, adamw_lr=1e-3)
 
 
-_STATE = ("acc_sum", "acc_max", "shadow_sum", "shadow_max", "memory_sum", "update_sum", "noise_temporal")
-_STATE += ("noise_temporal_valid",)
+_STATE = ("ratio.sums", "ratio.maxes", "shadow.spike_sum", "shadow.maxes", "memory.sums", "updates.sums")
+_STATE += ("noise.temporal", "noise.temporal_valid")
 
 
 def _partial_refusal(model: nn.Module, log_dir: str) -> str | None:
@@ -139,18 +139,17 @@ def run(rank: int, world: int, mode: str, port: int, log_dir: str, options: dict
                 params[n].grad.mul_(coef)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    from heavytail.monitor import _S
-
+    states = {f"{n}.{k}": v for n, fam in monitor.families.items() for k, v in fam.state_tensors().items()}
     dump = {
         "names": names,
         "full_sq": full_sq,
         "local_sq": local_sq,
         # The monitor's own per-rank sums of the steps since the last record (the last, partial interval).
-        "preclip_s2": monitor._state["acc_sum"][:, _S["preclip_s2"]].tolist(),
+        "preclip_s2": monitor.families["preclip"].state.sums.tolist(),
         "sample_index": monitor._sample_index.tolist(),
         # This rank's interval state and noise ring, for the merges' own check.
-        "state": {k: monitor._state[k].tolist() for k in _STATE},
-        "sampling": monitor._sampling.tolist(),
+        "state": {k: states[k].tolist() for k in _STATE},
+        "sampling": monitor.layout.sampling.tolist(),
         "refused": refused,
     }
     if opts["rank_noise"]:

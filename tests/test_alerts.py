@@ -370,6 +370,6 @@ def test_the_per_step_flag_vector_is_what_the_readme_says(tmp_path, tiny_model):
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     with ht.Monitor(tiny_model, opt, every=100, log_dir=tmp_path) as mon:
         train(tiny_model, opt, mon, steps=1)
-        (packed, _, _) = mon._pending_flags[0]
+        (packed, _, _) = mon.families["spikes"].pending[0]
         assert packed.shape == (11 * len(mon.names) + 16,) == (flag_vector_size(len(mon.names)),)
         assert packed.dtype == torch.float32

@@ -115,10 +115,12 @@ def test_scaling_prints_both_sweeps():
 def test_memory_names_the_state_and_prints_the_final_line():
     proc = run("memory.py", "--models", "smoke")
     assert re.fullmatch(rf"extra_bytes=\d+ param_bytes=\d+ extra_pct={NUMBER[2:]}", last_line(proc)), last_line(proc)
-    assert "_state" in proc.stdout and "transient peak of the hooks" in proc.stdout
+    assert "families.shadow" in proc.stdout and "transient peak of the hooks" in proc.stdout
 
 
-@pytest.mark.parametrize("sample_code, part", [("kernel", "_stream_samples_kernel"), ("torch", "_stream_shadow")])
+@pytest.mark.parametrize(
+    "sample_code, part", [("kernel", "sample estimators: cpu_pass"), ("torch", "sample estimators: torch code")]
+)
 def test_step_parts_prints_the_breakdown_and_the_final_line(sample_code, part):
     proc = run(
         "step_parts.py",
@@ -135,7 +137,7 @@ def test_step_parts_prints_the_breakdown_and_the_final_line(sample_code, part):
         "--sample-code",
         sample_code,
     )
-    assert "_stream_step" in proc.stdout and "denominators" in proc.stdout
+    assert "_step_view" in proc.stdout and "samples.update" in proc.stdout and "denominators" in proc.stdout
     if sample_code == "torch" or "sample estimators: cpu_pass" in proc.stdout:  # the kernel needs a C compiler
         assert part in proc.stdout
     match = re.fullmatch(rf"hooks_ms={NUMBER} pass_ms=({NUMBER}|nan) ops=(\d+)", last_line(proc))

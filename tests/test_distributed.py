@@ -16,7 +16,9 @@ from torch import nn
 
 import heavytail as ht
 from heavytail.estimators import noise
-from heavytail.monitor import _M, _S, _U, _rank_mean_tails, _rank_tail_sums
+from heavytail.families.noise import rank_mean_tails as _rank_mean_tails
+from heavytail.families.noise import rank_tail_sums as _rank_tail_sums
+from heavytail.families.updates import COLUMN as _U
 from tests import _distributed_worker as worker
 from tests.conftest import read_records
 
@@ -222,26 +224,26 @@ def test_sample_based_figures_are_means_over_the_sampling_ranks(runs, mode, worl
     assert (sampling.sum(axis=0) >= 1).all() and (sampling == 0).any()  # some pieces are empty or copies
     for i, name in enumerate(names):
         ranks = [r for r in range(world) if sampling[r, i]]
-        events = sum(st[r]["memory_sum"][0, i, 0] for r in ranks) / len(ranks)
+        events = sum(st[r]["memory.sums"][0, i, 0] for r in ranks) / len(ranks)
         assert last[f"adam/memory_events/{name}"] == pytest.approx(events, rel=1e-12), name
-        p99 = sum(st[r]["acc_sum"][i, _S["ratio_p99"]] for r in ranks)
-        steps = sum(st[r]["acc_max"][i, _M["ratio_steps"]] for r in ranks)
+        p99 = sum(st[r]["ratio.sums"][i, 1] for r in ranks)  # heavytail.families.ratio.SUMS
+        steps = sum(st[r]["ratio.maxes"][i, 1] for r in ranks)  # heavytail.families.ratio.MAXES
         assert last[f"adam/ratio_p99/{name}"] == pytest.approx(p99 / steps, rel=1e-12), name
-        with_steps = [r for r in ranks if st[r]["shadow_max"][0, i, 1] > 0]
-        top = np.mean([st[r]["shadow_max"][0, i, 0] for r in with_steps])
+        with_steps = [r for r in ranks if st[r]["shadow.maxes"][0, i, 1] > 0]
+        top = np.mean([st[r]["shadow.maxes"][0, i, 0] for r in with_steps])
         assert last[f"shadow999/ratio_max/{name}"] == pytest.approx(top, rel=1e-12), name
-        frac = sum(st[r]["shadow_sum"][0, i] for r in ranks) / sum(st[r]["shadow_max"][0, i, 1] for r in ranks)
+        frac = sum(st[r]["shadow.spike_sum"][0, i] for r in ranks) / sum(st[r]["shadow.maxes"][0, i, 1] for r in ranks)
         assert last[f"shadow999/spike_frac/{name}"] == pytest.approx(frac, rel=1e-12), name
-        rms = sum(st[r]["update_sum"][i, _U["rms_ratio"]] for r in ranks)
+        rms = sum(st[r]["updates.sums"][i, _U["rms_ratio"]] for r in ranks)
         assert last[f"update/rms_ratio/{name}"] == pytest.approx(
-            rms / sum(st[r]["update_sum"][i, _U["rms_steps"]] for r in ranks), rel=1e-12
+            rms / sum(st[r]["updates.sums"][i, _U["rms_steps"]] for r in ranks), rel=1e-12
         )
         # Temporal noise: each rank's estimate on its own ring, merged as a harmonic mean of alphas.
         estimates = []
         for r in ranks:
             ring = noise.NoiseRing(
-                torch.tensor(st[r]["noise_temporal"][i : i + 1], dtype=torch.float32),
-                torch.tensor(st[r]["noise_temporal_valid"][i : i + 1] > 0),
+                torch.tensor(st[r]["noise.temporal"][i : i + 1], dtype=torch.float32),
+                torch.tensor(st[r]["noise.temporal_valid"][i : i + 1] > 0),
             )
             estimates.append(noise.noise_tail(*noise.flatten(ring), 1000)[0].double())
         kurt = [e[2].item() for e in estimates if math.isfinite(e[2])]

@@ -118,6 +118,7 @@ def _close(a, b, path: str) -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
+@pytest.mark.filterwarnings("error:heavytail. the monitor failed")
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_records_alerts_and_flight_records_equal_the_golden_ones(name: str, tmp_path: Path) -> None:
     log_dir = tmp_path / name

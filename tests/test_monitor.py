@@ -205,7 +205,7 @@ def test_sample_budget_shares_the_coordinates_out_over_many_tensors(tmp_path):
             model(torch.randn(4, 8)).square().mean().backward()
             opt.step()
             opt.zero_grad()
-        assert mon._state["shadow_v"].shape[-1] == 15
+        assert mon.families["shadow"].state.v.shape[-1] == 15
         # distinct coordinates within each tensor
         assert all(len(set(row.tolist())) == 15 for row in mon._sample_index)
     meta = json.loads((tmp_path / "meta.json").read_text())
@@ -246,12 +246,14 @@ def test_state_dict_round_trip_with_weights_only(tmp_path, tiny_model):
     resumed = ht.Monitor(tiny_model, opt, every=100, log_dir=tmp_path / "b")
     resumed.load_state_dict(state)
     assert resumed.step_count == 30
-    for key, value in state["tensors"].items():
-        torch.testing.assert_close(resumed._state[key].cpu(), value, equal_nan=True)
-    saved = {key: value.clone() for key, value in state["tensors"].items()}
+    tensors = {(f, k): v for f, s in state["families"].items() for k, v in s["tensors"].items()}
+    assert {f for f, _ in tensors} >= {"moments", "shadow", "memory", "noise", "spikes", "loss"}
+    for (family, key), value in tensors.items():
+        torch.testing.assert_close(resumed.families[family].state_tensors()[key].cpu(), value, equal_nan=True)
+    saved = {key: value.clone() for key, value in tensors.items()}
     train(tiny_model, opt, resumed, steps=5, start=30)
     assert resumed.step_count == 35
-    for key, value in state["tensors"].items():  # the monitor's in-place updates never reach the caller's dict
+    for key, value in tensors.items():  # the monitor's in-place updates never reach the caller's dict
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0, equal_nan=True)
     resumed.close()
     assert read_records(tmp_path / "b")[-1]["step"] == 35
@@ -346,16 +348,18 @@ def test_a_failing_fused_pass_falls_back_to_torch(tmp_path):
         def broken(*args, **kwargs):
             raise RuntimeError("no kernel for this GPU")
 
-        mon._fused = broken
+        mon._kernels.gradient_pass = broken
         with pytest.warns(RuntimeWarning, match="using the torch pass"):
             train(model, opt, mon, steps=2)
-        assert mon._fused is None
+        assert mon._kernels.gradient_pass is None
     assert read_records(tmp_path)[0]["metrics"]["grad/norm/fc1.weight"] > 0
 
 
-@pytest.mark.parametrize("rows", [4096, 3])  # 3: intervals longer than the per-step rows (heavytail.monitor.STEP_ROWS)
+@pytest.mark.parametrize(
+    "rows", [4096, 3]
+)  # 3: intervals longer than the per-step rows (heavytail.families.loss.STEP_ROWS)
 def test_loss_max_and_norm_max_are_the_largest_step_values(tmp_path, tiny_model, monkeypatch, rows):
-    monkeypatch.setattr("heavytail.monitor.STEP_ROWS", rows)
+    monkeypatch.setattr("heavytail.families.loss.STEP_ROWS", rows)
     # Kept per step of the interval (summed over ranks under DDP/FSDP2, tests/test_distributed.py); here against
     # the step losses and the global norms recomputed from the gradients the optimizer saw.
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)

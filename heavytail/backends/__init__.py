@@ -30,4 +30,31 @@ def is_backend(obj: Any) -> bool:
     return callable(getattr(obj, "log", None)) and callable(getattr(obj, "close", None))
 
 
-__all__ = ["Backend", "NullBackend", "REGISTRY", "backend_factory", "is_backend"]
+def open_backends(specs: Any, log_dir: Any, config: Any, writer: bool) -> list:
+    """The run's backends, each isolated (``SafeBackend``): ``specs`` are names or objects; ``jsonl`` is always
+    added first. Unknown names and unusable objects raise before anything opens. None on a rank that does not
+    write (``writer`` false): one metrics stream per run, rank 0's."""
+    from heavytail.backends.safe import SafeBackend
+
+    specs = list(specs)
+    if "jsonl" not in specs:
+        specs.insert(0, "jsonl")
+    resolved: list[tuple[str, Any]] = []
+    for spec in specs:
+        if isinstance(spec, str):
+            resolved.append((spec, backend_factory(spec)))
+        elif is_backend(spec):
+            resolved.append((type(spec).__name__, spec))
+        else:
+            raise TypeError(f"Monitor: backend {spec!r} is neither a known name nor an object with log() and close()")
+    if not writer:
+        return []
+    return [
+        SafeBackend(
+            name, item(log_dir=log_dir, config=config) if isinstance(item, type) or not is_backend(item) else item
+        )
+        for name, item in resolved
+    ]
+
+
+__all__ = ["Backend", "NullBackend", "REGISTRY", "backend_factory", "is_backend", "open_backends"]

@@ -1,8 +1,7 @@
 """The self-contained HTML report of one run, or of several runs side by side: the names other code imports.
 
 The report is drawn by :mod:`~heavytail.report.run_report` (one run) and :mod:`~heavytail.report.comparison`
-(runs side by side) from the sections registered in :mod:`~heavytail.report.sections`; see
-docs/architecture-report.md for the package's modules.
+(runs side by side) from the sections registered in :mod:`~heavytail.report.sections`.
 """
 
 from heavytail.report.comparison import render_compare_report, write_compare_report

@@ -270,7 +270,7 @@ def test_without_a_compiler_the_monitor_uses_the_torch_pass(tmp_path):
         "from heavytail.estimators import cpu_pass\n"
         "m = torch.nn.Linear(4, 4); opt = torch.optim.AdamW(m.parameters())\n"
         "mon = ht.Monitor(m, opt, every=1, log_dir=r'%s')\n"
-        "assert mon._fused is None, mon._fused\n"
+        "assert mon._kernels.gradient_pass is None, mon._kernels.gradient_pass\n"
         "m(torch.randn(2, 4)).sum().backward(); opt.step(); mon.close()\n"
         "assert not cpu_pass.available()\n"
         "try:\n"

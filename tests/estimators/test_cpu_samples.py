@@ -9,14 +9,14 @@ import torch
 
 import heavytail as ht
 from heavytail.estimators import cpu_pass
-from heavytail.monitor import _upper_quantile
+from heavytail.estimators.quantile import upper_quantile as _upper_quantile
 
 pytestmark = pytest.mark.skipif(not cpu_pass.available(), reason=f"no CPU kernels: {cpu_pass.unavailable_reason()}")
 
 # Sums over the S samples, which torch adds pairwise and the kernel in order, and the shadow ratio's max, whose
 # square root torch's vectorised CPU code does not always round correctly: float64 rounding apart. Everything
 # else is bitwise equal.
-ROUNDED = {"update_sum", "shadow_max"}
+ROUNDED = {"updates.sums", "shadow.maxes"}
 
 
 def _params(seed: int, device: str = "cpu") -> list[torch.nn.Parameter]:
@@ -65,8 +65,8 @@ def _run(implementation, optimizer: str, tmp_path, steps: int = 36, device: str 
         model, opt, config=config, log_dir=tmp_path / f"{optimizer}-{getattr(implementation, '__name__', 'torch')}"
     )
     if device == "cpu":
-        assert mon._samples is cpu_pass  # the C path is what the CPU gets by default
-    mon._samples = implementation
+        assert mon._kernels.samples is cpu_pass  # the C path is what the CPU gets by default
+    mon._kernels.samples = implementation
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
         for i, p in enumerate(params):
@@ -79,7 +79,7 @@ def _run(implementation, optimizer: str, tmp_path, steps: int = 36, device: str 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_sample_kernel_states_equal_the_torch_code(optimizer, tmp_path):
     kernel, reference = _run(cpu_pass, optimizer, tmp_path), _run(None, optimizer, tmp_path)
-    assert kernel._samples is cpu_pass and reference._samples is None  # neither fell back
+    assert kernel._kernels.samples is cpu_pass and reference._kernels.samples is None  # neither fell back
     assert_same_states(kernel, reference, optimizer)
     kernel.close()
     reference.close()
@@ -90,29 +90,30 @@ def assert_same_states(
 ) -> None:
     """Every state tensor of the two monitors equal (those in ``rounded`` to ``rtol``), and the run did reach
     what it compares."""
-    a, b = kernel._state, reference._state
+    a, b = states(kernel), states(reference)
     assert a.keys() == b.keys()
     for key in a:
-        if key == "spike":
-            for x, y in zip(a[key], b[key]):
-                torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
-            continue
         tol = dict(rtol=rtol, atol=1e-300) if key in rounded else dict(rtol=0, atol=0)
         torch.testing.assert_close(a[key], b[key], equal_nan=True, msg=lambda m, key=key: f"{key}: {m}", **tol)
     # The run did exercise what it compares: episodes opened and closed, shadow spikes, update ratios at events.
-    memory_sum = b["memory_sum"]
+    memory_sum = b["memory.sums"]
     if optimizer == "adamw":
         assert memory_sum[0, :, 0].sum() > 0 and memory_sum[0, :, 1].sum() > 0
     assert memory_sum[1, :, 0].sum() > 0 and memory_sum[1, :, 1].sum() > 0
-    assert (b["shadow_sum"] > 0).any() and b["noise_temporal_valid"].any()
-    assert (b["update_sum"][:, 5] > 0).any()
+    assert (b["shadow.spike_sum"] > 0).any() and b["noise.temporal_valid"].any()
+    assert (b["updates.sums"][:, 5] > 0).any()
+
+
+def states(mon: ht.Monitor) -> dict[str, torch.Tensor]:
+    """Every family's state tensors, as ``family.field``."""
+    return {f"{name}.{k}": v for name, fam in mon.families.items() for k, v in fam.state_tensors().items()}
 
 
 def test_update_sums_are_finite_when_a_tensor_had_no_gradient(tmp_path):
     # Tensor 2 has no gradient at some steps: its NaN samples never count, and never poison the sums.
     for implementation in (cpu_pass, None):
         mon = _run(implementation, "adamw", tmp_path, steps=12)
-        assert torch.isfinite(mon._state["update_sum"]).all(), implementation
+        assert torch.isfinite(mon.families["updates"].state.sums).all(), implementation
         mon.close()
 
 
@@ -194,6 +195,6 @@ def test_a_failing_sample_kernel_falls_back_to_the_torch_code(tmp_path, monkeypa
     monkeypatch.setattr(cpu_pass, "sample_step", broken)
     with pytest.warns(RuntimeWarning, match="sample estimators' kernel failed"):
         mon = _run(cpu_pass, "adamw", tmp_path, steps=3)
-    assert mon._samples is None
-    assert mon._state["shadow_t"].max() == 3  # the failing step was measured by the torch code
+    assert mon._kernels.samples is None
+    assert mon.families["shadow"].state.t.max() == 3  # the failing step was measured by the torch code
     mon.close()

@@ -34,7 +34,7 @@ def test_triton_sample_states_equal_the_torch_code(optimizer, tmp_path):
 
     kernel = _run(triton_samples, optimizer, tmp_path / "triton", device=DEVICE)
     reference = _run(None, optimizer, tmp_path / "torch", device=DEVICE)
-    assert kernel._samples is triton_samples and reference._samples is None  # neither fell back
+    assert kernel._kernels.samples is triton_samples and reference._kernels.samples is None  # neither fell back
     assert_same_states(kernel, reference, optimizer)
     kernel.close()
     reference.close()

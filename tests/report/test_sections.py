@@ -44,7 +44,7 @@ def _run(path: Path, *, updates: bool) -> Run:
     return Run(path=path, meta=meta, records=records)
 
 
-# A new family's heatmap, as docs/architecture-report.md declares it.
+# A new family's heatmap, as docs/architecture.md (the report package) declares it.
 UPDATE_SPEC = HeatmapSpec(
     "update/hill_alpha",
     "sec-update-tail-index",

@@ -1,0 +1,208 @@
+"""Noise tails: tail index and kurtosis of the gradient noise on the sampled coordinates (``noise/``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from heavytail.estimators import noise
+from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView
+from heavytail.hooks.optimizer import gather_samples
+
+SOURCES = ("temporal", "microbatch", "rank")
+
+
+class Noise(Family):
+    """Per tensor and noise source (``estimators.noise``): ``noise/hill_alpha``, ``noise/hill_alpha_se`` and
+    ``noise/kurtosis`` of the temporal source (g_t - EMA(g) per coordinate, every run), and the same figures as
+    ``noise/microbatch_*`` (micro-batch gradients around their step's mean, under gradient accumulation) and
+    ``noise/rank_*`` (each rank's gradient around the all-reduced one, under DDP).
+
+    State (a dict: the micro-batch ring exists once accumulation is seen): ``mean``/``seen``, the temporal
+    source's per-coordinate EMA and its count, and one ring of deviations per source.
+    """
+
+    name = "noise"
+    report_sections = ("sec-noise-tail-index", "sec-noise-microbatch", "sec-noise-rank", "sec-noise-sources")
+
+    def __init__(self, layout) -> None:
+        super().__init__(layout)
+        self.slots = dict.fromkeys(SOURCES, 0)
+        self._micro: list[torch.Tensor] = []
+        self._micro_prev: torch.Tensor | None = None
+        # DDP: each rank's gradient before the all-reduce, sampled as it is accumulated by LocalSampleTap.
+        self.rank_local: torch.Tensor | None = None
+        if layout.dist.active and not layout.dist.sharded:
+            self.rank_local = torch.zeros(
+                layout.num_layers, layout.sample_size, device=layout.device, dtype=layout.dtype
+            )
+
+    def init(self) -> dict[str, torch.Tensor]:
+        L, S, dev = self.layout.num_layers, self.layout.sample_size, self.layout.device
+        window = self.config.noise_window
+        temporal = noise.init(L, S, window, dev)
+        state = {
+            "mean": torch.zeros(L, S, device=dev, dtype=torch.float32),
+            "seen": torch.zeros(L, device=dev, dtype=self.layout.dtype),
+            "temporal": temporal.values,
+            "temporal_valid": temporal.valid,
+        }
+        if self.layout.dist.active and not self.layout.dist.sharded:
+            rank = noise.init(L, S, window, dev)
+            state["rank"], state["rank_valid"] = rank.values, rank.valid
+        return state
+
+    def _ensure_ring(self, source: str) -> None:
+        if source not in self.state:
+            ring = noise.init(
+                self.layout.num_layers, self.layout.sample_size, self.config.noise_window, self.layout.device
+            )
+            self.state[source], self.state[f"{source}_valid"] = ring.values, ring.valid
+
+    def push(self, source: str, deviation: torch.Tensor, valid: torch.Tensor) -> None:
+        noise.push(
+            noise.NoiseRing(self.state[source], self.state[f"{source}_valid"]), self.slots[source], deviation, valid
+        )
+        self.slots[source] += 1
+
+    def on_backward(self, view: BackwardView) -> None:
+        """Under gradient accumulation, the accumulated gradient's samples after each micro-batch: successive
+        differences are the micro-batch gradients (this rank's own under DDP: this runs before the all-reduce)."""
+        if not view.accumulating:
+            return
+        keep = set(view.rows)
+        samples = gather_samples(
+            [g if i in keep else None for i, g in enumerate(view.grads)],
+            self.layout.sample_index_dev,
+            self.layout.dtype,
+            fill=0.0,
+        )
+        previous = self._micro_prev if self._micro_prev is not None else torch.zeros_like(samples)
+        self._micro.append(samples - previous)
+        self._micro_prev = samples
+
+    def advance_temporal(self, g: torch.Tensor, valid: torch.Tensor) -> None:
+        """The torch reference of the temporal source (the sample kernels run it with the other sample families)."""
+        mean, seen = self.state["mean"], self.state["seen"]
+        self.push("temporal", g - mean, valid & (seen > 0))
+        beta = torch.where(seen > 0, self.config.noise_beta, 0.0)[:, None]  # the first value initialises the EMA
+        self.state["mean"] = torch.lerp(
+            mean, (beta * mean + (1 - beta) * torch.nan_to_num(g)).to(mean.dtype), valid.to(mean.dtype)[:, None]
+        )
+        self.state["seen"] = seen + valid.to(seen.dtype)
+
+    def update(self, view: StepView) -> None:
+        g, valid = view.grad_samples, view.valid
+        if len(self._micro) >= 2:
+            self._ensure_ring("microbatch")
+            micro = torch.stack(self._micro)  # (M, L, S)
+            centre = micro.mean(dim=0)
+            for sample in micro:
+                self.push("microbatch", sample - centre, valid)
+        if self.rank_local is not None:
+            self.push("rank", self.rank_local - g, valid)
+        self._micro, self._micro_prev = [], None
+
+    def readout(self, step: int) -> dict[str, Slot]:
+        """Hill alpha, standard error and kurtosis of each source's deviations, ``(U, 3)`` per source.
+
+        Rank noise (DDP) pools every rank's deviations (gathered here). Sources that differ between ranks are
+        estimated on each rank from its own deviations, exactly as one process estimates them, and the record
+        reads the mean over ranks: under sharding the temporal and micro-batch sources (each rank samples its
+        own piece), under DDP the micro-batch source (each rank's micro-batches are its own). Those are summable
+        ``(U, 5)`` rows (:func:`rank_tail_sums`), merged by the checkpoint's sum all-reduce.
+        """
+        dist, slots = self.layout.dist, {}
+        for source in SOURCES:
+            if source not in self.state:
+                continue
+            values, mask = noise.flatten(noise.NoiseRing(self.state[source], self.state[f"{source}_valid"]))
+            # With two ranks each rank's deviation is exactly minus the other's (they sum to zero): gathering
+            # would only duplicate every magnitude, which ties the order statistics, so rank 0's alone are used.
+            if source == "rank" and dist.world > 2:
+                values = dist.gather_cat(values, dim=1)
+                mask = dist.gather_cat(mask.to(values.dtype), dim=1) > 0
+            per_rank = source != "rank" and dist.sharded or (source == "microbatch" and dist.active)
+            if per_rank:
+                mask = mask & (self.layout.owner > 0)[:, None]  # one copy of each piece (DistContext.owners)
+            if not self.layout.grouped:
+                out = noise.noise_tail(values, mask, self.config.min_tail_samples)
+            else:
+                # A group pools its members' deviations (checkpoint only: one estimate per group).
+                out = torch.cat(
+                    [
+                        noise.noise_tail(
+                            values[members].reshape(1, -1), mask[members].reshape(1, -1), self.config.min_tail_samples
+                        )
+                        for members in self.layout.unit_members
+                    ]
+                )
+            if per_rank:
+                slots[f"{source}_rank_sums"] = Slot(
+                    rank_tail_sums(out).to(self.layout.dtype), "sum", varies_by_rank=True
+                )
+            else:
+                slots[source] = Slot(out, "none")
+        return slots
+
+    def metrics(self, views: HostViews, record: Record) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for source in SOURCES:
+            if views.has(self.name, f"{source}_rank_sums"):
+                values = rank_mean_tails(torch.from_numpy(views.get(self.name, f"{source}_rank_sums"))).double().numpy()
+            elif views.has(self.name, source):
+                values = views.get(self.name, source)
+            else:
+                continue
+            for i, name in enumerate(self.layout.units):
+                if source == "temporal":
+                    keys = (f"noise/hill_alpha/{name}", f"noise/hill_alpha_se/{name}", f"noise/kurtosis/{name}")
+                else:
+                    keys = tuple(f"noise/{source}_{k}/{name}" for k in ("hill_alpha", "hill_alpha_se", "kurtosis"))
+                for key, value in zip(keys, values[i]):
+                    out[key] = float(value)
+        return out
+
+    def host_state(self) -> dict[str, Any]:
+        return {"slots": dict(self.slots)}
+
+    def load_host_state(self, state: Mapping[str, Any]) -> None:
+        self.slots.update({k: int(v) for k, v in state.get("slots", {}).items()})
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if "microbatch" in tensors:
+            self._ensure_ring("microbatch")
+        super().load_state_tensors(tensors)
+
+
+def rank_tail_sums(tails: torch.Tensor) -> torch.Tensor:
+    """One rank's noise-tail estimates ``(U, 3)`` (alpha, se, kurtosis) as summable rows ``(U, 5)``: Hill's
+    gamma = 1/alpha and its squared standard error (delta method: se / alpha^2) where the rank has an estimate,
+    that count, the kurtosis where it has one, that count. A light tail (alpha = inf) is gamma = 0."""
+    t = tails.to(torch.float64)
+    alpha, se, kurt = t[:, 0], t[:, 1], t[:, 2]
+    has_alpha = ~torch.isnan(alpha)
+    light = torch.isinf(alpha)
+    gamma = torch.where(has_alpha & ~light, 1.0 / alpha, 0.0)
+    se_gamma = torch.where(has_alpha & ~light, se / (alpha * alpha), 0.0)
+    has_kurt = torch.isfinite(kurt)
+    return torch.stack(
+        [gamma, se_gamma * se_gamma, has_alpha.to(t.dtype), torch.where(has_kurt, kurt, 0.0), has_kurt.to(t.dtype)],
+        dim=1,
+    )
+
+
+def rank_mean_tails(sums: torch.Tensor) -> torch.Tensor:
+    """The ranks' estimates merged from :func:`rank_tail_sums` rows summed over ranks: alpha = 1 / (mean gamma),
+    the harmonic mean of the ranks' alphas (Hill's estimator is a mean of log-spacings, an estimate of gamma, so
+    the mean of independent estimates is one of the same gamma), its standard error sqrt(sum se_gamma^2) / n /
+    gamma^2, and the mean kurtosis; NaN where no rank has an estimate."""
+    gamma_sum, se_sq, n_alpha, kurt_sum, n_kurt = sums.unbind(dim=1)
+    gamma = gamma_sum / n_alpha
+    alpha = torch.where(n_alpha > 0, 1.0 / gamma, math.nan)  # gamma = 0 (every rank light): inf, as one process
+    se = torch.where(gamma > 0, se_sq.sqrt() / n_alpha / (gamma * gamma), math.inf)  # inf with alpha, as Hill's
+    se = torch.where(n_alpha > 0, se, math.nan)
+    kurt = torch.where(n_kurt > 0, kurt_sum / n_kurt, math.nan)
+    return torch.stack([alpha, se, kurt], dim=1).to(torch.float32)

@@ -1,0 +1,92 @@
+"""Spike detectors on the loss, the global gradient norm and each layer's norm; their flags reach the alert rules
+one step later, with no wait."""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any, Mapping
+
+import torch
+
+from heavytail.estimators import spike
+from heavytail.estimators.gradient_pass import COUNT, NONFINITE, RATIO_MAX, RATIO_SPIKES
+from heavytail.families.base import Family, StepView
+
+
+class Spikes(Family):
+    """One robust forecaster per stream (``estimators.spike``): [loss, global norm, each layer's norm]. Each
+    step's flags, scores and the figures the per-step alert rules read (non-finite entries, hidden-spike
+    fraction, largest ratio) are packed into one vector (``alerts.pack_step_flags``) and copied to the host
+    asynchronously; the rules read it at the next step, or at the checkpoint, never waiting for the device
+    between checkpoints. No record keys: its output is alerts."""
+
+    name = "spikes"
+    report_sections = ("sec-alerts",)
+    alert_rules = ("loss_spike", "grad_spike", "nonfinite_grad", "hidden_spike")
+
+    def __init__(self, layout) -> None:
+        super().__init__(layout)
+        self.alerts: Any = None  # the monitor's AlertEngine (bind_alerts)
+        self.pending: collections.deque = collections.deque()
+
+    def init(self) -> spike.SpikeState:
+        return spike.init(2 + self.layout.num_layers, device=self.layout.device, config=self.layout.spike_config)
+
+    def bind_alerts(self, engine: Any) -> None:
+        self.alerts = engine
+
+    def update(self, view: StepView) -> None:
+        stats = view.stats
+        gnorm = view.grad_norm
+        streams = torch.cat(
+            [view.loss.reshape(1), torch.where(torch.isfinite(gnorm), gnorm, math.nan).reshape(1), view.layer_norm]
+        ).to(torch.float32)
+        prior = self.state  # the state this step is scored against: the alerts' forecast comes from it
+        self.state, flags, scores = spike.update(prior, streams, self.layout.spike_config)
+        if not self.layout.dist.writer:
+            return
+        ok = view.ratio_ok
+        # NaN (no hidden_spike) until the ratio counts (ratio_warmup), as in the record's adam/spike_frac.
+        packed = self.alerts.pack_flags(
+            flags=flags,
+            scores=scores,
+            values=streams,
+            detector=prior,
+            nonfinite=stats[:, NONFINITE],
+            spike_frac=torch.where(ok, stats[:, RATIO_SPIKES] / stats[:, COUNT].clamp_min(1), math.nan),
+            ratio_max=torch.where(ok, stats[:, RATIO_MAX], math.nan),
+        )
+        self._queue(packed, view.step + 1)
+
+    def _queue(self, packed: torch.Tensor, step: int) -> None:
+        """Start the copy of this step's flags to the host; they are read at the next step (no waiting)."""
+        if packed.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((host, event, step))
+        else:
+            self.pending.append((packed, None, step))
+
+    def read_flags(self, wait: bool, before_step: int) -> None:
+        """Run the alert rules on queued flag vectors of steps before ``before_step`` whose copy has landed."""
+        pending = self.pending
+        while pending:
+            host, event, step = pending[0]
+            if step >= before_step:
+                return  # this step's own flags: read one step later
+            if event is not None and not event.query():
+                if not wait:
+                    return
+                event.synchronize()  # sync point: only at checkpoints and close
+            pending.popleft()
+            values = host.numpy()  # sync point: none, host memory already copied asynchronously
+            self.alerts.process_step_flags(step, values, self.layout.names, self.layout.spike_config)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.state._asdict())
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.state = type(self.state)(**{k: v.to(self.layout.device) for k, v in tensors.items()})
