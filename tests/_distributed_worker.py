@@ -19,7 +19,7 @@ from torch import nn
 
 import heavytail as ht
 from heavytail.optim import Lion, muon_with_adamw
-from tests.conftest import TinyNet
+from tests.conftest import TinyNet, newton_schulz_float32
 
 GLOBAL_BATCH = 16
 DEFAULTS = {"steps": 5, "every": 2, "accumulate": 1, "clip": None, "optimizer": "adamw", "rank_noise": False}
@@ -72,6 +72,8 @@ def _optimizer(kind: str, model: nn.Module, inner: nn.Module):
         return torch.optim.AdamW(model.parameters(), lr=1e-3)
     if kind == "lion":
         return Lion(model.parameters(), lr=1e-4)
+    # float32 Newton-Schulz: bfloat16 matmuls see the DDP and one-process runs' ulp-level differences as 1e-3
+    torch.optim._muon._zeropower_via_newtonschulz = newton_schulz_float32
     return muon_with_adamw(inner, lr=0.02, adamw_lr=1e-3)
 
 

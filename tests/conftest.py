@@ -44,6 +44,25 @@ def train(model, optimizer, monitor, steps: int, start: int = 0) -> list[float]:
     return losses
 
 
+def newton_schulz_float32(grad: torch.Tensor, ns_coefficients, ns_steps: int, eps: float) -> torch.Tensor:
+    """torch.optim.Muon's quintic Newton-Schulz iteration, in float32 instead of bfloat16.
+
+    Tests that compare Muon runs to saved figures or to each other patch it in
+    (``torch.optim._muon._zeropower_via_newtonschulz``): the bfloat16 CPU matmul differs between CPUs with and
+    without AVX-512 BF16, and between reduction orders, by enough to move a 60-step trajectory by tens of percent.
+    """
+    a, b, c = ns_coefficients
+    x = grad.float()
+    tall = grad.size(0) > grad.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
 def read_records(run_dir: Path | str) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

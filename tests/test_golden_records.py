@@ -18,7 +18,7 @@ import torch
 
 import heavytail
 from heavytail.optim import Lion, muon_with_adamw
-from tests.conftest import TinyNet, read_alerts, read_records, tiny_batch
+from tests.conftest import TinyNet, newton_schulz_float32, read_alerts, read_records, tiny_batch
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("HEAVYTAIL_REGEN_GOLDEN") == "1"
@@ -112,15 +112,21 @@ def _close(a, b, path: str) -> None:
         elif math.isnan(a) or math.isnan(b):
             assert math.isnan(a) and math.isnan(b), f"{path}: {a!r} != {b!r}"
         else:
-            # float32 sums on the torch path depend on the thread count; the float64 figures agree far closer.
-            assert a == pytest.approx(b, rel=1e-5, abs=1e-9), f"{path}: {a!r} != {b!r}"
+            # float32 sums depend on the thread count and the CPU's vector width (AVX2 or AVX-512): measured up
+            # to 1.3e-4 apart between two CPUs, on the tail indices of light-tailed layers (alpha 10-50, where
+            # 1/alpha is a small difference of logs). A refactor's slip moves figures far more.
+            assert a == pytest.approx(b, rel=1e-3, abs=1e-9), f"{path}: {a!r} != {b!r}"
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 @pytest.mark.filterwarnings("error:heavytail. the monitor failed")
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_records_alerts_and_flight_records_equal_the_golden_ones(name: str, tmp_path: Path) -> None:
+def test_records_alerts_and_flight_records_equal_the_golden_ones(name: str, tmp_path: Path, monkeypatch) -> None:
+    if SCENARIOS[name]["optimizer"] == "muon":
+        # torch's Newton-Schulz runs in bfloat16, whose CPU matmul differs between CPUs with and without
+        # AVX-512 BF16 by enough to change the training trajectory; float32 keeps the golden figures portable.
+        monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", newton_schulz_float32)
     log_dir = tmp_path / name
     _run(name, log_dir, **SCENARIOS[name])
     got = _outputs(log_dir)
