@@ -90,6 +90,10 @@ class MonitorConfig:
     """Denominator memory: an episode opened by a large-gradient event lasts while sqrt(v_hat) stays above this
     multiple of its pre-event value."""
 
+    memory_window: int = 16
+    """Denominator memory: s, the number of steps before and after an event over which ``*/memory_damping``
+    compares the update per unit of gradient (sum |delta p| / sum |g| on the event's coordinate)."""
+
     shadow_betas: Sequence[float] = (0.999, 0.95)
     """beta2 values of the shadow denominators (an EMA of g^2 on the sampled coordinates): what AdamW's
     denominator would have done with the same gradients, for every optimizer."""
@@ -161,6 +165,7 @@ class MonitorConfig:
             "tail_top_max",
             "chunk_numel",
             "flight_steps",
+            "memory_window",
         )
         for name in positive_ints:
             value = getattr(self, name)
