@@ -15,6 +15,9 @@ __all__ = [
     "top_magnitudes",
     "hill",
     "hill_from_top",
+    "HillCurve",
+    "HILL_CURVE_POINTS",
+    "hill_curve",
 ]
 
 TOP_CAP = 2**16
@@ -32,6 +35,8 @@ _REFERENCE_FRACTION = 10
 # targets but stops later on a Gaussian bulk with a thin heavy tail (0.5% Pareto(2) entries: 8.3% vs 6.9%).
 _LEPSKI_C = 3.0
 _GRID_RATIO = 1.15  # geometric candidate grid: at most 64 candidates per row, whatever n is
+HILL_CURVE_POINTS = 64
+"""Points of a :func:`hill_curve` row: the candidate grid below ``2**16 - 1`` (63 values) and ``k_max``."""
 # Sparse heavy tails: references below k_max / 10, from k = 60 up, stop the scan only when they read a heavier tail
 # (a larger 1/alpha) than the candidate by 3.5 standard deviations of the difference. A heavy component of a few
 # hundred entries in a Gaussian bulk (0.1% Pareto(1.2) entries at n = 10^6) lies entirely below k_max / 10 = n / 100,
@@ -140,6 +145,48 @@ def hill_from_top(top: torch.Tensor, n: int | torch.Tensor, k: int | None = None
     return _hill_sorted(t, valid.sum(-1), n, k, _result_dtype(top))
 
 
+class HillCurve(NamedTuple):
+    """The Hill plot of each row at the default's candidate k (``(..., HILL_CURVE_POINTS)``, ascending k).
+
+    ``k``: the candidates (float; NaN past the row's ``k_max``, where every field is NaN); ``hill``: Hill's
+    (1975) alpha at k, exactly ``hill(x, k).alpha``; ``default``: the default's bias-reduced alpha at k (its
+    regression's intercept; inf where that reads ``1/alpha <= 0``). :func:`hill` picks one of these k.
+    """
+
+    k: torch.Tensor
+    hill: torch.Tensor
+    default: torch.Tensor
+
+
+def hill_curve(top: torch.Tensor, n: int | torch.Tensor) -> HillCurve:
+    """Alpha against k for a Hill plot, from the largest order statistics as :func:`hill_from_top` takes them.
+
+    A Hill plot (Drees, de Haan & Resnick 2000) shows whether a tail index is stable over k: a flat stretch of
+    ``hill`` is a power-law tail, a drift is the body's bias (which ``default`` extrapolates away), and a
+    sparse heavy component shows as low values at small k that rise once k passes its size. The candidates are
+    the default's (a geometric grid of ratio 1.15 from 10, then ``k_max``), so the default's k and alpha are
+    points of ``k`` and ``default``. Padded with NaN to ``HILL_CURVE_POINTS`` per row; float32 results (float64
+    for float64 input). No host-device synchronisation.
+    """
+    t = top.to(_work_dtype(top))
+    valid = torch.isfinite(t) & (t > 0)
+    t = t.masked_fill(~valid, 0).sort(dim=-1, descending=True).values
+    count = valid.sum(-1)
+    if isinstance(n, torch.Tensor):
+        n = n.to(device=t.device, dtype=torch.int64)
+    out_dtype = _result_dtype(top)
+    batch = t.shape[:-1]
+    nan = torch.full((*batch, HILL_CURVE_POINTS), math.nan, dtype=out_dtype, device=t.device)
+    fits = _fits(t, count, n)
+    if fits is None:
+        return HillCurve(nan, nan.clone(), nan.clone())
+    plain = fits.kf / fits.sums[..., 0]  # Hill at k: 1 / mean of the k scaled spacings
+    default = torch.where(fits.gamma > 0, 1.0 / fits.gamma, math.inf)
+    fields = [torch.where(fits.admissible, f, math.nan).to(out_dtype) for f in (fits.kf, plain, default)]
+    width = fields[0].shape[-1]
+    return HillCurve(*(torch.cat([f, nan[..., : HILL_CURVE_POINTS - width]], dim=-1) for f in fields))
+
+
 def _hill_sorted(
     top: torch.Tensor, count: torch.Tensor, n: int | torch.Tensor, k: int | None, out_dtype: torch.dtype
 ) -> HillResult:
@@ -199,12 +246,24 @@ def _regression_weights(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w, w[..., 0]
 
 
-def _adaptive(top: torch.Tensor, count: torch.Tensor, n: int | torch.Tensor):
+class _Fits(NamedTuple):
+    """The default's regression at each candidate k of each row."""
+
+    cand: torch.Tensor  # (..., K) int64 candidates: the shared grid, then the row's k_max
+    admissible: torch.Tensor  # (..., K) MIN_K <= k <= k_max
+    kf: torch.Tensor  # (..., K) the candidates in the work dtype
+    sums: torch.Tensor  # (..., K, 3) sum_i Z_i (i/k)**p, p = 0, 1, 2
+    gamma: torch.Tensor  # (..., K) the intercept, the default's 1/alpha at k
+    v: torch.Tensor  # (..., K) its variance factor
+    k_max: torch.Tensor  # (...)
+
+
+def _fits(top: torch.Tensor, count: torch.Tensor, n: int | torch.Tensor) -> _Fits | None:
+    """The regression at every candidate k (None when the rows keep fewer than ``MIN_K + 1`` values)."""
     batch, dev, dt = top.shape[:-1], top.device, top.dtype
     m = top.shape[-1]
     if m - 1 < MIN_K:
-        nan = torch.full(batch, math.nan, dtype=dt, device=dev)
-        return nan, nan, nan
+        return None
     k_cap = min(m - 1, TOP_CAP - 1)
     if isinstance(n, torch.Tensor):
         k_max = torch.minimum(n // _KMAX_FRACTION, count - 1).clamp(max=k_cap)
@@ -230,6 +289,16 @@ def _adaptive(top: torch.Tensor, count: torch.Tensor, n: int | torch.Tensor):
     sums = torch.stack([torch.cumsum(z * i**p, -1).gather(-1, idx) / kf**p for p in range(3)], dim=-1)
     w, v = _regression_weights(kf)
     gamma = (sums * w).sum(-1)  # (..., K): the intercept, 1/alpha, at each candidate k
+    return _Fits(cand, admissible, kf, sums, gamma, v, k_max)
+
+
+def _adaptive(top: torch.Tensor, count: torch.Tensor, n: int | torch.Tensor):
+    batch, dev, dt = top.shape[:-1], top.device, top.dtype
+    fits = _fits(top, count, n)
+    if fits is None:
+        nan = torch.full(batch, math.nan, dtype=dt, device=dev)
+        return nan, nan, nan
+    cand, admissible, kf, _, gamma, v, k_max = fits
 
     # Lepski: accept k while every earlier admissible estimate at j >= k_max / 10 agrees with it within c
     # standard deviations of the difference, and no earlier one at 60 <= j < k_max / 10 reads a heavier tail (a

@@ -350,3 +350,30 @@ def test_registry_names_every_tail_estimator():
         assert (out.alpha if isinstance(out, HillResult) else out).shape == (2,)
     with pytest.raises(ValueError, match=r"unknown tail estimator 'hil'; known: dedh, hill, pickands, stable"):
         tail_estimator("hil")
+
+
+# ----------------------------------------------------------------------------- hill_curve (the Hill plot)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hill_curve_is_hill_at_each_k_and_holds_the_default(device):
+    from heavytail.estimators import HILL_CURVE_POINTS, hill_curve
+
+    x = np.stack([_sparse_mixture(0, 100_000, 0.003), _sample("t3", 1), _sample("gauss", 2)])
+    xt = torch.from_numpy(x).to(device)
+    top, count = top_magnitudes(xt, default_top_count(x.shape[-1]))
+    curve = hill_curve(top, count)
+    assert curve.k.shape == curve.hill.shape == curve.default.shape == (3, HILL_CURVE_POINTS)
+    default = hill(xt)
+    for row in range(3):
+        ks = curve.k[row].cpu().numpy()
+        shown = np.isfinite(ks)
+        assert ks[shown][0] == 10 and ks[shown][-1] == 10_000  # from MIN_K to k_max = n / 10
+        assert np.isnan(curve.hill[row].cpu().numpy()[~shown]).all()
+        for j in np.flatnonzero(shown)[::7]:
+            k = int(ks[j])
+            assert curve.hill[row, j].item() == pytest.approx(ref_hill(x[row], k), rel=1e-9)
+        # The default's k is one of the candidates, and its alpha is the curve's value there.
+        chosen = np.flatnonzero(ks == default.k[row].item())
+        assert len(chosen) >= 1
+        assert curve.default[row, chosen[0]].item() == pytest.approx(default.alpha[row].item(), rel=1e-12)

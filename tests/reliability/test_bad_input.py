@@ -111,6 +111,7 @@ CONFIG_CASES = [
     ("memory_inflation", "2", ValueError),
     ("memory_window", 0, ValueError),
     ("memory_window", 2.5, ValueError),
+    ("hill_plot_unit", 3, ValueError),
     ("shadow_betas", (1.0,), ValueError),
     ("shadow_betas", (0.0, 0.9), ValueError),
     ("shadow_betas", ("a",), ValueError),
