@@ -84,3 +84,29 @@ def test_no_line_when_no_unit_has_a_tail_index(tmp_path):
             opt.zero_grad()
     assert len(read_records(tmp_path)) == 2
     assert not (tmp_path / "hill_plot.jsonl").exists()
+
+
+def test_a_light_tail_is_plotted_with_light_true(tmp_path):
+    # A's gradient is constant (every order statistic tied: no power-law tail, alpha = inf); B, watched first,
+    # has 2,000 entries but 5 non-zero ones (too few: not computed, NaN). The plot shows A, not the unit without a
+    # reading, although both records are null.
+    A = torch.nn.Parameter(torch.zeros(N))
+    B = torch.nn.Parameter(torch.zeros(2000))
+    mask = torch.zeros(2000)
+    mask[:5] = 1.0
+    model = torch.nn.Module()
+    model.register_parameter("B", B)  # first: a NaN ranked like inf would be chosen
+    model.register_parameter("A", A)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with ht.Monitor(model, opt, every=2, log_dir=tmp_path) as mon:
+        assert mon.names == ["B", "A"]
+        for _ in range(2):
+            (A.sum() + (B * mask).sum()).backward()
+            opt.step()
+            opt.zero_grad()
+    (line,) = [json.loads(s) for s in (tmp_path / "hill_plot.jsonl").read_text().splitlines()]
+    metrics = read_records(tmp_path)[0]["metrics"]
+    assert metrics["grad/hill_alpha/A"] is None and metrics["grad/hill_alpha/B"] is None  # inf and NaN: both null
+    assert line["unit"] == "A" and line["light"] is True and line["alpha"] is None
+    assert float(hill(torch.ones(N)).alpha) == float("inf")
+    assert np.isnan(float(hill(mask).alpha))

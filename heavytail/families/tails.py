@@ -168,7 +168,7 @@ class Tails(Family):
                     [result.alpha.float(), result.se.float(), result.k.float()], dim=1
                 )
                 if self.plot_unit is None:  # the group's lowest alpha, found on the device (NaN: not estimated)
-                    at = torch.nan_to_num(result.alpha.float(), nan=math.inf).argmin()
+                    at = _plot_order(result.alpha.float()).argmin()
                 elif self.plot_unit in rows:
                     at = torch.tensor(rows.index(self.plot_unit), device=layout.device)
                 else:
@@ -185,6 +185,12 @@ class Tails(Family):
             empty = torch.full((2 + 3 * HILL_CURVE_POINTS,), math.nan, device=self.layout.device)
             empty[0] = -1
             return empty
-        alpha = torch.nan_to_num(torch.stack([p[0] for p in picks]), nan=math.inf)
+        alpha = _plot_order(torch.stack([p[0] for p in picks]))
         rows = torch.stack([torch.cat([torch.stack([p[1], p[2]]), p[3].float()]) for p in picks])
         return rows[alpha.argmin()]
+
+
+def _plot_order(alpha: torch.Tensor) -> torch.Tensor:
+    """Alpha as the plot's choice ranks it: a finite alpha first, then no power-law tail (inf), then not computed
+    (NaN), which has no plot."""
+    return torch.nan_to_num(alpha, nan=math.inf, posinf=torch.finfo(alpha.dtype).max)
