@@ -90,9 +90,18 @@ class MonitorConfig:
     """Denominator memory: an episode opened by a large-gradient event lasts while sqrt(v_hat) stays above this
     multiple of its pre-event value."""
 
+    memory_window: int = 16
+    """Denominator memory: s, the number of steps before and after an event over which ``*/memory_damping``
+    compares the update per unit of gradient (sum |delta p| / sum |g| on the event's coordinate)."""
+
     shadow_betas: Sequence[float] = (0.999, 0.95)
     """beta2 values of the shadow denominators (an EMA of g^2 on the sampled coordinates): what AdamW's
     denominator would have done with the same gradients, for every optimizer."""
+
+    hill_plot_unit: str | None = None
+    """The unit (a tensor's name, or a ``group_by`` group) whose Hill plot (alpha against k, the chosen k marked)
+    is written at each checkpoint to ``hill_plot.jsonl`` in the run directory and drawn in the report; None: the
+    unit with the lowest ``grad/hill_alpha`` at that checkpoint. An unknown name is an error at attach."""
 
     min_tail_samples: int = 1000
     """Tensors (or groups) with fewer entries get no tail index (null). With a few hundred entries the estimator
@@ -161,6 +170,7 @@ class MonitorConfig:
             "tail_top_max",
             "chunk_numel",
             "flight_steps",
+            "memory_window",
         )
         for name in positive_ints:
             value = getattr(self, name)
@@ -181,6 +191,8 @@ class MonitorConfig:
             _require_real(name, getattr(self, name))
         if self.log_dir is not None and not isinstance(self.log_dir, (str, os.PathLike)):
             raise ValueError(f"MonitorConfig.log_dir must be a path (str or os.PathLike) or None, got {self.log_dir!r}")
+        if self.hill_plot_unit is not None and not isinstance(self.hill_plot_unit, str):
+            raise ValueError(f"MonitorConfig.hill_plot_unit must be a unit name or None, got {self.hill_plot_unit!r}")
         if self.run_name is not None and not isinstance(self.run_name, str):
             raise ValueError(f"MonitorConfig.run_name must be a string or None, got {self.run_name!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

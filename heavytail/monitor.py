@@ -409,7 +409,9 @@ class Monitor:
         slots = {name: family.readout(self.step_count) for name, family in self.families.items()}
         views = HostViews(self.layout, slots, pack(slots, self.dist, self.config.stats_dtype))
         if self.dist.writer:
-            record = Record(views, self.step_count - self._interval_start, total_steps(views), self._skips)
+            record = Record(
+                views, self.step_count - self._interval_start, total_steps(views), self._skips, self.log_dir
+            )
             metrics: dict[str, float] = {}
             for family in self.families.values():
                 metrics.update(family.metrics(views, record))

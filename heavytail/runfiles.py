@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-RUN_FILES = ("metrics.jsonl", "alerts.jsonl", "meta.json", "report.html")
+RUN_FILES = ("metrics.jsonl", "alerts.jsonl", "hill_plot.jsonl", "meta.json", "report.html")
 """Files a monitored run writes into its run directory (the report is written by ``heavytail report``)."""
 
 RUN_DIRS = ("flight", "tensorboard", "wandb")

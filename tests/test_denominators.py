@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,3 +118,56 @@ def test_denominator_memory_is_reported_for_adam(tmp_path):
     assert m["adam/memory_steps/fc1.weight"] >= 1
     assert m["adam/event_update_ratio/fc1.weight"] > 0
     assert m["shadow999/memory_events/fc1.weight"] > 0
+
+
+@pytest.mark.parametrize("kernel", ["auto", "torch"])  # the sample kernels, or the torch code
+def test_memory_event_size_and_damping_against_numpy(tmp_path, kernel):
+    # loss = (P * x_t).sum(), so the gradient is x_t: Gaussian, except one sampled coordinate c that gets 1000 at
+    # step 30 (r ~ 1000, r^2 far over 5000: one event, on the real denominator and the first shadow alike).
+    # Recomputed in float64 from the gradients and the parameters AdamW produced.
+    torch.manual_seed(0)
+    n, steps, t0, s = 1024, 60, 30, 8
+    P = torch.nn.Parameter(torch.randn(n) * 0.1)
+    opt = torch.optim.AdamW([P], lr=1e-2, weight_decay=0.0)
+    grads = np.random.default_rng(0).standard_normal((steps, n))
+    params = [P.detach().double().clone().numpy()]
+    with ht.Monitor(
+        torch.nn.ParameterList([P]), opt, every=20, log_dir=tmp_path, memory_window=s, kernel=kernel
+    ) as mon:
+        index = mon._sample_index[0].numpy()
+        c = int(index[0])
+        grads[t0 - 1, c] = 1000.0
+        grads = torch.from_numpy(grads).float().double().numpy()  # what the model sees
+        for t in range(steps):
+            loss = (P * torch.from_numpy(grads[t]).float()).sum()
+            loss.backward()
+            mon.observe_loss(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            params.append(P.detach().double().clone().numpy())
+    assert (index == c).sum() == 1  # one sampled coordinate carries the event
+    m = read_records(tmp_path)[1]["metrics"]  # steps 21-40
+
+    # r = |g_t| / (sqrt(v_{t-1} / (1 - beta2^(t-1))) + eps) at the event step t = t0 (AdamW's own v; eps 1e-8).
+    g = grads[:, c]
+    v = 0.0
+    for t in range(1, t0):
+        v = 0.999 * v + 0.001 * g[t - 1] ** 2
+    r = abs(g[t0 - 1]) / (np.sqrt(v / (1 - 0.999 ** (t0 - 1))) + 1e-8)
+    for prefix in ("adam", "shadow999"):
+        assert m[f"{prefix}/memory_events/0"] == 1.0
+        assert m[f"{prefix}/memory_event_r/0"] == pytest.approx(r, rel=1e-5)
+        assert m[f"{prefix}/memory_event_r_max/0"] == pytest.approx(r, rel=1e-5)
+
+    # Damping: sum|dp| / sum|g| over the s steps after the event step, over the same for the s steps before it.
+    dp = np.abs(np.diff(np.stack(params), axis=0)[:, c])  # dp[t - 1]: the update of step t
+    ag = np.abs(g)
+    after = slice(t0, t0 + s)  # steps t0 + 1 .. t0 + s
+    before = slice(t0 - 1 - s, t0 - 1)  # steps t0 - s .. t0 - 1
+    damping = (dp[after].sum() / ag[after].sum()) / (dp[before].sum() / ag[before].sum())
+    for prefix in ("adam", "shadow999"):
+        assert m[f"{prefix}/memory_damping/0"] == pytest.approx(damping, rel=1e-5)
+    for record in read_records(tmp_path)[::2]:  # no event, no window closed
+        assert record["metrics"]["adam/memory_events/0"] == 0.0
+        assert record["metrics"]["adam/memory_event_r/0"] is None
+        assert record["metrics"]["adam/memory_damping/0"] is None

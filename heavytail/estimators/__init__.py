@@ -6,11 +6,14 @@ from typing import Callable
 
 from heavytail.estimators.dedh import dedh
 from heavytail.estimators.hill import (
+    HILL_CURVE_POINTS,
     MIN_K,
     TOP_CAP,
+    HillCurve,
     HillResult,
     default_top_count,
     hill,
+    hill_curve,
     hill_from_top,
     top_magnitudes,
 )
@@ -19,6 +22,8 @@ from heavytail.estimators.pickands import pickands
 from heavytail.estimators.stable import stable_alpha
 
 __all__ = [
+    "HILL_CURVE_POINTS",
+    "HillCurve",
     "HillResult",
     "MIN_K",
     "TAIL_ESTIMATORS",
@@ -27,6 +32,7 @@ __all__ = [
     "default_top_count",
     "gaussian_kurtosis_quantile",
     "hill",
+    "hill_curve",
     "hill_from_top",
     "kurtosis",
     "kurtosis_from_power_sums",

@@ -4,8 +4,10 @@ An event on a coordinate is a step whose ratio r = |g_t| / sqrt(v_hat_{t-1}) has
 5000 by default): a gradient the denominator had not prepared for. Its square enters v with weight (1 - beta2)
 and then decays as beta2^s, so for many steps afterwards sqrt(v_hat) stays above its pre-event level and damps
 every later update of that coordinate: the "corridor" by which AdamW's second moment hides large gradient events
-(Yu et al., arXiv 2606.23676). This estimator follows the sampled coordinates through such episodes and counts,
-per episode, the steps until sqrt(v_hat) falls back under ``inflation`` times its pre-event value.
+(Yu et al., arXiv 2606.23676). ``update`` follows the sampled coordinates through such episodes and counts,
+per episode, the steps until sqrt(v_hat) falls back under ``inflation`` times its pre-event value (a function of
+the event's r and beta2: docs/metrics.md); ``damping_update`` compares the update per unit of gradient in the s
+steps after each event with the s steps before it.
 """
 
 from __future__ import annotations
@@ -75,3 +77,96 @@ def update(
     active = active + events
     step = MemoryStep(events.sum(dim=1), ending.sum(dim=1), ended_steps, events)
     return MemoryState(level, age, active), step
+
+
+class DampingState(NamedTuple):
+    """Update damping around denominator events, on the sampled coordinates, for D denominators.
+
+    ``update``, ``grad``: ``(L, S, s)`` rings of the last s steps' |delta p| and |g| (0 where a step was not
+    usable); ``before``: ``(D, L, S)`` the ratio sum|delta p| / sum|g| over the s steps before each open window's
+    event; ``after``: ``(D, L, S, 2)`` sum|delta p| and sum|g| since the event; ``age``: ``(D, L, S)`` usable steps
+    since the event; ``active``: ``(D, L, S)`` 0/1, a window is open.
+    """
+
+    update: torch.Tensor
+    grad: torch.Tensor
+    before: torch.Tensor
+    after: torch.Tensor
+    age: torch.Tensor
+    active: torch.Tensor
+
+
+class DampingStep(NamedTuple):
+    """Per denominator and tensor ``(D, L)`` for one step: windows closed, and the sum of their damping ratios."""
+
+    closed: torch.Tensor
+    ratio_sum: torch.Tensor
+
+
+def damping_init(
+    num_denominators: int, num_layers: int, num_samples: int, steps: int, device=None, dtype=torch.float32
+) -> DampingState:
+    """Empty rings and no open window; ``steps`` is s, the length of the windows before and after an event."""
+    ring = torch.zeros(num_layers, num_samples, steps, device=device, dtype=dtype)
+    per = torch.zeros(num_denominators, num_layers, num_samples, device=device, dtype=dtype)
+    return DampingState(ring, ring.clone(), per, torch.zeros(*per.shape, 2, device=device, dtype=dtype), per, per)
+
+
+def damping_update(
+    state: DampingState,
+    update: torch.Tensor,
+    grad: torch.Tensor,
+    usable: torch.Tensor,
+    events: list[torch.Tensor | None],
+    slot: int,
+) -> tuple[DampingState, DampingStep]:
+    """One optimizer step of the update-damping windows: ``update`` = |delta p|, ``grad`` = |g| ``(L, S)`` at the
+    sampled coordinates, ``usable`` a 0/1 ``(L, S)`` mask of the coordinates with a gradient (|g| > 0) and a finite
+    update, ``events`` per denominator the 0/1 ``(L, S)`` event mask of this step (None: no such denominator).
+
+    The damping ratio of an event at step t on a coordinate is
+
+        D = [sum_{u=t+1..t+s} |delta p_u| / sum_{u=t+1..t+s} |g_u|] / [sum_{u=t-s..t-1} |delta p_u| / sum |g_u|]
+
+    "after" being the coordinate's next s usable steps and "before" the s steps before the event step (the event
+    step itself is ``event_update_ratio``'s). D < 1: the updates after the event moved the parameter less per unit
+    of gradient than before it, the inflated denominator damping them; for Adam with beta1 = 0 and a steady
+    gradient scale, D ~ sqrt(v_hat before / v_hat after). With momentum the event's own gradient keeps moving the
+    coordinate for about 1 / (1 - beta1) steps, which raises D over windows that short. A window opens at an
+    event only where each of the s steps before it was usable and the parameter moved (so D is defined) and no
+    window is open on that denominator and coordinate; it closes after s usable steps. The ring is written at
+    ``slot`` (the caller's step counter modulo s, a host int) after the windows read it. Returns the new state
+    (updated in place where possible) and the windows closed this step. No host read.
+    """
+    ring_u, ring_g, before, after, age, active = state
+    dt = ring_u.dtype
+    steps = ring_u.shape[-1]
+    ok = usable.to(dt)
+    # Unusable entries may hold NaN or inf (no gradient): zero them before they are multiplied by a 0 mask.
+    du = torch.nan_to_num(update.to(dt), nan=0.0, posinf=0.0, neginf=0.0) * ok
+    dg = torch.nan_to_num(grad.to(dt), nan=0.0, posinf=0.0, neginf=0.0) * ok
+
+    # Advance the open windows with this step, then close those that have s usable steps.
+    grow = active * ok
+    after = after + grow[..., None] * torch.stack([du, dg], dim=-1)
+    age = age + grow
+    closing = active * float_mask(torch.ge, age, float(steps), dt)
+    # A closing window has s usable steps (|g| > 0 each) and was opened with before > 0: the divisions are safe.
+    ratio = after[..., 0] / after[..., 1].clamp_min(1e-30) / before.clamp_min(1e-30)
+    step = DampingStep(closing.sum(dim=-1), (closing * ratio).sum(dim=-1))
+    active = active - closing
+
+    # Open windows at this step's events, with the ring's s steps before it as the reference.
+    sum_u, sum_g = ring_u.sum(dim=-1), ring_g.sum(dim=-1)
+    full = float_mask(torch.eq, float_mask(torch.gt, ring_g, 0.0, dt).sum(dim=-1), float(steps), dt)
+    ready = full * float_mask(torch.gt, sum_u, 0.0, dt)
+    start = torch.stack([torch.zeros_like(ok) if e is None else e.to(dt) * ready * ok for e in events]) * (1 - active)
+    before = torch.lerp(before, sum_u / sum_g.clamp_min(1e-30), start)
+    reset = 1 - torch.maximum(start, closing)
+    after = after * reset[..., None]
+    age = age * reset
+    active = active + start
+
+    ring_u[..., slot] = du
+    ring_g[..., slot] = dg
+    return DampingState(ring_u, ring_g, before, after, age, active), step

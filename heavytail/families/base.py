@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Mapping, NamedTuple
 
 import numpy as np
@@ -114,6 +115,8 @@ class Record:
     """Steps the interval's merged figures count (the loss family's step counter)."""
     skips: Mapping[str, int]
     """Gradients skipped this interval by kind (``sparse``, ``complex``): (tensor, step) pairs."""
+    log_dir: Path | None = None
+    """The run directory, for a family that writes a file of its own next to the records (``tails``)."""
 
 
 class Family:

@@ -1,4 +1,5 @@
-"""Denominator memory: how long a large-gradient event keeps the denominator inflated (``*/memory_*``)."""
+"""Denominator memory: how large the gradient events are and how long they keep the denominator inflated
+(``*/memory_*``)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,18 @@ class MemoryFamilyState(NamedTuple):
     adam: memory.MemoryState  # (L, S) each: pre-event v_hat, steps since the event, open episode
     shadow: memory.MemoryState
     sums: torch.Tensor  # (2, L, 3): episodes started, ended, and the ended ones' lengths
+    event_r: torch.Tensor  # (2, L, 2): sum and max of r over the events (episodes started) of the interval
 
 
 class Memory(Family):
     """Per tensor, for the real denominator (``adam/``) and the first shadow (``shadow999/`` by default), on the
     sampled coordinates (``estimators.memory``): ``memory_events`` (episodes started, a mean over the ranks
-    sampling the tensor) and ``memory_steps`` (mean length of the episodes that ended)."""
+    sampling the tensor), ``memory_steps`` (mean length of the episodes that ended), ``memory_event_r`` and
+    ``memory_event_r_max`` (mean and largest r = |g| / (sqrt(v_hat) + eps) at the events of the interval: the size
+    of the gradients that opened the episodes)."""
 
     name = "memory"
+    version = 2
     report_sections = ("sec-family-tables",)
 
     def init(self) -> MemoryFamilyState:
@@ -38,7 +43,30 @@ class Memory(Family):
             memory.init(L, S, dev, torch.float32),
             memory.init(L, S, dev, torch.float32),
             torch.zeros(2, L, len(FIELDS), device=dev, dtype=self.layout.dtype),
+            torch.zeros(2, L, 2, device=dev, dtype=self.layout.dtype),
         )
+
+    def update(self, view: StepView) -> None:
+        """The size r of this step's events, from the event masks the sample group left in ``view.extra``.
+
+        The real denominator's r is the gradient pass's ratio; the first shadow's is recomputed from the level its
+        episode just stored (the pre-event v_hat): r = |g| / (sqrt(level) + 1e-8), the shadow's own formula.
+        """
+        events = (view.extra.get("events_adam"), view.extra.get("events_shadow"))
+        for row, mask in enumerate(events):
+            if mask is None:
+                continue
+            if row == ADAM:
+                r = view.result.ratio_samples
+            else:
+                g = torch.nan_to_num(view.grad_samples, nan=0.0).abs()
+                r = g / (self.state.shadow.level.to(g.dtype).sqrt() + 1e-8)
+            # r is finite at every event (a finite ratio over the cut); elsewhere it may be NaN: zero it first.
+            sizes = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0).to(self.state.event_r.dtype) * mask.to(
+                self.state.event_r.dtype
+            )
+            self.state.event_r[row, :, 0] += sizes.sum(dim=1)
+            torch.maximum(self.state.event_r[row, :, 1], sizes.amax(dim=1), out=self.state.event_r[row, :, 1])
 
     def advance(self, row: int, ratio: torch.Tensor, v_hat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The torch reference: advance one denominator's episodes; returns this step's event mask ``(L, S)``."""
@@ -70,13 +98,16 @@ class Memory(Family):
             "sums": Slot(self.state.sums * self.layout.owner[None, :, None], "sum", units="sum", axis=1),
             # The ranks sampling each tensor: the episode counts are per rank.
             "ranks": Slot(self.layout.sampling, "sum"),
+            "r_sum": Slot(self.state.event_r[..., 0] * self.layout.owner[None, :], "sum", units="sum", axis=1),
+            "r_max": Slot(self.state.event_r[..., 1], "max", units="max", axis=1),
         }
 
     def reset(self) -> None:
         self.state.sums.zero_()
+        self.state.event_r.zero_()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"sums": self.state.sums}
+        out = {"sums": self.state.sums, "event_r": self.state.event_r}
         for field in ("adam", "shadow"):
             out.update({f"{field}_{k}": v for k, v in getattr(self.state, field)._asdict().items()})
         return out
@@ -91,11 +122,15 @@ class Memory(Family):
             memory.MemoryState(*(loaded[f"adam_{k}"] for k in memory.MemoryState._fields)),
             memory.MemoryState(*(loaded[f"shadow_{k}"] for k in memory.MemoryState._fields)),
             loaded["sums"],
+            loaded["event_r"],
         )
 
     def metrics(self, views: HostViews, record: Record) -> dict[str, float]:
         sums = views.get(self.name, "sums").copy()
         ranks = views.get(self.name, "ranks")
+        # Mean r per event: the r sum over all ranks' events, before the event count becomes a mean over ranks.
+        all_started = views.units(self.name, "sums")[:, :, 0]
+        r_sum, r_max = views.units(self.name, "r_sum"), views.units(self.name, "r_max")
         with np.errstate(divide="ignore", invalid="ignore"):
             sums[:, :, 0] = np.where(ranks[None, :] > 0, sums[:, :, 0] / ranks[None, :], 0)
         sums = views.units(self.name, "sums", sums)
@@ -112,4 +147,7 @@ class Memory(Family):
                 started, ended, ended_steps = sums[row, i]
                 out[f"{prefix}/memory_steps/{name}"] = float(ended_steps / ended) if ended > 0 else math.nan
                 out[f"{prefix}/memory_events/{name}"] = float(started)
+                events = all_started[row, i]
+                out[f"{prefix}/memory_event_r/{name}"] = float(r_sum[row, i] / events) if events > 0 else math.nan
+                out[f"{prefix}/memory_event_r_max/{name}"] = float(r_max[row, i]) if events > 0 else math.nan
         return out

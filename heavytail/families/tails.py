@@ -1,27 +1,54 @@
-"""The coordinate tail index of each unit's gradient at checkpoints (``grad/hill_alpha``)."""
+"""The coordinate tail index of each unit's gradient at checkpoints (``grad/hill_alpha``), and the Hill plot of
+one unit (``hill_plot.jsonl``)."""
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
+import numpy as np
 import torch
 
-from heavytail.estimators.hill import default_top_count, hill_from_top, top_magnitudes
+from heavytail.backends.jsonl import dumps_record
+from heavytail.estimators.hill import HILL_CURVE_POINTS, default_top_count, hill_curve, hill_from_top, top_magnitudes
 from heavytail.families.base import Family, HostViews, Record, Slot, StepView, measurable_gradients
+
+HILL_PLOT_FILE = "hill_plot.jsonl"
+"""The Hill plots of a run, one JSON line per checkpoint (docs/run-directory.md)."""
 
 
 class Tails(Family):
     """Per unit: ``grad/hill_alpha`` (Hill's tail index of |g| over the entries of the step before the
     checkpoint), ``grad/hill_alpha_se`` and ``grad/hill_k`` (the order statistics used). Units under
-    ``MonitorConfig.min_tail_samples`` entries are not estimated (NaN)."""
+    ``MonitorConfig.min_tail_samples`` entries are not estimated (NaN).
+
+    At each checkpoint it also writes the Hill plot of one unit (``MonitorConfig.hill_plot_unit``, else the one
+    with the lowest alpha) to ``hill_plot.jsonl``: alpha against k at the default's candidate k
+    (``estimators.hill.hill_curve``: Hill's and the default's), with the k and alpha the record reports. The
+    curve is computed on the device for that one unit (the lowest alpha is found there), so the checkpoint's
+    copy grows by ``2 + 3 * 64`` numbers."""
 
     name = "tails"
-    report_sections = ("sec-tail-index", "sec-layers", "sec-heaviest")
+    report_sections = ("sec-tail-index", "sec-hill-plot", "sec-layers", "sec-heaviest")
     alert_rules = ("tail_index_drop",)
 
     def __init__(self, layout) -> None:
         super().__init__(layout)
         self.tails: torch.Tensor | None = None
+        self.plot: torch.Tensor | None = None  # (2 + 3 * P,): unit, valid count, then k, Hill's and the default's
+        self.step = 0
+        self.failures = 0
+        wanted = self.config.hill_plot_unit
+        if wanted is not None and wanted not in layout.units:
+            shown = ", ".join(layout.units[:8]) + (
+                f" (and {len(layout.units) - 8} more)" if len(layout.units) > 8 else ""
+            )
+            raise ValueError(
+                f"MonitorConfig.hill_plot_unit {wanted!r} is not a watched unit (a tensor's name, or a group_by "
+                f"group); watched: {shown}"
+            )
+        self.plot_unit = None if wanted is None else layout.units.index(wanted)
 
     def update(self, view: StepView) -> None:
         if view.checkpoint_next:
@@ -30,10 +57,12 @@ class Tails(Family):
     def readout(self, step: int) -> dict[str, Slot]:
         if self.tails is None:  # a checkpoint not preceded by a counted step (flush, a restored state)
             self.tails = self.tail_indices(measurable_gradients(self.layout.params)[0])
-        return {"tails": Slot(self.tails, "none")}
+        self.step = step
+        return {"tails": Slot(self.tails, "none"), "hill_plot": Slot(self.plot, "none")}
 
     def reset(self) -> None:
         self.tails = None
+        self.plot = None
 
     def metrics(self, views: HostViews, record: Record) -> dict[str, float]:
         tails, out = views.get(self.name, "tails"), {}
@@ -41,7 +70,46 @@ class Tails(Family):
             out[f"grad/hill_alpha/{name}"] = float(tails[i, 0])
             out[f"grad/hill_alpha_se/{name}"] = float(tails[i, 1])
             out[f"grad/hill_k/{name}"] = float(tails[i, 2])
+        if record.log_dir is not None:
+            self.write_plot(record.log_dir, tails, views.get(self.name, "hill_plot"))
         return out
+
+    def write_plot(self, log_dir, tails: np.ndarray, plot: np.ndarray) -> None:
+        """Append this checkpoint's Hill plot to ``hill_plot.jsonl`` (nothing when no unit has a tail index)."""
+        unit = int(plot[0])
+        if not 0 <= unit < len(self.layout.units) or math.isnan(tails[unit, 0]):
+            return
+        k, hill, default = plot[2:].reshape(3, HILL_CURVE_POINTS)
+        shown = np.isfinite(k)
+        line = {
+            "step": self.step,
+            "unit": self.layout.units[unit],
+            "selected": "configured" if self.plot_unit is not None else "lowest alpha",
+            "n": int(plot[1]),
+            "alpha": float(tails[unit, 0]),  # inf (no power-law tail) is written as null, with "light": true
+            "light": bool(math.isinf(tails[unit, 0])),
+            "se": float(tails[unit, 1]),
+            "k": int(tails[unit, 2]),
+            "curve": {
+                "k": [int(v) for v in k[shown]],
+                "hill_alpha": [float(v) for v in hill[shown]],
+                "default_alpha": [float(v) for v in default[shown]],
+            },
+        }
+        path = log_dir / HILL_PLOT_FILE
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(dumps_record(line) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            self.failures += 1
+            if self.failures == 1:
+                warnings.warn(
+                    f"heavytail: could not write {path}: {exc}; further failures are not reported",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def tail_indices(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
         """Hill tail index of each unit's gradient from its top order statistics, ``(U, 3)``.
@@ -89,6 +157,7 @@ class Tails(Family):
                 rows.append(u)
                 unit_tops.append(top)
                 unit_counts.append(count)
+            picks = []  # per group: (alpha, unit, valid count, curve) of the unit its plot would show
             for rows, unit_tops, unit_counts in groups.values():
                 top, count = torch.stack(unit_tops), torch.stack(unit_counts)
                 if layout.dist.sharded:
@@ -98,4 +167,30 @@ class Tails(Family):
                 out[torch.tensor(rows, device=layout.device)] = torch.stack(
                     [result.alpha.float(), result.se.float(), result.k.float()], dim=1
                 )
+                if self.plot_unit is None:  # the group's lowest alpha, found on the device (NaN: not estimated)
+                    at = _plot_order(result.alpha.float()).argmin()
+                elif self.plot_unit in rows:
+                    at = torch.tensor(rows.index(self.plot_unit), device=layout.device)
+                else:
+                    continue
+                curve = hill_curve(top[at][None], count[at][None])
+                unit = torch.tensor(rows, device=layout.device, dtype=torch.float32)[at]
+                picks.append((result.alpha.float()[at], unit, count[at].float(), torch.cat(curve, dim=-1)[0]))
+            self.plot = self._pick(picks)
         return out
+
+    def _pick(self, picks: list) -> torch.Tensor:
+        """The plot with the lowest alpha among the groups' picks, ``(2 + 3 * P,)``; unit -1 when there is none."""
+        if not picks:
+            empty = torch.full((2 + 3 * HILL_CURVE_POINTS,), math.nan, device=self.layout.device)
+            empty[0] = -1
+            return empty
+        alpha = _plot_order(torch.stack([p[0] for p in picks]))
+        rows = torch.stack([torch.cat([torch.stack([p[1], p[2]]), p[3].float()]) for p in picks])
+        return rows[alpha.argmin()]
+
+
+def _plot_order(alpha: torch.Tensor) -> torch.Tensor:
+    """Alpha as the plot's choice ranks it: a finite alpha first, then no power-law tail (inf), then not computed
+    (NaN), which has no plot."""
+    return torch.nan_to_num(alpha, nan=math.inf, posinf=torch.finfo(alpha.dtype).max)

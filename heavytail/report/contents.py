@@ -1,12 +1,14 @@
 """The report's built-in sections in report order; importing this module registers them in ``SECTIONS``.
 
-Each section is declared next to what draws it (``loss``, ``layer_maps``, ``tables``, ``comparison_tables``);
-this list only orders them. A section that is in one kind of report only has no draw function for the other.
+Each section is declared next to what draws it (``loss``, ``layer_maps``, ``hill_plot``, ``tables``,
+``comparison_tables``); this list only orders them. A section that is in one kind of report only has no draw
+function for the other.
 """
 
 from __future__ import annotations
 
 from heavytail.report.comparison_tables import COMPARISON_SECTION, FAMILY_TABLES_SECTION, LAYERS_SECTION
+from heavytail.report.hill_plot import HILL_PLOT_SECTION
 from heavytail.report.layer_maps import (
     KURTOSIS_SECTION,
     NOISE_SECTIONS,
@@ -24,6 +26,7 @@ BUILTIN_SECTIONS: tuple[Section, ...] = (
     LAYERS_SECTION,  # comparison report only
     FAMILY_TABLES_SECTION,  # comparison report only
     TAIL_INDEX_SECTION,
+    HILL_PLOT_SECTION,  # one-run report only, and only where the run wrote hill_plot.jsonl
     *NOISE_SECTIONS,
     KURTOSIS_SECTION,
     RATIO_SECTION,

@@ -51,7 +51,9 @@ class Run:
     """A loaded run directory.
 
     ``records`` are the checkpoint lines in step order (``(step, wall_time, metrics)``, None for null),
-    ``alerts`` the alert records as written, ``meta`` the contents of meta.json (empty if it was missing).
+    ``alerts`` the alert records as written, ``meta`` the contents of meta.json (empty if it was missing),
+    ``hill_plots`` the Hill plots of ``hill_plot.jsonl`` in step order (one per checkpoint; the last line of a
+    step when a resumed run wrote it twice; empty when the run wrote none).
     A list of ``(step, wall_time, metrics)`` tuples may be passed as ``records`` to build a run in memory.
     """
 
@@ -59,6 +61,7 @@ class Run:
     meta: dict[str, Any]
     records: Sequence[Record]
     alerts: list[dict[str, Any]] = field(default_factory=list)
+    hill_plots: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -219,7 +222,38 @@ def load_run(path: str | Path) -> Run:
                 raise RunDirError(f"{alerts_path}:{lineno}: an alert must be a JSON object, got {_kind(obj)}")
             alerts.append(obj)
     alerts.sort(key=lambda a: a.get("step") if isinstance(a.get("step"), (int, float)) else math.inf)
-    return Run(path=path, meta=meta, records=builder.build(), alerts=alerts)
+    return Run(path=path, meta=meta, records=builder.build(), alerts=alerts, hill_plots=_read_hill_plots(path))
+
+
+def _read_hill_plots(path: Path) -> list[dict[str, Any]]:
+    """The Hill plots of ``hill_plot.jsonl`` by step (the last line of each), skipping malformed lines with one
+    warning: they only feed one figure, which must not cost the rest of the report."""
+    plot_path = path / "hill_plot.jsonl"
+    if not plot_path.is_file():
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    bad = 0
+    try:
+        lines = list(_read_jsonl(plot_path))
+    except RunDirError as exc:
+        warnings.warn(f"{exc}; the report leaves out the Hill plots", stacklevel=3)
+        return []
+    for _, obj in lines:
+        curve = obj.get("curve") if isinstance(obj, dict) else None
+        lists = [curve.get(name) for name in ("k", "hill_alpha", "default_alpha")] if isinstance(curve, dict) else []
+        if (
+            not isinstance(obj, dict)
+            or not isinstance(obj.get("step"), int)
+            or not isinstance(obj.get("unit"), str)
+            or len(lists) != 3
+            or not all(isinstance(v, list) and len(v) == len(lists[0]) for v in lists)
+        ):
+            bad += 1
+            continue
+        by_step[obj["step"]] = obj
+    if bad:
+        warnings.warn(f"{plot_path}: skipped {bad} malformed line{'s' if bad > 1 else ''}", stacklevel=3)
+    return [by_step[step] for step in sorted(by_step)]
 
 
 INTEGRATION_DIR = "heavytail"
