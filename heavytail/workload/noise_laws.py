@@ -9,6 +9,7 @@ tail index alpha. Used by ``benchmarks/calibration.py`` and the calibration test
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -162,7 +163,11 @@ def run_source(
         with Monitor(model, opt, **cfg) as mon:
             if source == "probe":
                 held = draws(probe_draws)
-                mon.set_probe(lambda m, batch: m(batch.mean(dim=0)), held, batch_size=1)
+                loss_fn = lambda m, batch: m(batch.mean(dim=0))  # noqa: E731
+                if "batch_size" in inspect.signature(mon.set_probe).parameters:
+                    mon.set_probe(loss_fn, held, batch_size=1)
+                else:  # a monitor from before set_probe(batch_size=...): the same mini-batches of one draw
+                    mon.set_probe(loss_fn, held, micro_batches=probe_draws)
             for _ in range(steps):
                 for xi in draws(per_step):
                     model(xi).backward()
