@@ -23,13 +23,16 @@ RECORDED = {
 
 
 class Noise(Family):
-    """Per tensor and noise source (``estimators.noise``): ``noise/hill_alpha``, ``noise/hill_alpha_se`` and
-    ``noise/kurtosis`` of the temporal source (g_t - EMA(g) per coordinate, every run), and the same figures as
-    ``noise/microbatch_*`` (micro-batch gradients around their step's mean, under gradient accumulation) and
-    ``noise/rank_*`` (each rank's gradient around the all-reduced one, under DDP).
+    """Per tensor and noise source, the calibrated reading of ``estimators.noise.noise_tail``:
+    ``noise/hill_alpha``, ``noise/hill_alpha_se``, ``noise/tail_class`` (the verdict: light, power, sparse),
+    ``noise/active_frac`` and ``noise/kurtosis`` of the temporal source (each coordinate's last W gradients, every
+    run), and the same figures as ``noise/microbatch_*`` (micro-batch gradients around their step's median, under
+    gradient accumulation) and ``noise/rank_*`` (each rank's gradient around the ranks' median, under DDP).
 
     State (a dict: the micro-batch ring exists once accumulation is seen): ``mean``/``seen``, the temporal
-    source's per-coordinate EMA and its count, and one ring of deviations per source.
+    source's per-coordinate EMA and its count, one ring of deviations per source (the temporal one: g_t -
+    EMA_{t-1}, from which the gradients are recovered at checkpoints), and for the micro-batch and rank sources a
+    ring of the gradients themselves (``<source>_draws``), which shows the atom at zero.
     """
 
     name = "noise"
