@@ -61,7 +61,7 @@ def tail(draws: np.ndarray, ok: np.ndarray, dev: np.ndarray | None = None, min_c
     elif sparse:
         verdict = CODES["sparse"]
     else:
-        verdict = CODES["light"] if alpha > 4 and dedh > 6 else CODES["power"]
+        verdict = CODES["light"] if math.isinf(alpha) or (alpha > 4 and dedh > 6) else CODES["power"]
     return dict(
         hill_alpha=alpha if has_alpha else math.nan,
         hill_alpha_se=se if has_alpha else math.nan,

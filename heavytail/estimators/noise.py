@@ -202,8 +202,8 @@ def noise_tail(
     2. Otherwise each deviation is divided by its coordinate's leave-one-out mean absolute deviation
        (:func:`standardise`) and the row's standardised values are pooled.
     3. Hill's alpha and standard error on the pooled values, and the verdict: ``light`` when Hill reads above
-       :data:`LIGHT_HILL_ALPHA` and the moment estimator at the same k above :data:`LIGHT_DEDH_ALPHA`,
-       ``power`` otherwise. ``kurtosis``: :func:`coordinate_kurtosis` of the deviations.
+       :data:`LIGHT_HILL_ALPHA` and the moment estimator at the same k above :data:`LIGHT_DEDH_ALPHA`, or Hill
+       reads inf, ``power`` otherwise. ``kurtosis``: :func:`coordinate_kurtosis` of the deviations.
 
     Rows with fewer than ``min_count`` valid draws (or, for alpha, standardised values) are NaN: not computed.
     """
@@ -227,7 +227,8 @@ def noise_tail(
     kurt = coordinate_kurtosis(dev, valid)
     computed = n_valid >= min_count
     has_alpha = computed & (count >= min_count)
-    light = (alpha > LIGHT_HILL_ALPHA) & (dedh > LIGHT_DEDH_ALPHA)
+    # Hill's inf (the fit's 1/alpha at or below zero) is no power law whatever the moment estimator says.
+    light = torch.isinf(alpha) | ((alpha > LIGHT_HILL_ALPHA) & (dedh > LIGHT_DEDH_ALPHA))
     code = torch.where(sparse, float(SPARSE), torch.where(light, float(LIGHT), float(POWER)))
     code = torch.where(computed & (sparse | has_alpha), code, math.nan)
     nan = torch.full_like(alpha, math.nan)

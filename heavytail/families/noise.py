@@ -153,8 +153,9 @@ class Noise(Family):
             # would only duplicate every magnitude, which ties the order statistics, so rank 0's alone are used.
             # With more, each step's rank gradients are centred on their median (see noise.centred).
             if source == "rank" and dist.world > 2:
-                mask = dist.gather_cat(mask.to(values.dtype), dim=2) > 0
+                valid_slots = dist.gather_cat(ring.valid.to(draws.dtype), dim=1) > 0  # (L, ranks * W)
                 draws = dist.gather_cat(draws, dim=2)
+                mask = valid_slots[:, None, :].expand_as(draws)
                 per_step = draws.to(torch.float64).unflatten(2, (dist.world, -1))
                 values = (per_step - per_step.quantile(0.5, dim=2, keepdim=True)).flatten(2)
                 values = torch.where(mask, values, 0.0)
