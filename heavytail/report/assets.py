@@ -75,7 +75,6 @@ border-radius:0 6px 6px 0;margin-top:16px;overflow-wrap:anywhere}
 .ht-checks{margin:10px 0 0;padding-left:20px;font-size:13px}
 .ht-ok{color:#2e7d32;font-weight:600}.ht-diff{color:var(--crit);font-weight:600}
 .ht-low{color:var(--crit);font-weight:600}
-.ht-verdict{font-size:.85em;opacity:.8}
 footer.ht-foot{color:var(--muted);font-size:12px;text-align:center;padding:8px 24px 28px;overflow-wrap:anywhere}
 @media print{nav.ht-nav{display:none}section.ht-sec{break-inside:avoid}.ht-scroll{max-height:none}}
 """
