@@ -9,7 +9,7 @@ the median over seeds of the tensor's alpha (``noise/hill_alpha``, ``noise/micro
 - truth sparse: the verdict is sparse or light, and no seed reads an alpha under 2.5;
 - truth alpha: the verdict is power and the median alpha is within 15% of the truth.
 
-    PYTHONPATH=. python benchmarks/calibration.py [--seeds 5] [--sources temporal,microbatch,probe]
+    PYTHONPATH=. python benchmarks/calibration.py [--seeds 5] [--sources temporal,microbatch,probe] [--noise-window 32]
 
 The last line is ``calibrated=X/Y``.
 """
@@ -89,10 +89,16 @@ def main() -> None:
     parser.add_argument("--sources", default=",".join(SOURCES))
     parser.add_argument("--laws", default=",".join(LAWS))
     parser.add_argument("--scales", default=",".join(SCALES))
+    parser.add_argument("--noise-window", type=int, default=None, help="MonitorConfig.noise_window (default: its own)")
     args = parser.parse_args()
+    config = {} if args.noise_window is None else {"noise_window": args.noise_window}
     start = time.perf_counter()
     rows = calibrate(
-        laws=args.laws.split(","), scales=args.scales.split(","), sources=args.sources.split(","), seeds=args.seeds
+        laws=args.laws.split(","),
+        scales=args.scales.split(","),
+        sources=args.sources.split(","),
+        seeds=args.seeds,
+        **config,
     )
     print(f"({time.perf_counter() - start:.0f} s; per seed: alpha and the verdict's initial)")
     print(f"calibrated={sum(r['ok'] for r in rows)}/{len(rows)}")

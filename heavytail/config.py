@@ -66,7 +66,7 @@ class MonitorConfig:
     mixture-of-experts model of 10,000 tensors costs what one of 256 does). The count in use is
     ``Monitor.sample_size`` and ``sample_size`` in ``meta.json``. ``None``: ``sample_size`` for every tensor."""
 
-    noise_window: int = 32
+    noise_window: int = 16
     """Steps of sampled noise kept on the device (a ring buffer): the noise tail index at a checkpoint is
     estimated from ``sample_size * noise_window`` deviations per tensor."""
 

@@ -21,7 +21,7 @@ CASES = [
     ("laplace", "lognormal"),
     ("bernoulli(0.05)", "lognormal"),
     ("raretoken", "zipf"),
-    ("t(1.5)", "zipf"),
+    ("t(1.5)", "equal"),
     ("stable(1.5)", "lognormal"),
 ]
 

@@ -38,7 +38,7 @@ def _check(metrics: dict, prefix: str, expected: dict, name: str = "P") -> None:
 
 def _monitor(model, tmp_path, **kwargs):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    mon = ht.Monitor(model, opt, log_dir=tmp_path, sample_size=DIM, min_tail_samples=50, **kwargs)
+    mon = ht.Monitor(model, opt, log_dir=tmp_path, sample_size=DIM, noise_window=WINDOW, min_tail_samples=50, **kwargs)
     assert mon.sample_size == DIM
     return mon, opt
 
