@@ -174,21 +174,31 @@ class Monitor:
         self._guarded(self._after_step)()
 
     def set_probe(
-        self, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, *, micro_batches: int = 32
+        self,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+        batch: Any,
+        *,
+        micro_batches: int | None = None,
+        batch_size: int | None = None,
     ) -> None:
         """Give the noise probe a held batch: at every ``config.probe_every``-th checkpoint it splits ``batch``
-        into ``micro_batches`` mini-batches and runs :func:`heavytail.probe.noise_probe`.
+        into mini-batches and runs :func:`heavytail.probe.noise_probe`.
+
+        The probe's noise is that of a gradient over one mini-batch, so its reading depends on the mini-batch's
+        size (below alpha 2 it does not; above, larger batches read lighter): give ``batch_size``, the training
+        micro-batch size in rows, to measure the noise the optimizer sees (the batch is cut into
+        ``len(batch) // batch_size`` mini-batches of exactly that many rows; at least 32 of them give the tail
+        verdict its footing), or ``micro_batches`` (default 32) to cut it into that many. Records state what was
+        used: ``probe/batch_size`` (rows per mini-batch) and ``probe/micro_batches``.
 
         ``loss_fn(model, mini_batch)`` returns the scalar loss to back-propagate (apply autocast inside it if
         training uses it). The probe saves and restores every ``.grad``, the RNG states, the modules' modes and
         the buffers, so training is unchanged; its backward passes are not counted as micro-batches. Cost per
-        probe: ``micro_batches`` forward+backward passes over ``1/micro_batches`` of ``batch`` each. Records get
-        ``probe/<figure>/<name>`` keys (``hill_alpha``, ``hill_alpha_se``, ``hill_alpha_gauss``,
-        ``stable_alpha``, ``kurtosis``, ``moment_slope_p1``, ``moment_intercept_p1``, ``moment_slope_p1.5``,
-        ``moment_intercept_p1.5``, ``resolved_frac``, ``grad_norm``; see docs/probe.md). Not run under
-        torch.distributed (each rank would probe its own copy); a warning says so once.
+        probe: one forward+backward pass per mini-batch. Records get ``probe/<figure>/<name>`` keys (see
+        docs/probe.md). Not run under torch.distributed (each rank would probe its own copy); a warning says so
+        once.
         """
-        self.families["probe"].configure(self.model, loss_fn, batch, micro_batches)
+        self.families["probe"].configure(self.model, loss_fn, batch, micro_batches, batch_size)
 
     def on_alert(self, fn: Callable[[dict], None]) -> Callable[[dict], None]:
         """Register ``fn(alert_record)`` to be called for every alert; returns ``fn`` (usable as a decorator)."""

@@ -22,8 +22,18 @@ from torch import nn
 
 from heavytail.estimators.hill import hill
 from heavytail.estimators.kurtosis import kurtosis
+from heavytail.estimators.noise import centred, noise_tail
 
-__all__ = ["DEFAULT_MOMENTS", "ProbeResult", "moment_fit", "noise_probe", "noise_statistics", "split_batch"]
+__all__ = [
+    "DEFAULT_MOMENTS",
+    "ProbeResult",
+    "batch_rows",
+    "head_rows",
+    "moment_fit",
+    "noise_probe",
+    "noise_statistics",
+    "split_batch",
+]
 
 DEFAULT_MOMENTS: tuple[float, ...] = (1.0, 1.5)
 """Powers p of the generalized heavy-tailed noise condition that the probe fits (p in (1, 2]; 2 is the variance)."""
@@ -37,10 +47,18 @@ class ProbeResult(NamedTuple):
 
     Tail of the noise; each coordinate's M mini-batch values are its draws (:func:`noise_statistics`):
 
-    - ``hill_alpha``, ``hill_alpha_se`` ``(L,)``: Hill's tail index of |noise| (:func:`heavytail.estimators.hill`
-      with a fixed k per coordinate, pooled over coordinates) and its jackknife standard error; under 2 the noise
-      has infinite variance. ``hill_alpha_gauss`` ``(L,)``: what the same estimator reads on Gaussian noise of the
-      same M (about 4.0 at M = 32): values near it mean a light tail.
+    - ``hill_alpha``, ``hill_alpha_se`` ``(L,)``: the calibrated tail reading of the noise
+      (:func:`heavytail.estimators.noise.noise_tail`: each coordinate's M draws standardised by their own scale,
+      pooled, Hill with its standard error); under 2 the noise has infinite variance. ``tail_class`` ``(L,)``:
+      its verdict (0 light, 1 power, 2 sparse, NaN not computed) and ``active_frac`` the share of draws that are
+      not the atom at zero.
+    - ``hill_alpha_coord`` ``(L,)``: Hill with a fixed k per coordinate (``max(2, M // 8)`` of its M draws),
+      pooled over coordinates as a mean of 1/alpha: blind to how coordinates move together, but biased up for
+      light tails at small M; ``hill_alpha_gauss`` ``(L,)``: what it reads on Gaussian noise of the same M (about
+      4.0 at M = 32).
+    - ``hill_alpha_2x``, ``tail_class_2x`` ``(L,)``: the same reading at twice the batch size (the means of
+      pairs of mini-batch gradients, M/2 draws): the generalized-CLT check of Simsekli et al. (2019): an
+      alpha-stable noise (alpha < 2) keeps its alpha as the batch grows, a finite-variance one drifts to light.
     - ``stable_alpha`` ``(L,)``: the alpha-stable index (Mohammadi et al. 2015, as Simsekli et al. 2019 use it),
       in (0, 2]; 2 reads as Gaussian.
     - ``kurtosis`` ``(L,)``: mean over coordinates of the excess kurtosis of the noise (Gaussian: -6/(M+1)).
@@ -55,7 +73,8 @@ class ProbeResult(NamedTuple):
     - ``resolved_frac`` ``(L,)``: the fraction of sampled coordinates whose mean gradient is resolved (more than
       ``RESOLVED_SE`` standard errors from zero); only those enter the fit.
 
-    And ``grad_norm`` ``(L, M)``: each mini-batch gradient's norm per tensor; ``micro_batches``: M.
+    And ``grad_norm`` ``(L, M)``: each mini-batch gradient's norm per tensor; ``micro_batches``: M;
+    ``batch_size``: the mean number of rows of the held batch per mini-batch (NaN when not known).
     """
 
     hill_alpha: torch.Tensor
@@ -72,6 +91,12 @@ class ProbeResult(NamedTuple):
     resolved_frac: torch.Tensor
     grad_norm: torch.Tensor
     micro_batches: int
+    tail_class: torch.Tensor
+    active_frac: torch.Tensor
+    hill_alpha_2x: torch.Tensor
+    tail_class_2x: torch.Tensor
+    hill_alpha_coord: torch.Tensor
+    batch_size: float = math.nan
 
     def packed(self) -> tuple[list[str], torch.Tensor]:
         """The per-tensor figures as ``(names, values (L, K))``, for one checkpoint copy.
@@ -79,15 +104,23 @@ class ProbeResult(NamedTuple):
         Names: ``hill_alpha``, ``hill_alpha_se``, ``hill_alpha_gauss``, ``stable_alpha``, ``kurtosis``,
         ``moment_slope_p<p>`` and
         ``moment_intercept_p<p>`` for each p (``p1``, ``p1.5``), ``resolved_frac``, ``grad_norm`` (the mean
-        mini-batch gradient norm). The monitor writes them as ``probe/<name>/<parameter>``.
+        mini-batch gradient norm), ``tail_class``, ``active_frac``, ``hill_alpha_2x``, ``tail_class_2x``,
+        ``hill_alpha_coord``, ``micro_batches`` and ``batch_size``. The monitor writes them as ``probe/<name>/<parameter>``.
         """
         names = ["hill_alpha", "hill_alpha_se", "hill_alpha_gauss", "stable_alpha", "kurtosis"]
         cols = [self.hill_alpha, self.hill_alpha_se, self.hill_alpha_gauss, self.stable_alpha, self.kurtosis]
         for j, p in enumerate(self.moments):
             names += [f"moment_slope_p{p:g}", f"moment_intercept_p{p:g}"]
             cols += [self.moment_slope[:, j], self.moment_intercept[:, j]]
-        names += ["resolved_frac", "grad_norm"]
-        cols += [self.resolved_frac, self.grad_norm.mean(dim=1)]
+        names += ["resolved_frac", "grad_norm", "tail_class", "active_frac", "hill_alpha_2x", "tail_class_2x"]
+        cols += [self.resolved_frac, self.grad_norm.mean(dim=1), self.tail_class, self.active_frac]
+        cols += [self.hill_alpha_2x, self.tail_class_2x]
+        names += ["hill_alpha_coord", "micro_batches", "batch_size"]
+        cols += [self.hill_alpha_coord]
+        cols += [
+            torch.full_like(self.hill_alpha, float(self.micro_batches)),
+            torch.full_like(self.hill_alpha, self.batch_size),
+        ]
         return names, torch.stack([c.to(torch.float64) for c in cols], dim=1)
 
 
@@ -105,6 +138,7 @@ def noise_probe(
     sample_index: torch.Tensor,
     moments: Sequence[float] = DEFAULT_MOMENTS,
     groups: Sequence[Sequence[int]] | None = None,
+    min_count: int = 1000,
 ) -> ProbeResult:
     """Mini-batch gradient noise of a held batch, on sampled coordinates, without disturbing training.
 
@@ -186,27 +220,57 @@ def noise_probe(
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
     samples, norms = samples.transpose(0, 1), norms.T  # (L, M, S), (L, M)
+    valid = None
     if groups is not None:
-        samples, norms = _pool_groups(samples, norms, groups)
-    stats = noise_statistics(samples, moments=moments)
-    return stats._replace(grad_norm=norms.contiguous())
+        samples, norms, valid = _pool_groups(samples, norms, groups)
+    stats = noise_statistics(samples, moments=moments, valid=valid, min_count=min_count)
+    return stats._replace(grad_norm=norms.contiguous(), batch_size=batch_rows(batch) / micro_batches)
 
 
 def _pool_groups(
     samples: torch.Tensor, norms: torch.Tensor, groups: Sequence[Sequence[int]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of groups: members' coordinates side by side, zero-padded (zeros are missing to every estimate)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of groups: members' coordinates side by side, zero-padded, and which coordinates are real ``(U, W)``
+    (the padding is missing to every estimate)."""
     num_layers, m, s = samples.shape
     width = max((len(g) for g in groups), default=1) * s
     pooled = torch.zeros(len(groups), m, width, device=samples.device, dtype=samples.dtype)
     pooled_norms = torch.zeros(len(groups), m, device=norms.device, dtype=norms.dtype)
+    real = torch.zeros(len(groups), width, device=samples.device, dtype=torch.bool)
     for u, members in enumerate(groups):
         members = list(members)
         if not members:
             continue
         pooled[u, :, : len(members) * s] = samples[members].transpose(0, 1).reshape(m, -1)
         pooled_norms[u] = norms[members].pow(2).sum(dim=0).sqrt()
-    return pooled, pooled_norms
+        real[u, : len(members) * s] = True
+    return pooled, pooled_norms, real
+
+
+def head_rows(batch: Any, rows: int) -> Any:
+    """The first ``rows`` rows of every tensor of ``batch`` (same forms as :func:`split_batch`)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:rows] if batch.ndim else batch
+    if isinstance(batch, Mapping):
+        items = {k: head_rows(v, rows) for k, v in batch.items()}
+        return type(batch)(items) if isinstance(batch, dict) else items
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
+        return type(batch)(*(head_rows(v, rows) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(head_rows(v, rows) for v in batch)
+    return batch
+
+
+def batch_rows(batch: Any) -> int:
+    """The number of rows (dim 0) of the held batch's tensors (:func:`split_batch` checks that they agree)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for v in values:
+        rows = batch_rows(v)
+        if rows:
+            return rows
+    return 0
 
 
 def split_batch(batch: Any, parts: int) -> list[Any]:
@@ -260,24 +324,38 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
 # Statistics of the samples (pure)
 
 
-def noise_statistics(samples: torch.Tensor, moments: Sequence[float] = DEFAULT_MOMENTS) -> ProbeResult:
+def noise_statistics(
+    samples: torch.Tensor,
+    moments: Sequence[float] = DEFAULT_MOMENTS,
+    *,
+    valid: torch.Tensor | None = None,
+    min_count: int = 1000,
+) -> ProbeResult:
     """Tail indices, kurtosis and the moment fit from mini-batch gradient samples ``(L, M, S)``.
 
     ``samples[l, m, s]``: tensor l's gradient on mini-batch m at sampled coordinate s. With
     ``gbar = mean_m samples`` the noise is ``xi = samples - gbar`` (Simsekli et al. 2019). Every estimate treats
     the M mini-batches of one coordinate as its independent draws and pools coordinates only through
-    scale-free averages. Pooling the raw ``M x S`` values instead (one sample per layer) goes wrong twice:
-    coordinates of one mini-batch share its data and move together (one rare sequence scales a whole row), so
-    the top order statistics are a few clusters whose inner spread is light-tailed and Hill reads a Student-t
-    with 1.5 degrees of freedom as alpha ~ 5-13; and coordinates of different scales make a scale mixture.
+    scale-free quantities. Pooling the raw ``M x S`` values instead (one sample per layer) makes a scale mixture
+    of coordinates of different scales, heavy-tailed even for Gaussian noise.
 
-    - ``hill_alpha``: Hill (1975) with a threshold per coordinate: ``1/alpha`` is the mean over coordinates of
-      ``mean_{i<=k} log(|xi|_(i) / |xi|_(k+1))`` over that coordinate's M values sorted descending, with
-      ``k = max(2, M // 8)``; each coordinate's scale cancels in its log-ratios. With so few draws per coordinate
-      the estimate is biased up for light tails: Gaussian noise reads about 4.0 at M = 32, not infinity, so it
-      comes with ``hill_alpha_gauss``, the value the same estimator gives on Gaussian noise of the same M.
-      Measured on mini-batch means of Student-t noise at M = 32: t(1.5) reads 1.5-1.8, t(1) 1.0-1.3, t(3) 2.7-3.1.
-      ``hill_alpha_se``: a grouped jackknife over 8 groups of mini-batches (the independent unit).
+    - ``hill_alpha``, ``hill_alpha_se``, ``tail_class``, ``active_frac``: :func:`heavytail.estimators.noise.noise_tail`
+      on the draws ``(L, S, M)``: each coordinate's draws centred on their median and divided by the mean
+      absolute deviation of its other draws, so that coordinates' scales cancel, then pooled: the same reading as
+      the streaming sources'. Rows with fewer than ``min_count`` draws are NaN. ``valid`` ``(L, S)`` marks the
+      coordinates that exist (groups pad with missing ones). Measured through the Monitor on known laws with one
+      draw per mini-batch (``benchmarks/calibration.py``): Gaussian and Laplace read light at M = 32, S = 256.
+      Its limit: it treats coordinates as independent. When one rare sample scales a whole row of a weight
+      matrix at once, the top standardised values come in clusters of one draw each, whose spread inside a
+      cluster is light, and the reading is biased light (a linear model with Student-t(1.5) errors reads 1.5-3.4
+      in four seeds of six, light in the other two); ``hill_alpha_coord`` does not have that bias.
+    - ``hill_alpha_2x``, ``tail_class_2x``: the same on the means of pairs of mini-batches (twice the batch).
+    - ``hill_alpha_coord``: Hill (1975) with a threshold per coordinate: ``1/alpha`` is the mean over
+      coordinates of ``mean_{i<=k} log(|xi|_(i) / |xi|_(k+1))`` over that coordinate's M values sorted
+      descending, with ``k = max(2, M // 8)``; each coordinate's scale cancels in its log-ratios. With so few
+      draws per coordinate the estimate is biased up for light tails: Gaussian noise reads about 4.0 at M = 32,
+      not infinity, hence ``hill_alpha_gauss``. Measured on mini-batch means of Student-t noise at M = 32: t(1.5)
+      reads 1.5-1.8, t(1) 1.0-1.3, t(3) 2.7-3.1.
     - ``stable_alpha``: Mohammadi, Mohammadpour & Ogata (2015),
       ``1/alpha = (mean log|Y| - mean log|xi|) / log K2``, Y the sums of blocks of ``K2 = floor(sqrt(M))`` noise
       values of one coordinate (blocks across coordinates would cancel to Gaussian for the reason above); the
@@ -306,13 +384,14 @@ def noise_statistics(samples: torch.Tensor, moments: Sequence[float] = DEFAULT_M
     gbar = x.mean(dim=1)  # (L, S)
     xi = x - gbar[:, None, :]  # (L, M, S)
 
-    k = hill_top_count(m)
-    alpha = _hill_per_coordinate(xi, k)
-    groups = min(8, m // 2)
-    drops = torch.stack(
-        [_hill_per_coordinate(_centred(x[:, [j for j in range(m) if j % groups != g]]), k) for g in range(groups)]
-    )  # (G, L)
-    se = ((groups - 1) / groups * ((drops - drops.mean(0)) ** 2).sum(0)).sqrt()
+    xt = x.transpose(1, 2)  # (L, S, M): each coordinate's M draws
+    ok = torch.ones_like(xt, dtype=torch.bool) if valid is None else valid[:, :, None].expand_as(xt)
+    tail = noise_tail(centred(xt, ok), ok, xt, min_count)
+    half = m // 2  # twice the batch size: the mean of each pair of mini-batch gradients
+    pairs, ok2 = (xt[..., 0 : 2 * half : 2] + xt[..., 1 : 2 * half : 2]) / 2, ok[..., :half]
+    tail2 = noise_tail(centred(pairs, ok2), ok2, pairs, min_count)
+    xi_ok = torch.where(ok.transpose(1, 2), xi, 0.0)  # padding coordinates are missing (zeros)
+    alpha_coord = _hill_per_coordinate(xi_ok, hill_top_count(m))
     stable = _stable_alpha_over_batches(xi)
     kurt = _mean_finite(kurtosis(xi.transpose(1, 2)))  # per coordinate over M, then mean over coordinates
 
@@ -326,9 +405,11 @@ def noise_statistics(samples: torch.Tensor, moments: Sequence[float] = DEFAULT_M
     fit_noise = torch.stack([(xi_odd**p).mean(dim=1) for p in ps], dim=1)
     fit_grad = torch.stack([g_even.abs() ** p for p in ps], dim=1)
     slope, intercept, r2 = moment_fit(fit_noise, fit_grad, resolved[:, None, :].expand_as(fit_noise))
+    f64 = torch.float64
+    alpha = tail.alpha.to(f64)
     return ProbeResult(
         hill_alpha=alpha,
-        hill_alpha_se=torch.where(torch.isfinite(alpha), se, math.nan),
+        hill_alpha_se=tail.se.to(f64),
         hill_alpha_gauss=torch.full_like(alpha, gaussian_hill_reference(m)),
         stable_alpha=stable,
         kurtosis=kurt,
@@ -341,6 +422,11 @@ def noise_statistics(samples: torch.Tensor, moments: Sequence[float] = DEFAULT_M
         resolved_frac=resolved.to(torch.float64).mean(dim=1),
         grad_norm=torch.zeros(num_layers, 0, device=x.device, dtype=torch.float64),
         micro_batches=m,
+        tail_class=tail.tail_class.to(f64),
+        active_frac=tail.active_frac.to(f64),
+        hill_alpha_2x=tail2.alpha.to(f64),
+        tail_class_2x=tail2.tail_class.to(f64),
+        hill_alpha_coord=alpha_coord,
     )
 
 

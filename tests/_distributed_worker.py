@@ -78,7 +78,7 @@ def _optimizer(kind: str, model: nn.Module, inner: nn.Module):
 
 
 _STATE = ("ratio.sums", "ratio.maxes", "shadow.spike_sum", "shadow.maxes", "memory.sums", "updates.sums")
-_STATE += ("noise.temporal", "noise.temporal_valid")
+_STATE += ("noise.temporal", "noise.temporal_valid", "noise.mean")
 
 
 def _partial_refusal(model: nn.Module, log_dir: str) -> str | None:
@@ -152,6 +152,7 @@ def run(rank: int, world: int, mode: str, port: int, log_dir: str, options: dict
         # This rank's interval state and noise ring, for the merges' own check.
         "state": {k: states[k].tolist() for k in _STATE},
         "sampling": monitor.layout.sampling.tolist(),
+        "noise_pushes": monitor.families["noise"].slots["temporal"],
         "refused": refused,
     }
     if opts["rank_noise"]:

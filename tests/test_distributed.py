@@ -20,6 +20,7 @@ from heavytail.families.noise import rank_mean_tails as _rank_mean_tails
 from heavytail.families.noise import rank_tail_sums as _rank_tail_sums
 from heavytail.families.updates import COLUMN as _U
 from tests import _distributed_worker as worker
+from tests import noise_reference
 from tests.conftest import read_records
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -196,22 +197,18 @@ def test_rank_noise_of_four_ranks_pools_their_own_gradients(runs):
     names, index = dumps[0]["names"], dumps[0]["sample_index"]
     own = np.array(dumps[0]["rank_samples"], dtype=np.float64)  # (rank, step, tensor, sample), from autograd.grad
     assert own.shape == (4, 5, len(names), len(index[0]))
-    deviations = own - own.mean(axis=0, keepdims=True)  # each rank's gradient minus the all-reduced mean
     last = records[-1]["metrics"]  # written at step 5: the ring holds the 5 steps of all 4 ranks
     for i, name in enumerate(names):
-        pooled = deviations[:, :, i, :].reshape(-1)
-        centred = pooled - pooled.mean()
-        kurtosis = (centred**4).mean() / (centred**2).mean() ** 2 - 3
-        assert last[f"noise/rank_kurtosis/{name}"] == pytest.approx(kurtosis, rel=1e-4, abs=1e-4), name
-        alpha, se, _ = noise.noise_tail(
-            torch.tensor(pooled, dtype=torch.float32)[None], torch.ones(1, pooled.size, dtype=torch.bool), 1000
-        )[0].tolist()
-        got = last[f"noise/rank_hill_alpha/{name}"]
-        if math.isfinite(alpha):
-            assert got == pytest.approx(alpha, rel=1e-3), name
-            assert last[f"noise/rank_hill_alpha_se/{name}"] == pytest.approx(se, rel=1e-3), name
-        else:
-            assert got is None, name
+        draws = own[:, :, i, :].transpose(2, 0, 1)  # (sample, rank, step)
+        deviations = draws - np.median(draws, axis=1, keepdims=True)  # around the ranks' median at each step
+        draws, deviations = draws.reshape(draws.shape[0], -1), deviations.reshape(draws.shape[0], -1)
+        expected = noise_reference.tail(draws, np.ones_like(draws, dtype=bool), deviations, min_count=1000)
+        for field, value in expected.items():
+            got = last[f"noise/rank_{field}/{name}"]
+            if not math.isfinite(value):  # NaN: not computed; inf (a tied top): JSON has no Inf, both are null
+                assert got is None, (name, field)
+            else:
+                assert got == pytest.approx(value, rel=1e-3, abs=1e-6), (name, field)
 
 
 # ------------------------------------------------------------------ the rank-dependent figures' merges
@@ -242,14 +239,17 @@ def test_sample_based_figures_are_means_over_the_sampling_ranks(runs, mode, worl
         assert last[f"update/rms_ratio/{name}"] == pytest.approx(
             rms / sum(st[r]["updates.sums"][i, _U["rms_steps"]] for r in ranks), rel=1e-12
         )
-        # Temporal noise: each rank's estimate on its own ring, merged as a harmonic mean of alphas.
+        # Temporal noise: each rank's reading on its own ring, merged as a harmonic mean of alphas.
         estimates = []
         for r in ranks:
             ring = noise.NoiseRing(
                 torch.tensor(st[r]["noise.temporal"][i : i + 1], dtype=torch.float32),
                 torch.tensor(st[r]["noise.temporal_valid"][i : i + 1] > 0),
             )
-            estimates.append(noise.noise_tail(*noise.flatten(ring), 1000)[0].double())
+            mean = torch.tensor(st[r]["noise.mean"][i : i + 1], dtype=torch.float32)
+            draws = noise.temporal_draws(ring, mean, dumps[r]["noise_pushes"], 0.9)
+            mask = noise.draw_mask(ring)
+            estimates.append(noise.noise_tail(noise.centred(draws, mask), mask, draws, 1000).packed()[0].double())
         kurt = [e[2].item() for e in estimates if math.isfinite(e[2])]
         got = last[f"noise/kurtosis/{name}"]
         assert (got is None) == (not kurt) and (not kurt or got == pytest.approx(np.mean(kurt), rel=1e-5)), name
@@ -262,23 +262,27 @@ def test_sample_based_figures_are_means_over_the_sampling_ranks(runs, mode, worl
 
 
 def test_rank_tail_merge_is_the_harmonic_mean_with_its_standard_error():
+    nan, inf = math.nan, math.inf
     ranks = torch.tensor(
-        [
-            [[2.0, 0.4, 5.0], [math.inf, math.inf, 1.0], [math.nan, math.nan, math.nan], [math.inf, math.inf, 0.5]],
-            [[4.0, 1.0, 7.0], [3.0, 0.6, math.nan], [math.nan, math.nan, math.nan], [math.inf, math.inf, 1.5]],
+        [  # alpha, se, kurtosis, verdict, active fraction, DEdH alpha
+            [[2.0, 0.4, 5.0, 1, 1.0, 2.5], [inf, inf, 1.0, 0, 0.9, inf], [nan] * 6, [inf, inf, 0.5, 0, 1.0, inf]],
+            [[4.0, 1.0, 7.0, 1, 0.8, 3.0], [3.0, 0.6, nan, 1, 0.7, 4.0], [nan] * 6, [inf, inf, 1.5, 2, 0.2, inf]],
         ]
     )
     merged = _rank_mean_tails(sum(_rank_tail_sums(r) for r in ranks)).double()
     gamma = (1 / 2 + 1 / 4) / 2
     se = math.sqrt((0.4 / 4) ** 2 + (1.0 / 16) ** 2) / 2 / gamma**2
-    assert merged[0].tolist() == pytest.approx([1 / gamma, se, 6.0], rel=1e-6)
-    # A light rank (alpha = inf) counts as gamma = 0 with no spread; the kurtosis is the mean of those known.
-    assert merged[1].tolist() == pytest.approx([6.0, math.sqrt((0.6 / 9) ** 2) / 2 * 36, 1.0], rel=1e-6)
+    assert merged[0, :5].tolist() == pytest.approx([1 / gamma, se, 6.0, 1, 0.9], rel=1e-6)
+    # A light rank (alpha = inf) counts as gamma = 0 with no spread; the kurtosis is the mean of those known;
+    # a tie of verdicts goes to the heavier one (power over light, sparse over light).
+    assert merged[1, :5].tolist() == pytest.approx([6.0, math.sqrt((0.6 / 9) ** 2) / 2 * 36, 1.0, 1, 0.8], rel=1e-6)
     assert torch.isnan(merged[2]).all()
     assert merged[3, 0] == math.inf and merged[3, 2].item() == pytest.approx(1.0)
-    # One rank reads back exactly what it estimated.
+    assert merged[3, 3].item() == 2 and merged[3, 4].item() == pytest.approx(0.6)
+    assert torch.isnan(merged[:, 5]).all()  # the moment estimator is not merged
+    # One rank reads back exactly what it estimated (but the moment estimator).
     one = ranks[0, :2]
-    assert torch.equal(_rank_mean_tails(_rank_tail_sums(one)), one)
+    assert torch.equal(_rank_mean_tails(_rank_tail_sums(one))[:, :5], one[:, :5])
 
 
 # ------------------------------------------------------------------ refused at attach

@@ -108,6 +108,8 @@ def test_records_every_n_steps_with_the_documented_keys(tmp_path, tiny_model):
             "grad/hill_alpha_se",
             "noise/hill_alpha",
             "noise/kurtosis",
+            "noise/tail_class",
+            "noise/active_frac",
             "adam/ratio_max",
             "adam/ratio_p99",
             "adam/spike_frac",
@@ -116,7 +118,6 @@ def test_records_every_n_steps_with_the_documented_keys(tmp_path, tiny_model):
     assert m["steps"] == 10
     assert set(records[1]) == {"step", "wall_time", "metrics"}
     big = "fc1.weight"
-    assert m[f"noise/hill_alpha/{big}"] is not None and m[f"noise/hill_alpha/{big}"] > 0
     assert m[f"grad/kurtosis_gauss/{big}"] > 0
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["every"] == 10 and meta["optimizer"] == "AdamW"
@@ -330,7 +331,6 @@ def test_group_by_merges_tensors_exactly(tmp_path):
         assert m["grad/max/fc1"] == max(t["grad/max/fc1.weight"], t["grad/max/fc1.bias"])
         assert m["grad/kurtosis/fc1"] == pytest.approx(scipy.stats.kurtosis(g.numpy()), rel=1e-6)
         assert m["grad/hill_alpha/fc1"] == pytest.approx(float(hill(g).alpha), rel=1e-4)
-        assert m["noise/hill_alpha_se/fc1"] is None or m["noise/hill_alpha_se/fc1"] > 0
         assert m["grad/norm/embed.weight"] == t["grad/norm/embed.weight"]
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from heavytail.estimators.noise import LIGHT
 from heavytail.probe import (
     ProbeResult,
     gaussian_hill_reference,
@@ -165,17 +166,19 @@ def _linear_probe(noise: str, seed: int, micro_batches: int = 32, per_batch: int
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_heavy_tailed_noise_reads_heavy(seed: int) -> None:
+    # Each sample's error scales a whole row of the gradient: coordinates move together, which only the
+    # per-coordinate estimator is blind to (the pooled reading is biased light here; see noise_statistics).
     r = _linear_probe("student", seed)
-    assert float(r.hill_alpha[0]) < 2.2
+    assert float(r.hill_alpha_coord[0]) < 2.2
     assert float(r.stable_alpha[0]) < 1.7
     assert float(r.kurtosis[0]) > 3.0
-    assert float(r.hill_alpha_se[0]) > 0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gaussian_noise_reads_light(seed: int) -> None:
     r = _linear_probe("gaussian", seed)
-    assert float(r.hill_alpha[0]) > 3.0  # the estimator's Gaussian reading at M = 32 is about 4
+    assert float(r.tail_class[0]) == LIGHT
+    assert float(r.hill_alpha_coord[0]) > 3.0  # the per-coordinate estimator's Gaussian reading at M = 32 is about 4
     assert float(r.stable_alpha[0]) > 1.9
     assert abs(float(r.kurtosis[0])) < 1.0
 
@@ -184,7 +187,7 @@ def test_gaussian_reference_is_what_gaussian_noise_reads() -> None:
     ref = gaussian_hill_reference(32)
     assert 3.5 < ref < 4.5
     z = torch.randn(1, 32, 4096, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    assert float(noise_statistics(z).hill_alpha[0]) == pytest.approx(ref, rel=0.05)
+    assert float(noise_statistics(z).hill_alpha_coord[0]) == pytest.approx(ref, rel=0.05)
     assert float(noise_statistics(z).hill_alpha_gauss[0]) == ref
 
 

@@ -1,15 +1,18 @@
-"""Noise tails: ring buffers of sampled gradient-noise deviations, and their tail index and kurtosis.
+"""Noise tails: ring buffers of sampled gradient-noise deviations, and their calibrated tail reading.
 
 The noise of a stochastic gradient is its deviation from the mean gradient (DESIGN: the noise tail, which the
 convergence theory is about, as opposed to the coordinate tail of one step's gradient). Each source provides
-deviations on the same fixed sample of coordinates per tensor, ``(L, S)`` per push:
+draws on the same fixed sample of coordinates per tensor, ``(L, S)`` per push:
 
 - temporal: g_t - EMA(g) per coordinate (every run, every step);
 - micro-batch: g_micro,i - mean_i g_micro,i under gradient accumulation;
 - rank: g_rank - mean over ranks (the all-reduced gradient) under data parallelism.
 
-Deviations from all coordinates of a tensor are pooled, as Simsekli et al. (2019) pool them; since coordinates
-differ in scale the pool is a scale mixture, which has the tail index of its components (Breiman 1965).
+Coordinates differ in scale, often by orders of magnitude, and pooling their raw deviations makes a scale mixture,
+which is heavy-tailed even when every coordinate's noise is Gaussian (a Student-t is a scale mixture of
+Gaussians). :func:`noise_tail` therefore divides each deviation by its own coordinate's scale, the mean absolute
+deviation of the coordinate's *other* draws in the window (leave-one-out, so that a draw never shrinks itself),
+pools the standardised values of a tensor, and reads their tail with a verdict (:data:`TAIL_CLASSES`).
 """
 
 from __future__ import annotations
@@ -21,12 +24,47 @@ import torch
 
 from heavytail.estimators.hill import default_top_count, hill_from_top
 
+LIGHT, POWER, SPARSE = 0, 1, 2
+TAIL_CLASSES: dict[int, str] = {LIGHT: "light", POWER: "power", SPARSE: "sparse"}
+"""The verdict codes of a tail reading (``noise/tail_class``, ``probe/tail_class``); NaN is "not computed"."""
+
+SPARSE_ACTIVE_FRAC = 0.5
+"""A tensor's noise is ``sparse`` when fewer than this fraction of its draws are active (not the atom at zero)."""
+
+LIGHT_HILL_ALPHA = 4.0
+LIGHT_DEDH_ALPHA = 6.0
+"""A tail is ``light`` when Hill reads alpha above ``LIGHT_HILL_ALPHA`` and the moment estimator (Dekkers,
+Einmahl & de Haan 1989) at Hill's k reads alpha above ``LIGHT_DEDH_ALPHA`` (xi below 1/6, xi <= 0 included)."""
+
+ATOM_TOLERANCE = 1e-4
+"""A draw is the atom at zero when ``|g| <= ATOM_TOLERANCE * max |g|`` over its coordinate's window: far above
+the float32 error of the temporal source's reconstruction (:func:`temporal_draws`), far below a continuous law's
+mass near zero (a Gaussian coordinate loses about 1e-4 of its draws to it)."""
+
 
 class NoiseRing(NamedTuple):
     """The last ``W`` pushes of ``(L, S)`` deviations, and which (tensor, push) slots hold data."""
 
     values: torch.Tensor  # (L, S, W) float32
     valid: torch.Tensor  # (L, W) bool
+
+
+class NoiseTail(NamedTuple):
+    """One tail reading per row, float32 ``(L,)`` each; NaN where not computed (too few draws)."""
+
+    alpha: torch.Tensor  # Hill's tail index of the standardised noise (of its active part when sparse)
+    se: torch.Tensor  # its standard error
+    kurtosis: torch.Tensor  # mean over coordinates of each coordinate's excess kurtosis over its window
+    tail_class: torch.Tensor  # LIGHT, POWER or SPARSE as a float code
+    active_frac: torch.Tensor  # the fraction of valid draws that are not the atom at zero
+    dedh_alpha: torch.Tensor  # the moment estimator's alpha at Hill's k (inf: xi <= 0)
+
+    def packed(self) -> torch.Tensor:
+        """``(L, 6)`` in field order, for one checkpoint slot."""
+        return torch.stack(list(self), dim=1)
+
+
+FIELDS = NoiseTail._fields
 
 
 def init(num_layers: int, num_samples: int, window: int, device: torch.device | str | None = None) -> NoiseRing:
@@ -55,32 +93,150 @@ def flatten(ring: NoiseRing) -> tuple[torch.Tensor, torch.Tensor]:
     return ring.values.reshape(num_layers, -1), mask
 
 
-def noise_tail(values: torch.Tensor, mask: torch.Tensor, min_count: int = 100) -> torch.Tensor:
-    """Per row: Hill alpha, its standard error and the excess kurtosis of the valid deviations, ``(L, 3)``.
+def draw_mask(ring: NoiseRing) -> torch.Tensor:
+    """The ring's validity per draw, ``(L, S, W)``."""
+    return ring.valid[:, None, :].expand_as(ring.values)
 
-    Hill as in :func:`heavytail.estimators.hill.hill` (zeros and masked entries are missing); kurtosis is the
-    biased m4/m2^2 - 3 over the valid entries (masked central moments, float64). Rows with fewer than
-    ``min_count`` valid deviations give NaN: too few to say anything honest about a tail.
+
+def temporal_draws(ring: NoiseRing, mean: torch.Tensor, pushes: int, beta: float) -> torch.Tensor:
+    """The gradients ``g_t`` ``(L, S, W)`` behind a temporal ring of deviations ``d_t = g_t - m_{t-1}``.
+
+    The EMA obeys ``m_t = m_{t-1} + (1 - beta) d_t`` on every valid push (and stays put otherwise), so from the
+    current ``mean`` ``(L, S)`` the earlier means are ``m_{t-1} = m_T - (1 - beta) sum_{j >= t} d_j`` and
+    ``g_t = d_t + m_{t-1}``. ``pushes`` is how many pushes the ring has seen (its newest slot is
+    ``(pushes - 1) % W``). Exact up to float32 rounding, about W ulps of ``|m|``: a reconstructed value within
+    ``ATOM_TOLERANCE (|d_t| + |m_{t-1}|)`` of zero was a zero gradient and is returned as exactly 0.
     """
-    data = values.to(torch.float64) * mask
-    counts = mask.sum(dim=1)
-    n = counts.to(torch.float64).clamp_min(1)
-    mean = data.sum(1) / n
-    centred = (data - mean[:, None]) * mask
-    m2 = (centred**2).sum(1) / n
-    m4 = (centred**4).sum(1) / n
-    kurtosis = m4 / (m2 * m2) - 3.0
-    width = values.shape[1]
+    values = ring.values.to(torch.float64) * ring.valid[:, None, :]
+    window = values.shape[2]
+    age = torch.arange(window, device=values.device)
+    ages = torch.remainder(pushes - 1 - age, window)  # the slot of each age, and (the same map) the age of each slot
+    newer = values.index_select(2, ages).cumsum(dim=2).index_select(2, ages)
+    before = mean.to(torch.float64)[:, :, None] - (1.0 - beta) * newer
+    g = values + before
+    return torch.where(g.abs() <= ATOM_TOLERANCE * (values.abs() + before.abs()), 0.0, g)
+
+
+def centred(draws: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``draws`` ``(..., W)`` minus the median of each coordinate's ``ok`` draws (0 where not ``ok``).
+
+    The median, not the mean or an EMA: a large draw then moves no other draw's deviation, so it cannot inflate
+    its coordinate's scale (:func:`standardise`) and cap its own standardised value."""
+    x = torch.where(ok, draws.to(torch.float64), math.nan)
+    middle = torch.nanquantile(x, 0.5, dim=-1, keepdim=True)
+    return torch.where(ok, x - middle, 0.0)
+
+
+def standardise(deviations: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``|d| / s`` per draw, ``(..., S, W)``: ``s`` the mean ``|d|`` of the coordinate's other ``ok`` draws.
+
+    Leave-one-out makes the scale independent of the draw it divides, so the standardised value keeps the draw's
+    tail index (Breiman 1965: a product with an independent factor whose moments are finite to a higher order)
+    and a light tail stays light: a Gaussian coordinate of W draws becomes a Student-t with about W - 1 degrees of
+    freedom. The median absolute deviation would be more robust but its small values (half the window small at
+    once) give a tail of index about W/2; the root mean square would let one large draw of a heavy tail shrink its
+    companions. Draws without a positive scale (fewer than two ``ok`` draws, or all zero) are 0: missing.
+    """
+    a = torch.where(ok, deviations.to(torch.float64).abs(), 0.0)
+    count = ok.sum(dim=-1, keepdim=True).to(torch.float64)
+    others = (a.sum(dim=-1, keepdim=True) - a) / (count - 1).clamp_min(1)
+    usable = ok & (count >= 2) & (others > 0)
+    return torch.where(usable, a / torch.where(usable, others, 1.0), 0.0)
+
+
+def coordinate_kurtosis(deviations: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``(...)``: the mean over coordinates of each coordinate's biased excess kurtosis (``m4 / m2^2 - 3``) over
+    its ``ok`` draws in ``(..., S, W)``. Scale-free; Gaussian noise gives about ``-6 / (W + 1)``; a coordinate's
+    value cannot exceed about W, so heavy tails show as several units. Coordinates with fewer than 4 draws or
+    no spread are left out."""
+    x = deviations.to(torch.float64)
+    w = ok.to(torch.float64)
+    n = w.sum(dim=-1)
+    mean = (x * w).sum(-1) / n.clamp_min(1)
+    c = (x - mean[..., None]) * w
+    m2 = (c * c).sum(-1) / n.clamp_min(1)
+    m4 = (c**4).sum(-1) / n.clamp_min(1)
+    usable = (n >= 4) & (m2 > 0)
+    k = torch.where(usable, m4 / torch.where(usable, m2 * m2, 1.0) - 3.0, 0.0)
+    return k.sum(-1) / usable.sum(-1)  # 0/0: NaN where no coordinate is usable
+
+
+def _dedh_at(top: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The moment estimator's alpha (inf where xi <= 0) from descending ``top`` ``(L, m)`` at a per-row ``k``."""
+    logs = torch.where(top > 0, top, 1.0).log()
+    kk = k.to(torch.int64).clamp(1, top.shape[1] - 1)
+    s1 = logs.cumsum(-1).gather(1, (kk - 1)[:, None])[:, 0]
+    s2 = (logs * logs).cumsum(-1).gather(1, (kk - 1)[:, None])[:, 0]
+    ref = logs.gather(1, kk[:, None])[:, 0]
+    kf = kk.to(logs.dtype)
+    m1 = s1 / kf - ref
+    m2 = s2 / kf - 2 * ref * s1 / kf + ref * ref
+    xi = m1 + 1 - 0.5 / (1 - m1 * m1 / m2)
+    return torch.where((xi > 0) & (m2 > 0), 1.0 / xi, math.inf)
+
+
+def pooled_tail(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hill (the default bias-reduced, data-driven k of :func:`heavytail.estimators.hill.hill`), its standard
+    error, the moment estimator at Hill's k, and the count of positive values, of each row of ``z`` ``(L, n)``."""
+    width = z.shape[1]
+    count = (z > 0).sum(dim=1)
     m = int(min(default_top_count(width), width))
-    top = torch.topk(data.abs(), m, dim=1).values
-    result = hill_from_top(top, counts.clamp_min(1))
-    enough = counts >= min_count
-    nan = torch.full_like(kurtosis, math.nan)
-    return torch.stack(
-        [
-            torch.where(enough, result.alpha.to(torch.float64), nan),
-            torch.where(enough, result.se.to(torch.float64), nan),
-            torch.where(enough, kurtosis, nan),
-        ],
-        dim=1,
-    ).to(torch.float32)
+    top = torch.topk(z, m, dim=1).values
+    result = hill_from_top(top, count.clamp_min(1))
+    dedh = _dedh_at(top, result.k)
+    return result.alpha.to(torch.float64), result.se.to(torch.float64), dedh, count
+
+
+def noise_tail(
+    deviations: torch.Tensor, valid: torch.Tensor, draws: torch.Tensor | None = None, min_count: int = 100
+) -> NoiseTail:
+    """The calibrated tail reading of each row of noise deviations ``(L, S, W)`` (S coordinates, W draws each).
+
+    ``valid`` ``(L, S, W)``: which entries hold data. ``draws`` ``(L, S, W)``: the gradients themselves (before
+    centring), which show the atom at zero; None when the deviations are all there is.
+
+    1. **Active fraction**: the share of valid draws that are not the atom at zero (:data:`ATOM_TOLERANCE`).
+       Under :data:`SPARSE_ACTIVE_FRAC` the verdict is ``sparse`` and the tail read is that of the active
+       draws' magnitudes, each standardised by its coordinate's other active draws (a coordinate with a single
+       active draw has no scale and is left out).
+    2. Otherwise each deviation is divided by its coordinate's leave-one-out mean absolute deviation
+       (:func:`standardise`) and the row's standardised values are pooled.
+    3. Hill's alpha and standard error on the pooled values, and the verdict: ``light`` when Hill reads above
+       :data:`LIGHT_HILL_ALPHA` and the moment estimator at the same k above :data:`LIGHT_DEDH_ALPHA`, or Hill
+       reads inf, ``power`` otherwise. ``kurtosis``: :func:`coordinate_kurtosis` of the deviations.
+
+    Rows with fewer than ``min_count`` valid draws (or, for alpha, standardised values) are NaN: not computed.
+    """
+    num_layers = deviations.shape[0]
+    valid = valid & torch.isfinite(deviations)
+    dev = torch.where(valid, deviations.to(torch.float64), 0.0)
+    n_valid = valid.sum(dim=(1, 2))
+    if draws is None:
+        active = valid & (dev != 0)
+        raw = dev
+    else:
+        raw = torch.where(valid, torch.nan_to_num(draws.to(torch.float64)), 0.0)
+        peak = raw.abs().amax(dim=-1, keepdim=True)
+        active = valid & (raw.abs() > ATOM_TOLERANCE * peak)
+    active_frac = active.sum(dim=(1, 2)).to(torch.float64) / n_valid.clamp_min(1)
+    sparse = active_frac < SPARSE_ACTIVE_FRAC
+    z = torch.where(sparse[:, None, None], standardise(raw, active), standardise(dev, valid & (dev != 0))).reshape(
+        num_layers, -1
+    )
+    alpha, se, dedh, count = pooled_tail(z)
+    kurt = coordinate_kurtosis(dev, valid)
+    computed = n_valid >= min_count
+    has_alpha = computed & (count >= min_count)
+    # Hill's inf (the fit's 1/alpha at or below zero) is no power law whatever the moment estimator says.
+    light = torch.isinf(alpha) | ((alpha > LIGHT_HILL_ALPHA) & (dedh > LIGHT_DEDH_ALPHA))
+    code = torch.where(sparse, float(SPARSE), torch.where(light, float(LIGHT), float(POWER)))
+    code = torch.where(computed & (sparse | has_alpha), code, math.nan)
+    nan = torch.full_like(alpha, math.nan)
+    return NoiseTail(
+        alpha=torch.where(has_alpha, alpha, nan).to(torch.float32),
+        se=torch.where(has_alpha, se, nan).to(torch.float32),
+        kurtosis=torch.where(computed, kurt, nan).to(torch.float32),
+        tail_class=code.to(torch.float32),
+        active_frac=torch.where(n_valid > 0, active_frac, nan).to(torch.float32),
+        dedh_alpha=torch.where(has_alpha, dedh, nan).to(torch.float32),
+    )

@@ -12,19 +12,31 @@ from heavytail.families.base import BackwardView, Family, HostViews, Record, Slo
 from heavytail.hooks.optimizer import gather_samples
 
 SOURCES = ("temporal", "microbatch", "rank")
+RECORDED = {
+    "alpha": "hill_alpha",
+    "se": "hill_alpha_se",
+    "kurtosis": "kurtosis",
+    "tail_class": "tail_class",
+    "active_frac": "active_frac",
+}
+"""Record key (after ``noise/`` or ``noise/<source>_``) of each :class:`heavytail.estimators.noise.NoiseTail` field."""
 
 
 class Noise(Family):
-    """Per tensor and noise source (``estimators.noise``): ``noise/hill_alpha``, ``noise/hill_alpha_se`` and
-    ``noise/kurtosis`` of the temporal source (g_t - EMA(g) per coordinate, every run), and the same figures as
-    ``noise/microbatch_*`` (micro-batch gradients around their step's mean, under gradient accumulation) and
-    ``noise/rank_*`` (each rank's gradient around the all-reduced one, under DDP).
+    """Per tensor and noise source, the calibrated reading of ``estimators.noise.noise_tail``:
+    ``noise/hill_alpha``, ``noise/hill_alpha_se``, ``noise/tail_class`` (the verdict: light, power, sparse),
+    ``noise/active_frac`` and ``noise/kurtosis`` of the temporal source (each coordinate's last W gradients, every
+    run), and the same figures as ``noise/microbatch_*`` (micro-batch gradients around their step's median, under
+    gradient accumulation) and ``noise/rank_*`` (each rank's gradient around the ranks' median, under DDP).
 
     State (a dict: the micro-batch ring exists once accumulation is seen): ``mean``/``seen``, the temporal
-    source's per-coordinate EMA and its count, and one ring of deviations per source.
+    source's per-coordinate EMA and its count, one ring of deviations per source (the temporal one: g_t -
+    EMA_{t-1}, from which the gradients are recovered at checkpoints), and for the micro-batch and rank sources a
+    ring of the gradients themselves (``<source>_draws``), which shows the atom at zero.
     """
 
     name = "noise"
+    version = 2  # the rings of draws beside the rings of deviations
     report_sections = ("sec-noise-tail-index", "sec-noise-microbatch", "sec-noise-rank", "sec-noise-sources")
 
     def __init__(self, layout) -> None:
@@ -52,6 +64,7 @@ class Noise(Family):
         if self.layout.dist.active and not self.layout.dist.sharded:
             rank = noise.init(L, S, window, dev)
             state["rank"], state["rank_valid"] = rank.values, rank.valid
+            state["rank_draws"] = torch.zeros_like(rank.values)
         return state
 
     def _ensure_ring(self, source: str) -> None:
@@ -60,8 +73,14 @@ class Noise(Family):
                 self.layout.num_layers, self.layout.sample_size, self.config.noise_window, self.layout.device
             )
             self.state[source], self.state[f"{source}_valid"] = ring.values, ring.valid
+            self.state[f"{source}_draws"] = torch.zeros_like(ring.values)
 
-    def push(self, source: str, deviation: torch.Tensor, valid: torch.Tensor) -> None:
+    def push(self, source: str, deviation: torch.Tensor, valid: torch.Tensor, draw: torch.Tensor | None = None) -> None:
+        """One push of ``(L, S)`` deviations into ``source``'s ring, and of the gradients they come from (``draw``)
+        into its ring of draws, which shows the atom at zero (the temporal source reconstructs them instead)."""
+        if draw is not None:
+            slot = self.slots[source] % self.config.noise_window
+            self.state[f"{source}_draws"][:, :, slot] = torch.nan_to_num(draw.to(torch.float32)) * valid[:, None]
         noise.push(
             noise.NoiseRing(self.state[source], self.state[f"{source}_valid"]), self.slots[source], deviation, valid
         )
@@ -97,45 +116,62 @@ class Noise(Family):
         g, valid = view.grad_samples, view.valid
         if len(self._micro) >= 2:
             self._ensure_ring("microbatch")
-            micro = torch.stack(self._micro)  # (M, L, S)
-            centre = micro.mean(dim=0)
-            for sample in micro:
-                self.push("microbatch", sample - centre, valid)
+            micro = torch.stack(self._micro).to(torch.float32)  # (M, L, S)
+            # The median, not the mean: one large micro-batch gradient then moves no other one's deviation
+            # (noise.centred). Two micro-batches deviate by exact mirror images: the second would only duplicate
+            # every magnitude.
+            centre = micro.quantile(0.5, dim=0)
+            for sample in micro[:1] if len(micro) == 2 else micro:
+                self.push("microbatch", sample - centre, valid, sample)
         if self.rank_local is not None:
-            self.push("rank", self.rank_local - g, valid)
+            self.push("rank", self.rank_local - g, valid, self.rank_local)
         self._micro, self._micro_prev = [], None
 
     def readout(self, step: int) -> dict[str, Slot]:
-        """Hill alpha, standard error and kurtosis of each source's deviations, ``(U, 3)`` per source.
+        """Each source's tail reading (:func:`heavytail.estimators.noise.noise_tail`), ``(U, 6)`` per source in
+        :data:`heavytail.estimators.noise.FIELDS` order.
 
-        Rank noise (DDP) pools every rank's deviations (gathered here). Sources that differ between ranks are
-        estimated on each rank from its own deviations, exactly as one process estimates them, and the record
-        reads the mean over ranks: under sharding the temporal and micro-batch sources (each rank samples its
-        own piece), under DDP the micro-batch source (each rank's micro-batches are its own). Those are summable
-        ``(U, 5)`` rows (:func:`rank_tail_sums`), merged by the checkpoint's sum all-reduce.
+        Rank noise (DDP) pools every rank's deviations (gathered here: a coordinate's draws are its deviations on
+        every rank and step). Sources that differ between ranks are estimated on each rank from its own
+        deviations, exactly as one process estimates them, and the record reads the mean over ranks: under
+        sharding the temporal and micro-batch sources (each rank samples its own piece), under DDP the
+        micro-batch source (each rank's micro-batches are its own). Those are summable ``(U, 9)`` rows
+        (:func:`rank_tail_sums`), merged by the checkpoint's sum all-reduce.
         """
         dist, slots = self.layout.dist, {}
         for source in SOURCES:
             if source not in self.state:
                 continue
-            values, mask = noise.flatten(noise.NoiseRing(self.state[source], self.state[f"{source}_valid"]))
+            ring = noise.NoiseRing(self.state[source], self.state[f"{source}_valid"])
+            values, mask = ring.values, noise.draw_mask(ring)
+            if source == "temporal":
+                draws = noise.temporal_draws(ring, self.state["mean"], self.slots[source], self.config.noise_beta)
+                values = noise.centred(draws, mask)
+            else:
+                draws = self.state[f"{source}_draws"]
             # With two ranks each rank's deviation is exactly minus the other's (they sum to zero): gathering
             # would only duplicate every magnitude, which ties the order statistics, so rank 0's alone are used.
+            # With more, each step's rank gradients are centred on their median (see noise.centred).
             if source == "rank" and dist.world > 2:
-                values = dist.gather_cat(values, dim=1)
-                mask = dist.gather_cat(mask.to(values.dtype), dim=1) > 0
+                valid_slots = dist.gather_cat(ring.valid.to(draws.dtype), dim=1) > 0  # (L, ranks * W)
+                draws = dist.gather_cat(draws, dim=2)
+                mask = valid_slots[:, None, :].expand_as(draws)
+                per_step = draws.to(torch.float64).unflatten(2, (dist.world, -1))
+                values = (per_step - per_step.quantile(0.5, dim=2, keepdim=True)).flatten(2)
+                values = torch.where(mask, values, 0.0)
             per_rank = source != "rank" and dist.sharded or (source == "microbatch" and dist.active)
             if per_rank:
-                mask = mask & (self.layout.owner > 0)[:, None]  # one copy of each piece (DistContext.owners)
+                mask = mask & (self.layout.owner > 0)[:, None, None]  # one copy of each piece (DistContext.owners)
+            min_count = self.config.min_tail_samples
             if not self.layout.grouped:
-                out = noise.noise_tail(values, mask, self.config.min_tail_samples)
+                out = noise.noise_tail(values, mask, draws, min_count).packed()
             else:
-                # A group pools its members' deviations (checkpoint only: one estimate per group).
+                # A group pools its members' coordinates (checkpoint only: one estimate per group).
                 out = torch.cat(
                     [
                         noise.noise_tail(
-                            values[members].reshape(1, -1), mask[members].reshape(1, -1), self.config.min_tail_samples
-                        )
+                            *(t[members].reshape(1, -1, t.shape[2]) for t in (values, mask, draws)), min_count
+                        ).packed()
                         for members in self.layout.unit_members
                     ]
                 )
@@ -156,13 +192,11 @@ class Noise(Family):
                 values = views.get(self.name, source)
             else:
                 continue
+            prefix = "noise/" if source == "temporal" else f"noise/{source}_"
             for i, name in enumerate(self.layout.units):
-                if source == "temporal":
-                    keys = (f"noise/hill_alpha/{name}", f"noise/hill_alpha_se/{name}", f"noise/kurtosis/{name}")
-                else:
-                    keys = tuple(f"noise/{source}_{k}/{name}" for k in ("hill_alpha", "hill_alpha_se", "kurtosis"))
-                for key, value in zip(keys, values[i]):
-                    out[key] = float(value)
+                for field, value in zip(noise.FIELDS, values[i]):
+                    if field in RECORDED:
+                        out[f"{prefix}{RECORDED[field]}/{name}"] = float(value)
         return out
 
     def host_state(self) -> dict[str, Any]:
@@ -178,31 +212,52 @@ class Noise(Family):
 
 
 def rank_tail_sums(tails: torch.Tensor) -> torch.Tensor:
-    """One rank's noise-tail estimates ``(U, 3)`` (alpha, se, kurtosis) as summable rows ``(U, 5)``: Hill's
-    gamma = 1/alpha and its squared standard error (delta method: se / alpha^2) where the rank has an estimate,
-    that count, the kurtosis where it has one, that count. A light tail (alpha = inf) is gamma = 0."""
+    """One rank's noise-tail readings ``(U, 6)`` (:data:`heavytail.estimators.noise.FIELDS`) as summable rows
+    ``(U, 10)``: Hill's gamma = 1/alpha and its squared standard error (delta method: se / alpha^2) where the rank
+    has an estimate, that count, the kurtosis where it has one, that count, one vote per verdict (light, power,
+    sparse), and the active fraction with its count. A light tail (alpha = inf) is gamma = 0."""
     t = tails.to(torch.float64)
-    alpha, se, kurt = t[:, 0], t[:, 1], t[:, 2]
+    alpha, se, kurt, code, active = t[:, 0], t[:, 1], t[:, 2], t[:, 3], t[:, 4]
     has_alpha = ~torch.isnan(alpha)
     light = torch.isinf(alpha)
     gamma = torch.where(has_alpha & ~light, 1.0 / alpha, 0.0)
     se_gamma = torch.where(has_alpha & ~light, se / (alpha * alpha), 0.0)
     has_kurt = torch.isfinite(kurt)
+    votes = [(code == c).to(t.dtype) for c in (noise.LIGHT, noise.POWER, noise.SPARSE)]
+    has_active = ~torch.isnan(active)
     return torch.stack(
-        [gamma, se_gamma * se_gamma, has_alpha.to(t.dtype), torch.where(has_kurt, kurt, 0.0), has_kurt.to(t.dtype)],
+        [
+            gamma,
+            se_gamma * se_gamma,
+            has_alpha.to(t.dtype),
+            torch.where(has_kurt, kurt, 0.0),
+            has_kurt.to(t.dtype),
+            *votes,
+            torch.where(has_active, active, 0.0),
+            has_active.to(t.dtype),
+        ],
         dim=1,
     )
 
 
 def rank_mean_tails(sums: torch.Tensor) -> torch.Tensor:
-    """The ranks' estimates merged from :func:`rank_tail_sums` rows summed over ranks: alpha = 1 / (mean gamma),
-    the harmonic mean of the ranks' alphas (Hill's estimator is a mean of log-spacings, an estimate of gamma, so
-    the mean of independent estimates is one of the same gamma), its standard error sqrt(sum se_gamma^2) / n /
-    gamma^2, and the mean kurtosis; NaN where no rank has an estimate."""
-    gamma_sum, se_sq, n_alpha, kurt_sum, n_kurt = sums.unbind(dim=1)
+    """The ranks' readings merged from :func:`rank_tail_sums` rows summed over ranks, ``(U, 6)``: alpha = 1 /
+    (mean gamma), the harmonic mean of the ranks' alphas (Hill's estimator is a mean of log-spacings, an estimate
+    of gamma, so the mean of independent estimates is one of the same gamma), its standard error
+    sqrt(sum se_gamma^2) / n / gamma^2, the mean kurtosis, the verdict most ranks gave (a tie goes to ``power``,
+    then ``sparse``: the heavier reading is the one to act on), the mean active fraction, and NaN for the moment
+    estimator (not merged); NaN where no rank has a figure."""
+    gamma_sum, se_sq, n_alpha, kurt_sum, n_kurt, n_light, n_power, n_sparse, active_sum, n_active = sums.unbind(dim=1)
     gamma = gamma_sum / n_alpha
     alpha = torch.where(n_alpha > 0, 1.0 / gamma, math.nan)  # gamma = 0 (every rank light): inf, as one process
     se = torch.where(gamma > 0, se_sq.sqrt() / n_alpha / (gamma * gamma), math.inf)  # inf with alpha, as Hill's
     se = torch.where(n_alpha > 0, se, math.nan)
     kurt = torch.where(n_kurt > 0, kurt_sum / n_kurt, math.nan)
-    return torch.stack([alpha, se, kurt], dim=1).to(torch.float32)
+    code = torch.where(
+        (n_power >= n_sparse) & (n_power >= n_light),
+        float(noise.POWER),
+        torch.where(n_sparse >= n_light, float(noise.SPARSE), float(noise.LIGHT)),
+    )
+    code = torch.where(n_light + n_power + n_sparse > 0, code, math.nan)
+    active = torch.where(n_active > 0, active_sum / n_active, math.nan)
+    return torch.stack([alpha, se, kurt, code, active, torch.full_like(alpha, math.nan)], dim=1).to(torch.float32)

@@ -10,7 +10,11 @@ import torch
 from torch import nn
 
 from heavytail.families.base import Family, HostViews, Record, Slot
-from heavytail.probe import noise_probe, split_batch
+from heavytail.probe import batch_rows, head_rows, noise_probe, split_batch
+
+DEFAULT_MICRO_BATCHES = 32
+"""Mini-batches per probe when neither ``micro_batches`` nor ``batch_size`` is given: 32 draws per coordinate, with
+the default 256 coordinates enough for the tail verdict (Gaussian noise reads light)."""
 
 
 class Probe(Family):
@@ -30,12 +34,29 @@ class Probe(Family):
         self.figures: list[str] = []
         self._warned = False
 
-    def configure(self, model: nn.Module, loss_fn: Callable, batch: Any, micro_batches: int) -> None:
+    def configure(
+        self, model: nn.Module, loss_fn: Callable, batch: Any, micro_batches: int | None, batch_size: int | None
+    ) -> None:
         """Validate and keep what :meth:`heavytail.Monitor.set_probe` was given."""
+        if batch_size is not None:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"Monitor.set_probe: batch_size must be a positive integer, got {batch_size!r}")
+            if micro_batches is not None:
+                raise ValueError("Monitor.set_probe: give micro_batches or batch_size, not both")
+            micro_batches = batch_rows(batch) // batch_size
+            if micro_batches < 2:
+                raise ValueError(
+                    f"Monitor.set_probe: the held batch has {batch_rows(batch)} rows, fewer than two mini-batches "
+                    f"of batch_size = {batch_size}; give a larger batch"
+                )
+        elif micro_batches is None:
+            micro_batches = DEFAULT_MICRO_BATCHES
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 2:
             raise ValueError(f"Monitor.set_probe: micro_batches must be an integer >= 2, got {micro_batches!r}")
         if not callable(loss_fn):
             raise TypeError(f"Monitor.set_probe: loss_fn must be callable, got {type(loss_fn).__name__}")
+        if batch_size is not None:  # exactly micro_batches x batch_size rows, so every mini-batch has batch_size
+            batch = head_rows(batch, micro_batches * batch_size)
         split_batch(batch, micro_batches)  # a batch that cannot be split fails here, not at a checkpoint
         if self.config.probe_every == 0:
             warnings.warn(
@@ -71,6 +92,7 @@ class Probe(Family):
                 micro_batches=micro_batches,
                 sample_index=layout.sample_index_dev,
                 groups=layout.unit_members if layout.grouped else None,
+                min_count=cfg.min_tail_samples,
             )
         finally:
             self.probing = False

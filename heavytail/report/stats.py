@@ -79,6 +79,29 @@ def all_values(run: Run, family: str) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
+VERDICTS = {0: "light", 1: "power", 2: "sparse"}
+"""The noise-tail verdict codes (``noise/tail_class``, ``probe/tail_class``; heavytail.estimators.noise)."""
+
+
+def verdict_key(alpha_key: str) -> str:
+    """The verdict family of a noise tail-index family: ``noise/microbatch_hill_alpha`` ->
+    ``noise/microbatch_tail_class``."""
+    return alpha_key[: -len("hill_alpha")] + "tail_class"
+
+
+def verdict_by_layer(run: Run, family: str) -> dict[str, str]:
+    """Per layer, the verdict most of the run's checkpoints gave (a tie goes to the heavier: power, sparse,
+    light), from a ``.../tail_class`` family; layers with no verdict are left out."""
+    layers, _, values = run.matrix(family)
+    out = {}
+    for name, row in zip(layers, values):
+        codes = [int(v) for v in row[np.isfinite(row)] if int(v) in VERDICTS]
+        if codes:
+            counts = {c: codes.count(c) for c in set(codes)}
+            out[name] = VERDICTS[max(counts, key=lambda c: (counts[c], {1: 2, 2: 1, 0: 0}[c]))]
+    return out
+
+
 class Reading(NamedTuple):
     """One value of a run and where it was read: its metric key, the step, and the layer (None for a global key)."""
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from heavytail.report.rundir import Run
-from heavytail.report.stats import RunSummary, consistency_checks, summarize
+from heavytail.report.stats import RunSummary, consistency_checks, summarize, verdict_by_layer, verdict_key
 
 MIN_RANKED_NUMEL = 1000
 """Tensors with fewer entries are left out of the heaviest-tail ranking (Hill keeps at most n/10)."""
@@ -68,6 +68,12 @@ def heaviest_layers(run: Run) -> Ranking:
     ranked = sorted(certain.items(), key=lambda t: (t[1], t[0]))
     left_out = sum(1 for n, a in alpha.items() if math.isfinite(a) and n not in certain)
     return Ranking(ranked, left_out)
+
+
+def _with_verdict(alpha: float, verdict: str | None) -> str:
+    """A noise tail index as the console shows it: the number for a power law (or without a verdict), the
+    verdict's word for a light or sparse tail."""
+    return num(alpha) if verdict in (None, "power") else verdict
 
 
 def num(v: float | None, digits: int = 3) -> str:
@@ -175,12 +181,16 @@ def summary_text(
         if probe:
             cols += " | probe (Hill, stable)"
         lines.append(f"  {'layer'.ljust(width)}  {cols}")
+        noise_verdict = verdict_by_layer(run, "noise/tail_class")
+        probe_verdict = verdict_by_layer(run, "probe/tail_class")
         for n, a in shown:
             text = f"  {n.ljust(width)}  {num(a)} +/- {num(se.get(n, math.nan), 2)}"
             if noise:
-                text += f" | {num(noise.get(n, math.nan))}"
+                text += f" | {_with_verdict(noise.get(n, math.nan), noise_verdict.get(n))}"
             if probe:
-                text += f" | {num(probe.get(n, math.nan))}, {num(stable.get(n, math.nan))}"
+                text += (
+                    f" | {_with_verdict(probe.get(n, math.nan), probe_verdict.get(n))}, {num(stable.get(n, math.nan))}"
+                )
             lines.append(text)
         if ranking.left_out:
             lines.append(
@@ -195,23 +205,24 @@ def summary_text(
         lines.append(under + ".")
     if noise or probe:
         lines.append("")
-        lines.append("Noise tail indices (median over layers and checkpoints):")
-        finite_noise = {n: v for n, v in noise.items() if math.isfinite(v)}
-        if finite_noise:
-            heaviest = min(finite_noise.items(), key=lambda t: (t[1], t[0]))
-            lines.append(
-                f"  temporal (noise/hill_alpha): {num(float(np.median(list(finite_noise.values()))))}; "
-                f"heaviest {heaviest[0]} {num(heaviest[1])}"
-            )
-        finite_probe = {n: v for n, v in probe.items() if math.isfinite(v)}
-        if finite_probe:
-            gauss = [v for v in median_by_layer(run, "probe/hill_alpha_gauss").values() if math.isfinite(v)]
-            ref = float(np.median(gauss)) if gauss else math.nan
-            heaviest = min(finite_probe.items(), key=lambda t: (t[1], t[0]))
-            lines.append(
-                f"  probe (probe/hill_alpha): {num(float(np.median(list(finite_probe.values()))))} (Gaussian noise "
-                f"reads {num(ref)}); heaviest {heaviest[0]} {num(heaviest[1])}"
-            )
+        lines.append("Noise tail indices (median over layers and checkpoints; verdicts: layers by the verdict most")
+        lines.append("checkpoints gave, light = no power-law tail, sparse = mostly zero draws):")
+        for label, key, values in (("temporal", "noise/hill_alpha", noise), ("probe", "probe/hill_alpha", probe)):
+            verdicts = verdict_by_layer(run, verdict_key(key))
+            heavy = {n: v for n, v in values.items() if math.isfinite(v) and verdicts.get(n, "power") == "power"}
+            if not values or not (heavy or verdicts):
+                continue
+            text = f"  {label} ({key}): "
+            if verdicts:
+                counts = {v: list(verdicts.values()).count(v) for v in ("power", "sparse", "light")}
+                text += ", ".join(f"{c} {v}" for v, c in counts.items() if c) + "; "
+            if heavy:
+                heaviest = min(heavy.items(), key=lambda t: (t[1], t[0]))
+                text += f"power-law alpha median {num(float(np.median(list(heavy.values()))))}, "
+                text += f"heaviest {heaviest[0]} {num(heaviest[1])}"
+            else:
+                text += "no power-law tail"
+            lines.append(text.rstrip("; "))
     if notes:
         lines.append("")
         lines += list(notes)

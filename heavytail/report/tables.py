@@ -14,7 +14,16 @@ from heavytail.report.linechart import SEVERITY_COLOURS, SEVERITY_RANK
 from heavytail.report.rundir import Run
 from heavytail.report.scales import ALPHA_SCALE, ColorScale
 from heavytail.report.sections import Context, Part, Section
-from heavytail.report.stats import all_values, layer_stats, ratio_family, summarize, timestamp
+from heavytail.report.stats import (
+    all_values,
+    layer_stats,
+    ratio_family,
+    summarize,
+    timestamp,
+    verdict_by_layer,
+    verdict_key,
+)
+from heavytail.report.summary import median_by_layer
 from heavytail.report.svg import esc, fmt
 
 
@@ -190,6 +199,8 @@ def render_noise_table(run: Run) -> str:
             medians.setdefault(name, {})[family] = float(np.median(finite)) if finite.size else math.nan
     order = [name for name in run.layers("grad/hill_alpha") if name in medians]
     order += [name for name in medians if name not in order]
+    verdicts = {f: verdict_by_layer(run, verdict_key(f)) for f, _ in columns if f.endswith("hill_alpha")}
+    actives = {f: median_by_layer(run, verdict_key(f)[: -len("tail_class")] + "active_frac") for f in verdicts}
     head = "<tr><th>layer</th>" + "".join(f"<th class='num'>{esc(label)}</th>" for _, label in columns) + "</tr>"
     rows = []
     for name in order:
@@ -197,18 +208,37 @@ def render_noise_table(run: Run) -> str:
         for family, _ in columns:
             v = medians[name].get(family, math.nan)
             is_alpha = family.endswith("hill_alpha")
-            cells.append(cell(v, ALPHA_SCALE if is_alpha else None, 3, low=is_alpha and v < 2))
+            verdict = verdicts.get(family, {}).get(name)
+            if verdict is None:
+                cells.append(cell(v, ALPHA_SCALE if is_alpha else None, 3, low=is_alpha and v < 2))
+                continue
+            text = (
+                verdict
+                if verdict != "sparse"
+                else f"sparse, {fmt(100 * actives[family].get(name, math.nan), 2)}% active"
+            )
+            value = fmt(v, 3) + " " if math.isfinite(v) and verdict != "light" else ""
+            low = verdict == "power" and v < 2
+            cells.append(
+                f"<td class='num{' ht-low' if low else ''}'>{value}<span class='ht-verdict'>{esc(text)}</span></td>"
+            )
         rows.append(f"<tr>{''.join(cells)}</tr>")
     gauss = all_values(run, "probe/hill_alpha_gauss")
     ref = (
-        f" The probe's Hill estimator reads {fmt(float(np.median(gauss)), 3)} on Gaussian noise of its number of "
-        "mini-batches: a probe α near that is a light tail."
+        f" The probe's per-coordinate Hill estimator (probe α per coordinate) reads {fmt(float(np.median(gauss)), 3)} "
+        "on Gaussian noise of its number of mini-batches: a value near that is a light tail."
         if gauss.size
         else ""
     )
+    batch = all_values(run, "probe/batch_size")
+    if batch.size:
+        ref += f" The probe's mini-batches held {fmt(float(np.median(batch)), 3)} rows of its batch."
     note = (
-        '<p class="ht-desc">Median over the run of each noise source, per layer. Temporal: each sampled '
-        "coordinate's gradient minus its running mean over steps; micro-batch: under gradient accumulation; rank: "
+        '<p class="ht-desc">Median over the run of each noise source, per layer, with the verdict most '
+        "checkpoints gave: <i>light</i> (no power-law tail), <i>power</i> (the tail index α beside it), "
+        "<i>sparse</i> (most draws are zero: the share of active draws, and the tail of the active part when it "
+        "could be read). Temporal: each sampled "
+        "coordinate's gradient over the last steps around its median; micro-batch: under gradient accumulation; rank: "
         "per data-parallel rank; probe: mini-batch gradients of a held-out batch at checkpoints, with its stable "
         "index (2 = Gaussian), mean excess kurtosis, and the slope of log E|ξ|<sup>p</sup> against "
         "log |∇f|<sup>p</sup> across coordinates (0: noise independent of the gradient, bounded p-th moment; "

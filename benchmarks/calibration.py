@@ -1,0 +1,108 @@
+"""Calibration of the noise-tail readings on noise of known law, through the public Monitor API.
+
+Each row is one (law, coordinate scales, source): the "model" is one vector P with loss (P * xi_t).sum(), so its
+gradient is the drawn noise xi_t, trained by SGD with lr = 0 (heavytail/workload/noise_laws.py). The reading is
+the median over seeds of the tensor's alpha (``noise/hill_alpha``, ``noise/microbatch_hill_alpha`` or
+``probe/hill_alpha``), the verdict the one most seeds gave (``.../tail_class``). A row is calibrated when:
+
+- truth light: the verdict is light;
+- truth sparse: the verdict is sparse or light, and no seed reads an alpha under 2.5;
+- truth alpha: the verdict is power and the median alpha is within 15% of the truth.
+
+    PYTHONPATH=. python benchmarks/calibration.py [--seeds 5] [--sources temporal,microbatch,probe] [--noise-window 32]
+
+The last line is ``calibrated=X/Y``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections import Counter
+
+from heavytail.workload.noise_laws import LAWS, SCALES, SOURCES, run_source
+
+VERDICTS = {0: "light", 1: "power", 2: "sparse"}
+TOLERANCE = 0.15
+SPARSE_FLOOR = 2.5
+PREFIX = {"temporal": "noise/", "microbatch": "noise/microbatch_", "probe": "probe/"}
+
+
+def reading(metrics: dict, source: str, name: str = "P") -> tuple[float, str]:
+    """(alpha, verdict) of one record; a record without a verdict key (before verdicts existed) reads a null
+    alpha as light and any other as power."""
+    alpha = metrics.get(f"{PREFIX[source]}hill_alpha/{name}")
+    alpha = math.nan if alpha is None else float(alpha)
+    key = f"{PREFIX[source]}tail_class/{name}"
+    if key in metrics:
+        code = metrics[key]
+        verdict = "none" if code is None or math.isnan(code) else VERDICTS[int(code)]
+    else:
+        verdict = "light" if math.isnan(alpha) or math.isinf(alpha) else "power"
+    return alpha, verdict
+
+
+def judge(law: str, alphas: list[float], verdicts: list[str]) -> tuple[float, str, bool]:
+    """The row's median alpha, majority verdict and whether it is calibrated."""
+    spec = LAWS[law]
+    finite = [a for a in alphas if not math.isnan(a)]
+    median = statistics.median(finite) if finite else math.nan
+    verdict = Counter(verdicts).most_common(1)[0][0]
+    if spec.truth == "light":
+        ok = verdict == "light"
+    elif spec.truth == "sparse":
+        ok = verdict in ("sparse", "light") and all(a >= SPARSE_FLOOR for a in finite)
+    else:
+        ok = verdict == "power" and abs(median / spec.alpha - 1) <= TOLERANCE
+    return median, verdict, ok
+
+
+def calibrate(
+    laws=tuple(LAWS), scales=SCALES, sources=SOURCES, seeds: int = 5, print_rows: bool = True, **config
+) -> list[dict]:
+    rows = []
+    if print_rows:
+        print(f"{'law':16s} {'scales':10s} {'source':11s} {'alpha':>7s} {'verdict':8s} {'truth':8s} ok  per seed")
+    for law in laws:
+        truth = LAWS[law].truth if LAWS[law].truth != "power" else f"{LAWS[law].alpha:g}"
+        for scale in scales:
+            for source in sources:
+                readings = [reading(run_source(law, scale, source, seed, **config), source) for seed in range(seeds)]
+                alphas, verdicts = [a for a, _ in readings], [v for _, v in readings]
+                median, verdict, ok = judge(law, alphas, verdicts)
+                rows.append(dict(law=law, scales=scale, source=source, alpha=median, verdict=verdict, ok=ok))
+                if print_rows:
+                    seeds_text = " ".join(f"{a:.2f}{v[0]}" for a, v in readings)
+                    print(
+                        f"{law:16s} {scale:10s} {source:11s} {median:7.2f} {verdict:8s} {truth:8s} "
+                        f"{'yes' if ok else 'NO ':3s} {seeds_text}",
+                        flush=True,
+                    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--sources", default=",".join(SOURCES))
+    parser.add_argument("--laws", default=",".join(LAWS))
+    parser.add_argument("--scales", default=",".join(SCALES))
+    parser.add_argument("--noise-window", type=int, default=None, help="MonitorConfig.noise_window (default: its own)")
+    args = parser.parse_args()
+    config = {} if args.noise_window is None else {"noise_window": args.noise_window}
+    start = time.perf_counter()
+    rows = calibrate(
+        laws=args.laws.split(","),
+        scales=args.scales.split(","),
+        sources=args.sources.split(","),
+        seeds=args.seeds,
+        **config,
+    )
+    print(f"({time.perf_counter() - start:.0f} s; per seed: alpha and the verdict's initial)")
+    print(f"calibrated={sum(r['ok'] for r in rows)}/{len(rows)}")
+
+
+if __name__ == "__main__":
+    main()
