@@ -92,7 +92,9 @@ class MonitorConfig:
 
     memory_window: int = 16
     """Denominator memory: s, the number of steps before and after an event over which ``*/memory_damping``
-    compares the update per unit of gradient (sum |delta p| / sum |g| on the event's coordinate)."""
+    compares the update per unit of gradient (sum |delta p| / sum |g| on the event's coordinate). 0 turns the
+    damping windows off (no ``memory_damping`` keys), saving their per-step cost (about 40 small elementwise
+    operations on the sampled coordinates, docs/metrics.md)."""
 
     shadow_betas: Sequence[float] = (0.999, 0.95)
     """beta2 values of the shadow denominators (an EMA of g^2 on the sampled coordinates): what AdamW's
@@ -170,7 +172,6 @@ class MonitorConfig:
             "tail_top_max",
             "chunk_numel",
             "flight_steps",
-            "memory_window",
         )
         for name in positive_ints:
             value = getattr(self, name)
@@ -182,7 +183,7 @@ class MonitorConfig:
             raise ValueError(
                 f"MonitorConfig.sample_budget must be a positive integer or None, got {self.sample_budget!r}"
             )
-        for name in ("alert_cooldown", "probe_every", "ratio_warmup"):
+        for name in ("alert_cooldown", "probe_every", "ratio_warmup", "memory_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"MonitorConfig.{name} must be a non-negative integer, got {value!r}")

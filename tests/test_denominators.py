@@ -171,3 +171,10 @@ def test_memory_event_size_and_damping_against_numpy(tmp_path, kernel):
         assert record["metrics"]["adam/memory_events/0"] == 0.0
         assert record["metrics"]["adam/memory_event_r/0"] is None
         assert record["metrics"]["adam/memory_damping/0"] is None
+
+
+def test_memory_window_zero_switches_the_damping_off(tmp_path):
+    _, _, records = _run(tmp_path, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), memory_window=0)
+    keys = set(records[-1]["metrics"])
+    assert not any("/memory_damping/" in k for k in keys)
+    assert "adam/memory_event_r/fc1.weight" in keys and "shadow999/memory_steps/fc1.weight" in keys

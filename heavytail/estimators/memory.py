@@ -82,14 +82,16 @@ def update(
 class DampingState(NamedTuple):
     """Update damping around denominator events, on the sampled coordinates, for D denominators.
 
-    ``update``, ``grad``: ``(L, S, s)`` rings of the last s steps' |delta p| and |g| (0 where a step was not
-    usable); ``before``: ``(D, L, S)`` the ratio sum|delta p| / sum|g| over the s steps before each open window's
-    event; ``after``: ``(D, L, S, 2)`` sum|delta p| and sum|g| since the event; ``age``: ``(D, L, S)`` usable steps
-    since the event; ``active``: ``(D, L, S)`` 0/1, a window is open.
+    ``ring``: ``(s, 2, L, S)`` |delta p| and |g| of the last s steps (0 where a step was not usable), step-major so
+    that a step's write is one contiguous copy; ``window``: ``(3, L, S)`` their running sums over the ring and the
+    count of usable steps in it (float64: adding and later subtracting the same values leaves no residue at any
+    gradient scale a run meets); ``before``: ``(D, L, S)`` the ratio sum|delta p| / sum|g| over the s steps before
+    each open window's event; ``after``: ``(2, D, L, S)`` sum|delta p| and sum|g| since the event; ``age``:
+    ``(D, L, S)`` usable steps since the event; ``active``: ``(D, L, S)`` 0/1, a window is open.
     """
 
-    update: torch.Tensor
-    grad: torch.Tensor
+    ring: torch.Tensor
+    window: torch.Tensor
     before: torch.Tensor
     after: torch.Tensor
     age: torch.Tensor
@@ -107,9 +109,15 @@ def damping_init(
     num_denominators: int, num_layers: int, num_samples: int, steps: int, device=None, dtype=torch.float32
 ) -> DampingState:
     """Empty rings and no open window; ``steps`` is s, the length of the windows before and after an event."""
-    ring = torch.zeros(num_layers, num_samples, steps, device=device, dtype=dtype)
     per = torch.zeros(num_denominators, num_layers, num_samples, device=device, dtype=dtype)
-    return DampingState(ring, ring.clone(), per, torch.zeros(*per.shape, 2, device=device, dtype=dtype), per, per)
+    return DampingState(
+        torch.zeros(steps, 2, num_layers, num_samples, device=device, dtype=dtype),
+        torch.zeros(3, num_layers, num_samples, device=device, dtype=torch.float64),
+        per,
+        torch.zeros(2, *per.shape, device=device, dtype=dtype),
+        per.clone(),
+        per.clone(),
+    )
 
 
 def damping_update(
@@ -135,38 +143,47 @@ def damping_update(
     coordinate for about 1 / (1 - beta1) steps, which raises D over windows that short. A window opens at an
     event only where each of the s steps before it was usable and the parameter moved (so D is defined) and no
     window is open on that denominator and coordinate; it closes after s usable steps. The ring is written at
-    ``slot`` (the caller's step counter modulo s, a host int) after the windows read it. Returns the new state
-    (updated in place where possible) and the windows closed this step. No host read.
+    ``slot`` (the caller's step counter modulo s, a host int) after the windows read it. All work is elementwise
+    on ``(L, S)`` (about 40 small operations a step; the window sums are kept running, not summed over the ring).
+    Returns the new state (updated in place) and the windows closed this step. No host read.
     """
-    ring_u, ring_g, before, after, age, active = state
-    dt = ring_u.dtype
-    steps = ring_u.shape[-1]
-    ok = usable.to(dt)
+    ring, window, before, after, age, active = state
+    dt = ring.dtype
+    steps = ring.shape[0]
+    ok = usable if usable.dtype == dt else usable.to(dt)
     # Unusable entries may hold NaN or inf (no gradient): zero them before they are multiplied by a 0 mask.
-    du = torch.nan_to_num(update.to(dt), nan=0.0, posinf=0.0, neginf=0.0) * ok
-    dg = torch.nan_to_num(grad.to(dt), nan=0.0, posinf=0.0, neginf=0.0) * ok
+    du = torch.nan_to_num(update, nan=0.0, posinf=0.0, neginf=0.0).to(dt) * ok
+    dg = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0).to(dt) * ok
 
     # Advance the open windows with this step, then close those that have s usable steps.
     grow = active * ok
-    after = after + grow[..., None] * torch.stack([du, dg], dim=-1)
-    age = age + grow
+    after[0].addcmul_(grow, du)
+    after[1].addcmul_(grow, dg)
+    age.add_(grow)
     closing = active * float_mask(torch.ge, age, float(steps), dt)
     # A closing window has s usable steps (|g| > 0 each) and was opened with before > 0: the divisions are safe.
-    ratio = after[..., 0] / after[..., 1].clamp_min(1e-30) / before.clamp_min(1e-30)
+    ratio = after[0] / (after[1] * before).clamp_min(1e-30)
     step = DampingStep(closing.sum(dim=-1), (closing * ratio).sum(dim=-1))
-    active = active - closing
+    active.sub_(closing)
 
-    # Open windows at this step's events, with the ring's s steps before it as the reference.
-    sum_u, sum_g = ring_u.sum(dim=-1), ring_g.sum(dim=-1)
-    full = float_mask(torch.eq, float_mask(torch.gt, ring_g, 0.0, dt).sum(dim=-1), float(steps), dt)
-    ready = full * float_mask(torch.gt, sum_u, 0.0, dt)
-    start = torch.stack([torch.zeros_like(ok) if e is None else e.to(dt) * ready * ok for e in events]) * (1 - active)
-    before = torch.lerp(before, sum_u / sum_g.clamp_min(1e-30), start)
-    reset = 1 - torch.maximum(start, closing)
-    after = after * reset[..., None]
-    age = age * reset
-    active = active + start
+    # Open windows at this step's events, with the s steps before it (the running window) as the reference.
+    ready = float_mask(torch.eq, window[2], float(steps), dt) * float_mask(torch.gt, window[0], 0.0, dt) * ok
+    reference = (window[0] / window[1].clamp_min(1e-300)).to(dt)
+    for d, e in enumerate(events):
+        if e is None:
+            continue
+        start = e.to(dt) * ready * (1 - active[d])
+        before[d].copy_(torch.lerp(before[d], reference, start))
+        fresh = 1 - torch.maximum(start, closing[d])
+        after[:, d].mul_(fresh)
+        age[d].mul_(fresh)
+        active[d].add_(start)
 
-    ring_u[..., slot] = du
-    ring_g[..., slot] = dg
-    return DampingState(ring_u, ring_g, before, after, age, active), step
+    # Slide the window: drop the step leaving the ring, add this one.
+    old = ring[slot]
+    window[0].add_(du.to(torch.float64) - old[0].to(torch.float64))
+    window[1].add_(dg.to(torch.float64) - old[1].to(torch.float64))
+    window[2].add_(float_mask(torch.gt, dg, 0.0, torch.float64) - float_mask(torch.gt, old[1], 0.0, torch.float64))
+    old[0].copy_(du)
+    old[1].copy_(dg)
+    return DampingState(ring, window, before, after, age, active), step

@@ -22,10 +22,10 @@ COLUMN = {name: i for i, name in enumerate(FIELDS)}
 class UpdateState(NamedTuple):
     sums: torch.Tensor  # (L, 6): the FIELDS, summed over the interval's steps
     # The update-damping windows (estimators.memory.DampingState), flat so that state_dict sees each tensor:
-    ring_update: torch.Tensor  # (L, S, s) |delta p| of the last s steps
-    ring_grad: torch.Tensor  # (L, S, s) |g| of the last s steps
+    damping_ring: torch.Tensor  # (s, 2, L, S) |delta p| and |g| of the last s steps
+    damping_window: torch.Tensor  # (3, L, S) float64: their running sums, and the usable steps among them
     damping_before: torch.Tensor  # (2, L, S) per denominator (real, first shadow): the reference ratio
-    damping_after: torch.Tensor  # (2, L, S, 2) sum |delta p|, sum |g| since the event
+    damping_after: torch.Tensor  # (2, 2, L, S) sum |delta p|, sum |g| since the event
     damping_age: torch.Tensor  # (2, L, S) usable steps since the event
     damping_active: torch.Tensor  # (2, L, S) 0/1 open window
     damping_sums: torch.Tensor  # (2, L, 2): windows closed in the interval, the sum of their damping ratios
@@ -104,8 +104,8 @@ class Updates(Family):
 
     def _damping(self, before: dict[str, Any], after: torch.Tensor) -> None:
         """Advance the update-damping windows (estimators.memory.damping_update) with this step's |delta p|, |g|."""
-        if all(e is None for e in before["events"]):
-            return  # no denominator and no shadow: nothing could ever open a window
+        if all(e is None for e in before["events"]) or self.config.memory_window == 0:
+            return  # no denominator and no shadow (nothing could ever open a window), or switched off
         delta = (after - before["params"]).abs()
         g = before["g"].abs()
         # A coordinate with a gradient (|g| > 0, so not NaN) and a finite update, in a tensor that had one.
@@ -116,21 +116,13 @@ class Updates(Family):
         )
         s = self.state
         state = memory.DampingState(
-            s.ring_update, s.ring_grad, s.damping_before, s.damping_after, s.damping_age, s.damping_active
+            s.damping_ring, s.damping_window, s.damping_before, s.damping_after, s.damping_age, s.damping_active
         )
         slot = self._damping_steps % self.config.memory_window
-        new, step = memory.damping_update(state, delta, g, usable, before["events"], slot)
+        _, step = memory.damping_update(state, delta, g, usable, before["events"], slot)  # in place
         self._damping_steps += 1
         s.damping_sums[:, :, 0] += step.closed.to(s.damping_sums.dtype)
         s.damping_sums[:, :, 1] += step.ratio_sum.to(s.damping_sums.dtype)
-        self.state = s._replace(
-            ring_update=new.update,
-            ring_grad=new.grad,
-            damping_before=new.before,
-            damping_after=new.after,
-            damping_age=new.age,
-            damping_active=new.active,
-        )
 
     def host_state(self) -> dict[str, Any]:
         return {"damping_steps": self._damping_steps}
@@ -164,8 +156,9 @@ class Updates(Family):
                 events = sums[i, COLUMN[f"events_{family}"]]
                 ratio = sums[i, COLUMN[f"event_ratio_{family}"]]
                 out[f"{prefix}/event_update_ratio/{name}"] = float(ratio / events) if events > 0 else nan
-                closed, total = damping[0 if family == "adam" else 1, i]
-                out[f"{prefix}/memory_damping/{name}"] = float(total / closed) if closed > 0 else nan
+                if self.config.memory_window > 0:
+                    closed, total = damping[0 if family == "adam" else 1, i]
+                    out[f"{prefix}/memory_damping/{name}"] = float(total / closed) if closed > 0 else nan
             if self.layout.optimizer is not None:
                 steps = sums[i, COLUMN["rms_steps"]]
                 out[f"update/rms_ratio/{name}"] = float(sums[i, COLUMN["rms_ratio"]] / steps) if steps > 0 else nan

@@ -109,7 +109,7 @@ CONFIG_CASES = [
     ("memory_inflation", 1.0, ValueError),
     ("memory_inflation", math.nan, ValueError),
     ("memory_inflation", "2", ValueError),
-    ("memory_window", 0, ValueError),
+    ("memory_window", -1, ValueError),
     ("memory_window", 2.5, ValueError),
     ("hill_plot_unit", 3, ValueError),
     ("shadow_betas", (1.0,), ValueError),
