@@ -272,3 +272,52 @@ def test_under_student_t_1_5_noise_b_simple_drifts_while_the_robust_figure_settl
     # Gaussian truth: tr(Sigma) = |G|^2 = d per example, B_simple = 1 example
     assert np.median([r[-1]["gns/b_simple"] for r in light]) == pytest.approx(1.0, rel=0.15)
     assert all(r[-1]["gns/variance_flag"] == 0.0 for r in light)
+
+
+# ------------------------------------------------------------------ no host synchronisation
+
+
+def _accumulating_steps(model, opt, steps, start, accumulate=3, device="cpu"):
+    for step in range(start, start + steps):
+        for m in range(accumulate):
+            idx, y = tiny_batch(step * accumulate + m, batch=8)
+            loss = torch.nn.functional.mse_loss(model(idx.to(device)), y.to(device))
+            (loss / accumulate).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_the_micro_batch_source_makes_no_host_transfer(tmp_path, monkeypatch):
+    """Under accumulation the first pass's read and the step's update stay on the device (CPU: counted)."""
+    from tests.test_no_sync import TransferCounter
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mon = heavytail.Monitor(model, opt, every=1000, log_dir=tmp_path)
+    _accumulating_steps(model, opt, 3, 0)  # accumulation learnt, plans built
+    counter = TransferCounter(monkeypatch)
+    _accumulating_steps(model, opt, 10, 3)
+    calls = list(counter.calls)
+    monkeypatch.undo()
+    mon.close()
+    assert not [c for c in calls if not c.startswith("numpy from")], calls  # the flag vector's host reads only
+    assert read_records(tmp_path)[-1]["metrics"]["gns/micro_batches"] == 3.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_micro_batch_source_under_cuda_sync_debug_mode_error(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    mon = heavytail.Monitor(model, opt, every=50, log_dir=tmp_path)
+    _accumulating_steps(model, opt, 5, 0, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _accumulating_steps(model, opt, 40, 5, device="cuda")  # steps 6..45: no checkpoint
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    mon.close()
+    metrics = read_records(tmp_path)[-1]["metrics"]
+    assert metrics["gns/big_batch"] == 3.0 and metrics["gns/b_simple"] is not None
