@@ -321,3 +321,32 @@ def test_the_micro_batch_source_under_cuda_sync_debug_mode_error(tmp_path):
     mon.close()
     metrics = read_records(tmp_path)[-1]["metrics"]
     assert metrics["gns/big_batch"] == 3.0 and metrics["gns/b_simple"] is not None
+
+
+# ------------------------------------------------------------------ report and summary
+
+
+def test_report_and_summary_show_the_noise_scale_only_where_it_was_recorded(tmp_path):
+    import heavytail.report.contents  # noqa: F401 (registers the sections)
+    from heavytail.report.html import render_report
+    from heavytail.report.rundir import load_run
+    from heavytail.report.summary import num, summary_text
+
+    _, records, _ = _train_by_hand(tmp_path / "acc", 8, 2, every=4, batch_size=8)
+    last = records[-1]["metrics"]
+    run = load_run(tmp_path / "acc")
+    page = render_report(run)
+    assert 'id="sec-noise-scale"' in page and 'id="sec-gns-heatmap"' in page
+    assert 'data-legend="magnitude"' in page
+    for name, _ in TinyNet().named_parameters():
+        assert name in page
+    text = summary_text(run)
+    assert "Gradient noise scale (last checkpoint, in examples)" in text
+    figures = [math.inf if last[k] is None else last[k] for k in ("gns/b_simple", "gns/b_robust")]
+    assert f"B_simple {num(figures[0])} (gns/b_simple), robust {num(figures[1])} (gns/b_robust)" in text
+    assert "training batch 16" in text
+    _train_by_hand(tmp_path / "plain", 8, 1, every=4)
+    plain = load_run(tmp_path / "plain")
+    page = render_report(plain)
+    assert 'id="sec-noise-scale"' not in page and 'id="sec-gns-heatmap"' not in page
+    assert "Gradient noise scale" not in summary_text(plain)

@@ -26,7 +26,8 @@ def _unit(ctx: Context) -> str:
 
 
 def _recorded(run) -> bool:
-    return bool(np.isfinite(run.series("gns/b_simple")[1]).any() or np.isfinite(run.series("gns/b_robust")[1]).any())
+    """Whether the run had a source: B is written with every gns record, B_simple may be null (not finite)."""
+    return bool(np.isfinite(run.series("gns/big_batch")[1]).any())
 
 
 def _flag_note(run) -> str:
@@ -49,8 +50,8 @@ def _draw(ctx: Context) -> str | None:
         for key, label, colour in _LINES
         if np.isfinite(run.series(key)[1]).any()
     ]
-    final = run.final("gns/b_simple")
-    robust = run.final("gns/b_robust")
+    final = _last(run, "gns/b_simple")
+    robust = _last(run, "gns/b_robust")
     unit = _unit(ctx)
     text = (
         f'<p class="ht-desc">Last reading: B_simple {_fmt(final)}, robust {_fmt(robust)} {esc(unit)}, at a '
@@ -60,6 +61,13 @@ def _draw(ctx: Context) -> str | None:
     )
     chart = render_line_chart(ctx.page, series, ylabel=f"batch size ({unit})", legend=True, height=200)
     return text + "\n" + chart
+
+
+def _last(run, key: str) -> float:
+    """The value at the last record with a noise scale (NaN for a null there), not the last finite one."""
+    steps, batch = run.series("gns/big_batch")
+    at = np.flatnonzero(np.isfinite(batch))[-1]
+    return float(run.series(key)[1][at])
 
 
 def _compare(ctx: Context) -> str | None:
@@ -74,9 +82,8 @@ def _compare(ctx: Context) -> str | None:
 
 
 def _fmt(value: float) -> str:
-    if not math.isfinite(value):
-        return "not finite" if not math.isnan(value) else "n/a"
-    return f"{value:.3g}"
+    # A null B_simple is an infinite one: the |G|^2 estimate is <= 0, the noise dominates even the big batch.
+    return f"{value:.3g}" if math.isfinite(value) else "not finite (noise dominates even the training batch)"
 
 
 NOISE_SCALE_SECTION = Section(
