@@ -350,3 +350,23 @@ def test_report_and_summary_show_the_noise_scale_only_where_it_was_recorded(tmp_
     page = render_report(plain)
     assert 'id="sec-noise-scale"' not in page and 'id="sec-gns-heatmap"' not in page
     assert "Gradient noise scale" not in summary_text(plain)
+
+
+def test_state_dict_carries_the_running_estimates(tmp_path):
+    """A resumed monitor goes on from the saved EMAs (it learns of the accumulation again from its first step)."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    mon = heavytail.Monitor(model, opt, config=MonitorConfig(log_dir=str(tmp_path / "a"), every=100, gns_beta=1.0))
+    _accumulating_steps(model, opt, 6, 0, accumulate=2)
+    torch.save(mon.state_dict(), tmp_path / "mon.pt")
+    saved = {k: v.clone() for k, v in mon.families["gns"].state_tensors().items()}
+    assert saved["count"][-1].item() == 5.0  # the first step is not seen
+    mon.close()
+    resumed = heavytail.Monitor(model, opt, config=MonitorConfig(log_dir=str(tmp_path / "b"), every=100, gns_beta=1.0))
+    resumed.load_state_dict(torch.load(tmp_path / "mon.pt", weights_only=True))
+    for key, value in saved.items():
+        torch.testing.assert_close(resumed.families["gns"].state_tensors()[key], value, rtol=0, atol=0)
+    _accumulating_steps(model, opt, 3, 6, accumulate=2)
+    assert resumed.families["gns"].state.count[-1].item() == 7.0  # 5 + the two steps after the first
+    resumed.close()
