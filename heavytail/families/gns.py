@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from heavytail.estimators import gns
+from heavytail.estimators.gradient_pass import S2
 from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView
 from heavytail.transfer import to_device
 
@@ -87,7 +88,7 @@ class Gns(Family):
             return
         # The big batch before clipping: what preclip measured this step, else the step's own gradient.
         big = view.extra.get("preclip_sq")
-        stats_sq = view.stats[:, 2].to(first.dtype)  # S2, the step pass's sum of squares
+        stats_sq = view.stats[:, S2].to(first.dtype)
         big = stats_sq if big is None else torch.where(torch.isnan(big), stats_sq, big.to(first.dtype))
         small = first * float(passes * passes)
         valid = view.valid & torch.isfinite(small) & torch.isfinite(big)
