@@ -97,14 +97,19 @@ def train_step(
     batch,
     after_backward: Callable | None = None,
     on_loss: Callable | None = None,
+    accumulate: int = 1,
 ) -> None:
-    """One training step: forward (autocast on CUDA), backward, optional hooks, ``opt.step()``, zero grads."""
+    """One training step: forward (autocast on CUDA), backward, optional hooks, ``opt.step()``, zero grads.
+
+    ``accumulate`` > 1 splits the batch into that many micro-batches, each backward on its loss divided by their
+    number (gradient accumulation: the optimizer sees the same mean gradient)."""
     idx, targets = batch
-    with wl.autocast:
-        _, loss = model(idx, targets)
-    loss.backward()
-    if on_loss is not None:
-        on_loss(loss)
+    for micro_idx, micro_targets in zip(idx.chunk(accumulate), targets.chunk(accumulate)):
+        with wl.autocast:
+            _, loss = model(micro_idx, micro_targets)
+        (loss / accumulate if accumulate > 1 else loss).backward()
+        if on_loss is not None:
+            on_loss(loss)
     if after_backward is not None:
         after_backward()
     opt.step()

@@ -149,8 +149,11 @@ class TimedMonitor(heavytail.Monitor):
 class Variant:
     """One variant: its own model and optimizer, and what runs after backward."""
 
-    def __init__(self, name: str, wl: Workload, model: torch.nn.Module, log_dir: str, every: int) -> None:
+    def __init__(
+        self, name: str, wl: Workload, model: torch.nn.Module, log_dir: str, every: int, accumulate: int = 1
+    ) -> None:
         self.name = name
+        self.accumulate = accumulate
         self.wl = wl
         self.model = model
         self.opt = wl.optimizer(model)
@@ -179,6 +182,7 @@ class Variant:
                 batches[i % len(batches)],
                 after_backward=self.after_backward,
                 on_loss=self.on_loss,
+                accumulate=self.accumulate,
             )
 
     def close(self) -> None:
@@ -210,6 +214,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant before the first round")
     parser.add_argument("--every", type=int, default=100, help="the monitor's checkpoint interval")
+    parser.add_argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        help="micro-batches per step (gradient accumulation: the batch split, each backward on loss / N); "
+        "the monitor then reads the micro-batch noise sources (noise/microbatch_*, gns/)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--clock",
@@ -233,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     args = parser.parse_args(argv)
 
+    if args.accumulate < 1 or args.accumulate > 8:
+        parser.error("--accumulate must be 1 to 8 (the CPU batch has 8 sequences)")
     if args.steps < 1 or args.rounds < 1 or args.every < 1 or args.warmup < 0:
         parser.error("--steps, --rounds and --every must be positive, --warmup non-negative")
     if args.steps % args.every:
@@ -275,14 +288,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     print(
         f"{args.rounds} rounds x {args.steps} steps per variant after {args.warmup} warm-up steps; "
-        f"monitor every={args.every}"
+        f"monitor every={args.every}" + (f"; {args.accumulate} micro-batches a step" if args.accumulate > 1 else "")
     )
 
     with tempfile.TemporaryDirectory() as log_dir:
         variants = []
         for name in names:
             model = clone_model(reference) if name != names[-1] else reference
-            variants.append(Variant(name, wl, model, os.path.join(log_dir, name), args.every))
+            variants.append(Variant(name, wl, model, os.path.join(log_dir, name), args.every, args.accumulate))
         for v in variants:
             v.run(batches, args.warmup, 0)
         wall: dict[str, list[float]] = {v.name: [] for v in variants}

@@ -157,6 +157,19 @@ class MonitorConfig:
     track_preclip: bool = True
     """Also measure gradient norms at the end of each backward pass, before clipping and unscaling."""
 
+    track_gns: bool = True
+    """Measure the gradient noise scale (``gns/`` keys): the first micro-batch's squared norms under gradient
+    accumulation, each rank's under DDP (one extra read of the gradients per step). One process without
+    accumulation has no small batch to compare and records none."""
+
+    gns_beta: float = 0.99
+    """EMA coefficient of the noise scale's two estimates, |G|^2 and tr(Sigma) (the n-th step enters with weight
+    ``max(1 - gns_beta, 1/n)``, so the first steps form a running mean); 1 keeps the running mean of every step."""
+
+    batch_size: int | None = None
+    """Examples in one backward pass on one rank (one micro-batch), if the user declares it: ``gns/b_simple`` and
+    ``gns/b_robust`` are then in examples (``gns/trace_sigma`` per example); ``None``: in micro-batches."""
+
     probe_every: int = 0
     """Run the noise probe (many mini-batch gradients of a held batch) every this many checkpoints; 0 is off."""
 
@@ -206,7 +219,7 @@ class MonitorConfig:
             isinstance(self.spike_warmup, bool) or not isinstance(self.spike_warmup, int) or self.spike_warmup < 2
         ):
             raise ValueError(f"MonitorConfig.spike_warmup must be an integer >= 2 or None, got {self.spike_warmup!r}")
-        for name in ("track_preclip", "resume", "overwrite"):
+        for name in ("track_preclip", "track_gns", "resume", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MonitorConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.resume and self.overwrite:
@@ -216,6 +229,13 @@ class MonitorConfig:
             )
         if not isinstance(self.extra, dict):
             raise ValueError(f"MonitorConfig.extra must be a dict, got {self.extra!r}")
+        _require_real("gns_beta", self.gns_beta)
+        if not 0.0 <= self.gns_beta <= 1.0:
+            raise ValueError(f"MonitorConfig.gns_beta must be in [0, 1], got {self.gns_beta!r}")
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0
+        ):
+            raise ValueError(f"MonitorConfig.batch_size must be a positive integer or None, got {self.batch_size!r}")
         if not 0.0 <= self.noise_beta < 1.0:
             raise ValueError(f"MonitorConfig.noise_beta must be in [0, 1), got {self.noise_beta!r}")
         if not self.memory_inflation > 1.0:

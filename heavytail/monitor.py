@@ -115,6 +115,8 @@ class Monitor:
         self.families = families.build(layout)
         # The families with work after each backward pass (most have none: the pass is not read for them).
         self._backward_families = [f for f in self.families.values() if type(f).on_backward is not Family.on_backward]
+        # Under gradient accumulation every pass is read; a family may ask for every pass in any case.
+        self._every_backward = any(f.every_backward for f in self._backward_families)
         self._final_families = [
             f for f in self.families.values() if type(f).on_gradients_final is not Family.on_gradients_final
         ]
@@ -341,7 +343,7 @@ class Monitor:
         self._unstepped_backwards += 1
         if self._unstepped_backwards == _NO_STEP_BACKWARDS:
             self._warn_no_step(at_close=False)
-        if not self._accumulating or not self._backward_families:
+        if not self._backward_families or not (self._accumulating or self._every_backward):
             return
         view = self._backward_view()
         for family in self._backward_families if view is not None else ():

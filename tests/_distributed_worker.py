@@ -110,7 +110,7 @@ def run(rank: int, world: int, mode: str, port: int, log_dir: str, options: dict
     micro = opts["accumulate"]
     per_micro = GLOBAL_BATCH // micro
     part = per_micro // data_world
-    full_sq, local_sq, rank_samples = [], [], []
+    full_sq, local_sq, rank_samples, first_sq = [], [], [], []
     for step in range(opts["steps"]):
         idx, y = global_batch(step)
         for m in range(micro):
@@ -120,6 +120,11 @@ def run(rank: int, world: int, mode: str, port: int, log_dir: str, options: dict
                 # This rank's own gradient of the step, from the unwrapped module: what DDP then averages.
                 own = torch.autograd.grad(nn.functional.mse_loss(inner(x), t), [params[n] for n in names])
                 rank_samples.append([g.reshape(-1)[i].tolist() for g, i in zip(own, monitor._sample_index.tolist())])
+            if m == 0 and mode in ("ddp", "single"):
+                # This rank's first micro-batch gradient as its backward pass leaves it (the loss divided by the
+                # micro-batches), from the unwrapped module: the gns family's small batch.
+                first = torch.autograd.grad(nn.functional.mse_loss(inner(x), t) / micro, [params[n] for n in names])
+                first_sq.append([float(g.double().square().sum()) for g in first])
             last = m == micro - 1
             sync = contextlib.nullcontext()
             if mode == "ddp" and not last:
@@ -146,6 +151,7 @@ def run(rank: int, world: int, mode: str, port: int, log_dir: str, options: dict
         "names": names,
         "full_sq": full_sq,
         "local_sq": local_sq,
+        "first_sq": first_sq,
         # The monitor's own per-rank sums of the steps since the last record (the last, partial interval).
         "preclip_s2": monitor.families["preclip"].state.sums.tolist(),
         "sample_index": monitor._sample_index.tolist(),

@@ -174,3 +174,32 @@ def test_spike_detection_prints_the_final_line(extra):
     proc = run("spike_detection.py", "--traces", "4", "--steps", "600", "--first-spike", "100", *extra)
     assert re.fullmatch(rf"recall={NUMBER} false_per_10k={NUMBER}", last_line(proc)), last_line(proc)
     assert ("calibrated to rate=0.001" in proc.stdout) == bool(extra)
+
+
+def test_overhead_with_gradient_accumulation():
+    proc = run(
+        "overhead.py",
+        "--model",
+        "smoke",
+        "--steps",
+        "1",
+        "--every",
+        "1",
+        "--rounds",
+        "1",
+        "--warmup",
+        "1",
+        "--variants",
+        "monitored",
+        "--accumulate",
+        "2",
+    )
+    assert "2 micro-batches a step" in proc.stdout
+    assert re.fullmatch(rf"overhead_pct={NUMBER} floor_pct=nan naive_pct=nan histogram_pct=nan", last_line(proc))
+
+
+def test_critical_batch_fits_the_sweep_and_reads_the_noise_scale(tmp_path):
+    svg = tmp_path / "cb.svg"
+    proc = run("critical_batch.py", "--batches", "4,8", "--budget", "32", "--window", "8", "--svg", str(svg))
+    assert re.search(r"^fit S = S_min \(1 \+ B_crit / B\): S_min \S+ steps, B_crit \S+ sequences$", proc.stdout, re.M)
+    assert svg.read_text().startswith("<svg") and "B_simple at B = 8" in svg.read_text()

@@ -186,6 +186,45 @@ def test_preclip_norm_is_the_reduced_gradient_before_clipping_on_every_rank(runs
             assert local == pytest.approx(full[-1], rel=1e-6), rank
 
 
+# ------------------------------------------------------------------ gradient noise scale
+
+
+@pytest.mark.parametrize("world, variant", [(4, "plain"), (2, "accumulate_clip")])
+def test_gns_small_batch_is_each_rank_s_first_pass_before_the_all_reduce(runs, world, variant):
+    """The rank source (no accumulation: b = one rank's share, B = world) and the micro-batch source under DDP
+    (b = one rank's first micro-batch, B = micro-batches x world): each rank's running means of the two estimates
+    from its own first pass (read before the all-reduce) and the reduced pre-clip gradient, averaged over ranks,
+    in micro-batches. Recomputed from the worker's plain-torch gradients; every step counts under DDP."""
+    records, dumps = runs("ddp", world, variant)
+    names = dumps[0]["names"]
+    micro = worker.DEFAULTS["accumulate"] if variant == "plain" else VARIANTS[variant]["accumulate"]
+    b, B = 1.0, float(micro * world)
+    big = np.array(dumps[0]["full_sq"])  # (steps, L): the reduced gradient before clipping
+    for record in records:
+        n = record["step"]
+        metrics = record["metrics"]
+        per_rank = []
+        for dump in dumps:
+            small = np.array(dump["first_sq"])[:n] * micro**2  # on the step gradient's scale
+            rows = [(small[:, i], big[:n, i]) for i in range(len(names))]
+            rows.append((small.sum(axis=1), big[:n].sum(axis=1)))  # the whole model
+            per_rank.append(
+                [((B * S - b * s) / (B - b)).mean() for s, S in rows]
+                + [((s - S) / (1 / b - 1 / B)).mean() for s, S in rows]
+            )
+        want = np.mean(per_rank, axis=0)
+        L = len(names) + 1
+        grad_sq, trace = want[:L], want[L:]
+        for i, name in enumerate([*names, None]):
+            suffix = "" if name is None else f"/{name}"
+            assert metrics[f"gns/grad_sq{suffix}"] == pytest.approx(grad_sq[i], rel=1e-5), (n, name)
+            assert metrics[f"gns/trace_sigma{suffix}"] == pytest.approx(trace[i], rel=1e-5), (n, name)
+            if trace[i] > 0 and grad_sq[i] > 0:
+                assert metrics[f"gns/b_simple{suffix}"] == pytest.approx(trace[i] / grad_sq[i], rel=1e-5)
+        assert (metrics["gns/small_batch"], metrics["gns/big_batch"]) == (b, B)
+        assert (metrics["gns/micro_batches"], metrics["gns/ranks"]) == (micro, world)
+
+
 # ------------------------------------------------------------------ rank noise with four ranks
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView
 from heavytail.families.flight import Flight
+from heavytail.families.gns import Gns
 from heavytail.families.lion import Lion
 from heavytail.families.loss import Loss
 from heavytail.families.memory import Memory
@@ -33,6 +34,7 @@ REGISTRY: dict[str, type[Family]] = {
     "memory": Memory,
     "shadow": Shadow,
     "noise": Noise,
+    "gns": Gns,
     "ratio": Ratio,
     "lion": Lion,
     "updates": Updates,

@@ -137,6 +137,9 @@ class Family:
     """The ids of the report sections (``heavytail.report.sections.SECTIONS``) that draw this family's keys."""
     alert_rules: ClassVar[tuple[str, ...]] = ()
     """The alert rules (``heavytail.alerts``) this family's figures feed."""
+    every_backward: bool = False
+    """Whether ``on_backward`` runs after every backward pass; else only under gradient accumulation (the
+    monitor knows it from the previous step: the first accumulating step is not seen)."""
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout

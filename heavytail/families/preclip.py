@@ -125,6 +125,7 @@ class Preclip(Family):
         counted = view.valid & torch.isfinite(s.measured)
         s.sums.add_(torch.where(counted, s.measured, 0.0))
         s.steps.add_(counted.to(s.steps.dtype))
+        view.extra["preclip_sq"] = s.measured  # this step's pre-clip squared norms, for the gns family
         self.state = s._replace(measured=torch.full_like(s.measured, math.nan))  # measured again at the next backward
 
     def readout(self, step: int) -> dict[str, Slot]:

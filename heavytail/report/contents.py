@@ -8,6 +8,8 @@ function for the other.
 from __future__ import annotations
 
 from heavytail.report.comparison_tables import COMPARISON_SECTION, FAMILY_TABLES_SECTION, LAYERS_SECTION
+from heavytail.report.families import Family as ReportFamily
+from heavytail.report.families import register_family
 from heavytail.report.hill_plot import HILL_PLOT_SECTION
 from heavytail.report.layer_maps import (
     KURTOSIS_SECTION,
@@ -15,8 +17,10 @@ from heavytail.report.layer_maps import (
     RATIO_SECTION,
     SHADOW_RATIO_SECTION,
     TAIL_INDEX_SECTION,
+    heatmap_section,
 )
 from heavytail.report.loss import LOSS_SECTION
+from heavytail.report.noise_scale import GNS_HEATMAP, NOISE_SCALE_SECTION
 from heavytail.report.sections import SECTIONS, Section, register_section
 from heavytail.report.tables import ALERTS_SECTION, HEAVIEST_SECTION, META_SECTION, NOISE_TABLE_SECTION
 
@@ -39,5 +43,11 @@ BUILTIN_SECTIONS: tuple[Section, ...] = (
 
 for _section in BUILTIN_SECTIONS:
     register_section(_section)
+
+# The gradient noise scale (families/gns.py): its chart after the noise tail sections, its layer x step heatmap
+# after the chart, on a log colour scale of its own (a batch size, not a tail index).
+register_family(ReportFamily("gns/b_simple", scale="magnitude"))
+register_section(NOISE_SCALE_SECTION, before="sec-kurtosis")
+register_section(heatmap_section(GNS_HEATMAP, optional=True), before="sec-kurtosis")
 
 __all__ = ["BUILTIN_SECTIONS", "SECTIONS"]

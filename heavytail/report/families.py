@@ -15,7 +15,8 @@ class Family(NamedTuple):
     column: str = ""
     """Its column in the one-run report's table of noise sources; "" for none."""
     scale: str = ""
-    """The colour scale of its heatmap: ``alpha``, ``kurtosis`` or ``ratio`` ("" draws none: tail-index colours)."""
+    """The colour scale of its heatmap: ``alpha``, ``kurtosis``, ``ratio`` or ``magnitude`` (a log scale over the
+    page's own values, no threshold marked; "" draws none: tail-index colours)."""
 
 
 # In the order the report shows them (tables and columns keep it), grouped by what they measure. A shadow

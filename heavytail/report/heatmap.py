@@ -223,12 +223,13 @@ def render_legend(scale: ColorScale, kind: str, *, gauss: float | None = None) -
         for i, d in enumerate(decades):
             if i % stride == 0 or d == decades[-1]:
                 tick(10.0**d, tick_label(10.0**d) if d >= 0 else f"{10.0**d:g}")
-        r = math.sqrt(5000.0)
-        x = bar_x + scale.pos(r) * bar_w
-        out.append(
-            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{bar_y - 3}" y2="{bar_y + bar_h}" stroke="#1c2230" stroke-width="1.5"/>'
-        )
-        out.append(f'<text x="{x:.1f}" y="{bar_y - 6}" font-size="11" text-anchor="middle">r² = 5000</text>')
+        if kind == "ratio":  # the hidden-spike cut; a "magnitude" scale has no threshold
+            r = math.sqrt(5000.0)
+            x = bar_x + scale.pos(r) * bar_w
+            out.append(
+                f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{bar_y - 3}" y2="{bar_y + bar_h}" stroke="#1c2230" stroke-width="1.5"/>'
+            )
+            out.append(f'<text x="{x:.1f}" y="{bar_y - 6}" font-size="11" text-anchor="middle">r² = 5000</text>')
     sx = bar_x + bar_w + 26
     out.append(f'<rect x="{sx}" y="{bar_y}" width="13" height="13" fill="{scale.missing}" stroke="#8a93a5"/>')
     out.append(f'<text x="{sx + 19}" y="{bar_y + 11}" font-size="11">no value</text>')

@@ -116,6 +116,18 @@ def kurtosis_scale(matrices: Sequence[np.ndarray]) -> ColorScale:
     return log_scale("kurtosis", 1.0, decade_hi(shifted, 100.0), shift=KURTOSIS_SHIFT)
 
 
+def magnitude_scale(matrices: Sequence[np.ndarray]) -> ColorScale:
+    """A log scale (the ratio palette) from the decade under the smallest positive finite value to the decade
+    above the largest: for a positive quantity with no natural threshold, such as a batch size."""
+    positive = [m[np.isfinite(m) & (m > 0)] for m in matrices]
+    values = np.concatenate(positive) if positive else np.zeros(0)
+    if values.size == 0:
+        return log_scale("ratio", 1.0, 10.0)
+    lo = float(10 ** math.floor(math.log10(values.min()) + 1e-9))
+    hi = max(decade_hi([values], lo), lo * 10)
+    return log_scale("ratio", lo, hi)
+
+
 def decade_hi(matrices: Sequence[np.ndarray], floor: float) -> float:
     """The upper end of a log scale: the decade above the largest finite value, at least ``floor``."""
     top = floor

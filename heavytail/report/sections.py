@@ -21,7 +21,7 @@ import numpy as np
 from heavytail.report.families import Family, families, register_family
 from heavytail.report.page import section_html
 from heavytail.report.rundir import Run
-from heavytail.report.scales import ALPHA_SCALE, ColorScale, decade_hi, kurtosis_scale, log_scale
+from heavytail.report.scales import ALPHA_SCALE, ColorScale, decade_hi, kurtosis_scale, log_scale, magnitude_scale
 from heavytail.report.stats import RunSummary, all_values, shadow_ratio_families, summarize
 from heavytail.report.svg import ChartData
 
@@ -157,6 +157,8 @@ def page_scales(runs: list[Run]) -> dict[str, tuple[ColorScale, str]]:
             out[f.key] = (kurtosis_scale([r.matrix(f.key)[2] for r in runs]), "kurtosis")
         elif f.scale == "ratio":
             ratios.add(f.key)
+        elif f.scale == "magnitude":
+            out[f.key] = (magnitude_scale([r.matrix(f.key)[2] for r in runs]), "magnitude")
     ratio_scale = log_scale("ratio", 1.0, decade_hi([r.matrix(f)[2] for r in runs for f in ratios], 100.0))
     for key in ratios:
         out[key] = (ratio_scale, "ratio")

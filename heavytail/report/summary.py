@@ -122,6 +122,25 @@ def ratio_text(s: RunSummary) -> str | None:
     )
 
 
+def noise_scale_text(run: Run) -> str | None:
+    """The whole model's gradient noise scale at the last checkpoint that has one (``gns/``), or None."""
+    _, batch = run.series("gns/big_batch")
+    recorded = np.flatnonzero(np.isfinite(batch))
+    if not len(recorded):
+        return None
+    # The last record with a noise scale; a null figure there is an infinite one (noise dominates even B).
+    b_simple, robust = (float(run.series(k)[1][recorded[-1]]) for k in ("gns/b_simple", "gns/b_robust"))
+    b_simple, robust = (math.inf if math.isnan(v) else v for v in (b_simple, robust))
+    unit = "examples" if (run.meta.get("config") or {}).get("batch_size") else "micro-batches"
+    text = (
+        f"Gradient noise scale (last checkpoint, in {unit}): B_simple {num(b_simple)} (gns/b_simple), robust "
+        f"{num(robust)} (gns/b_robust); training batch {num(run.final('gns/big_batch'))}."
+    )
+    if run.final("gns/variance_flag") == 1.0:
+        text += " A noise tail index under 2 makes B_simple meaningless here: read the robust figure."
+    return text
+
+
 def headline(run: Run, s: RunSummary | None = None) -> str:
     """``<name>: N steps of <model> with <optimizer>, K checkpoints (every E), <wall time>.``"""
     s = s or summarize(run)
@@ -223,6 +242,10 @@ def summary_text(
             else:
                 text += "no power-law tail"
             lines.append(text.rstrip("; "))
+    gns = noise_scale_text(run)
+    if gns is not None:
+        lines.append("")
+        lines.append(gns)
     if notes:
         lines.append("")
         lines += list(notes)

@@ -1,0 +1,166 @@
+"""Gradient noise scale per tensor and for the whole model, from a small and a big batch of each step (``gns/``)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from heavytail.estimators import gns
+from heavytail.estimators.gradient_pass import S2
+from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView
+from heavytail.transfer import to_device
+
+
+class Gns(Family):
+    """``gns/b_simple/<p>`` and ``gns/b_simple`` (McCandlish et al. 2018's B_simple = tr(Sigma) / |G|^2), with
+    ``gns/trace_sigma``, ``gns/grad_sq``, the robust counterpart ``gns/b_robust`` and ``gns/variance_flag`` (the
+    noise tail index says B_simple means nothing), per tensor and global; ``estimators.gns`` holds the maths.
+
+    The two batches of a step, in units of one backward pass on one rank (a *micro-batch*; in examples when
+    ``MonitorConfig.batch_size`` says how many a micro-batch holds):
+
+    - small, b = 1: this rank's first backward pass of the step, read at the end of that pass (before DDP's
+      all-reduce) in one extra read of its gradients. The gradients accumulate over the passes, so the first pass
+      left c g_1, with c whatever the loss was scaled by (``1 / accumulate`` in the usual loop); multiplied by the
+      M passes of the step it is on the scale of the step's gradient c sum_i g_i, the mean over micro-batches
+      when c = 1 / M. The GradScaler's scale is divided out on the device.
+    - big, B = M x world: the gradient the optimizer steps with (reduced across ranks), before clipping and
+      unscaling (the ``preclip`` family's measurement, else the step pass's own squared norms).
+
+    Sources: ``microbatch`` (M > 1: gradient accumulation, any world size) and ``rank`` (M = 1 under DDP); one
+    process without accumulation has none and records no ``gns/`` key. FSDP2 has none either (a shard's first
+    pass is already reduce-scattered). The records name the source by its counts: ``gns/micro_batches`` (M) and
+    ``gns/ranks`` (world), with ``gns/small_batch`` and ``gns/big_batch`` (b and B).
+
+    State: ``estimators.gns.GnsState`` with one row per output unit and a last row for the whole model (a unit's
+    squared norms are its tensors' sums); each rank's EMAs use its own small batch and are averaged over ranks at
+    the checkpoint (a sum all-reduce divided by the world size), which is the EMA of the ranks' mean estimate.
+    """
+
+    name = "gns"
+    report_sections = ("sec-noise-scale", "sec-gns-heatmap")
+
+    @classmethod
+    def wanted(cls, layout) -> bool:
+        return bool(layout.config.track_gns) and not layout.dist.sharded
+
+    def __init__(self, layout) -> None:
+        super().__init__(layout)
+        # Under DDP every backward pass's local gradient is a small batch, accumulation or not.
+        self.every_backward = layout.dist.active
+        self._passes = 0  # backward passes seen since the last step (a host count)
+        self._first: torch.Tensor | None = None  # (L,) the step's first pass's squared norms, NaN where none
+        unit_index = layout.unit_index() if layout.grouped else np.arange(layout.num_layers)
+        self._unit_index = to_device(unit_index.tolist(), layout.device, torch.int64)
+
+    def init(self) -> gns.GnsState:
+        return gns.init(len(self.layout.units), self.layout.device, self.layout.dtype)
+
+    def on_backward(self, view: BackwardView) -> None:
+        """The first backward pass of each step: its squared norms (one read of this rank's gradients)."""
+        self._passes += 1
+        if self._passes > 1:
+            return
+        tensors = [view.grads[i] for i in view.rows]
+        dtype = self.layout.dtype
+        squares = self.layout.kernels.sums_of_squares(tensors) if self.layout.kernels is not None else None
+        if squares is not None:
+            squares = squares.to(dtype)
+        else:
+            norms = torch.stack(torch._foreach_norm(tensors)).to(dtype)
+            squares = norms * norms
+        scaler = self.layout.scaler
+        if scaler is not None and getattr(scaler, "_scale", None) is not None and scaler.is_enabled():
+            scale = scaler._scale.to(squares.dtype)  # divided on the device: the scale is never read
+            squares = squares / (scale * scale)
+        first = torch.full((self.layout.num_layers,), math.nan, device=self.layout.device, dtype=dtype)
+        first[to_device(view.rows, self.layout.device, torch.int64)] = squares
+        self._first = first
+
+    def update(self, view: StepView) -> None:
+        passes, first = self._passes, self._first
+        self._passes, self._first = 0, None
+        world = self.layout.dist.world
+        big_batch = passes * world
+        if first is None or big_batch < 2:
+            return
+        # The big batch before clipping: what preclip measured this step, else the step's own gradient.
+        big = view.extra.get("preclip_sq")
+        stats_sq = view.stats[:, S2].to(first.dtype)
+        big = stats_sq if big is None else torch.where(torch.isnan(big), stats_sq, big.to(first.dtype))
+        small = first * float(passes * passes)
+        valid = view.valid & torch.isfinite(small) & torch.isfinite(big)
+        small_u, big_u, valid_u = self._by_unit(small, big, valid)
+        per_pass = float(self.config.batch_size or 1)
+        self.state = gns.update(
+            self.state, small_u, big_u, per_pass, per_pass * big_batch, valid_u, beta=self.config.gns_beta
+        )
+
+    def _by_unit(self, small: torch.Tensor, big: torch.Tensor, valid: torch.Tensor):
+        """Per-tensor squared norms summed into output units (a unit counts when all its tensors do)."""
+        if not self.layout.grouped:
+            return small, big, valid
+        U = len(self.layout.units)
+        zero = small.new_zeros(U)
+        small_u = zero.index_add(0, self._unit_index, torch.where(valid, small, 0.0))
+        big_u = zero.index_add(0, self._unit_index, torch.where(valid, big, 0.0))
+        missing = zero.index_add(0, self._unit_index, (~valid).to(small.dtype))
+        return small_u, big_u, missing == 0
+
+    def readout(self, step: int) -> dict[str, Slot]:
+        # Every rank's EMAs differ (each its own small batch): summed, then divided by the world size.
+        s = self.state
+        slots = {
+            name: Slot(getattr(s, name), "sum", varies_by_rank=True) for name in ("grad_sq", "trace_sigma", "log_ratio")
+        }
+        for name in ("count", "small_batch", "big_batch"):
+            slots[name] = Slot(getattr(s, name), "max", varies_by_rank=True)
+        return slots
+
+    def metrics(self, views: HostViews, record: Record) -> dict[str, float]:
+        count = views.get(self.name, "count")
+        if not len(count) or count[-1] <= 0:
+            return {}  # no source yet: the keys are absent
+        world = float(self.layout.dist.world)
+        fields = {
+            name: torch.from_numpy(np.asarray(views.get(self.name, name), dtype=np.float64))
+            for name in gns.GnsState._fields
+        }
+        for name in ("grad_sq", "trace_sigma", "log_ratio"):
+            fields[name] = fields[name] / world
+        result = gns.compute(gns.GnsState(**fields))
+        alpha = self._noise_alpha(views)
+        flag = gns.variance_flag(torch.from_numpy(alpha), self.config.tail_alpha_threshold).numpy()
+        out: dict[str, float] = {}
+        columns = {
+            "b_simple": result.b_simple,
+            "b_robust": result.robust,
+            "trace_sigma": result.trace_sigma,
+            "grad_sq": result.grad_sq,
+        }
+        names = [*self.layout.units, None]
+        for key, values in columns.items():
+            for name, value in zip(names, values.tolist()):
+                out[f"gns/{key}" if name is None else f"gns/{key}/{name}"] = value
+        for name, value in zip(names, flag.tolist()):
+            if not math.isnan(value):
+                out["gns/variance_flag" if name is None else f"gns/variance_flag/{name}"] = value
+        out["gns/small_batch"] = float(result.small_batch[-1])
+        out["gns/big_batch"] = float(result.big_batch[-1])
+        per_pass = float(self.config.batch_size or 1)
+        out["gns/micro_batches"] = out["gns/big_batch"] / per_pass / world
+        out["gns/ranks"] = world
+        return out
+
+    def _noise_alpha(self, views: HostViews) -> np.ndarray:
+        """Each unit's noise tail index (``noise/hill_alpha``, the temporal source), NaN where not recorded."""
+        if views.has("noise", "temporal"):
+            return np.asarray(views.get("noise", "temporal"), dtype=np.float64)[:, 0]
+        if views.has("noise", "temporal_rank_sums"):
+            from heavytail.families.noise import rank_mean_tails
+
+            sums = torch.from_numpy(views.get("noise", "temporal_rank_sums"))
+            return rank_mean_tails(sums).double().numpy()[:, 0]
+        return np.full(len(self.layout.units), math.nan)
