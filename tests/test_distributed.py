@@ -84,8 +84,8 @@ def _close(key: str, got, want, muon: set[str]) -> bool:
         return want is None and got is None
     if re.match(r"(update/rms_ratio|[^/]+/event_update_ratio|[^/]+/memory_damping)/", key):
         return got == pytest.approx(want, rel=5e-3 if key.split("/", 2)[2] in muon else 1e-5)
-    if "hill_alpha" in key:
-        return got == pytest.approx(want, rel=1e-5 * max(1.0, abs(want) / 4))
+    if "hill_alpha" in key:  # logs of order statistics: ulp-level gradient differences move alpha by up to 5e-5
+        return got == pytest.approx(want, rel=1e-4 * max(1.0, abs(want) / 4))
     if key.startswith("grad/kurtosis/"):
         return got + 3 == pytest.approx(want + 3, rel=1e-5)
     # g / sqrt(v) with tiny v: float32 sums, amplified
