@@ -174,3 +174,16 @@ def test_spike_detection_prints_the_final_line(extra):
     proc = run("spike_detection.py", "--traces", "4", "--steps", "600", "--first-spike", "100", *extra)
     assert re.fullmatch(rf"recall={NUMBER} false_per_10k={NUMBER}", last_line(proc)), last_line(proc)
     assert ("calibrated to rate=0.001" in proc.stdout) == bool(extra)
+
+
+def test_spike_detection_table_prints_every_condition_and_the_summary_line():
+    proc = run("spike_detection.py", "--quick")
+    for stream in ("loss", "gradnorm"):
+        for noise in ("gauss", "t3", "t2.5"):
+            for level in ("1%", "2%", "5%"):
+                assert re.search(rf"^{stream} +{re.escape(noise)} +{level} ", proc.stdout, re.M), (stream, noise, level)
+    assert re.fullmatch(
+        rf"calibrated: conditions_within_0.02_of_oracle=\d+/18 worst_recall_gap={NUMBER} "
+        rf"worst_false_per_10k={NUMBER} ramps_before_half={NUMBER}",
+        last_line(proc),
+    ), last_line(proc)
