@@ -40,9 +40,11 @@ class StepFlags(NamedTuple):
     ``spike.compute`` gives the forecast this step was compared with and the value over which it flagged.
     """
 
-    flags: Any  # (S,) the spike detectors' flags
+    flags: Any  # (S,) the spike detectors' flags (a spike or a slow divergence)
     scores: Any  # (S,) their robust z-scores
     values: Any  # (S,) the values they scored: the loss, the global norm, each layer's norm
+    thresholds: Any  # (S,) the z-score over which each stream flagged a spike (calibrated; inf in warm-up)
+    drift: Any  # (S,) the flag is a slow divergence (the CUSUM) and not a spike
     detector: SpikeState  # (S,) each: the detectors' state before this step
     nonfinite: Any  # (L,) non-finite gradient entries
     spike_frac: Any  # (L,) fraction of coordinates over the hidden-spike ratio
@@ -51,7 +53,7 @@ class StepFlags(NamedTuple):
 
 # The flag vector's layout, in order: these stream-sized fields, the detector state's fields (stream-sized), then
 # these layer-sized fields. pack_step_flags writes it and unpack_step_flags reads it; nothing else indexes it.
-_STREAM_FIELDS = ("flags", "scores", "values")
+_STREAM_FIELDS = ("flags", "scores", "values", "thresholds", "drift")
 _LAYER_FIELDS = ("nonfinite", "spike_frac", "ratio_max")
 
 
@@ -125,6 +127,8 @@ class AlertEngine:
         self.tail_threshold = float(config.tail_alpha_threshold)
         self.hidden_frac = float(config.hidden_spike_frac)
         self.hidden_spike_cut = float(config.spike_threshold)  # the r^2 cut of a hidden spike
+        # With skip_spikes, a spike (not a drift) on the loss or the global norm undid the step's update.
+        self.skip_spikes = bool(getattr(config, "skip_spikes", False))
         self.log_dir = Path(log_dir)
         self._emit = emit
         # Early steps have a denominator built from very few gradients (at step 2, v_hat is g_1^2 alone), so
@@ -217,41 +221,58 @@ class AlertEngine:
     ) -> None:
         """Rules on one step's flag vector (written by ``pack_step_flags`` on the step path)."""
         f = unpack_step_flags(packed, len(names))
-        z_threshold = float(spike_config.threshold)
         flags = f.flags > 0.5
+        drift = f.drift > 0.5
+        thresholds = np.asarray(f.thresholds, dtype=np.float64)
         rising = np.ones(len(flags), dtype=bool)
         for back in range(1, RISING_STEPS + 1):  # a step not seen (a restart without state) counts as quiet
             before = self._scores.get(step - back)
             if before is None or len(before) != len(flags):
                 rising[:] = False
             else:
-                rising &= before > RISING * z_threshold
+                rising &= before > RISING * thresholds
         self._scores = {s: z for s, z in self._scores.items() if s > step - RISING_STEPS}
         self._scores[int(step)] = np.array(f.scores, dtype=np.float64)
+        skipped = self.skip_spikes and bool((flags[:2] & ~drift[:2]).any())
         forecast: list[np.ndarray] = []  # expected and upper, computed on the host only on a step that alerts
 
         def spike_fields(i: int) -> dict:
             if not forecast:  # the detectors' state before this step gives what the step was compared with
-                summary = spike.compute(f.detector, spike_config)
+                summary = spike.compute(f.detector, spike_config, threshold=torch.from_numpy(f.thresholds.copy()))
                 forecast.extend((summary.baseline.numpy(), summary.upper.numpy()))  # sync point: none, host data
             return {
                 "value": f.values[i],
-                "threshold": z_threshold,
+                "threshold": thresholds[i],
                 "expected": forecast[0][i],
                 "value_threshold": forecast[1][i],
                 "z": f.scores[i],
-                "z_threshold": z_threshold,
+                "z_threshold": thresholds[i],
+                "drift": float(drift[i]),
+                "skipped_step": float(skipped),
             }
 
         margin = f"{spike_config.rtol:.0%}" + (f" + {spike_config.atol:g}" if spike_config.atol else "")
+        how = (
+            f"calibrated to {spike_config.false_alarm_rate:g} false alarms per step"
+            if spike_config.calibrated
+            else "fixed"
+        )
 
         def describe_spike(subject: str, n: dict) -> str:
-            return (
-                f"{subject} at step {step}: observed {n['value']:.4g}, expected {n['expected']:.4g} (the "
-                f"detector's forecast), threshold {n['value_threshold']:.4g} (z = {n['z']:.1f} robust standard "
-                f"deviations above the forecast; the rule fires above z = {z_threshold:g} and {margin} over the "
-                f"forecast)"
-            )
+            if n["drift"]:
+                text = (
+                    f"{subject} at step {step}: slow divergence, observed {n['value']:.4g}, expected "
+                    f"{n['expected']:.4g} (the detector's forecast): the forecast errors have stayed high for several "
+                    f"steps (a CUSUM over its limit, {how})"
+                )
+            else:
+                text = (
+                    f"{subject} at step {step}: observed {n['value']:.4g}, expected {n['expected']:.4g} (the "
+                    f"detector's forecast), threshold {n['value_threshold']:.4g} (z = {n['z']:.1f} robust standard "
+                    f"deviations above the forecast; the rule fires above z = {n['z_threshold']:.3g}, {how}, and "
+                    f"{margin} over the forecast)"
+                )
+            return text + ("; the step's update was skipped (skip_spikes)" if n["skipped_step"] else "")
 
         self._rule(
             "loss_spike",

@@ -148,11 +148,22 @@ class MonitorConfig:
     hidden_spike_frac: float = 0.0
     """``hidden_spike`` fires when the fraction of a layer's coordinates over ``spike_threshold`` exceeds this."""
 
+    false_alarm_rate: float = 1e-4
+    """False spike flags per step and stream the loss/gradient-norm detectors aim at (1e-4: about one false alert
+    per 10,000 steps per stream). Each stream's threshold is calibrated to it from the tail of its own forecast
+    errors (peaks over threshold, SPOT; docs/spike-detection.md); it also sets the slow-divergence rule's limit."""
+
     spike_z: float | None = None
-    """Robust z-score over which the loss/gradient-norm detectors flag a spike (``None``: the detector's default)."""
+    """A fixed robust z-score over which the loss/gradient-norm detectors flag a spike, in place of the threshold
+    calibrated to ``false_alarm_rate`` (``None``: calibrated)."""
 
     spike_warmup: int | None = None
-    """Steps before the spike detectors may flag (``None``: the detector's default)."""
+    """Steps before the spike detectors may flag (``None``: the detector's default, 50)."""
+
+    skip_spikes: bool = False
+    """Undo the optimizer step, on the device and with no synchronization, when the loss or global-norm detector
+    flags a spike at that step (never during warm-up; a slow divergence does not skip). Costs a copy of the
+    parameters and optimizer state; skipped steps are counted in ``spikes/skipped_steps`` and in the alerts."""
 
     track_preclip: bool = True
     """Also measure gradient norms at the end of each backward pass, before clipping and unscaling."""
@@ -219,7 +230,10 @@ class MonitorConfig:
             isinstance(self.spike_warmup, bool) or not isinstance(self.spike_warmup, int) or self.spike_warmup < 2
         ):
             raise ValueError(f"MonitorConfig.spike_warmup must be an integer >= 2 or None, got {self.spike_warmup!r}")
-        for name in ("track_preclip", "track_gns", "resume", "overwrite"):
+        _require_real("false_alarm_rate", self.false_alarm_rate)
+        if not 0.0 < self.false_alarm_rate < 1.0:
+            raise ValueError(f"MonitorConfig.false_alarm_rate must be in (0, 1), got {self.false_alarm_rate!r}")
+        for name in ("track_preclip", "track_gns", "resume", "overwrite", "skip_spikes"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MonitorConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.resume and self.overwrite:

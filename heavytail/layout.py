@@ -79,9 +79,14 @@ class Layout:
         # Each step's squared global norm is summed over ranks at checkpoints: one copy of each piece under
         # sharding (the owner weights), rank 0's alone under DDP (every rank holds the same reduced gradient).
         ddp_follower = dist.active and not dist.sharded and not dist.writer
-        overrides: dict[str, Any] = {}
+        overrides: dict[str, Any] = {
+            "warmup": spike.CALIBRATED_WARMUP,
+            "false_alarm_rate": float(config.false_alarm_rate),
+            "drift_streams": 1,  # the slow-divergence rule watches the loss
+        }
         if config.spike_z is not None:
             overrides["threshold"] = float(config.spike_z)
+            overrides["calibrated"] = False
         if config.spike_warmup is not None:
             overrides["warmup"] = int(config.spike_warmup)
         return cls(

@@ -27,6 +27,7 @@ from heavytail.families.step import step_view
 from heavytail.hooks.gradients import BackwardTap, LocalSampleTap
 from heavytail.hooks.optimizer import OptimizerTap, check_owns, denominators, param_kinds
 from heavytail.hooks.selection import select_parameters
+from heavytail.hooks.skip import NoSkip, SkipStep
 from heavytail.kernels import select
 from heavytail.layout import Layout, effective_sample_size  # noqa: F401  (effective_sample_size: public here)
 from heavytail.wrappers import unwrap_model, unwrap_optimizer
@@ -91,6 +92,11 @@ class Monitor:
         self.model, self.optimizer, self.scaler = inner, optimizer, scaler
         self.names, self.params = names, params
         self.dist = DistContext.detect(params, process_group)
+        if config.skip_spikes and optimizer is None:
+            raise ValueError("Monitor: skip_spikes=True needs the optimizer, whose step it undoes")
+        if config.skip_spikes and self.dist.active:
+            # Each rank's detector sees its own loss: the ranks could disagree on a skip and diverge.
+            raise ValueError("Monitor: skip_spikes=True is not supported under torch.distributed yet")
         self.kinds = param_kinds(optimizer, params)
         self.log_dir = Path(config.log_dir) if config.log_dir is not None else runfiles.default_log_dir()
         if config.run_name is None:
@@ -123,6 +129,8 @@ class Monitor:
         self._rows = {id(p): i for i, p in enumerate(params)}
         self.alerts = AlertEngine(config, self.log_dir, self._emit_alert, warmup=layout.spike_config.warmup)
         self.families["spikes"].bind_alerts(self.alerts)
+        self._skip = SkipStep(optimizer, layout.device) if config.skip_spikes else NoSkip()
+        self.families["spikes"].bind_skip(self._skip)
         self.step_count = self._interval_start = resumed_at
         self._loss_sum: torch.Tensor | None = None
         self._loss_n = 0
@@ -372,6 +380,7 @@ class Monitor:
         if self._closed:
             return
         self._unstepped_backwards = 0
+        self._skip.restore()  # before any family reads the parameters after the step
         with torch.no_grad():
             for family in self.families.values():
                 family.after_update()

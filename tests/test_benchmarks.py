@@ -203,3 +203,16 @@ def test_critical_batch_fits_the_sweep_and_reads_the_noise_scale(tmp_path):
     proc = run("critical_batch.py", "--batches", "4,8", "--budget", "32", "--window", "8", "--svg", str(svg))
     assert re.search(r"^fit S = S_min \(1 \+ B_crit / B\): S_min \S+ steps, B_crit \S+ sequences$", proc.stdout, re.M)
     assert svg.read_text().startswith("<svg") and "B_simple at B = 8" in svg.read_text()
+
+
+def test_spike_detection_table_prints_every_condition_and_the_summary_line():
+    proc = run("spike_detection.py", "--quick")
+    for stream in ("loss", "gradnorm"):
+        for noise in ("gauss", "t3", "t2.5"):
+            for level in ("1%", "2%", "5%"):
+                assert re.search(rf"^{stream} +{re.escape(noise)} +{level} ", proc.stdout, re.M), (stream, noise, level)
+    assert re.fullmatch(
+        rf"calibrated: conditions_within_0.02_of_oracle=\d+/18 worst_recall_gap={NUMBER} "
+        rf"worst_false_per_10k={NUMBER} ramps_before_half={NUMBER}",
+        last_line(proc),
+    ), last_line(proc)

@@ -1,4 +1,5 @@
-"""Streaming spike detection for the loss and gradient norms: robust Holt smoothing, batched over streams."""
+"""Streaming spike detection for the loss and gradient norms: robust Holt forecasts, thresholds calibrated to a
+false-alarm rate by peaks over threshold, and a CUSUM for slow divergence, batched over streams."""
 
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ __all__ = [
     "tail_init",
     "tail_update",
     "tail_threshold",
+    "DetectorState",
+    "Detection",
+    "detector_init",
+    "detect",
+    "detector_compute",
+    "skip_factor",
+    "CALIBRATED_WARMUP",
+    "DRIFT_START",
 ]
 
 # E|X - mu| = sigma * sqrt(2/pi) for a Gaussian: scaling the mean absolute deviation by sqrt(pi/2) makes the
@@ -34,6 +43,23 @@ _DOMAINS = ("auto", "log", "linear")
 # keeps one stream's unlucky fit from giving it a threshold far too low (false alerts) or far too high.
 XI_MIN = 0.0
 XI_MAX = 0.5
+# The shape a calibrated threshold assumes before its stream has shown its own tail, and how many excesses that
+# assumption is worth: 0.5 (Student-t with 2 degrees of freedom, heavier than any noise measured) keeps the
+# first few hundred steps' thresholds high, and the stream's own fit takes over as its excesses outnumber 32.
+XI_PRIOR = 0.5
+XI_PRIOR_WEIGHT = 32.0
+# Order statistics each stream keeps for its calibrated threshold, and the fraction of its scores that count as
+# peaks over the threshold u while it has seen fewer than TAIL_SIZE / TAIL_FRACTION of them.
+TAIL_SIZE = 128
+TAIL_FRACTION = 0.1
+# Scores before this many accepted values are left out of the calibrated tail: the scale then rests on a handful
+# of values, so its scores are not the stream's noise (one of them in the top K would stay there for the run).
+TAIL_START = 10
+# Warm-up of the calibrated detector (``detect``): values a stream must see before it can flag.
+CALIBRATED_WARMUP = 50
+# Scores the slow-divergence rule's CUSUM must have seen before it may flag: its limit comes from the running
+# moments of its increments, which rest on too few values before (a short test warm-up must not make it fire).
+DRIFT_START = 20
 
 
 def _rate(halflife: float) -> float:
@@ -105,6 +131,23 @@ class SpikeConfig:
     stream to the linear domain for good (its state is converted, so it does not re-warm). Zero is skipped
     while in the log domain: for a norm it means no gradient this step (a frozen layer, an unused expert)."""
 
+    false_alarm_rate: float = 1e-4
+    """Used by ``detect`` only: the rate of false flags per step and stream its calibrated threshold aims at
+    (1e-4: one per 10,000 steps). ``update`` uses ``threshold`` instead."""
+
+    calibrated: bool = True
+    """Used by ``detect`` only: compare the score with the threshold calibrated to ``false_alarm_rate`` from the
+    stream's own score tail (True), or with the fixed ``threshold`` (False, the rule of ``update``)."""
+
+    drift_allowance: float = 0.5
+    """Used by ``detect`` only: the CUSUM's allowance k, in score units. Each step adds min(score, clip) - k to the
+    drift statistic, so healthy noise (mean score about 0) drains it and a run of scores above k fills it."""
+
+    drift_streams: int | None = None
+    """Used by ``detect`` only: the slow-divergence rule watches the first this many streams (``None``: all). The
+    monitor watches the loss alone: a gradient norm that creeps up for hundreds of steps is common in healthy
+    training, a loss that does is not."""
+
     def __post_init__(self) -> None:
         if not (isinstance(self.warmup, int) and self.warmup >= 2):
             raise ValueError(f"warmup must be an int >= 2 (a scale needs two values), got {self.warmup!r}")
@@ -124,6 +167,12 @@ class SpikeConfig:
             raise ValueError(f"atol must be >= 0, got {self.atol!r}")
         if self.domain not in _DOMAINS:
             raise ValueError(f"domain must be one of {_DOMAINS}, got {self.domain!r}")
+        if not 0.0 < self.false_alarm_rate < 1.0:
+            raise ValueError(f"false_alarm_rate must be in (0, 1), got {self.false_alarm_rate!r}")
+        if not 0.0 < self.drift_allowance < self.clip:
+            raise ValueError(f"drift_allowance must be in (0, clip), got {self.drift_allowance!r}")
+        if self.drift_streams is not None and not (isinstance(self.drift_streams, int) and self.drift_streams >= 0):
+            raise ValueError(f"drift_streams must be an int >= 0 or None, got {self.drift_streams!r}")
 
 
 class SpikeState(NamedTuple):
@@ -272,7 +321,9 @@ def update(
     return new_state, flags, score
 
 
-def compute(state: SpikeState, config: SpikeConfig = SpikeConfig()) -> SpikeSummary:
+def compute(
+    state: SpikeState, config: SpikeConfig = SpikeConfig(), threshold: torch.Tensor | None = None
+) -> SpikeSummary:
     """Each stream's forecast for the next step, the band outside which that step flags, and its noise scale.
 
     With f = level + trend and s = sqrt(pi/2) * scale (floored as in ``update``), in the log domain:
@@ -286,11 +337,13 @@ def compute(state: SpikeState, config: SpikeConfig = SpikeConfig()) -> SpikeSumm
     conditions of ``update``, z > threshold and the rtol/atol gate, solved for x. ``scale`` is the noise scale
     in Gaussian-sigma units (relative in the log domain). Called on the state before a step, this is what that
     step was compared with: an alert's expected value and threshold; for dashboards, the loss with its band.
+    ``threshold``: an (S,) tensor in place of ``config.threshold`` (the calibrated one of ``detect``).
     """
     forecast = state.level + state.trend
     log_domain = state.log_domain
     baseline = torch.where(log_domain, torch.exp(forecast), forecast)
-    reach = config.threshold * _sigma(state.scale, forecast, log_domain)
+    limit = config.threshold if threshold is None else threshold.reshape(forecast.shape).to(forecast.dtype)
+    reach = limit * _sigma(state.scale, forecast, log_domain)
     gate = _gate(baseline, config)
     high = torch.where(log_domain, torch.exp(forecast + reach), forecast + reach)
     low = torch.where(log_domain, torch.exp(forecast - reach), forecast - reach)
@@ -315,7 +368,11 @@ class TailState(NamedTuple):
 
 
 def tail_init(
-    num_streams: int, size: int = 64, device: torch.device | str | None = None, *, dtype: torch.dtype = torch.float32
+    num_streams: int,
+    size: int = TAIL_SIZE,
+    device: torch.device | str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
 ) -> TailState:
     """An empty score tail of ``size`` order statistics per stream (``size`` >= 3: a scale and a shape)."""
     if not (isinstance(size, int) and size >= 3):
@@ -339,29 +396,43 @@ def tail_update(tail: TailState, score: torch.Tensor, include: torch.Tensor) -> 
     return TailState(seen=tail.seen + include.reshape(tail.seen.shape).to(tail.seen.dtype), top=top)
 
 
-def tail_threshold(tail: TailState, rate: float) -> torch.Tensor:
+def tail_threshold(
+    tail: TailState,
+    rate: float,
+    *,
+    fraction: float = TAIL_FRACTION,
+    prior_shape: float = XI_PRIOR,
+    prior_weight: float = XI_PRIOR_WEIGHT,
+) -> torch.Tensor:
     """The score each stream exceeds with probability ``rate`` per step, from a generalized Pareto tail.
 
-    Peaks over threshold (Pickands 1975; SPOT, Siffer et al. 2017): with the m + 1 largest of n scores kept,
-    u the smallest of them and e_1 >= ... >= e_m the excesses of the others over u, the generalized Pareto
-    shape xi and scale sigma come from probability-weighted moments (Hosking & Wallis 1987),
+    Peaks over threshold (Pickands 1975; SPOT, Siffer et al. 2017): of the n scores seen, the k largest with
+    k = clamp(ceil(fraction * n), 3, K) are kept as peaks, u is the smallest of them and e_1 >= ... >= e_m
+    (m = k - 1) the excesses of the others over u. The generalized Pareto shape and scale come from
+    probability-weighted moments (Hosking & Wallis 1987),
 
         a0 = mean(e),  a1 = (1/m) sum_j e_j * j / (m - 1)        (j = 0 for the largest)
-        xi = 2 - a0 / (a0 - 2 a1),  sigma = 2 a0 a1 / (a0 - 2 a1)
+        xi_hat = 2 - a0 / (a0 - 2 a1)
 
-    valid for xi < 1 (PWMs need a finite mean; a Student-t with nu > 1 degrees of freedom has xi = 1/nu), and
+    valid for xi < 1 (PWMs need a finite mean; a Student-t with nu > 1 degrees of freedom has xi = 1/nu). The shape
+    is shrunk towards ``prior_shape`` as if ``prior_weight`` more excesses had shown it,
+    xi = (m xi_hat + w0 xi0) / (m + w0), clamped to [XI_MIN, XI_MAX], the scale refitted to it through the mean
+    excess (E[e] = sigma / (1 - xi)), and
 
         z_rate = u + sigma / xi * ((rate * n / m) ^ -xi - 1)     (u + sigma * log(m / (rate * n)) at xi = 0)
 
-    xi is clamped to [XI_MIN, XI_MAX] so that a handful of early scores cannot give an unbounded or negative-range
-    fit. A stream with fewer than 3 scores gets ``inf`` (it cannot flag). A fixed-cost tensor computation (one
-    sort of (S, K)), batched over streams, with no host synchronization.
+    The shrinkage keeps the first few hundred steps, whose fit rests on a few excesses, conservative; after about
+    a thousand scores the stream's own shape dominates. ``fraction`` = 1 and ``prior_weight`` = 0 give the plain
+    SPOT fit on all K kept scores. A stream with fewer than 3 scores gets ``inf`` (it cannot flag). A fixed-cost
+    tensor computation (one sort of (S, K)), batched over streams, with no host synchronization.
     """
     top, _ = torch.sort(tail.top, dim=1, descending=True)
     size = top.shape[1]
-    kept = tail.seen.clamp(max=size)
-    m = (kept - 1).clamp_min(0)
-    u = top.gather(1, (kept - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
+    seen = tail.seen.to(top.dtype)
+    k = torch.clamp(torch.ceil(fraction * seen), 3, size).to(torch.int64)
+    k = torch.minimum(k, tail.seen.clamp(max=size).clamp_min(1))
+    m = (k - 1).clamp_min(0)
+    u = top.gather(1, (k - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
     j = torch.arange(size, device=top.device, dtype=top.dtype)
     inside = j.unsqueeze(0) < m.unsqueeze(1)
     e = torch.where(inside, top - u.unsqueeze(1), 0.0)
@@ -369,15 +440,202 @@ def tail_threshold(tail: TailState, rate: float) -> torch.Tensor:
     a0 = e.sum(dim=1) / mf
     a1 = (e * j).sum(dim=1) / (mf * (mf - 1.0))
     d = (a0 - 2.0 * a1).clamp_min(torch.finfo(top.dtype).tiny)
-    xi = (2.0 - a0 / d).clamp(XI_MIN, XI_MAX)
+    xi_hat = 2.0 - a0 / d
+    xi = ((mf * xi_hat + prior_weight * prior_shape) / (mf + prior_weight)).clamp(XI_MIN, XI_MAX)
     sigma = 2.0 * a0 * a1 / d
-    # Refit sigma to the clamped shape through the mean excess, E[e] = sigma / (1 - xi).
-    sigma = torch.where((2.0 - a0 / d) == xi, sigma, a0 * (1.0 - xi))
-    ratio = (mf / (rate * tail.seen.to(top.dtype).clamp_min(1.0))).clamp_min(torch.finfo(top.dtype).tiny)
+    # Refit sigma to the shrunk or clamped shape through the mean excess, E[e] = sigma / (1 - xi).
+    sigma = torch.where(xi_hat == xi, sigma, a0 * (1.0 - xi))
+    ratio = (mf / (rate * seen.clamp_min(1.0))).clamp_min(torch.finfo(top.dtype).tiny)
     small = xi.abs() < 1e-6
     safe = torch.where(small, 1.0, xi)
     z = u + torch.where(small, sigma * torch.log(ratio), sigma / safe * torch.expm1(safe * torch.log(ratio)))
-    return torch.where(kept >= 3, z, math.inf)
+    return torch.where(m >= 2, z, math.inf)
+
+
+class DetectorState(NamedTuple):
+    """Per-stream state of the calibrated detector (``detect``), all tensors on the input's device.
+
+    The first five fields are a ``SpikeState`` (``forecast``); ``upper_*`` is the ``TailState`` of the scores
+    (flagged steps left out), ``lower_*`` that of the negated scores, ``drift`` the CUSUM of the scores, and
+    ``drift_mean``/``drift_square`` the running first and second moments of its increments, ``drift_anchor`` the
+    forecast the current run of raised scores started from.
+    """
+
+    count: torch.Tensor  # int64 (S,)
+    level: torch.Tensor  # (S,)
+    trend: torch.Tensor  # (S,)
+    scale: torch.Tensor  # (S,)
+    log_domain: torch.Tensor  # bool (S,)
+    upper_seen: torch.Tensor  # int64 (S,)
+    upper_top: torch.Tensor  # (S, K)
+    lower_seen: torch.Tensor  # int64 (S,)
+    lower_top: torch.Tensor  # (S, K)
+    drift: torch.Tensor  # (S,): CUSUM statistic, >= 0
+    drift_mean: torch.Tensor  # (S,): running mean of the CUSUM increment
+    drift_square: torch.Tensor  # (S,): running mean of its square
+    drift_anchor: torch.Tensor  # (S,): the forecast (input units) when the CUSUM last left 0
+
+    @property
+    def forecast(self) -> SpikeState:
+        return SpikeState(*self[:5])
+
+    @property
+    def upper(self) -> TailState:
+        return TailState(self.upper_seen, self.upper_top)
+
+    @property
+    def lower(self) -> TailState:
+        return TailState(self.lower_seen, self.lower_top)
+
+
+class Detection(NamedTuple):
+    """What ``detect`` found at one step, per stream, all on the device."""
+
+    flags: torch.Tensor  # bool (S,): spike or drift
+    spike: torch.Tensor  # bool (S,): score over the calibrated threshold (and the rtol/atol gate)
+    drift: torch.Tensor  # bool (S,): the CUSUM over its limit (a slow divergence)
+    score: torch.Tensor  # (S,): the robust z-score, as ``update`` returns it
+    threshold: torch.Tensor  # (S,): the calibrated threshold the score was compared with (inf: cannot flag)
+    drift_limit: torch.Tensor  # (S,): the CUSUM limit of this step (inf: cannot flag)
+
+
+def detector_init(
+    num_streams: int,
+    device: torch.device | str | None = None,
+    config: SpikeConfig = SpikeConfig(warmup=CALIBRATED_WARMUP),
+    *,
+    tail_size: int = TAIL_SIZE,
+    dtype: torch.dtype = torch.float32,
+) -> DetectorState:
+    """A fresh calibrated detector for ``num_streams`` streams; memory 2 * ``tail_size`` + 12 numbers per stream."""
+    forecast = init(num_streams, device, config, dtype=dtype)
+    upper = tail_init(num_streams, tail_size, device, dtype=dtype)
+    lower = tail_init(num_streams, tail_size, device, dtype=dtype)
+    zeros = torch.zeros(num_streams, device=device, dtype=dtype)
+    return DetectorState(
+        *forecast, upper.seen, upper.top, lower.seen, lower.top, zeros, zeros.clone(), zeros.clone(), zeros.clone()
+    )
+
+
+def _threshold(state: DetectorState, config: SpikeConfig) -> torch.Tensor:
+    # The score over which a step is a spike: the larger of the upper and lower tails' calibrated thresholds
+    # (see ``detect``), or the fixed threshold when ``calibrated`` is off.
+    if not config.calibrated:
+        return torch.full_like(state.scale, config.threshold)
+    rate = config.false_alarm_rate
+    return torch.maximum(tail_threshold(state.upper, rate), tail_threshold(state.lower, rate))
+
+
+def _drift_limit(state: DetectorState, rate: float) -> torch.Tensor:
+    # P(CUSUM > h) <= exp(-theta h) per step for increments X with E[exp(theta X)] = 1 (Wald; Siegmund 1985);
+    # theta = 2 |E X| / Var X for Gaussian-like increments, and the increments are bounded (clipped scores).
+    var = (state.drift_square - state.drift_mean**2).clamp_min(1e-6)
+    theta = 2.0 * (-state.drift_mean).clamp_min(0.05) / var
+    return math.log(1.0 / rate) / theta
+
+
+def detect(
+    state: DetectorState, x: torch.Tensor, config: SpikeConfig = SpikeConfig(warmup=CALIBRATED_WARMUP)
+) -> tuple[DetectorState, Detection]:
+    """Score one value per stream, flag spikes over a threshold calibrated to ``config.false_alarm_rate`` and
+    slow divergences, and fold the value into the state. No host synchronization; about 150 tensor ops and two
+    sorts of (S, K), fixed cost, batched over streams.
+
+    Per stream, each step:
+
+    1. the robust Holt forecast of ``update`` gives the score z (its forecast error over its noise scale);
+    2. **spike**: z over the calibrated threshold
+
+           threshold = max(tail_threshold(upper, rate), tail_threshold(lower, rate))
+
+       (and the rtol/atol gate of ``update``), where ``upper`` holds the largest scores of the stream's own
+       unflagged steps and ``lower`` the largest negated scores. The upper fit is SPOT (Siffer et al. 2017):
+       a flagged step must not teach the tail that spikes are normal, so flagged steps stay out of it. That
+       censors the tail whenever the threshold is low (healthy extremes get flagged and left out, the fit falls,
+       more are left out); the lower tail, which upward spikes never reach and nothing censors, floors it.
+       Under noise whose upper tail is the heavier one, the upper fit is the larger and rules; under symmetric
+       noise both estimate the same quantile and the maximum is the more conservative of two estimates;
+    3. **drift**: a one-sided CUSUM (Page 1954) of the clipped scores,
+
+           D' = max(0, D + min(z, clip) - k),   flag when D' > h,   D' = 0 after a flag
+
+       with k = ``drift_allowance`` and h = log(1 / rate) * Var X / (2 |E X|) from the running moments of the
+       increment X = min(z, clip) - k (the exponential bound P(D > h) <= exp(-theta h)). Clipping keeps a spike
+       to one increment of clip - k, so only a run of raised scores fills it: a loss ramping up faster than the
+       winsorized forecast can follow. A drift flag also needs the value to have risen by the rtol/atol gate
+       over the forecast at which the run began (``drift_anchor``), so that a nearly noise-free curve, whose
+       scores sit on one side of its forecast for long stretches, does not flag a rise of a few parts per
+       thousand;
+
+    No stream flags before ``config.warmup`` accepted values. Scores enter the tails and the CUSUM from the
+    ``TAIL_START``-th value; until a tail has 3 scores its threshold is ``inf``, and the CUSUM does not flag before
+    it has seen ``DRIFT_START`` scores.
+
+    Returns ``(new_state, Detection)``; ``Detection.score`` and ``Detection.threshold`` are what the alert rules
+    compare (``score / threshold`` over 1 is a spike).
+    """
+    forecast = state.forecast
+    rate = config.false_alarm_rate
+    threshold = _threshold(state, config)
+    new_forecast, spike_flags, score = update(forecast, x, config, threshold=threshold)
+    valid = new_forecast.count > forecast.count
+    warmed = forecast.count >= config.warmup
+    in_tail = valid & (forecast.count >= TAIL_START)
+
+    upper = tail_update(state.upper, score, in_tail & ~spike_flags)
+    lower = tail_update(state.lower, -score, in_tail)
+
+    # CUSUM of the clipped score; its increment's moments are running means, then EWMAs of the scale's half-life.
+    step = torch.clamp(score, max=config.clip) - config.drift_allowance
+    limit = torch.where(warmed, _drift_limit(state, rate), math.inf)
+    cusum = torch.where(in_tail, (state.drift + step).clamp_min(0.0), state.drift)
+    forecast_now = forecast.level + forecast.trend
+    baseline = torch.where(forecast.log_domain, torch.exp(forecast_now), forecast_now)
+    anchor = torch.where(state.drift > 0, state.drift_anchor, baseline)
+    x_now = x.detach().reshape(baseline.shape).to(baseline.dtype)
+    risen = x_now - anchor > _gate(anchor, config)
+    drift_flags = valid & warmed & (state.lower_seen >= DRIFT_START) & (cusum > limit) & risen
+    if config.drift_streams is not None:
+        drift_flags[config.drift_streams :] = False  # a slice of host metadata: no synchronization
+    cusum = torch.where(drift_flags, 0.0, cusum)
+    started = (forecast.count - TAIL_START + 1).clamp_min(1).to(step.dtype)
+    g = torch.clamp(1.0 / started, min=_rate(config.scale_halflife))
+    moments = in_tail
+    drift_mean = torch.where(moments, state.drift_mean + g * (step - state.drift_mean), state.drift_mean)
+    drift_square = torch.where(moments, state.drift_square + g * (step * step - state.drift_square), state.drift_square)
+
+    new_state = DetectorState(
+        *new_forecast, upper.seen, upper.top, lower.seen, lower.top, cusum, drift_mean, drift_square, anchor
+    )
+    detection = Detection(
+        flags=spike_flags | drift_flags,
+        spike=spike_flags,
+        drift=drift_flags,
+        score=score,
+        threshold=torch.where(warmed, threshold, math.inf),
+        drift_limit=limit,
+    )
+    return new_state, detection
+
+
+def detector_compute(state: DetectorState, config: SpikeConfig = SpikeConfig(warmup=CALIBRATED_WARMUP)) -> SpikeSummary:
+    """``compute`` of the forecast with the calibrated threshold the next step will be compared with: its
+    expected value (``baseline``) and the value over which it is a spike (``upper``)."""
+    return compute(state.forecast, config, threshold=_threshold(state, config))
+
+
+def skip_factor(spike_flags: torch.Tensor, count: torch.Tensor, warmup: int, streams: int = 2) -> torch.Tensor:
+    """1.0, or 0.0 when the step's update should be skipped: a spike flag on one of the first ``streams``
+    streams (the loss and the global gradient norm), from a stream past its warm-up.
+
+    ``spike_flags``: ``Detection.spike`` (drift flags do not skip: skipping every step of a divergence would stop
+    training, not save it); ``count``: the accepted values of each stream before this step (``count`` of the state
+    the step was scored against). A 0-d tensor on the flags' device (no synchronization), to multiply into the
+    step or hand to ``heavytail.hooks.skip.SkipStep.set``. The rule of OLMo-core's skip-step optimizers, with the
+    calibrated detector in place of a rolling 6-sigma test.
+    """
+    fire = spike_flags[:streams] & (count[:streams] >= warmup)
+    return 1.0 - fire.any().to(torch.float32)
 
 
 class Cooldown:

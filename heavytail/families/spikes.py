@@ -11,17 +11,22 @@ import torch
 
 from heavytail.estimators import spike
 from heavytail.estimators.gradient_pass import COUNT, NONFINITE, RATIO_MAX, RATIO_SPIKES
-from heavytail.families.base import Family, StepView
+from heavytail.families.base import Family, HostViews, Record, Slot, StepView
+from heavytail.hooks.skip import NoSkip
 
 
 class Spikes(Family):
-    """One robust forecaster per stream (``estimators.spike``): [loss, global norm, each layer's norm]. Each
-    step's flags, scores and the figures the per-step alert rules read (non-finite entries, hidden-spike
-    fraction, largest ratio) are packed into one vector (``alerts.pack_step_flags``) and copied to the host
-    asynchronously; the rules read it at the next step, or at the checkpoint, never waiting for the device
-    between checkpoints. No record keys: its output is alerts."""
+    """One calibrated detector per stream (``estimators.spike.detect``): [loss, global norm, each layer's norm],
+    each flagging a value over the threshold its own score tail gives for ``false_alarm_rate``, or a slow
+    divergence. Each step's flags, scores, thresholds and the figures the per-step alert rules read (non-finite
+    entries, hidden-spike fraction, largest ratio) are packed into one vector (``alerts.pack_step_flags``) and
+    copied to the host asynchronously; the rules read it at the next step, or at the checkpoint, never waiting
+    for the device between checkpoints. With ``skip_spikes`` a spike on the loss or the global norm undoes the
+    step's update on the device (``hooks.skip.SkipStep``) and ``spikes/skipped_steps`` counts them; otherwise no
+    record keys: its output is alerts."""
 
     name = "spikes"
+    version = 2  # v1 held a SpikeState; v2 the DetectorState of the calibrated detector
     report_sections = ("sec-alerts",)
     alert_rules = ("loss_spike", "grad_spike", "nonfinite_grad", "hidden_spike")
 
@@ -29,12 +34,18 @@ class Spikes(Family):
         super().__init__(layout)
         self.alerts: Any = None  # the monitor's AlertEngine (bind_alerts)
         self.pending: collections.deque = collections.deque()
+        self.skip: Any = NoSkip()  # the monitor's SkipStep with skip_spikes (bind_skip)
 
-    def init(self) -> spike.SpikeState:
-        return spike.init(2 + self.layout.num_layers, device=self.layout.device, config=self.layout.spike_config)
+    def init(self) -> spike.DetectorState:
+        return spike.detector_init(
+            2 + self.layout.num_layers, device=self.layout.device, config=self.layout.spike_config
+        )
 
     def bind_alerts(self, engine: Any) -> None:
         self.alerts = engine
+
+    def bind_skip(self, skip: Any) -> None:
+        self.skip = skip
 
     def update(self, view: StepView) -> None:
         stats = view.stats
@@ -42,22 +53,41 @@ class Spikes(Family):
         streams = torch.cat(
             [view.loss.reshape(1), torch.where(torch.isfinite(gnorm), gnorm, math.nan).reshape(1), view.layer_norm]
         ).to(torch.float32)
+        config = self.layout.spike_config
         prior = self.state  # the state this step is scored against: the alerts' forecast comes from it
-        self.state, flags, scores = spike.update(prior, streams, self.layout.spike_config)
+        self.state, found = spike.detect(prior, streams, config)
+        # A spike (not a drift) on the loss or the global norm, past warm-up, undoes this step's update.
+        self.skip.decide(spike.skip_factor(found.spike, prior.count, config.warmup))
         if not self.layout.dist.writer:
             return
         ok = view.ratio_ok
         # NaN (no hidden_spike) until the ratio counts (ratio_warmup), as in the record's adam/spike_frac.
         packed = self.alerts.pack_flags(
-            flags=flags,
-            scores=scores,
+            flags=found.flags,
+            scores=found.score,
             values=streams,
-            detector=prior,
+            thresholds=found.threshold,
+            drift=found.drift & ~found.spike,  # a slow divergence only: a spike flag is a spike
+            detector=prior.forecast,
             nonfinite=stats[:, NONFINITE],
             spike_frac=torch.where(ok, stats[:, RATIO_SPIKES] / stats[:, COUNT].clamp_min(1), math.nan),
             ratio_max=torch.where(ok, stats[:, RATIO_MAX], math.nan),
         )
         self._queue(packed, view.step + 1)
+
+    def readout(self, step: int) -> dict[str, Slot]:
+        skipped = self.skip.skipped()
+        return {} if skipped is None else {"skipped": Slot(skipped.reshape(1), "max")}
+
+    def reset(self) -> None:
+        skipped = self.skip.skipped()
+        if skipped is not None:
+            skipped.zero_()
+
+    def metrics(self, views: HostViews, record: Record) -> dict[str, float]:
+        if not views.has(self.name, "skipped"):
+            return {}
+        return {"spikes/skipped_steps": float(views.get(self.name, "skipped")[0])}
 
     def _queue(self, packed: torch.Tensor, step: int) -> None:
         """Start the copy of this step's flags to the host; they are read at the next step (no waiting)."""

@@ -432,20 +432,28 @@ def test_cooldown_last_flag_is_the_last_step_any_stream_flagged():
 # ----------------------------------------------------------------------------- calibrated threshold (score tail)
 
 
-def gpd_pwm_reference(scores: np.ndarray, n: int, rate: float) -> float:
+def gpd_pwm_reference(
+    scores: np.ndarray, n: int, rate: float, fraction: float = 1.0, prior_shape: float = 0.0, prior_weight: float = 0.0
+) -> float:
     """Float64 textbook peaks-over-threshold: GPD by probability-weighted moments (Hosking & Wallis 1987) on the
-    excesses of the largest scores over the smallest kept one, then the quantile at ``rate``."""
-    x = np.sort(np.asarray(scores, dtype=np.float64))  # ascending
+    excesses of the k = clamp(ceil(fraction * n), 3, len(scores)) largest scores over the smallest of them, the
+    shape shrunk towards ``prior_shape`` as if ``prior_weight`` more excesses had shown it, then the quantile."""
+    k = min(max(math.ceil(fraction * n), 3), len(scores))
+    x = np.sort(np.asarray(scores, dtype=np.float64))[-k:]  # ascending
     u, exc = x[0], x[1:] - x[0]
     m = exc.size
     i = np.arange(1, m + 1)
     a0 = exc.mean()
     a1 = np.sum(exc * (m - i) / (m - 1)) / m
-    xi = min(max(2.0 - a0 / (a0 - 2.0 * a1), spike.XI_MIN), spike.XI_MAX)
-    sigma = 2.0 * a0 * a1 / (a0 - 2.0 * a1) if xi == 2.0 - a0 / (a0 - 2.0 * a1) else a0 * (1.0 - xi)
+    xi_hat = 2.0 - a0 / (a0 - 2.0 * a1)
+    xi = min(max((m * xi_hat + prior_weight * prior_shape) / (m + prior_weight), spike.XI_MIN), spike.XI_MAX)
+    sigma = 2.0 * a0 * a1 / (a0 - 2.0 * a1) if xi == xi_hat else a0 * (1.0 - xi)
     if abs(xi) < 1e-6:
         return u + sigma * math.log(m / (rate * n))
     return u + sigma / xi * ((rate * n / m) ** -xi - 1.0)
+
+
+PLAIN = dict(fraction=1.0, prior_weight=0.0)  # tail_threshold as plain SPOT: every kept score, no shrinkage
 
 
 def test_tail_update_keeps_the_largest_included_scores():
@@ -470,9 +478,29 @@ def test_tail_threshold_matches_float64_reference(shape):
     tail = tail._replace(
         seen=torch.full((3,), n), top=torch.tensor(np.sort(scores, axis=0)[-64:].T.copy(), dtype=torch.float64)
     )
-    got = spike.tail_threshold(tail, 1e-4).numpy()
+    got = spike.tail_threshold(tail, 1e-4, **PLAIN).numpy()
     want = [gpd_pwm_reference(np.sort(scores[:, s])[-64:], n, 1e-4) for s in range(3)]
     np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+@pytest.mark.parametrize("n", [40, 300, 5000])
+def test_shrunk_tail_threshold_matches_float64_reference(n):
+    # The detector's default fit: the top 10% of the scores (at most K = 64 here), the shape shrunk towards 0.5.
+    rng = np.random.default_rng(25)
+    scores = rng.standard_t(3, (n, 3))
+    size = min(64, n)
+    tail = spike.tail_init(3, size=64, dtype=torch.float64)
+    top = np.full((3, 64), -np.inf)
+    top[:, :size] = np.sort(scores, axis=0)[-size:].T
+    tail = tail._replace(seen=torch.full((3,), n), top=torch.tensor(top))
+    got = spike.tail_threshold(tail, 1e-4).numpy()
+    want = [
+        gpd_pwm_reference(
+            np.sort(scores[:, s])[-size:], n, 1e-4, spike.TAIL_FRACTION, spike.XI_PRIOR, spike.XI_PRIOR_WEIGHT
+        )
+        for s in range(3)
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-9)
 
 
 def test_tail_threshold_recovers_known_quantiles():
@@ -485,7 +513,7 @@ def test_tail_threshold_recovers_known_quantiles():
     for sample, exact in ((rng.standard_t(3, n), stats.t.isf(1e-4, 3)), (rng.standard_normal(n), stats.norm.isf(1e-4))):
         tail = spike.tail_init(1, size=1000, dtype=torch.float64)
         tail = tail._replace(seen=torch.tensor([n]), top=torch.tensor(np.sort(sample)[-1000:][None, :]))
-        assert abs(spike.tail_threshold(tail, 1e-4).item() / exact - 1) < 0.1
+        assert abs(spike.tail_threshold(tail, 1e-4, **PLAIN).item() / exact - 1) < 0.1
 
 
 def test_tail_threshold_needs_three_scores():
@@ -522,3 +550,115 @@ def test_calibrated_threshold_makes_no_host_sync(monkeypatch):
         tail = spike.tail_update(tail, score, (state.count >= 2) & ~flags)
     monkeypatch.undo()
     assert tail.top.shape == (3, 16)
+
+
+# ----------------------------------------------------------------------------- the calibrated detector (detect)
+
+
+def run_detect(xs: torch.Tensor, config: SpikeConfig, state=None):
+    """``spike.detect`` over rows of ``xs`` (steps, streams); the stacked Detection fields and the last state."""
+    state = spike.detector_init(xs.shape[1], config=config, dtype=xs.dtype) if state is None else state
+    found = []
+    for t in range(xs.shape[0]):
+        state, d = spike.detect(state, xs[t], config)
+        found.append(d)
+    return state, spike.Detection(*(torch.stack(f) for f in zip(*found)))
+
+
+@pytest.mark.parametrize("df", [None, 3.0])
+@pytest.mark.parametrize("rate", [1e-2, 1e-3])
+def test_detect_flags_healthy_noise_at_the_requested_rate(df, rate):
+    # 64 streams x 3000 steps of a decaying loss with 5% Gaussian or Student-t(3) log-noise and no spike: every
+    # flag is false, so the flag rate after the first 1000 steps is the calibrated rate (gate and drift off).
+    rng = np.random.default_rng(30)
+    t = np.arange(3000)[:, None]
+    eps = rng.standard_normal((3000, 64)) if df is None else rng.standard_t(df, (3000, 64))
+    x = torch.tensor((2.0 + 6.0 * (1.0 + t / 150.0) ** -0.7) * np.exp(0.05 * eps))
+    config = SpikeConfig(warmup=50, false_alarm_rate=rate, rtol=0.0, drift_streams=0)
+    _, found = run_detect(x, config)
+    measured = found.flags[1000:].double().mean().item() / rate
+    if df is None:
+        # A Gaussian tail is lighter than the shape the fit starts from (0.5): conservative, never over.
+        assert 0.2 < measured < 1.3
+    else:
+        assert 0.7 < measured < 1.3  # 128,000 steps: about 1280 or 128 flags expected
+
+
+def test_detect_flags_spikes_over_the_calibrated_threshold_and_leaves_them_out_of_the_tail():
+    x = torch.tensor(with_spikes(loss_curve(600, streams=2, noise=0.02, seed=31), [300, 450], 3.0))
+    config = SpikeConfig(warmup=50)
+    state, found = run_detect(x, config)
+    assert torch.nonzero(found.flags).tolist() == [[300, 0], [300, 1], [450, 0], [450, 1]]
+    assert found.spike[[300, 450]].all() and not found.drift.any()
+    # A flagged score stays out of the upper tail (SPOT) but enters the lower one as its negation.
+    assert (state.upper_seen == 600 - spike.TAIL_START - 2).all() and (state.lower_seen == 600 - spike.TAIL_START).all()
+    assert (state.upper_top < found.score[300].min()).all()
+    # The threshold a step is compared with is the larger of the two tails' fits on the state before it.
+    assert (
+        torch.isinf(found.threshold[: config.warmup]).all() and torch.isfinite(found.threshold[config.warmup :]).all()
+    )
+    assert (found.score[[300, 450]] > found.threshold[[300, 450]]).all()
+
+
+@pytest.mark.parametrize("length, by", [(20, 12), (50, 25), (100, 50)])
+def test_detect_flags_a_slow_divergence_before_it_is_half_done(length, by):
+    # The loss ramps log-linearly to x1.5 over `length` steps from step 500, under 1% Student-t(3) noise: no
+    # single step is a spike, the CUSUM of the scores flags it before the ramp is half done (`by` steps in), except
+    # the 20-step ramp, flagged 7 to 11 steps in: the CUSUM needs about 5 raised steps and the 10% gate 5.
+    x = loss_curve(900, streams=4, noise=0.01, seed=32)
+    t = np.arange(900)[:, None]
+    x = x * np.exp(np.clip((t - 500 + 1) / length, 0.0, 1.0) * math.log(1.5))
+    _, found = run_detect(torch.tensor(x), SpikeConfig(warmup=50))
+    first = [int(torch.nonzero(found.flags[:, s])[0]) for s in range(4)]
+    assert all(500 <= f < 500 + by for f in first), first
+    assert found.drift[torch.tensor(first), torch.arange(4)].any()
+
+
+def test_detect_drift_rule_watches_only_the_first_streams_when_asked():
+    x = loss_curve(900, streams=2, noise=0.01, seed=32)
+    t = np.arange(900)[:, None]
+    x = x * np.exp(np.clip((t - 500 + 1) / 50, 0.0, 1.0) * math.log(1.5))
+    _, found = run_detect(torch.tensor(x), SpikeConfig(warmup=50, drift_streams=1))
+    assert found.drift[:, 0].any() and not found.drift[:, 1].any()
+
+
+def test_detect_makes_no_host_sync(monkeypatch):
+    x = torch.tensor(with_spikes(loss_curve(120, streams=3, seed=33), [90], 3.0))
+    x[10, 1], x[20, 2] = math.nan, -1.0
+    state = spike.detector_init(3, config=FAST, dtype=x.dtype)
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name, **k: (_ for _ in ()).throw(AssertionError(_n)))
+    for config in (FAST, SpikeConfig(warmup=30, calibrated=False, drift_streams=1)):
+        s = state
+        for t in range(x.shape[0]):
+            s, found = spike.detect(s, x[t], config)
+        factor = spike.skip_factor(found.spike, s.count, config.warmup)
+    monkeypatch.undo()
+    assert found.flags.shape == (3,) and factor.shape == ()
+
+
+def test_detect_state_round_trip_continues_like_an_unbroken_run():
+    x = torch.tensor(with_spikes(loss_curve(400, streams=3, noise=0.02, seed=34), [320], 2.5))
+    config = SpikeConfig(warmup=50)
+    _, unbroken = run_detect(x, config)
+    half, _ = run_detect(x[:200], config)
+    saved = {k: v.clone() for k, v in half._asdict().items()}
+    _, rest = run_detect(x[200:], config, state=spike.DetectorState(**saved))
+    assert torch.equal(rest.flags, unbroken.flags[200:]) and torch.equal(rest.threshold, unbroken.threshold[200:])
+    assert rest.flags[120].all()
+
+
+def test_fixed_threshold_detect_equals_update():
+    x = torch.tensor(with_spikes(loss_curve(300, streams=2, seed=35), [200], 3.0))
+    config = SpikeConfig(warmup=30, calibrated=False)
+    _, found = run_detect(x, config)
+    _, flags, scores = run(x, config, dtype=torch.float64)
+    assert torch.equal(found.spike, flags) and torch.equal(found.score, scores)
+    assert (found.threshold[30:] == config.threshold).all()
+
+
+def test_skip_factor_fires_on_the_loss_and_global_norm_past_warm_up_only():
+    flags = torch.tensor([[True, False, False], [False, True, False], [False, False, True], [True, True, True]])
+    counts = torch.tensor([100, 100, 100])
+    assert [spike.skip_factor(f, counts, 50).tolist() for f in flags] == [0.0, 0.0, 1.0, 0.0]
+    assert spike.skip_factor(flags[0], torch.tensor([49, 100, 100]), 50).tolist() == 1.0
