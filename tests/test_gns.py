@@ -213,7 +213,7 @@ def test_b_simple_matches_the_analytic_noise_scale_of_a_linear_regression(tmp_pa
     errors = []
     for seed in range(5):
         metrics, truth = _regression_run(
-            tmp_path / str(seed), seed, 800, per_pass=8, accumulate=4, batch_size=8, gns_beta=1.0
+            tmp_path / str(seed), seed, 1600, per_pass=8, accumulate=4, batch_size=8, gns_beta=1.0
         )
         errors.append(metrics["gns/b_simple"] / truth - 1)
         assert metrics["gns/b_simple"] == metrics["gns/b_simple/weight"]  # one tensor: the whole model
