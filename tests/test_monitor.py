@@ -13,6 +13,7 @@ from torch import nn
 
 import heavytail as ht
 from heavytail.estimators import hill
+from heavytail.estimators.kurtosis import gaussian_kurtosis_quantile
 from tests.conftest import TinyNet, read_records, tiny_batch, train
 
 
@@ -118,7 +119,8 @@ def test_records_every_n_steps_with_the_documented_keys(tmp_path, tiny_model):
     assert m["steps"] == 10
     assert set(records[1]) == {"step", "wall_time", "metrics"}
     big = "fc1.weight"
-    assert m[f"grad/kurtosis_gauss/{big}"] > 0
+    numel = dict(tiny_model.named_parameters())[big].numel()
+    assert m[f"grad/kurtosis_gauss/{big}"] == pytest.approx(gaussian_kurtosis_quantile(numel), rel=1e-9)
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["every"] == 10 and meta["optimizer"] == "AdamW"
     assert [p["name"] for p in meta["params"]] == [n for n, _ in tiny_model.named_parameters()]

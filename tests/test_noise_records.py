@@ -43,12 +43,14 @@ def _monitor(model, tmp_path, **kwargs):
     return mon, opt
 
 
-@pytest.mark.parametrize("law", ["t(3)", "gauss", "bernoulli(0.05)"])
-def test_temporal_noise_keys(tmp_path, law):
+@pytest.mark.parametrize(
+    "law, kernel", [("t(3)", "auto"), ("t(3)", "torch"), ("gauss", "auto"), ("bernoulli(0.05)", "auto")]
+)
+def test_temporal_noise_keys(tmp_path, law, kernel):
     steps = WINDOW + 5
     g = _draws(law, steps, seed=1)
     model = NoiseModel(DIM)
-    mon, opt = _monitor(model, tmp_path, every=steps)
+    mon, opt = _monitor(model, tmp_path, every=steps, kernel=kernel)
     with mon:
         for xi in g:
             model(torch.from_numpy(xi)).backward()
@@ -138,3 +140,30 @@ def test_probe_keys(tmp_path):
     assert metrics["probe/hill_alpha_gauss/P"] == pytest.approx(ref_gauss, rel=0.02)
     probe_keys = {k.split("/")[1] for k in metrics if k.startswith("probe/")}
     assert probe_keys == set(expected) | {"hill_alpha_gauss"}
+
+
+class TwoVectors(torch.nn.Module):
+    """Two parameter vectors, each with the noise model's loss: one group under ``group_by="P"``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.P1 = torch.nn.Parameter(torch.zeros(DIM))
+        self.P2 = torch.nn.Parameter(torch.zeros(DIM))
+
+    def forward(self, xi: torch.Tensor) -> torch.Tensor:
+        return (self.P1 * xi[0]).sum() + (self.P2 * xi[1]).sum()
+
+
+def test_a_group_pools_its_members_coordinates(tmp_path):
+    steps = WINDOW + 3
+    g = np.stack([_draws("t(2.5)", steps, seed=4), _draws("gauss", steps, seed=5)], axis=1)  # (step, 2, DIM)
+    model = TwoVectors()
+    mon, opt = _monitor(model, tmp_path, every=steps, group_by="P")
+    with mon:
+        for xi in g:
+            model(torch.from_numpy(xi)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    metrics = read_records(tmp_path)[-1]["metrics"]
+    window = g[-WINDOW:].transpose(1, 2, 0).reshape(2 * DIM, WINDOW).astype(np.float64)  # both members' coordinates
+    _check(metrics, "noise/", ref.tail(window, np.ones_like(window, dtype=bool), min_count=50), name="P")

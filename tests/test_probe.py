@@ -325,3 +325,9 @@ def test_set_probe_checks_its_arguments(tmp_path) -> None:
             mon.set_probe(lambda m, b: m(b).sum(), torch.zeros(8, 3, dtype=torch.long), micro_batches=1)
         with pytest.raises(ValueError, match="fewer than micro_batches"):
             mon.set_probe(lambda m, b: m(b).sum(), torch.zeros(8, 3, dtype=torch.long), micro_batches=16)
+        with pytest.raises(ValueError, match="not both"):
+            mon.set_probe(lambda m, b: m(b).sum(), torch.zeros(8, 3, dtype=torch.long), micro_batches=4, batch_size=2)
+        with pytest.raises(ValueError, match="fewer than two mini-batches of batch_size = 5"):
+            mon.set_probe(lambda m, b: m(b).sum(), torch.zeros(8, 3, dtype=torch.long), batch_size=5)
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            mon.set_probe(lambda m, b: m(b).sum(), torch.zeros(8, 3, dtype=torch.long), batch_size=0)

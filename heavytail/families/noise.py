@@ -135,7 +135,7 @@ class Noise(Family):
         every rank and step). Sources that differ between ranks are estimated on each rank from its own
         deviations, exactly as one process estimates them, and the record reads the mean over ranks: under
         sharding the temporal and micro-batch sources (each rank samples its own piece), under DDP the
-        micro-batch source (each rank's micro-batches are its own). Those are summable ``(U, 9)`` rows
+        micro-batch source (each rank's micro-batches are its own). Those are summable ``(U, 10)`` rows
         (:func:`rank_tail_sums`), merged by the checkpoint's sum all-reduce.
         """
         dist, slots = self.layout.dist, {}
