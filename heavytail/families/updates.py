@@ -51,7 +51,9 @@ class Updates(Family):
     def init(self) -> UpdateState:
         L, S, dev = self.layout.num_layers, self.layout.sample_size, self.layout.device
         # Per-sample state in float32, like the memory and shadow states.
-        damping = memory.damping_init(2, L, S, self.config.memory_window, dev, torch.float32)
+        # The damping windows' rings only where they are on (memory_window > 0): 1.5% of GPT-2's parameter bytes.
+        damping_samples = S if self.config.memory_window > 0 else 0
+        damping = memory.damping_init(2, L, damping_samples, self.config.memory_window, dev, torch.float32)
         return UpdateState(
             torch.zeros(L, len(FIELDS), device=dev, dtype=self.layout.dtype),
             *damping,
