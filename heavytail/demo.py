@@ -56,6 +56,9 @@ DEFAULT_STEPS = 300
 """Optimizer steps of ``heavytail demo`` (about 1-3 minutes on two CPU cores at the ``small`` size)."""
 
 DEFAULT_MICRO_BATCHES = 32
+# Micro-batches per training step: 2 gives the micro-batch noise source and the gradient noise scale their two
+# batch sizes at the cost of two smaller backward passes instead of one.
+DEFAULT_ACCUMULATE = 2
 """Mini-batches of the held-out batch per noise probe."""
 
 
@@ -251,6 +254,7 @@ def train_monitored(
     every: int,
     probe: bool = True,
     micro_batches: int = DEFAULT_MICRO_BATCHES,
+    accumulate: int = DEFAULT_ACCUMULATE,
     run_name: str | None = None,
     extra: Mapping[str, Any] | None = None,
     progress: TextIO | None = sys.stderr,
@@ -262,8 +266,10 @@ def train_monitored(
     Batch ``t`` is ``workload.batches.get(t)`` (the seed fixes the order), the learning rate warms up linearly
     over :func:`warmup_steps` and then stays constant, and nothing else is done to the gradients (no clipping),
     so the monitor sees the optimizer's raw behaviour. With ``probe`` the monitor runs the noise probe at every
-    checkpoint on ``workload.held_out`` split into ``micro_batches`` mini-batches.
-    ``config`` overrides :class:`~heavytail.MonitorConfig` fields. The run directory is cleared of a previous
+    checkpoint on ``workload.held_out`` split into ``micro_batches`` mini-batches. Each step's batch is split into
+    ``accumulate`` micro-batches whose gradients accumulate (the loss divided by ``accumulate``): the same gradient
+    as one backward pass, and the two batch sizes the micro-batch noise source and the gradient noise scale
+    (``gns/``, in sequences) read. ``config`` overrides :class:`~heavytail.MonitorConfig` fields. The run directory is cleared of a previous
     run's files first.
     """
     log_dir = Path(log_dir)
@@ -275,6 +281,7 @@ def train_monitored(
         run_name=run_name or log_dir.name,
         extra=dict(extra or {}),
         probe_every=1 if probe else 0,
+        batch_size=max(1, workload.batches.batch_size // accumulate),
     )
     fields.update(config or {})
     cfg = MonitorConfig(**fields)
@@ -291,9 +298,13 @@ def train_monitored(
         monitor.on_alert(alerts.append)
         for step in range(steps):
             x, y = workload.batches.get(step)
-            _, loss = model(x, y)
-            loss.backward()
-            monitor.observe_loss(loss)
+            parts = [(xm, ym) for xm, ym in zip(x.tensor_split(accumulate), y.tensor_split(accumulate)) if len(xm)]
+            loss = torch.zeros(())
+            for xm, ym in parts:
+                _, micro_loss = model(xm, ym)
+                (micro_loss / len(parts)).backward()
+                monitor.observe_loss(micro_loss)
+                loss = loss + micro_loss.detach() / len(parts)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
