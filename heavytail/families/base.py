@@ -206,6 +206,22 @@ class Family:
             self.state.update(loaded)
 
 
+def unscaled_squared_norms(layout: Layout, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's squared norm in ``layout.dtype`` (the fused kernel where there is one, else torch), divided
+    by the GradScaler's squared scale on the device (hooks see scaled gradients; the scale is never read)."""
+    squares = layout.kernels.sums_of_squares(tensors) if layout.kernels is not None else None
+    if squares is not None:
+        squares = squares.to(layout.dtype)
+    else:
+        norms = torch.stack(torch._foreach_norm(tensors)).to(layout.dtype)
+        squares = norms * norms
+    scaler = layout.scaler
+    if scaler is not None and getattr(scaler, "_scale", None) is not None and scaler.is_enabled():
+        scale = scaler._scale.to(squares.dtype)
+        squares = squares / (scale * scale)
+    return squares
+
+
 def measurable_gradients(params: list[torch.Tensor]) -> tuple[list[torch.Tensor | None], dict[str, int]]:
     """Each parameter's gradient as the families read it (this rank's local piece), None where there is none or
     it cannot be measured, and how many were skipped by kind (sparse and complex gradients)."""

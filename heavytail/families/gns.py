@@ -9,7 +9,7 @@ import torch
 
 from heavytail.estimators import gns
 from heavytail.estimators.gradient_pass import S2
-from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView
+from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView, unscaled_squared_norms
 from heavytail.transfer import to_device
 
 
@@ -64,18 +64,8 @@ class Gns(Family):
         if self._passes > 1:
             return
         tensors = [view.grads[i] for i in view.rows]
-        dtype = self.layout.dtype
-        squares = self.layout.kernels.sums_of_squares(tensors) if self.layout.kernels is not None else None
-        if squares is not None:
-            squares = squares.to(dtype)
-        else:
-            norms = torch.stack(torch._foreach_norm(tensors)).to(dtype)
-            squares = norms * norms
-        scaler = self.layout.scaler
-        if scaler is not None and getattr(scaler, "_scale", None) is not None and scaler.is_enabled():
-            scale = scaler._scale.to(squares.dtype)  # divided on the device: the scale is never read
-            squares = squares / (scale * scale)
-        first = torch.full((self.layout.num_layers,), math.nan, device=self.layout.device, dtype=dtype)
+        squares = unscaled_squared_norms(self.layout, tensors)
+        first = torch.full((self.layout.num_layers,), math.nan, device=self.layout.device, dtype=self.layout.dtype)
         first[to_device(view.rows, self.layout.device, torch.int64)] = squares
         self._first = first
 

@@ -11,7 +11,7 @@ import torch
 
 from heavytail.distributed import local
 from heavytail.estimators.gradient_pass import S2
-from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView
+from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView, unscaled_squared_norms
 from heavytail.transfer import to_device
 
 
@@ -79,18 +79,7 @@ class Preclip(Family):
         self._seen = (view.rows, tensors, [g._version for g in tensors])
         if self.mode is Mode.REUSE:
             return
-        dtype = self.layout.dtype
-        squares = self.layout.kernels.sums_of_squares(tensors)
-        if squares is not None:
-            squares = squares.to(dtype)
-        else:
-            norms = torch.stack(torch._foreach_norm(tensors)).to(dtype)
-            squares = norms * norms
-        scaler = self.layout.scaler
-        if scaler is not None and getattr(scaler, "_scale", None) is not None and scaler.is_enabled():
-            # Hooks see gradients multiplied by the loss scale: divide on the device, never read the scale.
-            scale = scaler._scale.to(squares.dtype)
-            squares = squares / (scale * scale)
+        squares = unscaled_squared_norms(self.layout, tensors)
         measured = torch.full_like(self.state.measured, math.nan)
         measured[to_device(view.rows, self.layout.device, torch.int64)] = squares
         self.state = self.state._replace(measured=measured)
