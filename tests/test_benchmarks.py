@@ -216,3 +216,22 @@ def test_spike_detection_table_prints_every_condition_and_the_summary_line():
         rf"worst_false_per_10k={NUMBER} ramps_before_half={NUMBER}",
         last_line(proc),
     ), last_line(proc)
+
+
+def test_skip_spikes_benchmark_compares_the_two_runs():
+    proc = run("skip_spikes.py", "--size", "tiny", "--steps", "160", "--spike-at", "100")
+    rows = {m.group(1): m for m in re.finditer(r"^ +(False|True) .* +(\d+)  \[(.*)\]", proc.stdout, re.M)}
+    assert set(rows) == {"False", "True"}
+    # The garbage batch is flagged on the loss and skipped only with the option.
+    assert (rows["False"].group(2), rows["True"].group(2)) == ("0", "1")
+    assert "(101, 'loss_spike', 1)" in rows["True"].group(3) and "(101, 'loss_spike', 0)" in rows["False"].group(3)
+    assert re.fullmatch(rf"held_out_loss_50_after: without={NUMBER} with_skip={NUMBER}", last_line(proc))
+
+
+def test_fault_forensics_prints_every_fault():
+    proc = run("fault_forensics.py", "--size", "tiny", "--steps", "150", "--at", "100")
+    for fault in ("lr_x10", "shuffled_batch", "repeated_token_batch", "nan_layer", "zeroed_layer"):
+        assert re.search(rf"^{fault} ", proc.stdout, re.M), fault
+    # NaN written into a layer's gradient is reported at its own step, on that layer.
+    assert re.search(r"^nan_layer +\+1 nonfinite_grad, blocks\.0\.mlp\.fc\.weight", proc.stdout, re.M)
+    assert re.fullmatch(r"faults_where_a_layer_alert_came_before_the_loss=\d/5", last_line(proc))

@@ -631,7 +631,7 @@ def skip_factor(spike_flags: torch.Tensor, count: torch.Tensor, warmup: int, str
     ``spike_flags``: ``Detection.spike`` (drift flags do not skip: skipping every step of a divergence would stop
     training, not save it); ``count``: the accepted values of each stream before this step (``count`` of the state
     the step was scored against). A 0-d tensor on the flags' device (no synchronization), to multiply into the
-    step or hand to ``heavytail.hooks.skip.SkipStep.set``. The rule of OLMo-core's skip-step optimizers, with the
+    step or hand to ``heavytail.hooks.skip.SkipStep.decide``. The rule of OLMo-core's skip-step optimizers, with the
     calibrated detector in place of a rolling 6-sigma test.
     """
     fire = spike_flags[:streams] & (count[:streams] >= warmup)
