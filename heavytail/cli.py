@@ -271,8 +271,10 @@ def _sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
         loss = s["final_loss"]
         alpha = s["overall"].get("grad/hill_alpha", float("nan"))
         shadow = s["overall"].get("shadow999/ratio_max", float("nan"))
+        val = s.get("val_loss", float("nan"))
         print(
-            f"  {name.ljust(width)}  lr {s['lr']:<8g} final loss {loss:.4f}  median grad alpha {alpha:.3g}  "
+            f"  {name.ljust(width)}  lr {s['lr']:<8g} val loss {val:.4f}  final loss {loss:.4f}  "
+            f"median grad alpha {alpha:.3g}  "
             f"median shadow999 ratio {shadow:.3g}  alerts {s['alerts']}"
         )
     print(f"Summary: {result.summary_path}")

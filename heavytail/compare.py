@@ -304,7 +304,9 @@ def run_summary(
 ) -> dict[str, Any]:
     """The figures of one optimizer's run for ``summary.json``.
 
-    ``final_loss``: the last checkpoint's ``loss`` (the mean over the steps of its interval); ``loss_spikes``:
+    ``final_loss``: the last checkpoint's ``loss`` (the mean over the steps of its interval, a training loss);
+    ``val_loss``: the mean loss over all the held-out text with the final weights (``TrainedRun.val_loss``, null
+    without a training record); ``loss_spikes``:
     the ``loss_spike`` alerts; ``alerts_by_rule``; per-layer medians over the run of the tail indices
     (:data:`TAIL_FAMILIES`), of the denominator figures (:data:`DENOMINATOR_FAMILIES`; ``adam/`` only where the
     optimizer has an AdamW denominator) and of the denominator memory (:data:`MEMORY_FAMILIES`, ``{}`` when the
@@ -337,6 +339,7 @@ def run_summary(
         "steps": int(run.steps[-1]) if len(run.steps) else 0,
         "checkpoints": len(run.steps),
         "final_loss": float(finite_loss[-1]) if finite_loss.size else math.nan,
+        "val_loss": trained.val_loss if trained is not None and trained.val_loss is not None else math.nan,
         "first_checkpoint_loss": float(finite_loss[0]) if finite_loss.size else math.nan,
         "min_checkpoint_loss": float(finite_loss.min()) if finite_loss.size else math.nan,
         "loss_spikes": rules.get("loss_spike", 0),
@@ -370,7 +373,8 @@ def _report_figures(s: Mapping[str, Any]) -> dict[str, Any]:
     rows: dict[str, Any] = {
         "learning rate": s.get("lr"),
         "training time (s)": round(s["train_seconds"], 1) if s.get("train_seconds") else None,
-        "final loss (last checkpoint)": s.get("final_loss"),
+        "validation loss (held-out text, final weights)": s.get("val_loss"),
+        "final loss (training, last checkpoint)": s.get("final_loss"),
         "loss spikes": s.get("loss_spikes"),
     }
     overall = s.get("overall", {})

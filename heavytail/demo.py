@@ -37,6 +37,7 @@ __all__ = [
     "run_demo",
     "summary_text",
     "train_monitored",
+    "validation_loss",
 ]
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "lion", "muon", "sgd")
@@ -136,6 +137,30 @@ def demo_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tor
     """The workload's loss on ``(inputs, targets)``: mean next-token cross-entropy (the probe's ``loss_fn``)."""
     _, loss = model(batch[0], batch[1])
     return loss
+
+
+def validation_loss(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], chunk: int = 64
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``model`` over every token of ``batch`` (the held-out text), as a tensor.
+
+    Evaluated in eval mode under ``torch.no_grad`` in pieces of ``chunk`` sequences, each piece's mean loss
+    weighted by its token count, so the result is the mean over all tokens whatever ``chunk`` is; the model's
+    training mode is restored. The held-out loss of a language model: what it predicts on text it never trained
+    on, the figure to rank optimizers and learning rates by (a training loss also measures memorisation).
+    """
+    inputs, targets = batch
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    try:
+        with torch.no_grad():
+            for x, y in zip(inputs.split(chunk), targets.split(chunk)):
+                _, loss = model(x, y)
+                total += loss.double() * y.numel()
+    finally:
+        model.train(was_training)
+    return total / max(targets.numel(), 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,6 +267,9 @@ class TrainedRun:
     alerts: list[dict] = field(default_factory=list)
     probe: bool = False
     """Whether the noise probe ran at checkpoints."""
+    val_loss: float | None = None
+    """:func:`validation_loss` on ``workload.validation`` (all the held-out text) with the final weights; ``None``
+    when the workload has no validation windows."""
 
 
 def train_monitored(
@@ -269,8 +297,9 @@ def train_monitored(
     checkpoint on ``workload.held_out`` split into ``micro_batches`` mini-batches. Each step's batch is split into
     ``accumulate`` micro-batches whose gradients accumulate (the loss divided by ``accumulate``): the same gradient
     as one backward pass, and the two batch sizes the micro-batch noise source and the gradient noise scale
-    (``gns/``, in sequences) read. ``config`` overrides :class:`~heavytail.MonitorConfig` fields. The run directory is cleared of a previous
-    run's files first.
+    (``gns/``, in sequences) read. After the last step, the validation loss (:func:`validation_loss` over
+    ``workload.validation``, outside the monitor) goes in ``TrainedRun.val_loss``. ``config`` overrides
+    :class:`~heavytail.MonitorConfig` fields. The run directory is cleared of a previous run's files first.
     """
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -315,8 +344,17 @@ def train_monitored(
     seconds = time.perf_counter() - start
     bar.close()
     losses_list = losses.tolist()  # sync point: once, after training
+    val = None
+    if workload.validation is not None:
+        val = float(validation_loss(model, workload.validation))  # sync point: once, after training
     return TrainedRun(
-        run_dir=log_dir, steps=steps, seconds=seconds, losses=losses_list, alerts=alerts, probe=bool(probe)
+        run_dir=log_dir,
+        steps=steps,
+        seconds=seconds,
+        losses=losses_list,
+        alerts=alerts,
+        probe=bool(probe),
+        val_loss=val,
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from heavytail.workload.corpus import DEFAULT_MAX_BYTES, load_corpus, stdlib_path
-from heavytail.workload.data import HELD_OUT_FRACTION, Batches, held_out_batch, split_held_out
+from heavytail.workload.data import HELD_OUT_FRACTION, Batches, held_out_batch, split_held_out, validation_windows
 from heavytail.workload.model import GPT, GPTConfig, make_gpt
 from heavytail.workload.tokenizer import WordTokenizer, split_tokens, zipf_slope
 
@@ -27,6 +27,7 @@ __all__ = [
     "load_corpus",
     "make_gpt",
     "split_held_out",
+    "validation_windows",
     "zipf_slope",
 ]
 
@@ -60,6 +61,9 @@ class DemoWorkload:
     device: torch.device
     config: dict[str, Any] = field(default_factory=dict)
     """Flat description of the workload (shapes, corpus, token counts, Zipf slope) for the run record."""
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None
+    """All the held-out tail as non-overlapping (inputs, targets) windows (:func:`validation_windows`), for the
+    validation loss at the end of a run; disjoint from every training window. ``None`` when not built."""
 
     def new_model(self) -> GPT:
         """A fresh model with the same initial weights as ``model`` had: one per optimizer in a comparison."""
@@ -109,6 +113,7 @@ def build_demo(
     held_out = held_out_batch(
         tokens, held_out_size, model_config.block_size, seed=seed, fraction=HELD_OUT_FRACTION, device=device
     )
+    validation = validation_windows(tokens, model_config.block_size, fraction=HELD_OUT_FRACTION, device=device)
     config = {
         "workload": "gpt-word-lm",
         "size": size,
@@ -124,6 +129,7 @@ def build_demo(
         "n_tokens": len(tokens),
         "n_train_tokens": len(train_tokens),
         "n_held_out_tokens": len(held_tokens),
+        "n_validation_sequences": len(validation[0]),
         "unk_fraction": float((tokens == tokenizer.unk_id).float().mean()) if len(tokens) else 0.0,
         # Over the ranks the vocabulary keeps: the hapax plateau beyond them bends the full-range fit steeper.
         "zipf_slope": zipf_slope(counts.values(), max_rank=vocab_size) if len(counts) > 1 else float("nan"),
@@ -139,4 +145,5 @@ def build_demo(
         seed=seed,
         device=device,
         config=config,
+        validation=validation,
     )

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["Batches", "held_out_batch", "split_held_out"]
+__all__ = ["Batches", "held_out_batch", "split_held_out", "validation_windows"]
 
 HELD_OUT_FRACTION = 0.05
 
@@ -127,3 +127,24 @@ def held_out_batch(
     generator = torch.Generator().manual_seed(seed)
     x, y = _windows(tail.to("cpu", torch.long), batch_size, block_size, generator)
     return x.to(device), y.to(device)
+
+
+def validation_windows(
+    tokens: torch.Tensor,
+    block_size: int,
+    fraction: float = HELD_OUT_FRACTION,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every non-overlapping window of ``block_size + 1`` tokens of the held-out tail (last ``fraction``) of ``tokens``.
+
+    Window ``i`` starts at token ``i * block_size`` of the tail, so each held-out token is predicted exactly once
+    (the last partial window is dropped). The validation loss is the mean next-token loss over them: all the
+    held-out text, the same windows for every seed and optimizer, none of it in any training window (training
+    draws from ``split_held_out(tokens, fraction)[0]`` only). Pass the whole token stream.
+    """
+    _, tail = split_held_out(tokens, fraction)
+    _check(tail, 1, block_size, "the held-out tail")
+    tail = tail.to("cpu", torch.long)
+    count = (len(tail) - 1) // block_size
+    chunk = tail[torch.arange(count)[:, None] * block_size + torch.arange(block_size + 1)]
+    return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
