@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -116,11 +117,18 @@ def _add_sweep_options(parser: argparse.ArgumentParser, hidden: bool = False) ->
         metavar="NAME=LR,...",
         help=f"learning rates to override, e.g. adamw=3e-4,lion=1e-4 (defaults: {lr_table})",
     )
+    add(
+        "--seeds",
+        default=None,
+        metavar="K,K,...",
+        help="run the sweep once per seed into OUT/seed<K>/ and write OUT/summary.json with each figure's mean, "
+        "standard deviation and range across seeds (instead of --seed)",
+    )
     _add_run_options(parser, hidden=hidden)
 
 
 # Options of the old ``heavytail compare`` (now ``sweep``) that ``compare`` of run directories has no use for.
-_SWEEP_ONLY = ("optimizers", "steps", "lr", "text", "seed", "size", "every", "no_probe", "threads", "quiet")
+_SWEEP_ONLY = ("optimizers", "steps", "lr", "seeds", "text", "seed", "size", "every", "no_probe", "threads", "quiet")
 
 RUN_DIR_HELP = (
     "a run directory (with metrics.jsonl), or a trainer's output directory holding one (OUT/heavytail, or the "
@@ -242,20 +250,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from heavytail.compare import parse_lrs, parse_optimizers, run_compare
+    from heavytail.compare import parse_lrs, parse_optimizers, parse_seeds, run_compare
 
     optimizers = parse_optimizers(args.optimizers)
     lrs = parse_lrs(args.lr)
     extra = [k for k in lrs if k not in optimizers]
     if extra:
         raise ValueError(f"--lr names {extra[0]!r}, which is not in --optimizers {','.join(optimizers)}")
-    start = time.perf_counter()
-    result = run_compare(
-        optimizers,
+    common = dict(
         steps=args.steps,
-        out=args.out,
         lrs=lrs,
-        seed=args.seed,
         size=args.size,
         every=args.every,
         text=args.text,
@@ -264,6 +268,13 @@ def _sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
         threads=args.threads,
         command="heavytail " + " ".join(shlex.quote(a) for a in argv),
     )
+    seeds = getattr(args, "seeds", None)
+    if seeds is not None:
+        if any(a == "--seed" or a.startswith("--seed=") for a in argv):
+            raise ValueError("give --seed or --seeds, not both")
+        return _sweep_seeds(optimizers, parse_seeds(seeds), args, common)
+    start = time.perf_counter()
+    result = run_compare(optimizers, out=args.out, seed=args.seed, **common)
     seconds = time.perf_counter() - start
     print(f"Compared {', '.join(optimizers)}: {args.steps} steps each, {seconds:.0f}s in all.")
     width = max(len(n) for n in optimizers)
@@ -279,6 +290,36 @@ def _sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
         )
     print(f"Summary: {result.summary_path}")
     print(f"Report:  {result.report}")
+    return EXIT_OK
+
+
+def _sweep_seeds(optimizers: Sequence[str], seeds: Sequence[int], args: argparse.Namespace, common: dict) -> int:
+    from heavytail.compare import run_seeds
+
+    start = time.perf_counter()
+    result = run_seeds(optimizers, seeds, out=args.out, **common)
+    seconds = time.perf_counter() - start
+    print(
+        f"Compared {', '.join(optimizers)} over seeds {','.join(map(str, seeds))}: {args.steps} steps each, "
+        f"{seconds:.0f}s in all. Mean ± standard deviation across seeds:"
+    )
+    width = max(len(n) for n in optimizers)
+
+    def pm(figure: dict) -> str:
+        mean, std = figure.get("mean"), figure.get("std")
+        if mean is None or not math.isfinite(mean):
+            return "-"
+        return f"{mean:.4g} ± {std:.2g}" if std is not None and math.isfinite(std) else f"{mean:.4g}"
+
+    for name, s in result.summary["optimizers"].items():
+        alpha = s["overall"].get("grad/hill_alpha", {})
+        print(
+            f"  {name.ljust(width)}  lr {s['lr']:<8g} val loss {pm(s['val_loss'])}  final loss {pm(s['final_loss'])}  "
+            f"median grad alpha {pm(alpha)}  alerts {pm(s['alerts'])}"
+        )
+    print(f"Summary: {result.summary_path}")
+    for seed, r in result.per_seed.items():
+        print(f"Report:  {r.report} (seed {seed})")
     return EXIT_OK
 
 

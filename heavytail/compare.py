@@ -32,14 +32,19 @@ from heavytail.workload import build_demo
 
 __all__ = [
     "CompareResult",
+    "SeedsResult",
+    "aggregate_seeds",
     "DEFAULT_COMPARE_STEPS",
     "TAIL_FAMILIES",
     "DENOMINATOR_FAMILIES",
     "MEMORY_FAMILIES",
+    "UPDATE_FAMILIES",
     "fair_note",
     "parse_lrs",
     "parse_optimizers",
+    "parse_seeds",
     "run_compare",
+    "run_seeds",
     "run_summary",
 ]
 
@@ -61,6 +66,16 @@ DENOMINATOR_FAMILIES = (
 
 MEMORY_FAMILIES = ("adam/memory_steps", "shadow999/memory_steps", "shadow95/memory_steps")
 """Denominator memory (steps the denominator stays inflated after a spike), when the monitor recorded it."""
+
+UPDATE_FAMILIES = (
+    "update/rms_ratio",
+    "adam/event_update_ratio",
+    "shadow999/event_update_ratio",
+    "lion/sign_flip_frac",
+    "muon/sv_cond",
+)
+"""How the update answers the gradient: RMS(delta p) / RMS(g) on every step, |delta p| / |g| at the denominator
+events (a gradient far above its history), Lion's sign flips and the spread of the matrix Muon orthogonalises."""
 
 
 def parse_optimizers(text: str | Sequence[str]) -> list[str]:
@@ -103,6 +118,30 @@ def parse_lrs(text: str | None) -> dict[str, float]:
             raise ValueError(f"--lr {name}: the learning rate must be positive, got {value.strip()}")
         out[name] = lr
     return out
+
+
+def parse_seeds(text: str | Sequence[int]) -> list[int]:
+    """``"0,1,2"`` (or a list) into distinct non-negative seeds, in order."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    seeds: list[int] = []
+    for item in items:
+        if isinstance(item, str):
+            item = item.strip()
+            if not item:
+                continue
+            try:
+                seed = int(item)
+            except ValueError:
+                raise ValueError(f"--seeds: {item!r} is not an integer") from None
+        else:
+            seed = int(item)
+        if seed < 0:
+            raise ValueError(f"--seeds: seeds must be non-negative, got {seed}")
+        if seed not in seeds:
+            seeds.append(seed)
+    if not seeds:
+        raise ValueError("--seeds: no seed given")
+    return seeds
 
 
 @dataclass
@@ -279,6 +318,117 @@ def run_compare(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Several seeds
+
+
+@dataclass
+class SeedsResult:
+    """What :func:`run_seeds` wrote: one :class:`CompareResult` per seed and the aggregate summary."""
+
+    out: Path
+    summary_path: Path
+    summary: dict[str, Any]
+    per_seed: dict[int, CompareResult]
+
+
+def _spread(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, sample standard deviation (ddof 1; null for one value), min and max of the finite ``values``, and the
+    values themselves in seed order (null where a seed has none)."""
+    finite = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    return {
+        "mean": float(finite.mean()) if finite.size else math.nan,
+        "std": float(finite.std(ddof=1)) if finite.size > 1 else math.nan,
+        "min": float(finite.min()) if finite.size else math.nan,
+        "max": float(finite.max()) if finite.size else math.nan,
+        "n": int(finite.size),
+        "values": [v if v is not None and math.isfinite(v) else None for v in values],
+    }
+
+
+_SEED_SCALARS = ("val_loss", "final_loss", "first_checkpoint_loss", "min_checkpoint_loss", "loss_spikes", "alerts")
+
+
+def aggregate_seeds(summaries: Mapping[int, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per optimizer, each figure of :func:`run_summary` across seeds as :func:`_spread` (mean, std, min, max, n,
+    values in seed order): the scalars (``val_loss``, ``final_loss``, ``loss_spikes``, ...), ``overall`` per family,
+    and the per-layer medians of ``tail_index``, ``denominator``, ``memory`` and ``update`` per family and layer.
+
+    ``summaries`` maps a seed to that seed's ``summary.json`` (its ``optimizers`` entry is read).
+    """
+    seeds = list(summaries)
+    names: list[str] = []
+    for seed in seeds:
+        for name in summaries[seed]["optimizers"]:
+            if name not in names:
+                names.append(name)
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        runs = [summaries[seed]["optimizers"].get(name, {}) for seed in seeds]
+        entry: dict[str, Any] = {"lr": runs[0].get("lr")}
+        for key in _SEED_SCALARS:
+            entry[key] = _spread([r.get(key) for r in runs])
+        families = sorted({f for r in runs for f in r.get("overall", {})})
+        entry["overall"] = {f: _spread([r.get("overall", {}).get(f) for r in runs]) for f in families}
+        for group in ("tail_index", "denominator", "memory", "update"):
+            fams: dict[str, dict[str, Any]] = {}
+            for family in sorted({f for r in runs for f in r.get(group, {})}):
+                layers = sorted({layer for r in runs for layer in r.get(group, {}).get(family, {})})
+                fams[family] = {
+                    layer: _spread([r.get(group, {}).get(family, {}).get(layer) for r in runs]) for layer in layers
+                }
+            entry[group] = fams
+        out[name] = entry
+    return out
+
+
+def run_seeds(
+    optimizers: Sequence[str] = OPTIMIZERS,
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    out: str | os.PathLike[str] = "heavytail_runs/compare",
+    command: str | None = None,
+    **kwargs: Any,
+) -> SeedsResult:
+    """:func:`run_compare` once per seed into ``<out>/seed<k>/`` (each with its own ``summary.json`` and
+    ``compare.html``), then ``<out>/summary.json``: :func:`aggregate_seeds` across the seeds (mean, sample standard
+    deviation, min, max and the per-seed values of every figure), with the seeds, the learning rates and each
+    seed's summary path. ``kwargs`` go to :func:`run_compare` (steps, lrs, size, probe, ...); the seed changes the
+    initial weights, the data order and the probe's held-out batch, not the validation text.
+    """
+    seeds = parse_seeds(seeds)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    per_seed: dict[int, CompareResult] = {}
+    for seed in seeds:
+        per_seed[seed] = run_compare(optimizers, out=out / f"seed{seed}", seed=seed, command=command, **kwargs)
+    first = per_seed[seeds[0]].summary
+    settings = {k: v for k, v in first["settings"].items() if k not in ("seed", "init_checksum", "data_checksum")}
+    summary: dict[str, Any] = {
+        "heavytail_version": __version__,
+        "created": time.time(),
+        "command": command,
+        "seeds": seeds,
+        "settings": settings,
+        "learning_rates": first["learning_rates"],
+        "per_seed": {str(seed): f"seed{seed}/summary.json" for seed in seeds},
+        "note": (
+            f"Each seed is a sweep of its own under {out}/seed<k>/ (held equal within a seed: "
+            + ", ".join(first["held_equal"])
+            + "); across seeds the initial weights, the data order and the probe's held-out batch change, the "
+            "validation text (all the held-out tail) does not. Figures: mean, sample standard deviation (ddof 1), "
+            "min, max and the per-seed values."
+        ),
+        "workload": first["workload"],
+        "optimizers": aggregate_seeds({seed: per_seed[seed].summary for seed in seeds}),
+    }
+    summary_path = out / "summary.json"
+    tmp = summary_path.with_name(".summary.json.tmp")
+    tmp.write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, summary_path)
+    return SeedsResult(out=out, summary_path=summary_path, summary=summary, per_seed=per_seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Summary of one run
 
 
@@ -310,12 +460,13 @@ def run_summary(
     the ``loss_spike`` alerts; ``alerts_by_rule``; per-layer medians over the run of the tail indices
     (:data:`TAIL_FAMILIES`), of the denominator figures (:data:`DENOMINATOR_FAMILIES`; ``adam/`` only where the
     optimizer has an AdamW denominator) and of the denominator memory (:data:`MEMORY_FAMILIES`, ``{}`` when the
-    monitor did not record it); ``overall``: each family's median over all layers and checkpoints.
+    monitor did not record it) and of the update figures (:data:`UPDATE_FAMILIES`, those recorded); ``overall``:
+    each family's median over all layers and checkpoints.
     """
     _, loss = run.series("loss")
     finite_loss = loss[np.isfinite(loss)]
     rules = Counter(str(a.get("rule", "?")) for a in run.alerts)
-    families = TAIL_FAMILIES + DENOMINATOR_FAMILIES + MEMORY_FAMILIES
+    families = TAIL_FAMILIES + DENOMINATOR_FAMILIES + MEMORY_FAMILIES + UPDATE_FAMILIES
 
     def group(names: Sequence[str]) -> dict[str, dict[str, float]]:
         out = {}
@@ -348,6 +499,7 @@ def run_summary(
         "tail_index": group(TAIL_FAMILIES),
         "denominator": group(DENOMINATOR_FAMILIES),
         "memory": group(MEMORY_FAMILIES),
+        "update": group(UPDATE_FAMILIES),
         "overall": {f: _overall(run, f) for f in families if run.layers(f)},
     }
 
@@ -365,6 +517,8 @@ _REPORT_FIGURES = (
     ("shadow95/spike_frac", "median shadow95/spike_frac"),
     ("adam/memory_steps", "median adam/memory_steps"),
     ("shadow999/memory_steps", "median shadow999/memory_steps"),
+    ("update/rms_ratio", "median update/rms_ratio (RMS update / RMS gradient)"),
+    ("shadow999/event_update_ratio", "median shadow999/event_update_ratio (|update| / |g| at events)"),
 )
 
 

@@ -139,9 +139,7 @@ def demo_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tor
     return loss
 
 
-def validation_loss(
-    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], chunk: int = 64
-) -> torch.Tensor:
+def validation_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], chunk: int = 64) -> torch.Tensor:
     """Mean next-token cross-entropy of ``model`` over every token of ``batch`` (the held-out text), as a tensor.
 
     Evaluated in eval mode under ``torch.no_grad`` in pieces of ``chunk`` sequences, each piece's mean loss

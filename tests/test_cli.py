@@ -215,6 +215,25 @@ def test_sweep_command(tmp_path: Path, small_text: Path, capsys) -> None:  # noq
     assert (out / "compare.html").is_file()
 
 
+def test_sweep_over_seeds(tmp_path: Path, small_text: Path, capsys) -> None:  # noqa: F811
+    out = tmp_path / "seeds"
+    argv = ["sweep", "--optimizers", "sgd", "--steps", "2", "--every", "1", "--size", "tiny", "--out", str(out)]
+    argv += ["--text", str(small_text), "--quiet", "--no-probe", "--seeds", "0,1"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "Compared sgd over seeds 0,1: 2 steps each" in stdout and "val loss" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["command"] == "heavytail " + " ".join(argv)
+    vals = [
+        json.loads((out / f"seed{k}" / "summary.json").read_text())["optimizers"]["sgd"]["val_loss"] for k in (0, 1)
+    ]
+    assert summary["optimizers"]["sgd"]["val_loss"]["values"] == vals
+    assert f"{summary['optimizers']['sgd']['val_loss']['mean']:.4g}" in stdout
+    # --seed and --seeds together are refused, with the error on stderr (exit code 1, as for a bad --lr).
+    assert main([*argv, "--seed", "3"]) == 1
+    assert "give --seed or --seeds, not both" in capsys.readouterr().err
+
+
 def test_compare_without_run_dirs_is_the_old_sweep(tmp_path: Path, small_text: Path, capsys) -> None:  # noqa: F811
     """Users' scripts call `heavytail compare --optimizers ...`: it still trains, and says to use `sweep`."""
     out = tmp_path / "old"

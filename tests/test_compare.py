@@ -8,15 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from heavytail.compare import (
     DENOMINATOR_FAMILIES,
+    aggregate_seeds,
     parse_lrs,
     parse_optimizers,
+    parse_seeds,
     run_compare,
+    run_seeds,
     run_summary,
 )
+from heavytail.demo import make_optimizer, train_monitored, validation_loss
 from heavytail.report import Run
+from heavytail.workload import build_demo, load_corpus, split_held_out
+from heavytail.workload.tokenizer import split_tokens
 from tests.test_demo import one_thread, small_text  # noqa: F401  (fixtures)
 
 
@@ -132,3 +139,138 @@ def test_compare_rejects_bad_settings(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown optimizer"):
         run_compare(["sgd"], out=tmp_path, lrs={"rmsprop": 1.0}, progress=None)
     assert torch.get_num_threads() == 1  # the fixture is active here too
+
+
+def _reference_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Mean next-token cross-entropy over every token, in one pass, in float64: the obvious reference."""
+    with torch.no_grad():
+        logits, _ = model.eval()(batch[0])
+    logits = logits.double().reshape(-1, logits.shape[-1])
+    return float(F.cross_entropy(logits, batch[1].reshape(-1), reduction="sum") / batch[1].numel())
+
+
+def test_validation_windows_are_all_the_held_out_text_and_no_training_text(small_text: Path) -> None:  # noqa: F811
+    w = build_demo(seed=3, text=small_text, steps=4, size="tiny")
+    x, y = w.validation
+    block = w.model_config.block_size
+    tokens = w.tokenizer.encode_pieces(split_tokens(load_corpus(small_text)))
+    n_train, n_held = w.config["n_train_tokens"], w.config["n_held_out_tokens"]
+    assert len(w.batches.tokens) == n_train and w.config["n_tokens"] == n_train + n_held
+    # Consecutive non-overlapping windows: inputs tile the tail from its first token, targets are shifted by one.
+    assert x.shape == y.shape == ((n_held - 1) // block, block) == (w.config["n_validation_sequences"], block)
+    assert torch.equal(x.reshape(-1), tokens[n_train : n_train + x.numel()])
+    assert torch.equal(y.reshape(-1), tokens[n_train + 1 : n_train + 1 + y.numel()])
+    # Training windows are drawn from the first n_train tokens only (Batches holds nothing else): no validation
+    # token is in any training window. The validation text is the same whatever the seed.
+    assert torch.equal(w.batches.tokens, tokens[:n_train])
+    assert torch.equal(split_held_out(tokens)[1], tokens[n_train:])
+    other = build_demo(seed=4, text=small_text, steps=4, size="tiny")
+    assert torch.equal(other.validation[0], x) and torch.equal(other.validation[1], y)
+    assert not torch.equal(other.held_out[0], w.held_out[0])  # the probe's batch does follow the seed
+
+
+def test_validation_loss_matches_a_float64_reference(small_text: Path) -> None:  # noqa: F811
+    w = build_demo(seed=0, text=small_text, steps=4, size="tiny")
+    w.model.train()
+    reference = _reference_loss(w.model, w.validation)
+    w.model.train()
+    for chunk in (1, 5, 64, 10_000):
+        assert float(validation_loss(w.model, w.validation, chunk=chunk)) == pytest.approx(reference, rel=1e-6)
+    assert w.model.training  # the training mode is restored
+
+
+def test_trained_run_validation_loss_is_the_final_weights_loss(tmp_path: Path, small_text: Path) -> None:  # noqa: F811
+    w = build_demo(seed=0, text=small_text, steps=3, size="tiny")
+    model = w.new_model()
+    before = _reference_loss(model, w.validation)
+    trained = train_monitored(
+        w,
+        model,
+        make_optimizer("adamw", model),
+        steps=3,
+        log_dir=tmp_path / "run",
+        every=1,
+        probe=False,
+        progress=None,
+    )
+    after = _reference_loss(model, w.validation)  # the model object holds the final weights
+    assert trained.val_loss == pytest.approx(after, rel=1e-6)
+    assert after != pytest.approx(before, rel=1e-6)  # the weights moved, so this is not the initial loss
+
+
+def test_compare_summary_records_the_validation_loss(tmp_path: Path, small_text: Path) -> None:  # noqa: F811
+    result = run_compare(
+        ["sgd", "lion"], steps=3, every=1, out=tmp_path, size="tiny", text=small_text, progress=None, probe=False
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    w = build_demo(seed=0, text=small_text, steps=3, size="tiny")
+    for name in ("sgd", "lion"):
+        # An independent recomputation: train the same model on the same batches without the monitor.
+        model = w.new_model()
+        optimizer = make_optimizer(name, model)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)  # warm-up of 1 step at 3 steps
+        for step in range(3):
+            x, y = w.batches.get(step)
+            for xm, ym in zip(x.tensor_split(2), y.tensor_split(2)):
+                (model(xm, ym)[1] / 2).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        expected = _reference_loss(model, w.validation)
+        assert summary["optimizers"][name]["val_loss"] == pytest.approx(expected, rel=1e-5)
+        assert result.trained[name].val_loss == summary["optimizers"][name]["val_loss"]
+    html = (tmp_path / "compare.html").read_text(encoding="utf-8")
+    assert "validation loss (held-out text, final weights)" in html
+
+
+def test_parse_seeds() -> None:
+    assert parse_seeds("2, 0,2") == [2, 0]
+    assert parse_seeds([1, 1, 3]) == [1, 3]
+    for bad, match in (("x", "not an integer"), ("-1", "non-negative"), (" , ", "no seed")):
+        with pytest.raises(ValueError, match=match):
+            parse_seeds(bad)
+
+
+def test_aggregate_seeds_against_numpy() -> None:
+    import numpy as np
+
+    def one(val: float, alpha: float | None) -> dict:
+        tails = {"grad/hill_alpha": {"w": alpha}} if alpha is not None else {}
+        overall = {"grad/hill_alpha": alpha} if alpha is not None else {}
+        return {"lr": 0.1, "val_loss": val, "final_loss": val + 1, "alerts": 2, "tail_index": tails, "overall": overall}
+
+    summaries = {
+        0: {"optimizers": {"sgd": one(3.0, 2.0)}},
+        1: {"optimizers": {"sgd": one(3.5, None)}},
+        2: {"optimizers": {"sgd": one(4.5, 3.0)}},
+    }
+    agg = aggregate_seeds(summaries)["sgd"]
+    vals = np.array([3.0, 3.5, 4.5])
+    assert agg["lr"] == 0.1
+    assert agg["val_loss"]["mean"] == pytest.approx(vals.mean())
+    assert agg["val_loss"]["std"] == pytest.approx(vals.std(ddof=1))
+    assert (agg["val_loss"]["min"], agg["val_loss"]["max"], agg["val_loss"]["n"]) == (3.0, 4.5, 3)
+    assert agg["val_loss"]["values"] == [3.0, 3.5, 4.5]
+    assert agg["final_loss"]["mean"] == pytest.approx(vals.mean() + 1)
+    assert agg["alerts"]["std"] == 0.0
+    # A seed without the figure counts as missing, not as zero.
+    alpha = agg["tail_index"]["grad/hill_alpha"]["w"]
+    assert alpha["values"] == [2.0, None, 3.0] and alpha["mean"] == 2.5 and alpha["n"] == 2
+    assert agg["overall"]["grad/hill_alpha"]["std"] == pytest.approx(np.std([2.0, 3.0], ddof=1))
+
+
+def test_run_seeds_writes_one_sweep_per_seed_and_the_aggregate(tmp_path: Path, small_text: Path) -> None:  # noqa: F811
+    result = run_seeds(
+        ["sgd"], [0, 1], out=tmp_path, steps=2, every=1, size="tiny", text=small_text, progress=None, probe=False
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["learning_rates"] == {"sgd": 0.05}
+    assert summary["per_seed"] == {"0": "seed0/summary.json", "1": "seed1/summary.json"}
+    per_seed = [json.loads((tmp_path / f"seed{k}" / "summary.json").read_text()) for k in (0, 1)]
+    assert [p["settings"]["seed"] for p in per_seed] == [0, 1]
+    assert per_seed[0]["settings"]["init_checksum"] != per_seed[1]["settings"]["init_checksum"]
+    assert (tmp_path / "seed1" / "sgd" / "metrics.jsonl").is_file() and (tmp_path / "seed1" / "compare.html").is_file()
+    vals = [p["optimizers"]["sgd"]["val_loss"] for p in per_seed]
+    agg = summary["optimizers"]["sgd"]["val_loss"]
+    assert agg["values"] == vals and agg["mean"] == pytest.approx(sum(vals) / 2)
+    assert result.summary_path == tmp_path / "summary.json" and set(result.per_seed) == {0, 1}
