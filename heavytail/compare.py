@@ -418,7 +418,7 @@ def run_seeds(
             "validation text (all the held-out tail) does not. Figures: mean, sample standard deviation (ddof 1), "
             "min, max and the per-seed values."
         ),
-        "workload": first["workload"],
+        "workload": {k: v for k, v in first["workload"].items() if k != "seed"},
         "optimizers": aggregate_seeds({seed: per_seed[seed].summary for seed in seeds}),
     }
     summary_path = out / "summary.json"
