@@ -95,9 +95,15 @@ def test_lion_reports_sign_flips_and_shadow_ratios(tmp_path):
 
 def test_muon_with_adamw_reports_both_families(tmp_path):
     # 12 steps: the last interval (steps 10-12) is past the AdamW half's ratio warm-up of 10 gradients.
-    _, opt, records = _run(tmp_path, lambda m: muon_with_adamw(m, lr=0.02, adamw_lr=1e-3), steps=12)
+    model, opt, records = _run(tmp_path, lambda m: muon_with_adamw(m, lr=0.02, adamw_lr=1e-3), steps=12)
     m = records[-1]["metrics"]
-    assert m["muon/sv_cond/fc2.weight"] >= m["muon/sv_max_median/fc2.weight"] >= 1.0
+    # TinyNet's fc2 sees low-rank inputs: its momentum (32 x 128) has fewer than 16 singular values above
+    # numpy.linalg.matrix_rank's cut, so both spreads are rounding and read inf (null). Checked on the buffer after
+    # the last step (the checkpoint's matrix plus one more gradient).
+    buf = opt.state[model.fc2.weight]["momentum_buffer"].double().numpy()
+    sv = np.linalg.svd(buf, compute_uv=False)
+    assert np.median(sv) <= sv[0] * max(buf.shape) * np.finfo(np.float32).eps
+    assert m["muon/sv_cond/fc2.weight"] is None and m["muon/sv_max_median/fc2.weight"] is None
     assert "muon/sv_cond/embed.weight" not in m  # the embedding is trained by AdamW
     assert m["adam/ratio_max/embed.weight"] is not None  # the AdamW half has a real denominator
     assert m["adam/ratio_max/fc2.weight"] is None  # Muon has none: the shadow stands in
