@@ -467,13 +467,16 @@ def test_report_and_summary_show_the_probe_noise_scale_of_a_run_without_a_stream
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     mon = heavytail.Monitor(model, opt, log_dir=tmp_path, every=4, probe_every=1)
-    mon.set_probe(_probe_loss, tiny_batch(999, batch=32), batch_size=4)
+    idx, y = tiny_batch(999, batch=32)
+    mon.set_probe(_probe_loss, (idx, y + 10.0), batch_size=4)  # targets far off: a signal the noise leaves visible
     train(model, opt, mon, 8)
     mon.close()
     last = read_records(tmp_path)[-1]["metrics"]
     run = load_run(tmp_path)
     page = render_report(run)
-    assert 'id="sec-noise-scale"' in page and "B_simple, held batch (probe)" in page
+    assert last["gns/probe_b_simple"] is not None and last["gns/probe_b_robust"] is not None
+    assert 'id="sec-noise-scale"' in page and "The probe's held batch" in page
+    assert "B_simple, held batch (probe)" in page and "robust, held batch (probe)" in page
     assert 'id="sec-gns-heatmap"' not in page  # per-tensor streaming figures only
     text = summary_text(run)
     figures = [math.inf if last[k] is None else last[k] for k in ("gns/probe_b_simple", "gns/probe_b_robust")]

@@ -76,8 +76,8 @@ def _draw(ctx: Context) -> str | None:
             f"The probe's held batch (last probing checkpoint, mini-batches of "
             f"{_fmt(_last(run, 'gns/probe_small_batch', 'gns/probe_big_batch'))} rows, "
             f"{_fmt(_last(run, 'gns/probe_big_batch', 'gns/probe_big_batch'))} in all): B_simple "
-            f"{_fmt(_last(run, 'gns/probe_b_simple', 'gns/probe_big_batch'))}, robust "
-            f"{_fmt(_last(run, 'gns/probe_b_robust', 'gns/probe_big_batch'))} {esc(probe_unit)}"
+            f"{_fmt(_last(run, 'gns/probe_b_simple', 'gns/probe_big_batch'), 'held batch')}, robust "
+            f"{_fmt(_last(run, 'gns/probe_b_robust', 'gns/probe_big_batch'), 'held batch')} {esc(probe_unit)}"
             + ("." if with_probe else " (not drawn: the streaming figures are in micro-batches; declare batch_size).")
         )
     parts.append(
@@ -108,9 +108,9 @@ def _compare(ctx: Context) -> str | None:
     return render_line_chart(ctx.page, series, ylabel="B_simple", legend=True, height=200)
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: float, batch: str = "training batch") -> str:
     # A null B_simple is an infinite one: the |G|^2 estimate is <= 0, the noise dominates even the big batch.
-    return f"{value:.3g}" if math.isfinite(value) else "not finite (noise dominates even the training batch)"
+    return f"{value:.3g}" if math.isfinite(value) else f"not finite (noise dominates even the {batch})"
 
 
 NOISE_SCALE_SECTION = Section(
