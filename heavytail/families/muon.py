@@ -36,10 +36,11 @@ class Muon(Family):
             matrix = premomentum_matrix(layout.optimizer, layout.params[i], groups.get(id(layout.params[i])))
             if matrix is None:
                 continue
-            sv = torch.linalg.svdvals(matrix.detach().float())
-            top = sv[0]
+            sv = torch.linalg.svdvals(matrix.detach().float())  # descending
+            top, n = sv[0], sv.numel()
             out[i, 0] = top / sv[-1]
-            out[i, 1] = top / sv.median()
+            # The median of an even count is the mean of the two middle values (torch.median takes the lower one).
+            out[i, 1] = top / sv[(n - 1) // 2 : n // 2 + 1].mean()
         self.spread = out
 
     def readout(self, step: int) -> dict[str, Slot]:
