@@ -155,13 +155,14 @@ def _arrays(trace: Trace, name: str) -> tuple[np.ndarray, np.ndarray]:
     return g, dp
 
 
-def adam_figures(trace, name, spans, *, beta2, eps, warmup, threshold=5000.0, inflation=1.5, window=0):
+def adam_figures(trace, name, spans, *, beta2, eps, warmup, threshold=5000.0, inflation=1.5, window=0, index=None):
     """``adam/`` figures of one tensor, from the Adam state each step saw: r = |g_t| / (sqrt(v_{t-1} / (1 -
     beta2^k)) + eps), k the optimizer's step counter (0 where v is 0); a step counts once k >= ``warmup``.
 
-    ``ratio_max``: max r over the counted steps; ``ratio_p99``: mean over them of the 0.99 quantile (linear) of r;
-    ``spike_frac``: the fraction of (coordinate, step) pairs with r^2 over ``threshold``; the memory figures of
-    :func:`episodes` and :func:`damping` (``window`` steps; 0: no damping key)."""
+    From every coordinate: ``ratio_max``, max r over the counted steps, and ``spike_frac``, the fraction of
+    (coordinate, step) pairs with r^2 over ``threshold``. From the sampled coordinates (flat ``index``; None:
+    all): ``ratio_p99``, the mean over the counted steps of the 0.99 quantile (linear) of r, and the memory figures
+    of :func:`episodes` and :func:`damping` (``window`` steps; 0: no damping key)."""
     g, dp = _arrays(trace, name)
     T = len(g)
     r, v_hat, ok = np.zeros_like(g), np.zeros_like(g), np.zeros(T, dtype=bool)
@@ -173,13 +174,15 @@ def adam_figures(trace, name, spans, *, beta2, eps, warmup, threshold=5000.0, in
         v_hat[t] = state["exp_avg_sq"] / (1 - beta2**k)
         r[t] = np.where(state["exp_avg_sq"] > 0, np.abs(g[t]) / (np.sqrt(v_hat[t]) + eps), 0.0)
         ok[t] = k >= warmup
-    events, ended = episodes(r, v_hat, ok, threshold, inflation)
-    closed = damping(dp, g, events, window) if window else None
-    out = _memory_figures("adam", events, ended, r, dp, g, closed, spans)
+    pick = slice(None) if index is None else index
+    rs, gs, dps = r[:, pick], g[:, pick], dp[:, pick]
+    events, ended = episodes(rs, v_hat[:, pick], ok, threshold, inflation)
+    closed = damping(dps, gs, events, window) if window else None
+    out = _memory_figures("adam", events, ended, rs, dps, gs, closed, spans)
     for row, steps in zip(out, spans):
         counted = [t for t in steps if ok[t]]
         row["adam/ratio_max"] = max((r[t].max() for t in counted), default=math.nan)
-        row["adam/ratio_p99"] = nan_mean(np.quantile(r[t], 0.99) for t in counted)
+        row["adam/ratio_p99"] = nan_mean(np.quantile(rs[t], 0.99) for t in counted)
         spikes = sum(int((r[t] ** 2 > threshold).sum()) for t in counted)
         row["adam/spike_frac"] = spikes / (len(counted) * g.shape[1]) if counted else math.nan
     return out

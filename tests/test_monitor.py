@@ -14,6 +14,7 @@ from torch import nn
 import heavytail as ht
 from heavytail.estimators import hill
 from heavytail.estimators.kurtosis import gaussian_kurtosis_quantile
+from tests import denominator_reference
 from tests.conftest import TinyNet, read_records, tiny_batch, train
 
 
@@ -202,6 +203,7 @@ def test_sample_budget_shares_the_coordinates_out_over_many_tensors(tmp_path):
     model = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(40)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with ht.Monitor(model, opt, every=2, log_dir=tmp_path, sample_size=32, sample_budget=600, ratio_warmup=0) as mon:
+        trace = denominator_reference.record_steps(model, opt)
         assert mon.sample_size == 15
         assert tuple(mon._sample_index.shape) == (40, 15)
         for _ in range(4):
@@ -213,9 +215,18 @@ def test_sample_budget_shares_the_coordinates_out_over_many_tensors(tmp_path):
         assert all(len(set(row.tolist())) == 15 for row in mon._sample_index)
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["sample_size"] == 15 and meta["config"]["sample_budget"] == 600
-    record = read_records(tmp_path)[-1]
-    assert math.isfinite(record["metrics"]["shadow999/ratio_max/0.weight"])
-    assert math.isfinite(record["metrics"]["adam/ratio_p99/0.weight"])
+    # The sample figures read those 15 coordinates: recomputed from the gradients and AdamW's state there.
+    index = {"0.weight": mon._sample_index[0].numpy()}
+    metrics = [r["metrics"] for r in read_records(tmp_path)]
+    spans = denominator_reference.intervals(4, 2)
+    sampled = denominator_reference.shadow_figures(
+        trace.sampled(index), "0.weight", spans, betas=(0.999, 0.95), warmup=0
+    )
+    adam = denominator_reference.adam_figures(
+        trace, "0.weight", spans, beta2=0.999, eps=1e-8, warmup=0, index=index["0.weight"]
+    )
+    numbers = denominator_reference.check_records(metrics, [{**a, **b} for a, b in zip(sampled, adam)], "0.weight")
+    assert {"shadow999/ratio_max", "adam/ratio_p99"} <= numbers
 
 
 @pytest.mark.parametrize(
