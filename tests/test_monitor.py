@@ -162,12 +162,14 @@ def test_frozen_and_unused_parameters_are_handled(tmp_path):
     extra = nn.Linear(3, 3)
     model.unused = extra  # never called in forward: its gradient stays None
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(float(model.fc1.weight.grad.double().square().sum())))
     with ht.Monitor(model, opt, every=2, log_dir=tmp_path) as mon:
         train(model, opt, mon, steps=4)
     m = read_records(tmp_path)[-1]["metrics"]
     assert "grad/norm/fc2.bias" not in m  # frozen: not watched
     assert m["grad/norm/unused.weight"] is None  # no gradient: NaN, never a crash
-    assert m["grad/norm/fc1.weight"] > 0
+    assert m["grad/norm/fc1.weight"] == pytest.approx(math.sqrt(sum(seen[2:]) / 2), rel=1e-9)  # steps 3-4, as ever
 
 
 def test_close_is_idempotent_and_removes_every_hook(tmp_path, tiny_model):
@@ -356,6 +358,8 @@ def test_a_failing_fused_pass_falls_back_to_torch(tmp_path):
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(float(model.fc1.weight.grad.double().square().sum())))
     with ht.Monitor(model, opt, every=2, log_dir=tmp_path, kernel="torch") as mon:
 
         def broken(*args, **kwargs):
@@ -365,7 +369,9 @@ def test_a_failing_fused_pass_falls_back_to_torch(tmp_path):
         with pytest.warns(RuntimeWarning, match="using the torch pass"):
             train(model, opt, mon, steps=2)
         assert mon._kernels.gradient_pass is None
-    assert read_records(tmp_path)[0]["metrics"]["grad/norm/fc1.weight"] > 0
+    # The torch pass measured both steps: the RMS over them of the gradient's norm.
+    norm = read_records(tmp_path)[0]["metrics"]["grad/norm/fc1.weight"]
+    assert norm == pytest.approx(math.sqrt(sum(seen) / 2), rel=1e-9)
 
 
 @pytest.mark.parametrize(
