@@ -95,12 +95,17 @@ def _draws(steps: int, micro: int, names: tuple[str, ...], spike: float, first_s
     return out
 
 
-def _run(tmp_path, make_opt, names, *, steps, every, micro=1, spike=20.0, first_spike=1, seed=0, **config):
+def _run(tmp_path, make_opt, names, *, steps, every, micro=1, spike=20.0, first_spike=1, seed=0, probe=False, **config):
+    """Train on the drawn gradients; with ``probe``, the noise probe runs at every checkpoint on a held batch of
+    32 more draws (its backward passes must leave every figure here untouched)."""
     model = TwoTensors(names)
     opt = make_opt(model)
     data = _draws(steps, micro, names, spike, first_spike, seed)
-    with ht.Monitor(model, opt, every=every, log_dir=tmp_path, sample_size=N, **config) as mon:
+    with ht.Monitor(model, opt, every=every, log_dir=tmp_path, sample_size=N, probe_every=int(probe), **config) as mon:
         assert mon.sample_size == N and all((row == torch.arange(N)).all() for row in mon._sample_index)
+        if probe:
+            held = {n: torch.stack([step[0][n] for step in _draws(32, 1, names, 1.0, 1, seed + 1)]) for n in names}
+            mon.set_probe(lambda m, batch: m({n: x.mean(dim=0) for n, x in batch.items()}), held, micro_batches=32)
         trace = ref.record_steps(model, opt)
         for step in data:
             for draw in step:
@@ -111,6 +116,7 @@ def _run(tmp_path, make_opt, names, *, steps, every, micro=1, spike=20.0, first_
             opt.zero_grad(set_to_none=True)
     records = read_records(tmp_path)
     assert len(records) == steps // every and len(trace.after) == steps
+    assert all(("probe/hill_alpha/" + names[0] in r["metrics"]) == probe for r in records)
     return trace, [r["metrics"] for r in records]
 
 
@@ -130,21 +136,23 @@ OPTIMIZERS = {
 
 
 @pytest.mark.parametrize(
-    "optimizer, micro, kernel",
+    "optimizer, micro, kernel, probe",
     [
-        ("adamw", 1, "auto"),
-        ("adamw", 1, "torch"),
-        ("adamw", 2, "auto"),
-        ("sgd", 1, "auto"),
-        ("lion", 1, "auto"),
-        ("lion", 2, "torch"),
-        ("muon", 1, "auto"),
-        ("muon+adamw", 1, "auto"),
+        ("adamw", 1, "auto", False),
+        ("adamw", 1, "torch", False),
+        ("adamw", 2, "auto", True),  # gradient accumulation, and the probe's backward passes at the checkpoints
+        ("sgd", 1, "auto", True),
+        ("lion", 1, "auto", False),
+        ("lion", 2, "torch", False),
+        ("muon", 1, "auto", False),
+        ("muon+adamw", 1, "auto", False),
     ],
 )
-def test_denominator_and_update_keys_against_numpy(tmp_path, optimizer, micro, kernel):
+def test_denominator_and_update_keys_against_numpy(tmp_path, optimizer, micro, kernel, probe):
     names, make_opt = OPTIMIZERS[optimizer]
-    trace, metrics = _run(tmp_path, make_opt, names, steps=STEPS, every=EVERY, micro=micro, kernel=kernel, **CONFIG)
+    trace, metrics = _run(
+        tmp_path, make_opt, names, steps=STEPS, every=EVERY, micro=micro, kernel=kernel, probe=probe, **CONFIG
+    )
     spans = ref.intervals(STEPS, EVERY)
     common = dict(threshold=CONFIG["spike_threshold"], window=CONFIG["memory_window"])
     for name in names:
