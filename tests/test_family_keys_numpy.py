@@ -1,46 +1,47 @@
 """Every ``adam/``, ``shadow*/``, ``update/``, ``lion/`` and ``muon/`` record key against an independent float64
-NumPy recomputation, for AdamW, Lion, Muon (``torch.optim.Muon``, alone and as the Muon half of
-``muon_with_adamw``) and SGD, with and without gradient accumulation.
+NumPy recomputation (tests/denominator_reference.py), for AdamW, Lion, Muon (``torch.optim.Muon``, alone and as the
+Muon half of ``muon_with_adamw``) and SGD, with and without gradient accumulation and the noise probe.
 
 The model's loss is ``(P * xi).sum() + (W * zeta).sum()``, so its gradients are draws the test makes (Gaussian
 with lognormal coordinate scales, and large spikes at chosen steps and coordinates that open denominator
 episodes). ``sample_size`` equals every tensor's size, so every coordinate is sampled once and the references need
 no sample index. A step pre-hook and post-hook record what the optimizer saw (``p.grad``, its state) and did (the
-parameters before and after); the references below follow the definitions of docs/metrics.md on those arrays,
-without calling heavytail.
+parameters before and after); the references follow the definitions of docs/metrics.md on those arrays, without
+calling heavytail. Each test also requires every figure to have been a nonzero number in some record (not only
+null or 0), and every key of these prefixes in the record to have been compared.
 
-Inventory of the keys these prefixes can emit (``<p>``: a parameter name), and the test that checks each against
-an independent recomputation:
+Inventory: the keys of the noise and denominator families (``<p>`` a parameter name; collected from docs/metrics.md,
+heavytail/families/ and the records of AdamW, Lion, Muon, Muon+AdamW and SGD runs with and without accumulation
+and the probe), and the tests that check each against an independent recomputation:
 
-=========================================================  ========================================================
-key                                                        checked by
-=========================================================  ========================================================
-noise/{hill_alpha,hill_alpha_se,tail_class,active_frac,     test_noise_records.py::test_temporal_noise_keys,
-kurtosis}/<p> (temporal)                                   ::test_microbatch_noise_keys, ::test_a_group_pools_...
-noise/microbatch_{hill_alpha,hill_alpha_se,tail_class,      test_noise_records.py::test_microbatch_noise_keys
-active_frac,kurtosis}/<p>
-noise/rank_{...}/<p> (DDP only)                            test_distributed.py::test_rank_noise_of_four_ranks_...
-probe/{hill_alpha,hill_alpha_se,tail_class,active_frac,     test_noise_records.py::test_probe_keys (every probe/ key;
-hill_alpha_2x,tail_class_2x,hill_alpha_coord,stable_alpha,  ``hill_alpha_gauss`` against an independent Gaussian
-kurtosis,moment_slope_p1,moment_intercept_p1,               simulation, rel 2%: it is a Monte Carlo figure)
-moment_slope_p1.5,moment_intercept_p1.5,resolved_frac,
-grad_norm,micro_batches,batch_size,hill_alpha_gauss}/<p>
-adam/ratio_max/<p>                                         here (intervals of 15 steps); test_monitor.py,
-                                                           test_first_hour.py (every=1); test_denominators.py
-                                                           (Adafactor)
-adam/ratio_p99/<p>                                         here
-adam/spike_frac/<p>                                        here (with spikes; test_monitor.py's run has none)
-adam/memory_events/<p>, adam/memory_event_r/<p>,            here (many events, overlapping windows);
-adam/memory_event_r_max/<p>, adam/memory_damping/<p>       test_denominators.py::test_memory_event_size_and_...
-adam/memory_steps/<p>, adam/event_update_ratio/<p>         here
-shadow<b>/ratio_max/<p>, shadow<b>/spike_frac/<p>          here (every optimizer; the default shadow999 and
-(every beta in shadow_betas)                               shadow95, and custom betas); test_denominators.py
-shadow<b>/memory_{events,steps,event_r,event_r_max,         here (first shadow only, as documented)
-damping}/<p>, shadow<b>/event_update_ratio/<p>
-update/rms_ratio/<p>                                       here (every optimizer); test_denominators.py (SGD: lr)
-lion/sign_flip_frac/<p>                                    here
-muon/sv_cond/<p>, muon/sv_max_median/<p>                   here
-=========================================================  ========================================================
+==========================================================  ====================================================
+key                                                         checked by
+==========================================================  ====================================================
+noise/{hill_alpha,hill_alpha_se,tail_class,active_frac,      test_noise_records.py::test_temporal_noise_keys (also
+kurtosis}/<p> (the temporal source)                         C and torch paths, the sparse verdict),
+                                                            ::test_microbatch_noise_keys, ::test_a_group_pools_*
+noise/microbatch_{hill_alpha,hill_alpha_se,tail_class,       test_noise_records.py::test_microbatch_noise_keys
+active_frac,kurtosis}/<p> (under gradient accumulation)
+noise/rank_{...}/<p> (DDP only)                             test_distributed.py::test_rank_noise_of_four_ranks_*
+probe/{hill_alpha,hill_alpha_se,tail_class,active_frac,      test_noise_records.py::test_probe_keys (it requires
+hill_alpha_2x,tail_class_2x,hill_alpha_coord,stable_alpha,   every probe/ key to be compared); hill_alpha_gauss
+kurtosis,moment_slope_p1,moment_intercept_p1,                is a Monte Carlo figure: against an independent
+moment_slope_p1.5,moment_intercept_p1.5,resolved_frac,       simulation, within 2%; test_probe.py: grad_norm's
+grad_norm,micro_batches,batch_size,hill_alpha_gauss}/<p>     per-mini-batch norms
+adam/{ratio_max,ratio_p99,spike_frac}/<p>                   here; on TinyNet's sampled coordinates:
+                                                            test_denominators.py (Muon+AdamW, Adafactor),
+                                                            test_monitor.py (AdamW state; sample budget),
+                                                            test_first_hour.py (the warm-up)
+adam/{memory_events,memory_steps,memory_event_r,             here (many events, overlapping episodes and
+memory_event_r_max,event_update_ratio,memory_damping}/<p>    windows); test_denominators.py (one event; TinyNet)
+shadow<b>/{ratio_max,spike_frac}/<p>, every b in             here (shadow999 and shadow95 by default, and other
+shadow_betas                                                betas), for every optimizer; test_denominators.py
+shadow<b>/{memory_events,memory_steps,memory_event_r,        here (the first shadow only, as documented);
+memory_event_r_max,event_update_ratio,memory_damping}/<p>    test_denominators.py
+update/rms_ratio/<p>                                        here, for every optimizer; test_denominators.py
+lion/sign_flip_frac/<p>                                     here; test_denominators.py (TinyNet)
+muon/{sv_cond,sv_max_median}/<p>                            here; test_denominators.py (TinyNet's fc1)
+==========================================================  ====================================================
 """
 
 from __future__ import annotations
