@@ -208,3 +208,10 @@ def test_default_shadow_and_adam_keys_against_numpy(tmp_path):
         assert numbers == {k for k in expected[-1] if not k.endswith("/memory_steps")}
         recorded = {k.rsplit("/", 1)[0] for k in metrics[-1] if k.endswith(f"/{name}")}
         assert {k for k in recorded if k.startswith(("adam/", "shadow", "update/"))} == set(expected[-1])
+
+
+def test_muon_spread_at_every_step_from_the_first(tmp_path):
+    """``every=1``: the first step's matrix is Muon's from buf_0 = 0 (torch.optim.Muon's start), not null."""
+    trace, metrics = _run(tmp_path, OPTIMIZERS["muon"][1], ("W",), steps=4, every=1)
+    expected = ref.muon_figures(trace, "W", ref.intervals(4, 1), momentum=0.95)
+    assert ref.check_records(metrics, expected, "W", rel=1e-4) == {"muon/sv_cond", "muon/sv_max_median"}
