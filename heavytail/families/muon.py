@@ -39,11 +39,12 @@ class Muon(Family):
             matrix = premomentum_matrix(layout.optimizer, layout.params[i], groups.get(id(layout.params[i])))
             if matrix is None:
                 continue
-            sv = torch.linalg.svdvals(matrix.detach().float())
-            top = sv[0]
-            # Numerically rank-deficient (numpy.linalg.matrix_rank's cut): sigma_min is rounding, the ratio inf.
+            sv = torch.linalg.svdvals(matrix.detach().float())  # descending
+            top, n = sv[0], sv.numel()
+            # The median of an even count is the mean of the two middle values (torch.median takes the lower one).
+            median = sv[(n - 1) // 2 : n // 2 + 1].mean()
+            # numpy.linalg.matrix_rank's cut: a sigma at or under it is rounding, not a direction, and the ratio inf.
             cut = top * max(matrix.shape) * torch.finfo(sv.dtype).eps
-            median = sv.median()
             out[i, 0] = torch.where(sv[-1] > cut, top / sv[-1], math.inf)
             out[i, 1] = torch.where(median > cut, top / median, math.inf)
         self.spread = out

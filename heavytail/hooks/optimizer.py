@@ -273,11 +273,12 @@ def premomentum_matrix(
     optimizer: torch.optim.Optimizer, p: torch.Tensor, group: Mapping[str, Any] | None
 ) -> torch.Tensor | None:
     """The matrix Muon is about to orthogonalise for ``p`` (in param group ``group``): buf_t = lerp(buf_{t-1},
-    g_t, 1 - mu), then the Nesterov form lerp(g_t, buf_t, mu) (``torch.optim.Muon``); ``None`` before the first
-    step or without grad."""
-    state = optimizer.state.get(p)
-    if not state or group is None or "momentum_buffer" not in state or p.grad is None:
+    g_t, 1 - mu), then the Nesterov form lerp(g_t, buf_t, mu) (``torch.optim.Muon``, whose first step starts from
+    buf_0 = 0); ``None`` without grad."""
+    if group is None or p.grad is None:
         return None
+    state = optimizer.state.get(p) or {}
     mu = float(group["momentum"])
-    buf = state["momentum_buffer"].lerp(p.grad, 1 - mu)
+    previous = state.get("momentum_buffer")
+    buf = (torch.zeros_like(p.grad) if previous is None else previous).lerp(p.grad, 1 - mu)
     return p.grad.lerp(buf, mu) if group.get("nesterov", True) else buf
