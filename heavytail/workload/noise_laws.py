@@ -189,20 +189,18 @@ def _run_ranks(law: str, scales: str, seed: int, *, dim: int, log_dir: str | Non
     a difference of independent draws of the law, which keeps its truth (light stays light, a power law keeps its
     alpha, a sparse law stays mostly zero).
     """
-    import socket
     import tempfile
 
     import torch.multiprocessing as mp
 
     from heavytail import MonitorConfig
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     steps = config.get("noise_window", MonitorConfig.noise_window) + 12
     with tempfile.TemporaryDirectory() as tmp:
         out = log_dir or tmp
-        mp.spawn(_rank_worker, args=(world, port, law, scales, seed, dim, steps, out, config), nprocs=world)
+        # A file rendezvous: no TCP port that another process on the machine could take in between.
+        store = f"file://{tmp}/rendezvous"
+        mp.spawn(_rank_worker, args=(world, store, law, scales, seed, dim, steps, out, config), nprocs=world)
         import json
         from pathlib import Path
 
@@ -211,18 +209,15 @@ def _run_ranks(law: str, scales: str, seed: int, *, dim: int, log_dir: str | Non
 
 
 def _rank_worker(
-    rank: int, world: int, port: int, law: str, scales: str, seed: int, dim: int, steps: int, out: str, config
+    rank: int, world: int, store: str, law: str, scales: str, seed: int, dim: int, steps: int, out: str, config
 ) -> None:
-    import os
-
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from heavytail import Monitor
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         spec = LAWS[law]
         scale = torch.tensor(coordinate_scales(scales, dim, np.random.default_rng(seed)), dtype=torch.float32)
