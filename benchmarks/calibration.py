@@ -1,6 +1,6 @@
 """Calibration of the noise-tail readings on noise of known law, through the public Monitor API.
 
-Each row is one (law, coordinate scales, source): the "model" is one vector P with loss (P * xi_t).sum(), so its
+Each row is one (law, coordinate scales, source; the rank source runs two processes under DDP on the CPU): the "model" is one vector P with loss (P * xi_t).sum(), so its
 gradient is the drawn noise xi_t, trained by SGD with lr = 0 (heavytail/workload/noise_laws.py). The reading is
 the median over seeds of the tensor's alpha (``noise/hill_alpha``, ``noise/microbatch_hill_alpha`` or
 ``probe/hill_alpha``), the verdict the one most seeds gave (``.../tail_class``). A row is calibrated when:
@@ -9,7 +9,7 @@ the median over seeds of the tensor's alpha (``noise/hill_alpha``, ``noise/micro
 - truth sparse: the verdict is sparse or light, and no seed reads an alpha under 2.5;
 - truth alpha: the verdict is power and the median alpha is within 15% of the truth.
 
-    PYTHONPATH=. python benchmarks/calibration.py [--seeds 5] [--sources temporal,microbatch,probe] [--noise-window 32]
+    PYTHONPATH=. python benchmarks/calibration.py [--seeds 5] [--sources temporal,microbatch,probe,rank] [--noise-window 32]
 
 The last line is ``calibrated=X/Y``.
 """
@@ -22,12 +22,12 @@ import statistics
 import time
 from collections import Counter
 
-from heavytail.workload.noise_laws import LAWS, SCALES, SOURCES, run_source
+from heavytail.workload.noise_laws import ALL_SOURCES, LAWS, SCALES, run_source
 
 VERDICTS = {0: "light", 1: "power", 2: "sparse"}
 TOLERANCE = 0.15
 SPARSE_FLOOR = 2.5
-PREFIX = {"temporal": "noise/", "microbatch": "noise/microbatch_", "probe": "probe/"}
+PREFIX = {"temporal": "noise/", "microbatch": "noise/microbatch_", "probe": "probe/", "rank": "noise/rank_"}
 
 
 def reading(metrics: dict, source: str, name: str = "P") -> tuple[float, str]:
@@ -60,7 +60,7 @@ def judge(law: str, alphas: list[float], verdicts: list[str]) -> tuple[float, st
 
 
 def calibrate(
-    laws=tuple(LAWS), scales=SCALES, sources=SOURCES, seeds: int = 5, print_rows: bool = True, **config
+    laws=tuple(LAWS), scales=SCALES, sources=ALL_SOURCES, seeds: int = 5, print_rows: bool = True, **config
 ) -> list[dict]:
     rows = []
     if print_rows:
@@ -86,7 +86,11 @@ def calibrate(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--sources", default=",".join(SOURCES))
+    parser.add_argument(
+        "--sources",
+        default=",".join(ALL_SOURCES),
+        help="rank runs two processes under DDP (gloo) per seed: the slowest source",
+    )
     parser.add_argument("--laws", default=",".join(LAWS))
     parser.add_argument("--scales", default=",".join(SCALES))
     parser.add_argument("--noise-window", type=int, default=None, help="MonitorConfig.noise_window (default: its own)")

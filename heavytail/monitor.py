@@ -25,7 +25,7 @@ from heavytail.families.loss import total_steps
 from heavytail.families.packer import pack
 from heavytail.families.step import step_view
 from heavytail.hooks.gradients import BackwardTap, LocalSampleTap
-from heavytail.hooks.optimizer import OptimizerTap, check_owns, denominators, param_kinds
+from heavytail.hooks.optimizer import OptimizerTap, ScalerTap, check_owns, denominators, param_kinds
 from heavytail.hooks.selection import select_parameters
 from heavytail.hooks.skip import NoSkip, SkipStep
 from heavytail.kernels import select
@@ -58,8 +58,9 @@ class Monitor:
     Steps are counted by the optimizer's step hooks. Between checkpoints every statistic is a tensor on the
     gradients' device, kept by the statistic families (``heavytail.families``); every ``every`` steps their
     figures are merged, copied to the host once and written as one record. Without an optimizer, call
-    :meth:`step` after each update. ``scaler``: the ``torch.amp.GradScaler`` in use, so norms measured before
-    ``unscale_`` are divided by the loss scale on the device.
+    :meth:`step` after each update. ``scaler``: the ``torch.amp.GradScaler`` in use, so norms and samples measured
+    before ``unscale_`` are divided by the loss scale on the device, and the backward passes of an iteration whose
+    step it skips are forgotten at its ``update()`` (not taken for micro-batches of the next step).
     """
 
     def __init__(
@@ -146,6 +147,8 @@ class Monitor:
             OptimizerTap(optimizer, guard(self._before_step), guard(self._after_step)) if optimizer else None
         )
         self._backward_tap = BackwardTap(params, guard(self._on_backward_end), guard(self._on_gradients_final))
+        # A GradScaler's skipped step is seen where its update() closes the iteration.
+        self._scaler_tap = ScalerTap(scaler, guard(self._after_scaler_update)) if hasattr(scaler, "update") else None
         rank_local = self.families["noise"].rank_local
         self._local_tap = (
             LocalSampleTap(params, layout.sample_index_dev, rank_local) if rank_local is not None else None
@@ -241,7 +244,7 @@ class Monitor:
             self._closed = True
             if self.dist.writer and self._failure is None:
                 runfiles.update_meta(self.log_dir, finished=time.time(), final_step=self.step_count)
-            for tap in (self._optimizer_tap, self._backward_tap, self._local_tap):
+            for tap in (self._optimizer_tap, self._backward_tap, self._local_tap, self._scaler_tap):
                 if tap is not None:
                     tap.remove()
             for backend in self._backends:
@@ -389,6 +392,15 @@ class Monitor:
         self.families["spikes"].read_flags(wait=False, before_step=self.step_count)
         if self.step_count % self.config.every == 0:
             self._checkpoint()
+
+    def _after_scaler_update(self) -> None:
+        """After ``GradScaler.update()``: backward passes since the last step mean the scaler skipped this
+        iteration's step. They are not micro-batches of the next step: every family forgets them."""
+        if self._closed or self._backwards == 0:
+            return
+        self._backwards = 0
+        for family in self._backward_families:
+            family.drop_step()
 
     def _step_view(self) -> StepView:
         """The fused gradient pass over every gradient (one read), and what every family agrees on."""

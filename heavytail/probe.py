@@ -7,8 +7,9 @@ the weights fixed, so its noise is the sampling noise of the stochastic gradient
 the monitor's fixed sample of coordinates per tensor (``sample_index``), so memory is ``M x L x S`` floats.
 
 Cost: ``M`` forward and backward passes over ``1/M`` of the held batch each, i.e. about one forward+backward of
-the whole held batch plus ``M`` times the per-call overhead; nothing else (no optimizer step, no extra copy of
-the gradients). Run it at checkpoints, not at every step (``MonitorConfig.probe_every``).
+the whole held batch plus ``M`` times the per-call overhead, and one running sum of the watched gradients while
+it runs (for the whole batch's gradient norm, the big batch of the gradient noise scale); no optimizer step. Run
+it at checkpoints, not at every step (``MonitorConfig.probe_every``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
+from heavytail.estimators import gns
 from heavytail.estimators.hill import hill
 from heavytail.estimators.kurtosis import kurtosis
 from heavytail.estimators.noise import centred, noise_tail
@@ -31,6 +33,7 @@ __all__ = [
     "head_rows",
     "moment_fit",
     "noise_probe",
+    "noise_scale",
     "noise_statistics",
     "split_batch",
 ]
@@ -73,8 +76,10 @@ class ProbeResult(NamedTuple):
     - ``resolved_frac`` ``(L,)``: the fraction of sampled coordinates whose mean gradient is resolved (more than
       ``RESOLVED_SE`` standard errors from zero); only those enter the fit.
 
-    And ``grad_norm`` ``(L, M)``: each mini-batch gradient's norm per tensor; ``micro_batches``: M;
-    ``batch_size``: the mean number of rows of the held batch per mini-batch (NaN when not known).
+    And ``grad_norm`` ``(L, M)``: each mini-batch gradient's norm per tensor; ``mean_grad_norm`` ``(L,)``: the
+    norm of the mean of the M mini-batch gradients (the whole held batch's gradient, over every entry, not only
+    the sampled coordinates), the big batch of the gradient noise scale (:func:`noise_scale`); ``micro_batches``:
+    M; ``batch_size``: the mean number of rows of the held batch per mini-batch (NaN when not known).
     """
 
     hill_alpha: torch.Tensor
@@ -97,6 +102,7 @@ class ProbeResult(NamedTuple):
     tail_class_2x: torch.Tensor
     hill_alpha_coord: torch.Tensor
     batch_size: float = math.nan
+    mean_grad_norm: torch.Tensor | None = None
 
     def packed(self) -> tuple[list[str], torch.Tensor]:
         """The per-tensor figures as ``(names, values (L, K))``, for one checkpoint copy.
@@ -192,6 +198,8 @@ def noise_probe(
 
     samples = torch.zeros(micro_batches, len(params), index.shape[1], device=device, dtype=torch.float64)
     norms = torch.zeros(micro_batches, len(params), device=device, dtype=torch.float64)
+    # The sum of the M mini-batch gradients, per watched tensor (float32 at least: half sums lose the noise).
+    totals = [torch.zeros(p.shape, device=p.device, dtype=_sum_dtype(p.dtype)) for p in params]
     try:
         for m, piece in enumerate(pieces):
             for p in everything:
@@ -208,6 +216,8 @@ def noise_probe(
                     taken = torch.stack([g.reshape(-1)[index[i]].to(torch.float64) for i, g in zip(present, dense)])
                     samples[m, rows] = taken
                     norms[m, rows] = torch.stack(torch._foreach_norm(dense)).to(torch.float64)
+                    for i, g in zip(present, dense):
+                        totals[i].add_(g)
     finally:
         for p, g in zip(everything, saved_grads):
             p.grad = g
@@ -220,11 +230,49 @@ def noise_probe(
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
     samples, norms = samples.transpose(0, 1), norms.T  # (L, M, S), (L, M)
+    mean_norm = (
+        torch.stack(torch._foreach_norm(totals)).to(torch.float64) / micro_batches
+        if totals
+        else torch.zeros(0, device=device, dtype=torch.float64)
+    )
     valid = None
     if groups is not None:
         samples, norms, valid = _pool_groups(samples, norms, groups)
+        mean_norm = torch.stack(
+            [mean_norm[list(g)].pow(2).sum().sqrt() if len(g) else mean_norm.new_zeros(()) for g in groups]
+        )
     stats = noise_statistics(samples, moments=moments, valid=valid, min_count=min_count)
-    return stats._replace(grad_norm=norms.contiguous(), batch_size=batch_rows(batch) / micro_batches)
+    return stats._replace(
+        grad_norm=norms.contiguous(), batch_size=batch_rows(batch) / micro_batches, mean_grad_norm=mean_norm
+    )
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def noise_scale(result: ProbeResult) -> gns.GnsResult:
+    """The gradient noise scale of the held batch (McCandlish et al. 2018), per row and for all rows together.
+
+    The probe's M mini-batch gradients are M small batches of b rows (``batch_size``; 1, i.e. B_simple in
+    mini-batches, when the row count is not known) and their mean is one big batch of B = M b: each mini-batch's
+    squared norm per row (``grad_norm``) and the mean's (``mean_grad_norm``) enter
+    :func:`heavytail.estimators.gns.update` as M steps of a running mean, so ``grad_sq`` and ``trace_sigma`` are
+    the unbiased two-batch estimates with the small batch's squared norm averaged over the M mini-batches, and the
+    robust counterpart's log ratio is averaged likewise. The weights are the same for every mini-batch: the
+    probe's figure is the noise scale at the checkpoint's weights, with no smoothing across checkpoints. A row with
+    no gradient on any mini-batch is NaN. Returns :class:`heavytail.estimators.gns.GnsResult` with ``L + 1`` rows,
+    the last the whole model (squared norms summed over rows).
+    """
+    if result.mean_grad_norm is None:
+        raise ValueError("noise_scale: the result has no mean_grad_norm (noise_probe fills it)")
+    small = result.grad_norm.to(torch.float64).pow(2)  # (L, M)
+    big = result.mean_grad_norm.to(torch.float64).pow(2)  # (L,)
+    b = result.batch_size if math.isfinite(result.batch_size) and result.batch_size > 0 else 1.0
+    state = gns.init(small.shape[0], small.device, torch.float64)
+    for m in range(small.shape[1]):
+        state = gns.update(state, small[:, m], big, b, b * small.shape[1], beta=1.0)
+    return gns.compute(state)
 
 
 def _pool_groups(

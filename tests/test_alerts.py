@@ -95,7 +95,7 @@ def test_loss_spike_fires_once_within_one_step_everywhere(tmp_path, caplog):
     }
     flight = json.loads((tmp_path / record["flight_record"]).read_text())
     assert 60 in flight["steps"] and flight["steps"][-1] <= 61 and flight["layers"] == mon.names
-    assert len(flight["series"]["grad/norm"]) == len(flight["steps"]) and flight["series"]["loss"][-1] > 0
+    assert len(flight["series"]["grad/norm"]) == len(flight["steps"]) == len(flight["series"]["loss"])
     # The flight record holds the loss the alert reports, at the alert's step.
     assert flight["series"]["loss"][flight["steps"].index(60)] == pytest.approx(record["value"], rel=1e-6)
     for alert in (record, grad_alerts[0]):

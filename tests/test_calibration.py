@@ -41,3 +41,12 @@ def test_judge_applies_the_documented_criteria():
     assert not calibration.judge("t(3)", [2.5, 2.5, 3.5], ["power"] * 3)[2]  # median 2.5: 17% off
     assert not calibration.judge("raretoken", [2.4, 9.0, 9.0], ["sparse"] * 3)[2]  # one seed under 2.5
     assert calibration.judge("raretoken", [float("nan")] * 3, ["sparse", "light", "sparse"])[2]
+
+
+@pytest.mark.parametrize("law, scales", [("gauss", "zipf"), ("t(3)", "lognormal")])
+def test_rank_source_reads_the_known_law(law, scales):
+    """The rank source (two processes under DDP, gloo): each rank's gradient minus the all-reduced mean is a
+    difference of independent draws of the law, which keeps its truth. One seed per case: two spawns each."""
+    readings = [calibration.reading(run_source(law, scales, "rank", seed), "rank") for seed in range(1)]
+    median, verdict, ok = calibration.judge(law, [a for a, _ in readings], [v for _, v in readings])
+    assert ok, (law, scales, median, verdict, readings)

@@ -8,6 +8,7 @@ import torch
 
 import heavytail as ht
 from heavytail.optim import Lion, muon_with_adamw
+from tests import denominator_reference as ref
 from tests.conftest import TinyNet, read_records, train
 
 
@@ -84,40 +85,69 @@ def test_adafactor_ratio_uses_the_factored_second_moment(tmp_path):
     assert got == pytest.approx(expected, rel=1e-5)
 
 
-def test_lion_reports_sign_flips_and_shadow_ratios(tmp_path):
-    _, _, records = _run(tmp_path, lambda m: Lion(m.parameters(), lr=1e-4), steps=12)  # past the shadow warm-up
-    m = records[-1]["metrics"]
-    assert 0.0 <= m["lion/sign_flip_frac/fc1.weight"] <= 1.0
-    assert "adam/ratio_max/fc1.weight" not in m
-    assert m["shadow999/ratio_max/fc2.weight"] > 0
-    assert m["update/rms_ratio/fc1.weight"] > 0
+def _run_traced(tmp_path, make_optimizer, steps, every, **kwargs):
+    """``_run`` with the optimizer's steps recorded (tests/denominator_reference.py): the trace, the sampled
+    coordinates per tensor, the records' metrics and the records' intervals."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = make_optimizer(model)
+    with ht.Monitor(model, opt, every=every, log_dir=tmp_path, **kwargs) as mon:
+        trace = ref.record_steps(model, opt)
+        train(model, opt, mon, steps=steps)
+        index = {name: mon._sample_index[i].numpy() for i, name in enumerate(mon.names)}
+    metrics = [r["metrics"] for r in read_records(tmp_path)]
+    return trace, index, metrics, ref.intervals(steps, every)
 
 
-def test_muon_with_adamw_reports_both_families(tmp_path):
+def _join(*parts: list[dict]) -> list[dict]:
+    return [{k: v for row in rows for k, v in row.items()} for rows in zip(*parts)]
+
+
+def test_lion_sign_flips_shadow_ratios_and_updates_against_numpy(tmp_path):
+    # 12 steps: the last interval (steps 10-12) is past the shadows' warm-up of 10 gradients.
+    trace, index, metrics, spans = _run_traced(tmp_path, lambda m: Lion(m.parameters(), lr=1e-4), steps=12, every=3)
+    sampled = trace.sampled(index)
+    for name in index:
+        expected = _join(
+            ref.lion_figures(sampled, name, spans, beta1=0.9),
+            ref.shadow_figures(sampled, name, spans, betas=(0.999, 0.95), warmup=10),
+            ref.update_figures(sampled, name, spans),
+        )
+        numbers = ref.check_records(metrics, expected, name)
+        assert {"lion/sign_flip_frac", "shadow999/ratio_max", "shadow95/ratio_max", "update/rms_ratio"} <= numbers
+    assert not any(k.startswith("adam/") for k in metrics[-1])  # Lion has no denominator: the shadows stand in
+
+
+def test_muon_with_adamw_reports_both_families_against_numpy(tmp_path):
     # 12 steps: the last interval (steps 10-12) is past the AdamW half's ratio warm-up of 10 gradients.
-    _, opt, records = _run(tmp_path, lambda m: muon_with_adamw(m, lr=0.02, adamw_lr=1e-3), steps=12)
-    m = records[-1]["metrics"]
-    assert m["muon/sv_cond/fc2.weight"] >= m["muon/sv_max_median/fc2.weight"] >= 1.0
+    make = lambda m: muon_with_adamw(m, lr=0.02, adamw_lr=1e-3)  # noqa: E731
+    trace, index, metrics, spans = _run_traced(tmp_path, make, steps=12, every=3)
+    m = metrics[-1]
     assert "muon/sv_cond/embed.weight" not in m  # the embedding is trained by AdamW
-    assert m["adam/ratio_max/embed.weight"] is not None  # the AdamW half has a real denominator
     assert m["adam/ratio_max/fc2.weight"] is None  # Muon has none: the shadow stands in
-    assert m["shadow999/ratio_max/fc2.weight"] > 0
+    # The AdamW half's real denominator (AdamW's default betas (0.9, 0.95) in muon_with_adamw).
+    adam = ref.adam_figures(trace, "embed.weight", spans, beta2=0.95, eps=1e-8, warmup=10, index=index["embed.weight"])
+    assert {"adam/ratio_max", "adam/ratio_p99"} <= ref.check_records(metrics, adam, "embed.weight")
+    # fc1's momentum has full rank from the first step on (fc2's gradient is rank one: its smaller singular values
+    # are float32 rounding, so only fc1's spread can be recomputed).
+    muon = ref.muon_figures(trace, "fc1.weight", spans, momentum=0.95)
+    assert ref.check_records(metrics, muon, "fc1.weight", rel=1e-3) == {"muon/sv_cond", "muon/sv_max_median"}
+    assert {"muon/sv_cond/fc2.weight", "muon/sv_max_median/fc2.weight"} <= set(m)
+    shadow = ref.shadow_figures(trace.sampled(index), "fc2.weight", spans, betas=(0.999, 0.95), warmup=10)
+    assert "shadow999/ratio_max" in ref.check_records(metrics, shadow, "fc2.weight")
 
 
 def test_denominator_memory_is_reported_for_adam(tmp_path):
     # A tiny threshold makes every sampled coordinate an event, so episodes open and close within the run.
-    _, _, records = _run(
-        tmp_path,
-        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.5)),
-        steps=30,
-        every=30,
-        spike_threshold=1.0,
+    make = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.5))  # noqa: E731
+    trace, index, metrics, spans = _run_traced(tmp_path, make, steps=30, every=30, spike_threshold=1.0)
+    name = "fc1.weight"
+    expected = _join(
+        ref.adam_figures(trace, name, spans, beta2=0.5, eps=1e-8, warmup=10, threshold=1.0, index=index[name]),
+        ref.shadow_figures(trace.sampled(index), name, spans, betas=(0.999, 0.95), warmup=10, threshold=1.0),
     )
-    m = records[-1]["metrics"]
-    assert m["adam/memory_events/fc1.weight"] > 0
-    assert m["adam/memory_steps/fc1.weight"] >= 1
-    assert m["adam/event_update_ratio/fc1.weight"] > 0
-    assert m["shadow999/memory_events/fc1.weight"] > 0
+    numbers = ref.check_records(metrics, expected, name)
+    assert {"adam/memory_events", "adam/memory_steps", "adam/event_update_ratio", "shadow999/memory_events"} <= numbers
 
 
 @pytest.mark.parametrize("kernel", ["auto", "torch"])  # the sample kernels, or the torch code

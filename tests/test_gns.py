@@ -13,7 +13,7 @@ import torch
 import heavytail
 from heavytail.config import MonitorConfig
 from heavytail.estimators import gns
-from tests.conftest import TinyNet, read_records, tiny_batch
+from tests.conftest import TinyNet, read_records, tiny_batch, train
 
 # ------------------------------------------------------------------ the estimator
 
@@ -370,3 +370,157 @@ def test_state_dict_carries_the_running_estimates(tmp_path):
     _accumulating_steps(model, opt, 3, 6, accumulate=2)
     assert resumed.families["gns"].state.count[-1].item() == 7.0  # 5 + the two steps after the first
     resumed.close()
+
+
+# ------------------------------------------------------------------ the probe's source
+
+
+def _probe_loss(model, batch):
+    idx, y = batch
+    return torch.nn.functional.mse_loss(model(idx), y)
+
+
+@pytest.mark.parametrize("group_by", [None, r"fc\d"])
+def test_probe_keys_equal_a_recomputation_from_the_mini_batch_gradients(tmp_path, group_by):
+    """Every ``gns/probe_*`` key against the two-batch formulas in float64 NumPy, from each mini-batch's gradient
+    recomputed by hand at the checkpoint's weights (one process, no accumulation: no streaming source)."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    config = MonitorConfig(log_dir=str(tmp_path), every=3, probe_every=1, group_by=group_by)
+    mon = heavytail.Monitor(model, opt, config=config)
+    held = tiny_batch(999, batch=24)
+    mon.set_probe(_probe_loss, held, batch_size=3)  # 8 mini-batches of 3 rows
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        idx, y = tiny_batch(step)
+        torch.nn.functional.mse_loss(model(idx), y).backward()
+        opt.step()
+    # The checkpoint (and its probe) ran in the third step's post-step hook: at these weights.
+    grads = []
+    for m in range(8):
+        probe_model = TinyNet()
+        probe_model.load_state_dict(model.state_dict())
+        _probe_loss(probe_model, (held[0][3 * m : 3 * m + 3], held[1][3 * m : 3 * m + 3])).backward()
+        grads.append({n: p.grad.double().numpy() for n, p in probe_model.named_parameters()})
+    mon.close()
+    metrics = read_records(tmp_path)[-1]["metrics"]
+    assert "gns/b_simple" not in metrics  # no streaming source
+    units = {n: [n] for n, _ in model.named_parameters()}
+    if group_by is not None:
+        units = {"embed.weight": ["embed.weight"], "fc1": ["fc1.weight", "fc1.bias"], "fc2": ["fc2.weight", "fc2.bias"]}
+        units |= {"head.weight": ["head.weight"], "head.bias": ["head.bias"]}
+    units[None] = [n for n, _ in model.named_parameters()]
+    b, B = 3.0, 24.0
+    for unit, members in units.items():
+        small = np.array([sum(float((g[n] ** 2).sum()) for n in members) for g in grads])
+        big = sum(float((np.mean([g[n] for g in grads], axis=0) ** 2).sum()) for n in members)
+        grad_sq = (B * big - b * small.mean()) / (B - b)
+        trace = (small.mean() - big) / (1 / b - 1 / B)
+        r = np.exp(np.mean(np.log(np.clip(small / big, (b / B) ** 2, (B / b) ** 2))))
+        # 0 where no noise is resolved, inf (null in JSON) where the |G|^2 estimate is not positive
+        b_simple = 0.0 if trace <= 0 else math.inf if grad_sq <= 0 else trace / grad_sq
+        robust = 0.0 if r <= 1 else math.inf if B - r * b <= 0 else b * B * (r - 1) / (B - r * b)
+        want = {"grad_sq": grad_sq, "trace_sigma": trace, "b_simple": b_simple, "b_robust": robust}
+        for key, value in want.items():
+            name = f"gns/probe_{key}" if unit is None else f"gns/probe_{key}/{unit}"
+            got = math.inf if metrics[name] is None else metrics[name]
+            assert got == pytest.approx(value, rel=1e-4), (name, got, value)
+    assert metrics["gns/probe_small_batch"] == b and metrics["gns/probe_big_batch"] == B
+
+
+def test_probe_b_simple_matches_the_analytic_noise_scale_of_a_linear_regression(tmp_path):
+    """The probe's B_simple of a held batch of 512 examples (64 mini-batches of 8), median over seven seeds,
+    within 10% of the analytic value (the linear regression of ``_regression_run``)."""
+    errors = []
+    d = 10
+    for seed in range(7):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(d, 1, bias=False)
+        w_star = torch.randn(d)
+        with torch.no_grad():
+            model.weight.copy_((w_star + torch.randn(d) / math.sqrt(d))[None])
+        delta = model.weight[0].detach().double() - w_star.double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        mon = heavytail.Monitor(model, opt, log_dir=tmp_path / str(seed), every=1, probe_every=1)
+        x = torch.randn(512, d)
+        y = x @ w_star + torch.randn(512)
+        mon.set_probe(lambda m, batch: 0.5 * ((m(batch[0])[:, 0] - batch[1]) ** 2).mean(), (x, y), batch_size=8)
+        opt.zero_grad()
+        model(x[:8]).sum().backward()
+        opt.step()
+        mon.close()
+        dd = float(delta @ delta)
+        metrics = read_records(tmp_path / str(seed))[-1]["metrics"]
+        errors.append(metrics["gns/probe_b_simple"] / ((d * (dd + 1) + dd) / dd) - 1)
+        assert metrics["gns/probe_big_batch"] == 512.0
+    assert np.median(np.abs(errors)) < 0.10, errors
+
+
+def test_report_and_summary_show_the_probe_noise_scale_of_a_run_without_a_streaming_source(tmp_path):
+    import heavytail.report.contents  # noqa: F401 (registers the sections)
+    from heavytail.report.html import render_report
+    from heavytail.report.rundir import load_run
+    from heavytail.report.summary import num, summary_text
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = heavytail.Monitor(model, opt, log_dir=tmp_path, every=4, probe_every=1)
+    idx, y = tiny_batch(999, batch=32)
+    mon.set_probe(_probe_loss, (idx, y + 10.0), batch_size=4)  # targets far off: a signal the noise leaves visible
+    train(model, opt, mon, 8)
+    mon.close()
+    last = read_records(tmp_path)[-1]["metrics"]
+    run = load_run(tmp_path)
+    page = render_report(run)
+    assert last["gns/probe_b_simple"] is not None and last["gns/probe_b_robust"] is not None
+    assert 'id="sec-noise-scale"' in page and "The probe's held batch" in page
+    assert "B_simple, held batch (probe)" in page and "robust, held batch (probe)" in page
+    assert 'id="sec-gns-heatmap"' not in page  # per-tensor streaming figures only
+    text = summary_text(run)
+    figures = [math.inf if last[k] is None else last[k] for k in ("gns/probe_b_simple", "gns/probe_b_robust")]
+    assert (
+        f"Gradient noise scale of the probe's held batch (last probing checkpoint, in rows): B_simple "
+        f"{num(figures[0])} (gns/probe_b_simple), robust {num(figures[1])} (gns/probe_b_robust); held batch 32 rows."
+    ) in text
+
+
+def _scaled_run(path, skip_at):
+    """TinyNet, two accumulated micro-batches per step under a CPU GradScaler; at iteration ``skip_at`` the
+    loss is made inf, so the scaler skips that step (no optimizer step: the monitor sees it at update())."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    config = MonitorConfig(log_dir=str(path), every=6, gns_beta=1.0, batch_size=8)
+    mon = heavytail.Monitor(model, opt, config=config, scaler=scaler)
+    batch = 0
+    for iteration in range(7 if skip_at is not None else 6):
+        for _ in range(2):
+            idx, y = tiny_batch(batch, batch=8)
+            batch += iteration != skip_at  # the skipped iteration's batches are trained on next
+            loss = torch.nn.functional.mse_loss(model(idx), y) / 2
+            if iteration == skip_at:
+                loss = loss * math.inf
+            scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    mon.close()
+    return read_records(path)[-1]["metrics"]
+
+
+def test_a_step_the_grad_scaler_skips_is_not_counted_as_micro_batches_of_the_next(tmp_path):
+    """Without the skip's iteration, the same six steps (the scale halves at the skip; the squared norms are
+    unscaled): every gns/ and micro-batch noise figure as if the skipped iteration had not happened."""
+    skipped = _scaled_run(tmp_path / "skipped", skip_at=3)
+    clean = _scaled_run(tmp_path / "clean", skip_at=None)
+    assert skipped["gns/micro_batches"] == 2.0
+    keys = [k for k in clean if k.startswith(("gns/", "noise/microbatch_"))]
+    assert any(k.startswith("noise/microbatch_") for k in keys) and "gns/b_simple" in keys
+    for key in keys:
+        if clean[key] is None:
+            assert skipped[key] is None, key
+        else:
+            assert skipped[key] == pytest.approx(clean[key], rel=1e-5, abs=1e-12), key

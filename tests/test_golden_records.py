@@ -115,7 +115,10 @@ def _close(a, b, path: str) -> None:
             # float32 sums depend on the thread count and the CPU's vector width (AVX2 or AVX-512): measured up
             # to 1.3e-4 apart between two CPUs, on the tail indices of light-tailed layers (alpha 10-50, where
             # 1/alpha is a small difference of logs). A refactor's slip moves figures far more.
-            assert a == pytest.approx(b, rel=1e-3, abs=1e-9), f"{path}: {a!r} != {b!r}"
+            # Muon's spreads divide by a small singular value of a float32 SVD, whose error is about eps x sigma_max:
+            # relative eps x the spread itself (up to 0.8% at the 6.6e4 where the rank cut makes them null).
+            rel = 1e-2 if "/muon/sv_" in path else 1e-3
+            assert a == pytest.approx(b, rel=rel, abs=1e-9), f"{path}: {a!r} != {b!r}"
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
 

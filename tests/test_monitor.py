@@ -14,6 +14,7 @@ from torch import nn
 import heavytail as ht
 from heavytail.estimators import hill
 from heavytail.estimators.kurtosis import gaussian_kurtosis_quantile
+from tests import denominator_reference
 from tests.conftest import TinyNet, read_records, tiny_batch, train
 
 
@@ -161,12 +162,14 @@ def test_frozen_and_unused_parameters_are_handled(tmp_path):
     extra = nn.Linear(3, 3)
     model.unused = extra  # never called in forward: its gradient stays None
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(float(model.fc1.weight.grad.double().square().sum())))
     with ht.Monitor(model, opt, every=2, log_dir=tmp_path) as mon:
         train(model, opt, mon, steps=4)
     m = read_records(tmp_path)[-1]["metrics"]
     assert "grad/norm/fc2.bias" not in m  # frozen: not watched
     assert m["grad/norm/unused.weight"] is None  # no gradient: NaN, never a crash
-    assert m["grad/norm/fc1.weight"] > 0
+    assert m["grad/norm/fc1.weight"] == pytest.approx(math.sqrt(sum(seen[2:]) / 2), rel=1e-9)  # steps 3-4, as ever
 
 
 def test_close_is_idempotent_and_removes_every_hook(tmp_path, tiny_model):
@@ -202,6 +205,7 @@ def test_sample_budget_shares_the_coordinates_out_over_many_tensors(tmp_path):
     model = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(40)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with ht.Monitor(model, opt, every=2, log_dir=tmp_path, sample_size=32, sample_budget=600, ratio_warmup=0) as mon:
+        trace = denominator_reference.record_steps(model, opt)
         assert mon.sample_size == 15
         assert tuple(mon._sample_index.shape) == (40, 15)
         for _ in range(4):
@@ -213,9 +217,18 @@ def test_sample_budget_shares_the_coordinates_out_over_many_tensors(tmp_path):
         assert all(len(set(row.tolist())) == 15 for row in mon._sample_index)
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["sample_size"] == 15 and meta["config"]["sample_budget"] == 600
-    record = read_records(tmp_path)[-1]
-    assert math.isfinite(record["metrics"]["shadow999/ratio_max/0.weight"])
-    assert math.isfinite(record["metrics"]["adam/ratio_p99/0.weight"])
+    # The sample figures read those 15 coordinates: recomputed from the gradients and AdamW's state there.
+    index = {"0.weight": mon._sample_index[0].numpy()}
+    metrics = [r["metrics"] for r in read_records(tmp_path)]
+    spans = denominator_reference.intervals(4, 2)
+    sampled = denominator_reference.shadow_figures(
+        trace.sampled(index), "0.weight", spans, betas=(0.999, 0.95), warmup=0
+    )
+    adam = denominator_reference.adam_figures(
+        trace, "0.weight", spans, beta2=0.999, eps=1e-8, warmup=0, index=index["0.weight"]
+    )
+    numbers = denominator_reference.check_records(metrics, [{**a, **b} for a, b in zip(sampled, adam)], "0.weight")
+    assert {"shadow999/ratio_max", "adam/ratio_p99"} <= numbers
 
 
 @pytest.mark.parametrize(
@@ -345,6 +358,8 @@ def test_a_failing_fused_pass_falls_back_to_torch(tmp_path):
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(float(model.fc1.weight.grad.double().square().sum())))
     with ht.Monitor(model, opt, every=2, log_dir=tmp_path, kernel="torch") as mon:
 
         def broken(*args, **kwargs):
@@ -354,7 +369,9 @@ def test_a_failing_fused_pass_falls_back_to_torch(tmp_path):
         with pytest.warns(RuntimeWarning, match="using the torch pass"):
             train(model, opt, mon, steps=2)
         assert mon._kernels.gradient_pass is None
-    assert read_records(tmp_path)[0]["metrics"]["grad/norm/fc1.weight"] > 0
+    # The torch pass measured both steps: the RMS over them of the gradient's norm.
+    norm = read_records(tmp_path)[0]["metrics"]["grad/norm/fc1.weight"]
+    assert norm == pytest.approx(math.sqrt(sum(seen) / 2), rel=1e-9)
 
 
 @pytest.mark.parametrize(

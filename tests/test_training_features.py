@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import scipy.stats
 import torch
 from torch import nn
 
@@ -66,11 +67,24 @@ def test_bf16_autocast(tmp_path):
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    seen, losses = [], []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(model.fc1.weight.grad.detach().clone()))
     with ht.Monitor(model, opt, every=4, log_dir=tmp_path) as mon:
+        observe = mon.observe_loss
+
+        def observe_and_keep(loss):
+            losses.append(float(loss))
+            observe(loss)
+
+        mon.observe_loss = observe_and_keep
         _loop(model, opt, mon, steps=4, autocast=torch.bfloat16)
     m = read_records(tmp_path)[-1]["metrics"]
-    assert math.isfinite(m["grad/norm/fc1.weight"]) and math.isfinite(m["loss"])
-    assert m["grad/kurtosis/fc1.weight"] is not None
+    # Under bf16 autocast the parameters and their gradients stay float32: the figures are those gradients'.
+    assert all(g.dtype == torch.float32 for g in seen)
+    pooled = torch.cat([g.double().reshape(-1) for g in seen]).numpy()
+    assert m["grad/norm/fc1.weight"] == pytest.approx(math.sqrt(float((pooled**2).sum()) / 4), rel=1e-9)
+    assert m["grad/kurtosis/fc1.weight"] == pytest.approx(float(scipy.stats.kurtosis(pooled)), rel=1e-6)
+    assert m["loss"] == pytest.approx(sum(losses) / 4, rel=1e-6)
 
 
 def test_clipping_reports_the_preclip_norm(tmp_path):

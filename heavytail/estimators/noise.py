@@ -36,6 +36,11 @@ LIGHT_DEDH_ALPHA = 6.0
 """A tail is ``light`` when Hill reads alpha above ``LIGHT_HILL_ALPHA`` and the moment estimator (Dekkers,
 Einmahl & de Haan 1989) at Hill's k reads alpha above ``LIGHT_DEDH_ALPHA`` (xi below 1/6, xi <= 0 included)."""
 
+ROUNDING_ALPHA = 1e6
+"""Hill's 1/alpha is a mean of log ratios of the top draws: under 1/ROUNDING_ALPHA it is float32 rounding between
+tied draws (a tensor whose coordinates all carry one scalar noise, as a bias feeding a one-output head does),
+not a tail. Such a reading is inf: light, the same on every machine."""
+
 ATOM_TOLERANCE = 1e-4
 """A draw is the atom at zero when ``|g| <= ATOM_TOLERANCE * max |g|`` over its coordinate's window: far above
 the float32 error of the temporal source's reconstruction (:func:`temporal_draws`), far below a continuous law's
@@ -224,6 +229,8 @@ def noise_tail(
         num_layers, -1
     )
     alpha, se, dedh, count = pooled_tail(z)
+    tied = alpha > ROUNDING_ALPHA
+    alpha, se = torch.where(tied, math.inf, alpha), torch.where(tied, math.inf, se)
     kurt = coordinate_kurtosis(dev, valid)
     computed = n_valid >= min_count
     has_alpha = computed & (count >= min_count)

@@ -160,6 +160,10 @@ class Family:
     def on_gradients_final(self, view: BackwardView) -> None:
         pass
 
+    def drop_step(self) -> None:
+        """The backward passes since the last step ended in no update (a ``GradScaler`` skipped the step on
+        inf/NaN gradients): forget what ``on_backward`` kept of them."""
+
     def update(self, view: StepView) -> None:
         pass
 
@@ -204,6 +208,19 @@ class Family:
             self.state = self.state._replace(**loaded)
         else:
             self.state.update(loaded)
+
+
+def unscaled(layout: Layout, values: torch.Tensor) -> torch.Tensor:
+    """``values`` read from gradients before the GradScaler unscaled them, divided by its scale on the device.
+
+    Backward hooks (and DDP's local gradients) see the scaled gradients; the optimizer step sees them unscaled.
+    Samples kept from the former next to the latter, or across steps whose scale changed (the scaler halves it at
+    every skipped step and doubles it every ``growth_interval`` steps), must be unscaled first. The scale is
+    never read on the host."""
+    scaler = layout.scaler
+    if scaler is not None and getattr(scaler, "_scale", None) is not None and scaler.is_enabled():
+        return values / scaler._scale.to(values.dtype)
+    return values
 
 
 def unscaled_squared_norms(layout: Layout, tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -69,6 +69,9 @@ class Gns(Family):
         first[to_device(view.rows, self.layout.device, torch.int64)] = squares
         self._first = first
 
+    def drop_step(self) -> None:
+        self._passes, self._first = 0, None
+
     def update(self, view: StepView) -> None:
         passes, first = self._passes, self._first
         self._passes, self._first = 0, None

@@ -13,7 +13,10 @@ from heavytail.hooks.optimizer import premomentum_matrix
 class Muon(Family):
     """Per 2-D tensor Muon updates, at the step before each checkpoint: ``muon/sv_cond`` (sigma_max / sigma_min)
     and ``muon/sv_max_median`` (sigma_max / median sigma) of the matrix it is about to orthogonalise, i.e. how
-    unequal the directions Muon will equalise are. One SVD per matrix per checkpoint; not under sharding."""
+    unequal the directions Muon will equalise are; each is inf (null in JSON) where its sigma (the smallest, or
+    the median) is at or under sigma_max x max(m, n) x float32 eps (numpy.linalg.matrix_rank's cut): rounding,
+    not a direction, as in a gradient of fewer examples than the matrix's smaller side. One SVD per matrix per
+    checkpoint; not under sharding."""
 
     name = "muon"
 
@@ -36,10 +39,14 @@ class Muon(Family):
             matrix = premomentum_matrix(layout.optimizer, layout.params[i], groups.get(id(layout.params[i])))
             if matrix is None:
                 continue
-            sv = torch.linalg.svdvals(matrix.detach().float())
-            top = sv[0]
-            out[i, 0] = top / sv[-1]
-            out[i, 1] = top / sv.median()
+            sv = torch.linalg.svdvals(matrix.detach().float())  # descending
+            top, n = sv[0], sv.numel()
+            # The median of an even count is the mean of the two middle values (torch.median takes the lower one).
+            median = sv[(n - 1) // 2 : n // 2 + 1].mean()
+            # numpy.linalg.matrix_rank's cut: a sigma at or under it is rounding, not a direction, and the ratio inf.
+            cut = top * max(matrix.shape) * torch.finfo(sv.dtype).eps
+            out[i, 0] = torch.where(sv[-1] > cut, top / sv[-1], math.inf)
+            out[i, 1] = torch.where(median > cut, top / median, math.inf)
         self.spread = out
 
     def readout(self, step: int) -> dict[str, Slot]:

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 
 from heavytail.estimators import noise
-from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView
+from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView, unscaled
 from heavytail.hooks.optimizer import gather_samples
 
 SOURCES = ("temporal", "microbatch", "rank")
@@ -98,9 +98,13 @@ class Noise(Family):
             self.layout.dtype,
             fill=0.0,
         )
+        samples = unscaled(self.layout, samples)  # the loss scale may change between steps
         previous = self._micro_prev if self._micro_prev is not None else torch.zeros_like(samples)
         self._micro.append(samples - previous)
         self._micro_prev = samples
+
+    def drop_step(self) -> None:
+        self._micro, self._micro_prev = [], None
 
     def advance_temporal(self, g: torch.Tensor, valid: torch.Tensor) -> None:
         """The torch reference of the temporal source (the sample kernels run it with the other sample families)."""
@@ -123,8 +127,9 @@ class Noise(Family):
             centre = micro.quantile(0.5, dim=0)
             for sample in micro[:1] if len(micro) == 2 else micro:
                 self.push("microbatch", sample - centre, valid, sample)
-        if self.rank_local is not None:
-            self.push("rank", self.rank_local - g, valid, self.rank_local)
+        if self.rank_local is not None:  # sampled before the all-reduce: still scaled, unlike g
+            local = unscaled(self.layout, self.rank_local)
+            self.push("rank", local - g, valid, local)
         self._micro, self._micro_prev = [], None
 
     def readout(self, step: int) -> dict[str, Slot]:

@@ -10,7 +10,11 @@ import torch
 from torch import nn
 
 from heavytail.families.base import Family, HostViews, Record, Slot
-from heavytail.probe import batch_rows, head_rows, noise_probe, split_batch
+from heavytail.probe import batch_rows, head_rows, noise_probe, noise_scale, split_batch
+
+GNS_FIELDS = {"b_simple": "b_simple", "b_robust": "robust", "trace_sigma": "trace_sigma", "grad_sq": "grad_sq"}
+"""The probe's noise-scale keys (``gns/probe_<key>``) and the :class:`heavytail.estimators.gns.GnsResult` field of
+each: the streaming ``gns/`` family's figures, from the held batch at the checkpoint."""
 
 DEFAULT_MICRO_BATCHES = 32
 """Mini-batches per probe when neither ``micro_batches`` nor ``batch_size`` is given: 32 draws per coordinate, with
@@ -19,7 +23,9 @@ the default 256 coordinates enough for the tail verdict (Gaussian noise reads li
 
 class Probe(Family):
     """Per unit, at every ``MonitorConfig.probe_every``-th checkpoint once :meth:`heavytail.Monitor.set_probe`
-    gave it a batch: ``probe/<figure>/<name>`` (see :func:`heavytail.probe.noise_probe` and docs/probe.md). Its
+    gave it a batch: ``probe/<figure>/<name>`` (see :func:`heavytail.probe.noise_probe` and docs/probe.md), and
+    the held batch's gradient noise scale, ``gns/probe_<figure>[/<name>]`` with ``gns/probe_small_batch`` and
+    ``gns/probe_big_batch`` (:func:`heavytail.probe.noise_scale`; docs/metrics.md). Its
     backward passes are not the run's: the monitor ignores them while ``probing`` is set. Not run under
     torch.distributed (each rank would probe its own copy); a warning says so once."""
 
@@ -97,14 +103,25 @@ class Probe(Family):
         finally:
             self.probing = False
         self.figures, values = result.packed()
-        return {"figures": Slot(values, "none")}
+        scale = noise_scale(result)
+        columns = [getattr(scale, field) for field in GNS_FIELDS.values()]
+        columns += [scale.small_batch, scale.big_batch]
+        return {"figures": Slot(values, "none"), "gns": Slot(torch.stack(columns, dim=1), "none")}
 
     def metrics(self, views: HostViews, record: Record) -> dict[str, float]:
         if not views.has(self.name, "figures"):
             return {}
         values = views.get(self.name, "figures").reshape(len(self.layout.units), len(self.figures))
-        return {
+        out = {
             f"probe/{figure}/{name}": float(values[i, j])
             for i, name in enumerate(self.layout.units)
             for j, figure in enumerate(self.figures)
         }
+        # The gradient noise scale of the held batch: gns/probe_<figure>[/<name>], the last row the whole model.
+        scale = views.get(self.name, "gns").reshape(len(self.layout.units) + 1, len(GNS_FIELDS) + 2)
+        for j, key in enumerate(GNS_FIELDS):
+            for name, value in zip([*self.layout.units, None], scale[:, j].tolist()):
+                out[f"gns/probe_{key}" if name is None else f"gns/probe_{key}/{name}"] = value
+        out["gns/probe_small_batch"] = float(scale[-1, -2])
+        out["gns/probe_big_batch"] = float(scale[-1, -1])
+        return out

@@ -69,6 +69,34 @@ class OptimizerTap:
         self._handles = []
 
 
+class ScalerTap:
+    """Calls ``after()`` after every ``scaler.update()`` of a ``torch.amp.GradScaler``.
+
+    A GradScaler that finds inf or NaN gradients skips ``optimizer.step()``: the step hooks never fire, and the
+    backward passes of that iteration would count as micro-batches of the next step. ``update()`` closes every
+    iteration, stepped or skipped, so the monitor learns there that an iteration ended without a step. The tap
+    shadows the instance's ``update`` with a wrapper (the class is not touched); ``remove()`` takes it off if it is
+    still the one installed.
+    """
+
+    def __init__(self, scaler: Any, after: Callable[[], None]) -> None:
+        self._scaler = scaler
+        original = scaler.update
+
+        def update(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            after()
+            return result
+
+        self._wrapper = update
+        scaler.update = update
+
+    def remove(self) -> None:
+        if self._scaler is not None and self._scaler.__dict__.get("update") is self._wrapper:
+            del self._scaler.update
+        self._scaler = None
+
+
 def check_owns(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], names: Sequence[str]) -> None:
     """Raise ``ValueError`` when a watched parameter is not in any of ``optimizer``'s param groups."""
     owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -245,11 +273,12 @@ def premomentum_matrix(
     optimizer: torch.optim.Optimizer, p: torch.Tensor, group: Mapping[str, Any] | None
 ) -> torch.Tensor | None:
     """The matrix Muon is about to orthogonalise for ``p`` (in param group ``group``): buf_t = lerp(buf_{t-1},
-    g_t, 1 - mu), then the Nesterov form lerp(g_t, buf_t, mu) (``torch.optim.Muon``); ``None`` before the first
-    step or without grad."""
-    state = optimizer.state.get(p)
-    if not state or group is None or "momentum_buffer" not in state or p.grad is None:
+    g_t, 1 - mu), then the Nesterov form lerp(g_t, buf_t, mu) (``torch.optim.Muon``, whose first step starts from
+    buf_0 = 0); ``None`` without grad."""
+    if group is None or p.grad is None:
         return None
+    state = optimizer.state.get(p) or {}
     mu = float(group["momentum"])
-    buf = state["momentum_buffer"].lerp(p.grad, 1 - mu)
+    previous = state.get("momentum_buffer")
+    buf = (torch.zeros_like(p.grad) if previous is None else previous).lerp(p.grad, 1 - mu)
     return p.grad.lerp(buf, mu) if group.get("nesterov", True) else buf

@@ -124,18 +124,33 @@ def ratio_text(s: RunSummary) -> str | None:
 
 def noise_scale_text(run: Run) -> str | None:
     """The whole model's gradient noise scale at the last checkpoint that has one (``gns/``), or None."""
-    _, batch = run.series("gns/big_batch")
-    recorded = np.flatnonzero(np.isfinite(batch))
-    if not len(recorded):
+
+    def last(keys: tuple[str, ...], anchor: str) -> list[float] | None:
+        # The last record with a noise scale; a null figure there is an infinite one (noise dominates even B).
+        recorded = np.flatnonzero(np.isfinite(run.series(anchor)[1]))
+        if not len(recorded):
+            return None
+        values = [float(run.series(k)[1][recorded[-1]]) for k in keys]
+        return [math.inf if math.isnan(v) else v for v in values]
+
+    streaming = last(("gns/b_simple", "gns/b_robust", "gns/big_batch"), "gns/big_batch")
+    probe = last(("gns/probe_b_simple", "gns/probe_b_robust", "gns/probe_big_batch"), "gns/probe_big_batch")
+    if streaming is not None:
+        unit = "examples" if (run.meta.get("config") or {}).get("batch_size") else "micro-batches"
+        b_simple, robust, batch = streaming
+        text = (
+            f"Gradient noise scale (last checkpoint, in {unit}): B_simple {num(b_simple)} (gns/b_simple), robust "
+            f"{num(robust)} (gns/b_robust); training batch {num(batch)}."
+        )
+    elif probe is not None:  # no streaming source (one process, no accumulation): the probe's held batch
+        b_simple, robust, batch = probe
+        text = (
+            f"Gradient noise scale of the probe's held batch (last probing checkpoint, in rows): B_simple "
+            f"{num(b_simple)} (gns/probe_b_simple), robust {num(robust)} (gns/probe_b_robust); held batch "
+            f"{num(batch)} rows."
+        )
+    else:
         return None
-    # The last record with a noise scale; a null figure there is an infinite one (noise dominates even B).
-    b_simple, robust = (float(run.series(k)[1][recorded[-1]]) for k in ("gns/b_simple", "gns/b_robust"))
-    b_simple, robust = (math.inf if math.isnan(v) else v for v in (b_simple, robust))
-    unit = "examples" if (run.meta.get("config") or {}).get("batch_size") else "micro-batches"
-    text = (
-        f"Gradient noise scale (last checkpoint, in {unit}): B_simple {num(b_simple)} (gns/b_simple), robust "
-        f"{num(robust)} (gns/b_robust); training batch {num(run.final('gns/big_batch'))}."
-    )
     if run.final("gns/variance_flag") == 1.0:
         text += " A noise tail index under 2 makes B_simple meaningless here: read the robust figure."
     return text

@@ -19,7 +19,10 @@ import torch
 from torch import nn
 
 SOURCES = ("temporal", "microbatch", "probe")
-"""The noise sources a single process can calibrate (the rank source needs torch.distributed)."""
+"""The noise sources a single process can calibrate."""
+
+ALL_SOURCES = (*SOURCES, "rank")
+"""With the rank source: two processes on the CPU (torch.distributed, gloo), each drawing its own noise."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ def run_source(
 
     from heavytail import Monitor, MonitorConfig
 
+    if source == "rank":
+        return _run_ranks(law, scales, seed, dim=dim, log_dir=log_dir, **config)
     rng = np.random.default_rng(seed)
     spec = LAWS[law]
     scale = torch.tensor(coordinate_scales(scales, dim, rng), dtype=torch.float32)
@@ -174,3 +179,59 @@ def run_source(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
     return collect.records[-1]
+
+
+def _run_ranks(law: str, scales: str, seed: int, *, dim: int, log_dir: str | None, world: int = 2, **config: Any):
+    """The rank source: ``world`` processes under DDP (gloo), each drawing its own i.i.d. noise with the same
+    coordinate scales, ``noise_window + 12`` steps of one draw each; rank 0's last record.
+
+    Rank r's deviation is its own gradient minus the all-reduced mean, ``(xi_r - mean of the others) (W - 1) / W``:
+    a difference of independent draws of the law, which keeps its truth (light stays light, a power law keeps its
+    alpha, a sparse law stays mostly zero).
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from heavytail import MonitorConfig
+
+    steps = config.get("noise_window", MonitorConfig.noise_window) + 12
+    with tempfile.TemporaryDirectory() as tmp:
+        out = log_dir or tmp
+        # A file rendezvous: no TCP port that another process on the machine could take in between.
+        store = f"file://{tmp}/rendezvous"
+        mp.spawn(_rank_worker, args=(world, store, law, scales, seed, dim, steps, out, config), nprocs=world)
+        import json
+        from pathlib import Path
+
+        lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["metrics"]
+
+
+def _rank_worker(
+    rank: int, world: int, store: str, law: str, scales: str, seed: int, dim: int, steps: int, out: str, config
+) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from heavytail import Monitor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
+    try:
+        spec = LAWS[law]
+        scale = torch.tensor(coordinate_scales(scales, dim, np.random.default_rng(seed)), dtype=torch.float32)
+        rng = np.random.default_rng([seed, rank])  # the same scales on every rank, its own draws
+        torch.manual_seed(seed)
+        model = DistributedDataParallel(NoiseModel(dim))
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        cfg = dict(every=steps, log_dir=out, overwrite=True, probe_every=0, seed=seed)
+        cfg.update(config)
+        with Monitor(model, opt, **cfg):
+            for _ in range(steps):
+                xi = torch.tensor(spec.draw(rng, (dim,)), dtype=torch.float32) * scale
+                model(xi).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    finally:
+        dist.destroy_process_group()
