@@ -80,9 +80,10 @@ NOISE_SOURCE_SPECS: tuple[HeatmapSpec, ...] = (
         "sec-noise-probe",
         "Noise tail index α, probe",
         "The noise probe (<code>probe/hill_alpha</code>): many mini-batch gradients of one held-out batch at a "
-        "checkpoint, weights fixed, noise = a mini-batch gradient minus their mean (Simsekli et al. 2019). Hill "
-        "with a threshold per coordinate over its mini-batches; with few mini-batches a Gaussian noise reads "
-        "about 4 (<code>probe/hill_alpha_gauss</code>), not infinity. Same colours as above.",
+        "checkpoint, weights fixed, noise = a mini-batch gradient minus their mean (Simsekli et al. 2019). Each "
+        "coordinate's draws are standardised by their own robust scale, then pooled and read by Hill, as the "
+        "streaming sources are (the verdict, light or power, is <code>probe/tail_class</code>). The per-coordinate Hill "
+        "is <code>probe/hill_alpha_coord</code>. Same colours as above.",
         "noise tail index α",
         "min",
     ),
