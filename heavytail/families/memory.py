@@ -53,20 +53,25 @@ class Memory(Family):
         episode just stored (the pre-event v_hat): r = |g| / (sqrt(level) + 1e-8), the shadow's own formula.
         """
         events = (view.extra.get("events_adam"), view.extra.get("events_shadow"))
-        for row, mask in enumerate(events):
-            if mask is None:
-                continue
-            if row == ADAM:
-                r = view.result.ratio_samples
-            else:
-                g = torch.nan_to_num(view.grad_samples, nan=0.0).abs()
-                r = g / (self.state.shadow.level.to(g.dtype).sqrt() + 1e-8)
-            # r is finite at every event (a finite ratio over the cut); elsewhere it may be NaN: zero it first.
-            sizes = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0).to(self.state.event_r.dtype) * mask.to(
-                self.state.event_r.dtype
-            )
-            self.state.event_r[row, :, 0] += sizes.sum(dim=1)
-            torch.maximum(self.state.event_r[row, :, 1], sizes.amax(dim=1), out=self.state.event_r[row, :, 1])
+        rows = [row for row, mask in enumerate(events) if mask is not None]
+        if not rows:
+            return
+        ratios = []
+        if events[ADAM] is not None:
+            ratios.append(view.result.ratio_samples)
+        if events[SHADOW] is not None:
+            # NaN where a tensor had no gradient: zeroed below with the other non-events
+            g = view.grad_samples.abs()
+            ratios.append(g / (self.state.shadow.level.to(g.dtype).sqrt() + 1e-8))
+        # Both denominators in one set of operations (this runs at every step). r is finite at every event (a
+        # finite ratio over the cut); elsewhere it may be NaN: zero it first.
+        r = ratios[0][None] if len(ratios) == 1 else torch.stack(ratios)
+        mask = events[rows[0]][None] if len(rows) == 1 else torch.stack([events[ADAM], events[SHADOW]])
+        dtype = self.state.event_r.dtype
+        sizes = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0).to(dtype) * mask.to(dtype)
+        event_r = self.state.event_r if len(rows) == 2 else self.state.event_r[rows[0]][None]
+        event_r[..., 0] += sizes.sum(dim=2)
+        torch.maximum(event_r[..., 1], sizes.amax(dim=2), out=event_r[..., 1])
 
     def advance(self, row: int, ratio: torch.Tensor, v_hat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The torch reference: advance one denominator's episodes; returns this step's event mask ``(L, S)``."""
