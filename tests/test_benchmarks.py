@@ -235,3 +235,12 @@ def test_fault_forensics_prints_every_fault():
     # NaN written into a layer's gradient is reported at its own step, on that layer.
     assert re.search(r"^nan_layer +\+1 nonfinite_grad, blocks\.0\.mlp\.fc\.weight", proc.stdout, re.M)
     assert re.fullmatch(r"faults_where_a_layer_alert_came_before_the_loss=\d/5", last_line(proc))
+
+
+def test_profile_families_prints_every_family_and_the_final_line():
+    proc = run(
+        "profile_families.py", "--model", "smoke", "--steps", "4", "--every", "2", "--warmup", "1", "--threads", "1"
+    )
+    for line in ("moments", "memory", "spike detect", "alert rules", "step view", "packer", "hooks"):
+        assert re.search(rf"^{line}\s+{NUMBER}", proc.stdout, re.M), proc.stdout
+    assert re.fullmatch(rf"profile( \w+={NUMBER})+", last_line(proc)), last_line(proc)

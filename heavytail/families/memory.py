@@ -39,6 +39,7 @@ class Memory(Family):
 
     def init(self) -> MemoryFamilyState:
         L, S, dev = self.layout.num_layers, self.layout.sample_size, self.layout.device
+        self._sizes = torch.zeros(2, L, S, device=dev, dtype=self.layout.dtype)  # update's work buffer
         return MemoryFamilyState(
             memory.init(L, S, dev, torch.float32),
             memory.init(L, S, dev, torch.float32),
@@ -53,20 +54,26 @@ class Memory(Family):
         episode just stored (the pre-event v_hat): r = |g| / (sqrt(level) + 1e-8), the shadow's own formula.
         """
         events = (view.extra.get("events_adam"), view.extra.get("events_shadow"))
-        for row, mask in enumerate(events):
-            if mask is None:
-                continue
-            if row == ADAM:
-                r = view.result.ratio_samples
-            else:
-                g = torch.nan_to_num(view.grad_samples, nan=0.0).abs()
-                r = g / (self.state.shadow.level.to(g.dtype).sqrt() + 1e-8)
-            # r is finite at every event (a finite ratio over the cut); elsewhere it may be NaN: zero it first.
-            sizes = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0).to(self.state.event_r.dtype) * mask.to(
-                self.state.event_r.dtype
-            )
-            self.state.event_r[row, :, 0] += sizes.sum(dim=1)
-            torch.maximum(self.state.event_r[row, :, 1], sizes.amax(dim=1), out=self.state.event_r[row, :, 1])
+        rows = [row for row, mask in enumerate(events) if mask is not None]
+        if not rows:
+            return
+        # Both denominators' sizes in one preallocated (2, L, S) buffer, written in place: this runs at every step,
+        # and the temporaries of the out-of-place form (conversions, a stacked copy) cost more than the arithmetic.
+        sizes = self._sizes
+        if events[ADAM] is not None:
+            sizes[ADAM].copy_(view.result.ratio_samples)
+        if events[SHADOW] is not None:
+            r = sizes[SHADOW]
+            r.copy_(self.state.shadow.level).sqrt_().add_(1e-8)
+            torch.div(view.grad_samples.abs(), r, out=r)  # NaN where a tensor had no gradient: zeroed below
+        # r is finite at every event (a finite ratio over the cut); elsewhere it may be NaN: zero it first.
+        torch.nan_to_num(sizes, nan=0.0, posinf=0.0, neginf=0.0, out=sizes)
+        for row in rows:
+            sizes[row].mul_(events[row])
+        used = sizes if len(rows) == 2 else sizes[rows[0]][None]
+        event_r = self.state.event_r if len(rows) == 2 else self.state.event_r[rows[0]][None]
+        event_r[..., 0] += used.sum(dim=2)
+        torch.maximum(event_r[..., 1], used.amax(dim=2), out=event_r[..., 1])
 
     def advance(self, row: int, ratio: torch.Tensor, v_hat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The torch reference: advance one denominator's episodes; returns this step's event mask ``(L, S)``."""

@@ -15,6 +15,7 @@ from heavytail.families.base import Family, HostViews, Record, Slot, StepView
 SUMS = ("count", "s1", "s2", "s3", "s4", "nonfinite", "entries")
 MAXES = ("absmax", "steps", "bad_steps")
 SUM_COLUMN = {name: i for i, name in enumerate(SUMS)}
+assert SUMS[: S4 + 1] == ("count", "s1", "s2", "s3", "s4") and (COUNT, S1, S2, S3) == (0, 1, 2, 3)
 MAX_COLUMN = {name: i for i, name in enumerate(MAXES)}
 
 
@@ -42,20 +43,10 @@ class Moments(Family):
     def update(self, view: StepView) -> None:
         stats, clean, valid = view.stats, view.clean, view.valid
         s = self.state
-        s.sums.add_(
-            torch.stack(
-                [
-                    clean[:, COUNT],
-                    clean[:, S1],
-                    clean[:, S2],
-                    clean[:, S3],
-                    clean[:, S4],
-                    stats[:, NONFINITE],
-                    view.entries,
-                ],
-                dim=1,
-            )
-        )
+        # The pass's count and power sums are adjacent columns, like the state's: one add for the five.
+        s.sums[:, : S4 + 1] += clean[:, COUNT : S4 + 1]
+        s.sums[:, SUM_COLUMN["nonfinite"]] += stats[:, NONFINITE]
+        s.sums[:, SUM_COLUMN["entries"]] += view.entries
         s.maxes[:, MAX_COLUMN["absmax"]] = torch.maximum(s.maxes[:, MAX_COLUMN["absmax"]], clean[:, ABSMAX])
         s.maxes[:, MAX_COLUMN["steps"]] += valid.to(stats.dtype)
         s.maxes[:, MAX_COLUMN["bad_steps"]] += ((view.entries > 0) & ~valid).to(stats.dtype)

@@ -227,9 +227,26 @@ def denominators(
         step_vec = to_device(torch.stack([s.reshape(()) for s in steps]), device, torch.float64)
     else:  # capturable/fused optimizers keep them on the device
         step_vec = torch.stack([s.to(device, torch.float64, non_blocking=True).reshape(()) for s in steps])
-    beta2 = to_device(beta2s, device, torch.float64)
+    beta2 = _constant(beta2s, device)
     bias_correction = 1.0 - beta2**step_vec
-    return Denominators(vs, bias_correction, to_device(epss, device, torch.float64), step_vec)
+    return Denominators(vs, bias_correction, _constant(epss, device), step_vec)
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+_MAX_CONSTANTS = 16
+
+
+def _constant(values: list[float], device: torch.device) -> torch.Tensor:
+    """``values`` as a float64 tensor on ``device``, built once per distinct list: the per-tensor beta2 and eps
+    change only when a user edits a param group, and building them from Python lists at every step costs more
+    than the rest of this read. Read-only: every consumer derives new tensors from them."""
+    key = (device, tuple(values))
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        if len(_CONSTANTS) >= _MAX_CONSTANTS:
+            _CONSTANTS.pop(next(iter(_CONSTANTS)))
+        tensor = _CONSTANTS[key] = to_device(values, device, torch.float64)
+    return tensor
 
 
 SMALL_TENSOR = 1 << 14
