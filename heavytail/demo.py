@@ -468,9 +468,12 @@ def summary_text(
     if trained:
         took += f", {threads} thread{'s' if threads != 1 else ''})" if threads else ")"
     probe_off = trained is not None and not trained.probe and not run.layers("probe/hill_alpha")
+    title = f"{steps} steps of {what} with {meta.get('optimizer', '?')}{took}."
+    if trained is not None and trained.val_loss is not None:
+        title += f"\nValidation loss (all the held-out text, final weights): {trained.val_loss:.3f}."
     return run_summary_text(
         run,
-        title=f"{steps} steps of {what} with {meta.get('optimizer', '?')}{took}.",
+        title=title,
         status=False,  # printed right after the run closed
         notes=["Noise probe: off (--no-probe)."] if probe_off else (),
         report=report,

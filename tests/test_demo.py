@@ -54,6 +54,10 @@ def test_demo_writes_run_directory_report_and_summary(tmp_path: Path, small_text
     assert "grad/hill_alpha/head.weight" in records[-1]["metrics"]
     text = result.summary
     assert "6 steps of GPT" in text and "AdamW" in text
+    # the validation loss (tests/test_compare.py checks its value) is the summary's second line
+    assert text.splitlines()[1] == (
+        f"Validation loss (all the held-out text, final weights): {result.trained.val_loss:.3f}."
+    )
     assert "Heaviest-tailed layers" in text and "Alerts:" in text
     assert f"Report:        {out / 'report.html'}" in text
     assert "6/6" in bar.getvalue()  # the progress bar reached the end
