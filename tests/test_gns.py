@@ -179,6 +179,17 @@ def test_track_gns_false_leaves_the_family_out(tmp_path):
 # ------------------------------------------------------------------ known truths
 
 
+def _regression_model(seed, d):
+    """The regression's model at w = w* + N(0, I / d), its w*, delta = w - w* (float64) and an SGD at lr = 0."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(d, 1, bias=False)
+    w_star = torch.randn(d)
+    with torch.no_grad():
+        model.weight.copy_((w_star + torch.randn(d) / math.sqrt(d))[None])
+    delta = model.weight[0].detach().double() - w_star.double()
+    return model, w_star, delta, torch.optim.SGD(model.parameters(), lr=0.0)
+
+
 def _regression_run(path, seed, steps, per_pass, accumulate, d=10, noise=1.0, divide=True, **config):
     """Linear regression y = x . w* + eps, x ~ N(0, I_d), at a fixed w (lr = 0) with delta = w - w*.
 
@@ -186,13 +197,7 @@ def _regression_run(path, seed, steps, per_pass, accumulate, d=10, noise=1.0, di
     Sigma = (|delta|^2 + noise^2) I + delta delta^T (Gaussian x: E[x x^T A x x^T] = tr(A) I + 2A for symmetric A),
     so B_simple = tr(Sigma) / |G|^2 = (d (|delta|^2 + noise^2) + |delta|^2) / |delta|^2 examples.
     """
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(d, 1, bias=False)
-    w_star = torch.randn(d)
-    with torch.no_grad():
-        model.weight.copy_((w_star + torch.randn(d) / math.sqrt(d))[None])
-    delta = model.weight[0].detach().double() - w_star.double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    model, w_star, delta, opt = _regression_model(seed, d)
     mon = heavytail.Monitor(model, opt, config=MonitorConfig(log_dir=str(path), every=steps, **config))
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -435,13 +440,7 @@ def test_probe_b_simple_matches_the_analytic_noise_scale_of_a_linear_regression(
     errors = []
     d = 10
     for seed in range(7):
-        torch.manual_seed(seed)
-        model = torch.nn.Linear(d, 1, bias=False)
-        w_star = torch.randn(d)
-        with torch.no_grad():
-            model.weight.copy_((w_star + torch.randn(d) / math.sqrt(d))[None])
-        delta = model.weight[0].detach().double() - w_star.double()
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        model, w_star, delta, opt = _regression_model(seed, d)
         mon = heavytail.Monitor(model, opt, log_dir=tmp_path / str(seed), every=1, probe_every=1)
         x = torch.randn(512, d)
         y = x @ w_star + torch.randn(512)
