@@ -9,7 +9,8 @@ the median over seeds of the tensor's alpha (``noise/hill_alpha``, ``noise/micro
 - truth sparse: the verdict is sparse or light, and no seed reads an alpha under 2.5;
 - truth alpha: the verdict is power and the median alpha is within 15% of the truth.
 
-    PYTHONPATH=. python benchmarks/calibration.py [--seeds 5] [--sources temporal,microbatch,probe,rank] [--noise-window 32]
+    PYTHONPATH=. python benchmarks/calibration.py [--seeds 5] [--sources temporal,microbatch,probe] [--noise-window 32]
+    PYTHONPATH=. python benchmarks/calibration.py --sources rank --seeds 3
 
 The last line is ``calibrated=X/Y``.
 """
@@ -22,7 +23,7 @@ import statistics
 import time
 from collections import Counter
 
-from heavytail.workload.noise_laws import ALL_SOURCES, LAWS, SCALES, run_source
+from heavytail.workload.noise_laws import LAWS, SCALES, SOURCES, run_source
 
 VERDICTS = {0: "light", 1: "power", 2: "sparse"}
 TOLERANCE = 0.15
@@ -60,7 +61,7 @@ def judge(law: str, alphas: list[float], verdicts: list[str]) -> tuple[float, st
 
 
 def calibrate(
-    laws=tuple(LAWS), scales=SCALES, sources=ALL_SOURCES, seeds: int = 5, print_rows: bool = True, **config
+    laws=tuple(LAWS), scales=SCALES, sources=SOURCES, seeds: int = 5, print_rows: bool = True, **config
 ) -> list[dict]:
     rows = []
     if print_rows:
@@ -88,8 +89,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument(
         "--sources",
-        default=",".join(ALL_SOURCES),
-        help="rank runs two processes under DDP (gloo) per seed: the slowest source",
+        default=",".join(SOURCES),
+        help="comma-separated, from temporal, microbatch, probe (the default: one process each) and rank (two "
+        "processes under DDP, gloo, per seed: the slowest, so not in the default)",
     )
     parser.add_argument("--laws", default=",".join(LAWS))
     parser.add_argument("--scales", default=",".join(SCALES))

@@ -19,10 +19,8 @@ import torch
 from torch import nn
 
 SOURCES = ("temporal", "microbatch", "probe")
-"""The noise sources a single process can calibrate."""
-
-ALL_SOURCES = (*SOURCES, "rank")
-"""With the rank source: two processes on the CPU (torch.distributed, gloo), each drawing its own noise."""
+"""The noise sources a single process can calibrate; ``run_source(..., "rank")`` runs the rank source too, in two
+processes on the CPU (torch.distributed, gloo), each drawing its own noise."""
 
 
 @dataclass(frozen=True)
