@@ -21,6 +21,7 @@ calls inside them. Checkpoint work is amortised over ``--every`` steps. A breakd
 figure against the goal (``overhead.py`` is that):
 
     python benchmarks/profile_families.py --threads 1                # 200 steps, every=100
+    python benchmarks/profile_families.py --threads 1 --accumulate 2 # the gns and micro-batch noise sources on
 """
 
 from __future__ import annotations
@@ -82,9 +83,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches a step (1 to 8)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.every < 1 or args.warmup < 0 or args.steps % args.every:
         parser.error("--steps must be a positive multiple of --every, --warmup non-negative")
+    if not 1 <= args.accumulate <= 8:
+        parser.error("--accumulate must be 1 to 8 (the CPU batch has 8 sequences)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -112,12 +116,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 for hook in FAMILY_HOOKS:
                     setattr(family, hook, prof.wrap(family_name, getattr(family, hook)))
             for i in range(args.warmup):
-                train_step(wl, model, opt, batches[i % len(batches)], on_loss=mon.observe_loss)
+                train_step(wl, model, opt, batches[i % len(batches)], on_loss=mon.observe_loss, accumulate=args.accumulate)
             prof.clear()
             mon.hook_seconds = 0.0
             cpu0 = time.process_time()
             for i in range(args.warmup, args.warmup + args.steps):
-                train_step(wl, model, opt, batches[i % len(batches)], on_loss=mon.observe_loss)
+                train_step(wl, model, opt, batches[i % len(batches)], on_loss=mon.observe_loss, accumulate=args.accumulate)
             step_ms = (time.process_time() - cpu0) / args.steps * 1e3
             hooks_ms = mon.hook_seconds / args.steps * 1e3
         finally:
@@ -140,7 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ]
     print(
         f"model {args.model} on the CPU, {torch.get_num_threads()} torch threads; {args.steps} steps, "
-        f"every={args.every}; the monitored step {step_ms:.1f} ms of CPU"
+        f"every={args.every}"
+        + (f", {args.accumulate} micro-batches a step" if args.accumulate > 1 else "")
+        + f"; the monitored step {step_ms:.1f} ms of CPU"
     )
     print(f"{'part':<14} {'CPU ms/step':>12} {'% of hooks':>11}")
     for line in order:

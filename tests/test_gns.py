@@ -60,6 +60,27 @@ def test_invalid_rows_keep_their_state_and_stay_out_of_the_whole_model_row():
     assert state.trace_sigma[1].item() == pytest.approx(one.trace_sigma[0].item())
 
 
+@pytest.mark.parametrize("beta", [0.99, 0.5, 1.0, 0.0])
+@pytest.mark.parametrize("steps", [1, 5, 32])
+def test_update_many_equals_one_update_per_step(beta, steps):
+    """The family folds its buffered steps in at once: the same EMAs as one ``update`` a step, with steps left
+    out (invalid, NaN, inf, no gradient at all) and a state that has already taken a step."""
+    gen = torch.Generator().manual_seed(steps)
+    L = 7
+    start = gns.update(gns.init(L), 3 * torch.rand(L, generator=gen), torch.rand(L, generator=gen), 1, 4, beta=beta)
+    small = 3 * torch.rand(steps, L, dtype=torch.float64, generator=gen)
+    big = torch.rand(steps, L, dtype=torch.float64, generator=gen)
+    small[0, 2], big[-1, 3] = math.nan, math.inf
+    small[:, 5] = big[:, 5] = 0.0
+    valid = torch.rand(steps, L, generator=gen) > 0.2
+    one_by_one = start
+    for t in range(steps):
+        one_by_one = gns.update(one_by_one, small[t], big[t], 1, 4, valid[t], beta)
+    at_once = gns.update_many(start, small, big, 1, 4, valid, beta)
+    for name, want, got in zip(gns.GnsState._fields, one_by_one, at_once):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0, msg=name)
+
+
 def test_variance_flag_reads_the_noise_tail_index():
     flag = gns.variance_flag(torch.tensor([1.5, 3.0, math.inf, math.nan], dtype=torch.float64))
     assert flag[:3].tolist() == [1.0, 0.0, 0.0] and math.isnan(flag[3].item()) and flag[4].item() == 1.0
@@ -136,6 +157,37 @@ def test_every_key_equals_a_recomputation_from_the_first_micro_batch_and_the_pre
         1.0,
     )
     assert "gns" in mon.state_dict()["families"]
+
+
+def test_the_buffered_steps_fold_in_as_an_ema_across_the_fold_and_a_change_of_accumulation(tmp_path):
+    """40 steps: the family folds every 32 steps and at the checkpoint; the EMA (beta = 0.9) over the 39 steps
+    it sees equals the recursion by hand. Then a step of 3 micro-batches after steps of 2 folds the buffer first
+    (one B per fold): the record's B is the last step's."""
+    beta = 0.9
+    _, records, seen = _train_by_hand(tmp_path / "a", 40, 2, every=40, gns_beta=beta, batch_size=8)
+    b, B = 8, 16
+    ema = {"g": 0.0, "t": 0.0}
+    names = [n for n, _ in TinyNet().named_parameters()]
+    for n, (first, final) in enumerate(seen[1:], start=1):
+        s = sum(float((first[k] * 2).pow(2).sum()) for k in names)
+        S = sum(float(final[k].pow(2).sum()) for k in names)
+        w = max(1 - beta, 1 / n)
+        ema["g"] += w * ((B * S - b * s) / (B - b) - ema["g"])
+        ema["t"] += w * ((s - S) / (1 / b - 1 / B) - ema["t"])
+    last = records[-1]["metrics"]
+    assert last["gns/grad_sq"] == pytest.approx(ema["g"], rel=1e-6)
+    assert last["gns/trace_sigma"] == pytest.approx(ema["t"], rel=1e-6)
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    mon = heavytail.Monitor(model, opt, config=MonitorConfig(log_dir=str(tmp_path / "b"), every=100, gns_beta=1.0))
+    _accumulating_steps(model, opt, 4, 0, accumulate=2)
+    _accumulating_steps(model, opt, 1, 4, accumulate=3)
+    state = mon.families["gns"].state_tensors()
+    assert state["count"][-1].item() == 4.0  # 3 steps of 2 (the first is not seen), 1 of 3
+    assert (state["small_batch"][-1].item(), state["big_batch"][-1].item()) == (1.0, 3.0)
+    mon.close()
 
 
 def test_the_loss_scaling_moves_the_squared_norms_and_leaves_the_noise_scale(tmp_path):
@@ -373,7 +425,8 @@ def test_state_dict_carries_the_running_estimates(tmp_path):
     for key, value in saved.items():
         torch.testing.assert_close(resumed.families["gns"].state_tensors()[key], value, rtol=0, atol=0)
     _accumulating_steps(model, opt, 3, 6, accumulate=2)
-    assert resumed.families["gns"].state.count[-1].item() == 7.0  # 5 + the two steps after the first
+    # state_tensors folds the buffered steps in (the family folds every 32 steps and at checkpoints)
+    assert resumed.families["gns"].state_tensors()["count"][-1].item() == 7.0  # 5 + the two after the first
     resumed.close()
 
 

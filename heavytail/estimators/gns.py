@@ -37,6 +37,7 @@ __all__ = [
     "MERGE",
     "init",
     "update",
+    "update_many",
     "compute",
     "merge",
     "variance_flag",
@@ -174,6 +175,69 @@ def update(
         grad_sq=state.grad_sq + weight * (grad_sq - state.grad_sq),
         trace_sigma=state.trace_sigma + weight * (trace - state.trace_sigma),
         log_ratio=state.log_ratio + weight * (log_ratio - state.log_ratio),
+    )
+
+
+def update_many(
+    state: GnsState,
+    small_sq: torch.Tensor,
+    big_sq: torch.Tensor,
+    b: float,
+    B: float,
+    valid: torch.Tensor | None = None,
+    beta: float = 0.99,
+) -> GnsState:
+    """``update`` for T steps at once: ``small_sq``, ``big_sq`` (and ``valid``) ``(T, L)``, one row a step, all
+    with the same b and B. The same EMAs as T calls of ``update`` (to rounding), in about 50 ops on ``(T, L + 1)``
+    instead of 40 a step, so a caller can keep a step's two squared norms and fold them in every few steps.
+
+    The recursion m_t = m_{t-1} + w_t (x_t - m_{t-1}) unrolls to m_T = P_1 m_0 + sum_t w_t x_t P_{t+1}, with
+    P_t = prod_{j >= t} (1 - w_j): a reversed cumulative product. Every factor lies in [0, 1] and a row's first
+    step has w = 1, so the products only shrink towards 0 and nothing is divided."""
+    b, B = float(b), float(B)
+    if not (0 < b < B and math.isfinite(B)):
+        raise ValueError(f"gns.update_many needs 0 < b < B, got b={b!r}, B={B!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"gns.update_many needs 0 <= beta <= 1, got {beta!r}")
+    dt = state.grad_sq.dtype
+    T = small_sq.shape[0]
+    if T == 0:
+        return state
+    s = small_sq.detach().reshape(T, -1).to(dt)
+    S = big_sq.detach().reshape(T, -1).to(dt)
+    ok = torch.isfinite(s) & torch.isfinite(S) & (s >= 0) & (S >= 0)
+    if valid is not None:
+        ok = ok & valid.reshape(T, -1).to(device=ok.device, dtype=torch.bool)
+    okf = ok.to(dt)
+    s = torch.where(ok, s, 0.0)
+    S = torch.where(ok, S, 0.0)
+    s = torch.cat([s, s.sum(dim=1, keepdim=True)], dim=1)
+    S = torch.cat([S, S.sum(dim=1, keepdim=True)], dim=1)
+    whole = okf.amax(dim=1, keepdim=True) if okf.shape[1] else okf.new_zeros(T, 1)
+    okf = torch.cat([okf, whole], dim=1) * ((s + S) > 0).to(dt)
+
+    k = B / b
+    grad_sq = (B * S - b * s) / (B - b)
+    trace = (s - S) / (1.0 / b - 1.0 / B)
+    log_ratio = torch.log(torch.nan_to_num(s / S, nan=1.0).clamp(1.0 / (k * k), k * k))
+
+    count = state.count + okf.cumsum(dim=0)
+    weight = okf * torch.clamp(1.0 / count.clamp_min(1.0), min=1.0 - beta)
+    kept = (1.0 - weight).flip(0).cumprod(dim=0).flip(0)  # P_t: what survives of step t - 1's EMA
+    later = torch.cat([kept[1:], torch.ones_like(kept[:1])])  # P_{t + 1}: what survives of step t's input
+    contribution = weight * later
+
+    def ema(previous: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return kept[0] * previous + (contribution * inputs).sum(dim=0)
+
+    took = okf.amax(dim=0)
+    return GnsState(
+        count=count[-1],
+        small_batch=torch.lerp(state.small_batch, torch.full_like(took, b), took),
+        big_batch=torch.lerp(state.big_batch, torch.full_like(took, B), took),
+        grad_sq=ema(state.grad_sq, grad_sq),
+        trace_sigma=ema(state.trace_sigma, trace),
+        log_ratio=ema(state.log_ratio, log_ratio),
     )
 
 

@@ -46,12 +46,22 @@ class Gns(Family):
     def wanted(cls, layout) -> bool:
         return bool(layout.config.track_gns) and not layout.dist.sharded
 
+    FOLD_STEPS = 32
+    """Steps whose squared norms wait in a buffer before one ``estimators.gns.update_many`` folds them into the
+    EMAs (and at every checkpoint and ``state_dict``): a step then costs five copies instead of some 60 small ops."""
+
     def __init__(self, layout) -> None:
         super().__init__(layout)
         # Under DDP every backward pass's local gradient is a small batch, accumulation or not.
         self.every_backward = layout.dist.active
         self._passes = 0  # backward passes seen since the last step (a host count)
-        self._first: torch.Tensor | None = None  # (L,) the step's first pass's squared norms, NaN where none
+        self._first = False  # whether this step's first pass is in the buffer's next row
+        L, dev, dt = layout.num_layers, layout.device, layout.dtype
+        # Per buffered step: the first pass's squared norms (NaN where none), the step's own, preclip's (NaN where
+        # it has none), and the step's valid mask; the host keeps each row's passes and the rows' common B.
+        self._buffer = torch.full((self.FOLD_STEPS, 4, L), math.nan, device=dev, dtype=dt)
+        self._rows: list[int] = []  # passes of each buffered step
+        self._all_rows = list(range(L))
         unit_index = layout.unit_index() if layout.grouped else np.arange(layout.num_layers)
         self._unit_index = to_device(unit_index.tolist(), layout.device, torch.int64)
 
@@ -63,47 +73,78 @@ class Gns(Family):
         self._passes += 1
         if self._passes > 1:
             return
-        tensors = [view.grads[i] for i in view.rows]
-        squares = unscaled_squared_norms(self.layout, tensors)
-        first = torch.full((self.layout.num_layers,), math.nan, device=self.layout.device, dtype=self.layout.dtype)
-        first[to_device(view.rows, self.layout.device, torch.int64)] = squares
-        self._first = first
+        squares = unscaled_squared_norms(self.layout, [view.grads[i] for i in view.rows])
+        row = self._buffer[len(self._rows), 0]
+        if view.rows == self._all_rows:
+            row.copy_(squares)
+        else:
+            row.fill_(math.nan)
+            row[to_device(view.rows, self.layout.device, torch.int64)] = squares
+        self._first = True
 
     def drop_step(self) -> None:
-        self._passes, self._first = 0, None
+        self._passes, self._first = 0, False
 
     def update(self, view: StepView) -> None:
         passes, first = self._passes, self._first
-        self._passes, self._first = 0, None
-        world = self.layout.dist.world
-        big_batch = passes * world
-        if first is None or big_batch < 2:
+        self._passes, self._first = 0, False
+        if not first or passes * self.layout.dist.world < 2:
             return
+        if self._rows and self._rows[0] != passes:  # the EMAs' fold takes one B at a time
+            self._fold()
+        row = self._buffer[len(self._rows)]
+        row[1].copy_(view.stats[:, S2])
         # The big batch before clipping: what preclip measured this step, else the step's own gradient.
         big = view.extra.get("preclip_sq")
-        stats_sq = view.stats[:, S2].to(first.dtype)
-        big = stats_sq if big is None else torch.where(torch.isnan(big), stats_sq, big.to(first.dtype))
+        if big is None:
+            row[2].fill_(math.nan)
+        else:
+            row[2].copy_(big)
+        row[3].copy_(view.valid)
+        self._rows.append(passes)
+        if len(self._rows) == self.FOLD_STEPS:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Fold the buffered steps into the EMAs (``estimators.gns.update_many``)."""
+        if not self._rows:
+            return
+        passes = self._rows[0]
+        rows = self._buffer[: len(self._rows)]
+        self._rows = []
+        first, stats_sq, big, valid = rows.unbind(dim=1)
+        big = torch.where(torch.isnan(big), stats_sq, big)
         small = first * float(passes * passes)
-        valid = view.valid & torch.isfinite(small) & torch.isfinite(big)
-        small_u, big_u, valid_u = self._by_unit(small, big, valid)
+        valid = (valid > 0) & torch.isfinite(small) & torch.isfinite(big)
+        small, big, valid = self._by_unit(small, big, valid)
         per_pass = float(self.config.batch_size or 1)
-        self.state = gns.update(
-            self.state, small_u, big_u, per_pass, per_pass * big_batch, valid_u, beta=self.config.gns_beta
+        big_batch = passes * self.layout.dist.world
+        self.state = gns.update_many(
+            self.state, small, big, per_pass, per_pass * big_batch, valid, beta=self.config.gns_beta
         )
 
     def _by_unit(self, small: torch.Tensor, big: torch.Tensor, valid: torch.Tensor):
-        """Per-tensor squared norms summed into output units (a unit counts when all its tensors do)."""
+        """``(T, L)`` per-tensor squared norms summed into ``(T, U)`` output units (a unit counts when all its
+        tensors do)."""
         if not self.layout.grouped:
             return small, big, valid
-        U = len(self.layout.units)
-        zero = small.new_zeros(U)
-        small_u = zero.index_add(0, self._unit_index, torch.where(valid, small, 0.0))
-        big_u = zero.index_add(0, self._unit_index, torch.where(valid, big, 0.0))
-        missing = zero.index_add(0, self._unit_index, (~valid).to(small.dtype))
+        zero = small.new_zeros(small.shape[0], len(self.layout.units))
+        small_u = zero.index_add(1, self._unit_index, torch.where(valid, small, 0.0))
+        big_u = zero.index_add(1, self._unit_index, torch.where(valid, big, 0.0))
+        missing = zero.index_add(1, self._unit_index, (~valid).to(small.dtype))
         return small_u, big_u, missing == 0
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        self._fold()
+        return super().state_tensors()
+
+    def load_state_tensors(self, tensors) -> None:
+        self._rows = []  # steps of the replaced trajectory
+        super().load_state_tensors(tensors)
 
     def readout(self, step: int) -> dict[str, Slot]:
         # Every rank's EMAs differ (each its own small batch): summed, then divided by the world size.
+        self._fold()
         s = self.state
         slots = {
             name: Slot(getattr(s, name), "sum", varies_by_rank=True) for name in ("grad_sq", "trace_sigma", "log_ratio")

@@ -99,8 +99,7 @@ class Noise(Family):
             fill=0.0,
         )
         samples = unscaled(self.layout, samples)  # the loss scale may change between steps
-        previous = self._micro_prev if self._micro_prev is not None else torch.zeros_like(samples)
-        self._micro.append(samples - previous)
+        self._micro.append(samples if self._micro_prev is None else samples - self._micro_prev)
         self._micro_prev = samples
 
     def drop_step(self) -> None:
@@ -124,9 +123,12 @@ class Noise(Family):
             # The median, not the mean: one large micro-batch gradient then moves no other one's deviation
             # (noise.centred). Two micro-batches deviate by exact mirror images: the second would only duplicate
             # every magnitude.
-            centre = micro.quantile(0.5, dim=0)
-            for sample in micro[:1] if len(micro) == 2 else micro:
-                self.push("microbatch", sample - centre, valid, sample)
+            if len(micro) == 2:
+                self.push("microbatch", 0.5 * (micro[0] - micro[1]), valid, micro[0])
+            else:
+                centre = median(micro)
+                for sample in micro:
+                    self.push("microbatch", sample - centre, valid, sample)
         if self.rank_local is not None:  # sampled before the all-reduce: still scaled, unlike g
             local = unscaled(self.layout, self.rank_local)
             self.push("rank", local - g, valid, local)
@@ -214,6 +216,14 @@ class Noise(Family):
         if "microbatch" in tensors:
             self._ensure_ring("microbatch")
         super().load_state_tensors(tensors)
+
+
+def median(x: torch.Tensor) -> torch.Tensor:
+    """The median over dim 0 (the mean of the two middle values of an even count, as ``quantile(0.5)``), from
+    one sort: a fifth of ``quantile``'s CPU time on the monitor's ``(M, L, S)`` micro-batch samples."""
+    ordered = x.sort(dim=0).values
+    m = len(x)
+    return ordered[m // 2] if m % 2 else 0.5 * (ordered[m // 2 - 1] + ordered[m // 2])
 
 
 def rank_tail_sums(tails: torch.Tensor) -> torch.Tensor:
