@@ -116,12 +116,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 for hook in FAMILY_HOOKS:
                     setattr(family, hook, prof.wrap(family_name, getattr(family, hook)))
             for i in range(args.warmup):
-                train_step(wl, model, opt, batches[i % len(batches)], on_loss=mon.observe_loss, accumulate=args.accumulate)
+                train_step(
+                    wl, model, opt, batches[i % len(batches)], on_loss=mon.observe_loss, accumulate=args.accumulate
+                )
             prof.clear()
             mon.hook_seconds = 0.0
             cpu0 = time.process_time()
             for i in range(args.warmup, args.warmup + args.steps):
-                train_step(wl, model, opt, batches[i % len(batches)], on_loss=mon.observe_loss, accumulate=args.accumulate)
+                train_step(
+                    wl, model, opt, batches[i % len(batches)], on_loss=mon.observe_loss, accumulate=args.accumulate
+                )
             step_ms = (time.process_time() - cpu0) / args.steps * 1e3
             hooks_ms = mon.hook_seconds / args.steps * 1e3
         finally:
