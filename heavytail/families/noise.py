@@ -91,13 +91,12 @@ class Noise(Family):
         differences are the micro-batch gradients (this rank's own under DDP: this runs before the all-reduce)."""
         if not view.accumulating:
             return
-        keep = set(view.rows)
-        samples = gather_samples(
-            [g if i in keep else None for i, g in enumerate(view.grads)],
-            self.layout.sample_index_dev,
-            self.layout.dtype,
-            fill=0.0,
-        )
+        grads = view.grads
+        if len(view.rows) < len(grads):
+            keep = set(view.rows)
+            grads = [g if i in keep else None for i, g in enumerate(grads)]
+        # The view's rows are local, dense and real (Monitor._backward_view): the gather takes them as they are.
+        samples = gather_samples(grads, self.layout.sample_index_dev, self.layout.dtype, fill=0.0, prepared=True)
         samples = unscaled(self.layout, samples)  # the loss scale may change between steps
         self._micro.append(samples if self._micro_prev is None else samples - self._micro_prev)
         self._micro_prev = samples
