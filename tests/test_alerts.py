@@ -57,6 +57,43 @@ def seen_alerts(mon):
     return [a for b in mon._backends if isinstance(b.backend, Collect) for a in b.backend.alerts]
 
 
+def test_the_flight_record_series_equal_a_float64_recomputation_of_every_step(tmp_path):
+    """grad/norm, grad/max and grad/kurtosis of every tensor at every step of a flight record, against NumPy
+    (scipy's biased Fisher kurtosis) on the gradients captured at those steps; a tensor without a gradient at a
+    step (fc2.bias, frozen for one step) reads null norm and kurtosis, and 0 max."""
+    from scipy.stats import kurtosis
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    grads = {}
+
+    def keep(step, model):
+        if step == 55:
+            model.fc2.bias.grad = None
+        grads[step + 1] = {
+            n: None if p.grad is None else p.grad.double().numpy().ravel() for n, p in model.named_parameters()
+        }
+
+    with ht.Monitor(model, opt, every=50, log_dir=tmp_path, spike_warmup=20, flight_steps=8) as mon:
+        _train(model, opt, mon, steps=70, loss_scale={59: 5.0}, grad_hook=keep)
+    record = next(a for a in read_alerts(tmp_path) if a["rule"] == "loss_spike")
+    flight = json.loads((tmp_path / record["flight_record"]).read_text())
+    assert len(flight["steps"]) == 8 and 56 in flight["steps"]
+    series = flight["series"]
+    for k, step in enumerate(flight["steps"]):
+        for i, name in enumerate(flight["layers"]):
+            g = grads[step][name]
+            norm, top, kurt = (series[key][k][i] for key in ("grad/norm", "grad/max", "grad/kurtosis"))
+            if g is None:
+                assert (norm, top, kurt) == (None, 0.0, None)
+                continue
+            assert norm == pytest.approx(np.sqrt((g * g).sum()), rel=1e-6)
+            assert top == pytest.approx(np.abs(g).max(), rel=1e-6)
+            want = kurtosis(g, fisher=True, bias=True)  # NaN for one entry: JSON null
+            assert kurt is None if np.isnan(want) else kurt == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
 def test_loss_spike_fires_once_within_one_step_everywhere(tmp_path, caplog):
     torch.manual_seed(0)
     model = TinyNet()

@@ -11,13 +11,13 @@ from typing import NamedTuple
 import torch
 
 from heavytail.backends.jsonl import dumps_record
-from heavytail.estimators.gradient_pass import ABSMAX, COUNT, S1, S2, S3, S4
+from heavytail.estimators.gradient_pass import ABSMAX
 from heavytail.estimators.kurtosis import kurtosis_from_power_sums
 from heavytail.families.base import Family, StepView
 
 
 class FlightState(NamedTuple):
-    layers: torch.Tensor  # (F, L, 3) float32 ring: norm, largest |g|, kurtosis per step
+    layers: torch.Tensor  # (F, L, 6) ring: the pass's count, power sums s1-s4 and largest |g| per step
     loss: torch.Tensor  # (F,) float32 ring
 
 
@@ -27,6 +27,7 @@ class Flight(Family):
     alert: what every layer did in the steps before it. No record keys."""
 
     name = "flight"
+    version = 2  # the ring keeps the pass's sums; norms and kurtosis are computed when a record is written
 
     def __init__(self, layout) -> None:
         super().__init__(layout)
@@ -36,16 +37,16 @@ class Flight(Family):
     def init(self) -> FlightState:
         F, L, dev = self.config.flight_steps, self.layout.num_layers, self.layout.device
         return FlightState(
-            torch.full((F, L, 3), math.nan, device=dev, dtype=torch.float32),
+            # The pass's own columns, in its dtype (float64 where the device has it: s4 of large gradients
+            # overflows float32), copied as they are: one copy a step, the arithmetic left to the rare write.
+            torch.full((F, L, ABSMAX + 1), math.nan, device=dev, dtype=self.config.stats_dtype),
             torch.full((F,), math.nan, device=dev, dtype=torch.float32),
         )
 
     def update(self, view: StepView) -> None:
-        clean = view.clean
-        kurt = kurtosis_from_power_sums(clean[:, COUNT], clean[:, S1], clean[:, S2], clean[:, S3], clean[:, S4])
         slot = view.step % self.config.flight_steps
-        self.state.layers[slot] = torch.stack([view.layer_norm, clean[:, ABSMAX], kurt], dim=1).to(torch.float32)
-        self.state.loss[slot] = view.loss.to(torch.float32)
+        self.state.layers[slot] = view.clean[:, : ABSMAX + 1]  # invalid tensors' rows are zero (count 0)
+        self.state.loss[slot] = view.loss
 
     def snapshot(self, alert: dict, step: int) -> None:
         """Keep a device-side copy of the ring for ``alert``, raised at ``step`` (steps counted so far)."""
@@ -55,7 +56,7 @@ class Flight(Family):
         """Write the flight records of the alerts raised since the last call (checkpoints and close only)."""
         window = self.config.flight_steps
         for alert, (layers, loss, at_step) in self.pending:
-            layers_np = layers.cpu().numpy()  # sync point: flight records are written at checkpoints
+            layers_np = series(layers.cpu()).numpy()  # sync point: flight records are written at checkpoints
             loss_np = loss.cpu().numpy()  # sync point: same
             steps = list(range(max(0, at_step - window), at_step))
             slots = [s % window for s in steps]
@@ -87,3 +88,13 @@ class Flight(Family):
                         stacklevel=2,
                     )
         self.pending = []
+
+
+def series(ring: torch.Tensor) -> torch.Tensor:
+    """``(F, L, 3)`` float32 norm, largest |g| and excess kurtosis per step and tensor from the ring's pass columns
+    ``(F, L, 6)``: NaN norm and kurtosis where a tensor had no valid gradient (count 0), as the step's
+    ``layer_norm``."""
+    count, s1, s2, s3, s4, absmax = ring.to(torch.float64).unbind(dim=-1)
+    norm = torch.where(count > 0, s2.sqrt(), math.nan)
+    kurt = kurtosis_from_power_sums(count, s1, s2, s3, s4)
+    return torch.stack([norm, absmax, kurt], dim=-1).to(torch.float32)
