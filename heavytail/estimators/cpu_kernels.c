@@ -417,10 +417,14 @@ static void sort_desc(uint32_t *keys, uint32_t *tmp, i64 n) {
     }
 }
 
+#define TOP_SMALL 65536 /* tensors up to this many entries are collected whole and sorted: one read */
+
 /* The m[l] largest valid |x| of each tensor, descending, as float32 into out + offset[l] (zeros past the valid
- * count), and the valid count (finite, non-zero entries) into count[l]: an exact radix select (a histogram of the
- * top 16 bits of the keys, one of the low 16 bits inside the boundary bin, then one collecting pass). Three reads
- * of the tensor, no copy of it: what torch.topk does with a sort-sized workspace per tensor. */
+ * count), and the valid count (finite, non-zero entries) into count[l]: an exact radix select. A tensor of up to
+ * TOP_SMALL entries has its valid keys collected and sorted (one read). A larger one takes a histogram of the top
+ * 16 bits of its keys (one read), then a second read that keeps every key of the bins above the boundary bin (all
+ * in the top) and gathers the boundary bin's keys, which are sorted to fill the rest: two reads of the tensor, no
+ * copy of it (what torch.topk does with a sort-sized workspace per tensor). */
 int ht_top_abs(i64 L, const void *const *t, const int *dt, const i64 *numel, const i64 *m, const i64 *offset,
                float *out, i64 *count, int nthreads) {
     int failed = 0;
@@ -433,45 +437,56 @@ int ht_top_abs(i64 L, const void *const *t, const int *dt, const i64 *numel, con
             if (want > 0) memset(dst, 0, (size_t)want * sizeof(float));
             continue;
         }
-        i64 *hist = (i64 *)calloc(65536, sizeof(i64));
-        uint32_t *keys = (uint32_t *)malloc((size_t)want * 2 * sizeof(uint32_t));
-        if (!hist || !keys) { free(hist); free(keys); failed = 1; continue; }
         const void *p = t[l];
         int d = dt[l];
-        i64 zeros = 0;
-        for (i64 i = 0; i < n; i++) {
-            uint32_t k = key_at(p, d, i);
-            if (k) hist[k >> 16]++;
-            else zeros++;
-        }
-        i64 valid = n - zeros;
-        count[l] = valid;
-        i64 take = want < valid ? want : valid;
-        uint32_t threshold = 0u; /* collect every key above it, then (take - above) copies of it */
-        i64 above = 0;
-        if (take < valid) {
-            int b = 65535;
-            while (above + hist[b] < take) above += hist[b--]; /* bin b holds the take-th largest key */
-            memset(hist, 0, 65536 * sizeof(i64));
+        i64 got = 0;
+        uint32_t *keys = NULL, *tmp = NULL;
+        if (n <= TOP_SMALL) {
+            keys = (uint32_t *)malloc((size_t)n * 2 * sizeof(uint32_t));
+            if (!keys) { failed = 1; continue; }
+            tmp = keys + n;
             for (i64 i = 0; i < n; i++) {
                 uint32_t k = key_at(p, d, i);
-                if (k && (k >> 16) == (uint32_t)b) hist[k & 0xffffu]++;
+                if (k) keys[got++] = k;
             }
-            int lo = 65535;
-            while (above + hist[lo] < take) above += hist[lo--];
-            threshold = ((uint32_t)b << 16) | (uint32_t)lo;
+            count[l] = got;
+            sort_desc(keys, tmp, got);
+        } else {
+            i64 *hist = (i64 *)calloc(65536, sizeof(i64));
+            if (!hist) { failed = 1; continue; }
+            i64 zeros = 0;
+            for (i64 i = 0; i < n; i++) {
+                uint32_t k = key_at(p, d, i);
+                if (k) hist[k >> 16]++;
+                else zeros++;
+            }
+            i64 valid = n - zeros;
+            count[l] = valid;
+            i64 take = want < valid ? want : valid;
+            /* b: the bin of the take-th largest key; `above` keys lie in the bins over it, all of them in the top */
+            int b = 65535;
+            i64 above = 0;
+            while (b > 0 && above + hist[b] < take) above += hist[b--];
+            i64 in_bin = hist[b];
+            free(hist);
+            i64 scratch = above > in_bin ? above : in_bin; /* sort_desc's buffer, for either sort */
+            keys = (uint32_t *)malloc((size_t)(above + in_bin + scratch + 1) * sizeof(uint32_t));
+            if (!keys) { failed = 1; continue; }
+            uint32_t *bin = keys + above;
+            tmp = bin + in_bin;
+            i64 nbin = 0;
+            for (i64 i = 0; i < n; i++) {
+                uint32_t k = key_at(p, d, i);
+                uint32_t hi = k >> 16;
+                if (hi > (uint32_t)b) keys[got++] = k;
+                else if (hi == (uint32_t)b && k) bin[nbin++] = k;
+            }
+            sort_desc(keys, tmp, got);
+            sort_desc(bin, tmp, nbin); /* right after the keys above it: keys[0 .. got + nbin) is sorted */
+            got += nbin;
         }
-        i64 got = 0;
-        uint32_t *tmp = keys + want;
-        for (i64 i = 0; i < n; i++) {
-            uint32_t k = key_at(p, d, i);
-            if (k > threshold) keys[got++] = k;
-        }
-        while (got < take) keys[got++] = threshold; /* ties at the boundary: equal values, any of them */
-        sort_desc(keys, tmp, got);
         for (i64 j = 0; j < got && j < want; j++) memcpy(dst + j, keys + j, 4);
         for (i64 j = got; j < want; j++) dst[j] = 0.0f;
-        free(hist);
         free(keys);
     }
     return failed ? -1 : 0;

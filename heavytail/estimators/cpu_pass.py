@@ -383,7 +383,8 @@ def top_magnitudes(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each tensor the ``counts[i]`` largest valid ``|x|`` (float32, descending, zero-padded) and the number
     of valid (finite, non-zero) entries: :func:`heavytail.estimators.hill.top_magnitudes` for every tensor in one
-    call, by an exact radix select (three reads of each tensor, no sort of it).
+    call, by an exact radix select (one read and a sort of the valid entries of a tensor of up to 65,536, two reads
+    of a larger one, never a sort or copy of it).
     """
     lib = _load()
     if lib is None:

@@ -204,12 +204,18 @@ def test_top_magnitudes_match_topk(dtype):
         torch.randn(3000, generator=gen) ** 9,
         torch.randn(20, generator=gen),
         torch.rand(1000, generator=gen),
+        # Past the kernel's whole-tensor sort (65,536 entries): the histogram, then the boundary bin's keys.
+        torch.randn(200_000, generator=gen) ** 3,
+        torch.randint(-3, 4, (100_000,), generator=gen).float(),  # the boundary bin is all ties
+        1 + torch.rand(150_000, generator=gen) / 256,  # every key in one top-16-bit bin
+        torch.zeros(70_000).index_fill_(0, torch.arange(0, 70_000, 7000), 1.5),  # fewer valid than wanted
     ]
     tensors = [t.to(dtype) for t in tensors]
     tensors[0][:10] = float("nan")
     tensors[0][10:20] = float("inf")
     tensors[5][3] = 0.0
-    counts = [4001, 7, 10, 1500, 3000, 30, 1]
+    tensors[7][:5] = float("inf")
+    counts = [4001, 7, 10, 1500, 3000, 30, 1, 20_001, 10_001, 15_001, 50]
     for t, m, (top, valid) in zip(tensors, counts, cpu_pass.top_magnitudes(tensors, counts)):
         want, want_valid = top_magnitudes(t.reshape(-1), m)
         assert int(valid) == int(want_valid)
