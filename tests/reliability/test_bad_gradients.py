@@ -291,7 +291,7 @@ def test_complex_parameters_are_skipped_and_counted(tmp_path):
             loss.backward()
             mon.observe_loss(loss)
             w_sq.append(float((2 * model.w.detach().double()).square().sum()))
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             opt.step()
             opt.zero_grad()
     m = read_records(tmp_path)[0]["metrics"]
