@@ -105,13 +105,18 @@ def test_fp16_grad_scaler_unscales_and_skipped_steps_are_not_counted(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     with ht.Monitor(model, opt, every=1, log_dir=tmp_path, scaler=scaler) as mon:
-        _loop(model, opt, mon, steps=4, scaler=scaler, poison_step=2)
-        assert mon.step_count == 3  # the scaler skipped the poisoned step: no optimizer update, not counted
+        _loop(model, opt, mon, steps=6, scaler=scaler, poison_step=2)
+        assert mon.step_count == 5  # the scaler skipped the poisoned step: no optimizer update, not counted
+        # GradScaler.unscale_ divides the gradients in place without bumping their version counters (its fused
+        # kernel), so the gradients look untouched and the pre-clip norm is reused from the step pass: the
+        # unscaled norm, the same number the end-of-backward measurement gives by dividing the scale out.
+        assert mon.families["preclip"].mode.value == "reuse"
     records = read_records(tmp_path)
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     for record in records:
         m = record["metrics"]
-        # Measured at the end of backward on scaled gradients, divided by the scale on the device.
+        # Measured at the end of backward on scaled gradients, divided by the scale on the device (steps 1-2),
+        # then the step pass's own (steps 3-5).
         assert m["grad/norm_preclip"] == pytest.approx(m["grad/norm"], rel=1e-4)
 
 
