@@ -395,8 +395,8 @@ def noise_statistics(
       draw per mini-batch (``benchmarks/calibration.py``): Gaussian and Laplace read light at M = 32, S = 256.
       Its limit: it treats coordinates as independent. When one rare sample scales a whole row of a weight
       matrix at once, the top standardised values come in clusters of one draw each, whose spread inside a
-      cluster is light, and the reading is biased light (a linear model with Student-t(1.5) errors reads 1.5-3.4
-      in four seeds of six, light in the other two); ``hill_alpha_coord`` does not have that bias.
+      cluster is light, and the reading is biased light (a linear model with Student-t(1.5) errors reads 1.1-3.3
+      in six seeds of six); ``hill_alpha_coord`` does not have that bias.
     - ``hill_alpha_2x``, ``tail_class_2x``: the same on the means of pairs of mini-batches (twice the batch).
     - ``hill_alpha_coord``: Hill (1975) with a threshold per coordinate: ``1/alpha`` is the mean over
       coordinates of ``mean_{i<=k} log(|xi|_(i) / |xi|_(k+1))`` over that coordinate's M values sorted

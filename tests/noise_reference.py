@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from tests.estimators.test_dedh import ref_dedh
-from tests.estimators.test_hill import ref_default, ref_hill
+from tests.estimators.test_hill import ref_hill, ref_regression
 
 CODES = {"light": 0.0, "power": 1.0, "sparse": 2.0}
 
@@ -53,15 +53,16 @@ def tail(draws: np.ndarray, ok: np.ndarray, dev: np.ndarray | None = None, min_c
     active_frac = active.sum() / n_valid
     sparse = active_frac < 0.5
     z = standardised(draws, active) if sparse else standardised(dev, ok & (dev != 0))
-    alpha, se, k = ref_default(z) if len(z) else (math.nan, math.nan, math.nan)
-    dedh = ref_dedh(z, int(k)) if math.isfinite(k) else math.nan
+    k = max(len(z) // 20, 10)  # the pooled values are read at n / 20 of them
+    alpha, se = ref_regression(z, k)
+    dedh = ref_dedh(z, k)
     computed, has_alpha = n_valid >= min_count, len(z) >= min_count
     if not computed or not (sparse or has_alpha):
         verdict = math.nan
     elif sparse:
         verdict = CODES["sparse"]
     else:
-        verdict = CODES["light"] if math.isinf(alpha) or (alpha > 4 and dedh > 6) else CODES["power"]
+        verdict = CODES["light"] if math.isinf(alpha) or (alpha > 3.5 and dedh > 5) else CODES["power"]
     return dict(
         hill_alpha=alpha if has_alpha else math.nan,
         hill_alpha_se=se if has_alpha else math.nan,

