@@ -61,13 +61,21 @@ TAIL_TRIM = 0.002
 # The shape prior's weight in the detector's fit, in excesses: the pooled shape of both tails rests on up to
 # 2 * (TAIL_SIZE - 1) excesses, whose probability-weighted-moment estimate under Student-t noise reads low
 # (0.29 for t(3), whose shape is 1/3, at the 2-5% level the fit starts from); 256 excesses of 0.5 bring it back
-# to about 0.36, and keep the first thousand steps, whose fit rests on a few excesses, conservative.
+# to about 0.36.
 POOLED_PRIOR_WEIGHT = 256.0
+# While a stream has shown fewer excesses than POOLED_PRIOR_WEIGHT, the prior weighs as much as its excesses, and
+# at least this much: a full weight of 256 against the 58 excesses of a stream's 300th step held its shape at
+# about 0.4 whatever the noise (a Gaussian's is 0), and its threshold so high that spikes in the first ~600
+# steps were missed under 5% noise. 128 keeps the first few hundred steps conservative (a shape fitted to a few
+# dozen excesses varies by +-0.2); 64 caught more early spikes but gave more false alerts (docs/spike-detection.md).
+POOLED_PRIOR_MIN_WEIGHT = 128.0
 # The detector's fit aims at false_alarm_rate / RATE_MARGIN. A threshold extrapolated from a few hundred excesses
 # spreads (about +-20% on 10,000 Student-t scores), and a false-alarm rate is convex in it (a threshold 20% low
 # more than doubles the rate under t(3) noise, one 20% high does not halve it), so a fit aimed at the rate itself
-# measured 1.6-1.9 false alerts per 10^4 steps under heavy-tailed noise at rate 1e-4.
-RATE_MARGIN = 1.5
+# measured 1.6-1.9 false alerts per 10^4 steps under heavy-tailed noise at rate 1e-4. 1.6 rather than 1.5 pays for
+# the lighter early shape prior (POOLED_PRIOR_MIN_WEIGHT): together they measured fewer false alerts than 1.5 with
+# the full prior, and no fewer spikes caught (docs/spike-detection.md).
+RATE_MARGIN = 1.6
 # ``detect`` refits its thresholds every this many steps when the caller says so (``refit``): the fit (a sort of
 # the two tails) is most of the detector's cost and a threshold moves little in a few steps.
 REFIT_EVERY = 8
@@ -480,6 +488,7 @@ def pooled_threshold(
     trim: float = TAIL_TRIM,
     prior_shape: float = XI_PRIOR,
     prior_weight: float = POOLED_PRIOR_WEIGHT,
+    prior_weight_min: float = POOLED_PRIOR_MIN_WEIGHT,
     margin: float = RATE_MARGIN,
 ) -> torch.Tensor:
     """The calibrated detector's threshold: the larger of the upper and lower tails' peaks-over-threshold
@@ -521,7 +530,10 @@ def pooled_threshold(
     d = (a0 - 2.0 * a1).clamp_min(torch.finfo(top.dtype).tiny)
     xi_hat = torch.where(m >= 2, 2.0 - a0 / d, 0.0)
     used = torch.where(m >= 2, mf, 0.0)
-    xi = ((used * xi_hat).sum(0) + prior_weight * prior_shape) / (used.sum(0) + prior_weight)
+    # The prior weighs as much as the excesses seen, between prior_weight_min and prior_weight.
+    total = used.sum(0)
+    weight = total.clamp(prior_weight_min, prior_weight)
+    xi = ((used * xi_hat).sum(0) + weight * prior_shape) / (total + weight)
     xi = xi.clamp(XI_MIN, XI_MAX)
     sigma = a0 * (1.0 - xi)
     ratio = (mf * margin / (rate * seen.clamp_min(1.0))).clamp_min(torch.finfo(top.dtype).tiny)
