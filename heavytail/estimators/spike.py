@@ -498,8 +498,9 @@ def pooled_threshold(
     smallest of them, probability-weighted moments of the m = k - 1 excesses; Hosking & Wallis 1987), after the
     upper tail's ceil(trim * n) largest scores are winsorized to the next one (unflagged spikes must not shape the
     fit). The shape is the excess-weighted mean of the two tails' estimates, shrunk towards ``prior_shape`` as if
-    ``prior_weight`` more excesses had shown it and clamped to [XI_MIN, XI_MAX]; each tail's scale is refitted to
-    it through its mean excess (E[e] = sigma / (1 - xi)), and
+    w more excesses had shown it, w = clamp(M, ``prior_weight_min``, ``prior_weight``) with M the excesses of both
+    tails (early, the prior weighs as much as the data, not far more), and clamped to [XI_MIN, XI_MAX]; each
+    tail's scale is refitted to it through its mean excess (E[e] = sigma / (1 - xi)), and
 
         z_rate = u + sigma / xi * ((rate * n / m) ^ -xi - 1)     (u + sigma * log(m / (rate * n)) at xi = 0)
 
