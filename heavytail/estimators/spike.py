@@ -79,6 +79,12 @@ RATE_MARGIN = 1.6
 # ``detect`` refits its thresholds every this many steps when the caller says so (``refit``): the fit (a sort of
 # the two tails) is most of the detector's cost and a threshold moves little in a few steps.
 REFIT_EVERY = 8
+# The detector's fit winsorizes its lower tail at LOWER_FENCE times that tail's (ceil(TAIL_TRIM * n) + 1)-th
+# largest score: only a gross outlier reaches it (one healthy Student-t(2.5) draw 980 standard deviations below
+# the curve, a loss of 1e-8 for one step, scored -1626 and, kept in the tail for the rest of the run, floored its
+# threshold at 150-180 instead of about 26). The lower tail is otherwise not winsorized: doing so as the upper
+# one lowered every threshold and raised false alerts under heavy tails (docs/spike-detection.md).
+LOWER_FENCE = 20.0
 # Scores before this many accepted values are left out of the calibrated tail: the scale then rests on a handful
 # of values, so its scores are not the stream's noise (one of them in the top K would stay there for the run).
 TAIL_START = 10
@@ -490,6 +496,7 @@ def pooled_threshold(
     prior_weight: float = POOLED_PRIOR_WEIGHT,
     prior_weight_min: float = POOLED_PRIOR_MIN_WEIGHT,
     margin: float = RATE_MARGIN,
+    lower_fence: float = LOWER_FENCE,
 ) -> torch.Tensor:
     """The calibrated detector's threshold: the larger of the upper and lower tails' peaks-over-threshold
     quantiles at ``rate``, with one generalized Pareto shape for both.
@@ -497,7 +504,7 @@ def pooled_threshold(
     Each tail is fitted as in ``tail_threshold`` (the k = clamp(ceil(fraction * n), 3, K) largest scores, u the
     smallest of them, probability-weighted moments of the m = k - 1 excesses; Hosking & Wallis 1987), after the
     upper tail's ceil(trim * n) largest scores are winsorized to the next one (unflagged spikes must not shape the
-    fit). The shape is the excess-weighted mean of the two tails' estimates, shrunk towards ``prior_shape`` as if
+    fit), and the lower tail's scores at ``lower_fence`` times its (ceil(trim * n) + 1)-th (a gross outlier only). The shape is the excess-weighted mean of the two tails' estimates, shrunk towards ``prior_shape`` as if
     w more excesses had shown it, w = clamp(M, ``prior_weight_min``, ``prior_weight``) with M the excesses of both
     tails (early, the prior weighs as much as the data, not far more), and clamped to [XI_MIN, XI_MAX]; each
     tail's scale is refitted to it through its mean excess (E[e] = sigma / (1 - xi)), and
@@ -514,10 +521,11 @@ def pooled_threshold(
     top, _ = torch.sort(top, dim=2, descending=True)
     size = top.shape[2]
     seen = seen_int.to(top.dtype)
-    # Winsorize the upper tail's top k0 (k0 = 0 for the lower tail: nothing but noise reaches it).
+    # Winsorize the upper tail's top k0 to the next score, and the lower tail's at LOWER_FENCE times that score
+    # (nothing but noise reaches the lower tail; the fence stops only a gross outlier).
     k0 = torch.clamp(torch.ceil(trim * seen), max=size // 8).to(torch.int64)
-    k0[1] = 0
     cap = top.gather(2, k0.unsqueeze(2))
+    cap[1] = torch.where(cap[1] > 0, lower_fence * cap[1], math.inf)
     top = torch.minimum(top, cap)
     k = torch.clamp(torch.ceil(fraction * seen), 3, size).to(torch.int64)
     k = torch.minimum(k, seen_int.clamp(max=size).clamp_min(1))

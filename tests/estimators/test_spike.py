@@ -462,8 +462,9 @@ def pooled_reference(upper: np.ndarray, lower: np.ndarray, rate: float) -> float
     for side, trim in ((upper, spike.TAIL_TRIM), (lower, 0.0)):
         n = side.size
         x = np.sort(np.asarray(side, dtype=np.float64))[::-1][: spike.TAIL_SIZE].copy()  # descending
-        k0 = min(math.ceil(trim * n), spike.TAIL_SIZE // 8)
-        x = np.minimum(x, x[k0])
+        k0 = min(math.ceil(spike.TAIL_TRIM * n), spike.TAIL_SIZE // 8)
+        # The upper tail's top k0 winsorized to the next score; the lower tail's at LOWER_FENCE times it.
+        x = np.minimum(x, x[k0] if trim else (spike.LOWER_FENCE * x[k0] if x[k0] > 0 else np.inf))
         k = min(max(math.ceil(spike.TAIL_FRACTION * n), 3), x.size)
         u, exc = x[k - 1], x[: k - 1] - x[k - 1]
         m = exc.size
@@ -497,6 +498,27 @@ def test_pooled_threshold_matches_float64_reference():
         got = spike.pooled_threshold(upper, lower, 1e-4).numpy()
         want = [pooled_reference(scores[:, s], -scores[:, s], 1e-4) for s in range(3)]
         np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_pooled_threshold_fences_a_gross_outlier_out_of_the_lower_tail():
+    # One healthy value far below the curve (a loss of 1e-8 for one step scores about -1600) must not floor the
+    # threshold for the rest of the run: the fit equals the reference's with that score moved to the fence.
+    rng = np.random.default_rng(28)
+    scores = rng.standard_t(3, (3000, 2))
+    scores[1500, 1] = -1600.0
+    upper, lower = spike.tail_init(2, dtype=torch.float64), spike.tail_init(2, dtype=torch.float64)
+    for t in range(3000):
+        upper = spike.tail_update(upper, torch.tensor(scores[t]), torch.ones(2, dtype=torch.bool))
+        lower = spike.tail_update(lower, torch.tensor(-scores[t]), torch.ones(2, dtype=torch.bool))
+    got = spike.pooled_threshold(upper, lower, 1e-4).numpy()
+    k0 = math.ceil(spike.TAIL_TRIM * 3000)
+    fence = spike.LOWER_FENCE * np.sort(-scores[:, 1])[::-1][k0]
+    fenced = scores[:, 1].copy()
+    fenced[1500] = -fence
+    np.testing.assert_allclose(got[1], pooled_reference(fenced, -fenced, 1e-4), rtol=1e-9)
+    unfenced = spike.pooled_threshold(upper, lower, 1e-4, lower_fence=math.inf).numpy()
+    # The fenced score still weighs (here 70 against 23 for the stream without it), a quarter of what it did.
+    assert unfenced[1] > 3.5 * got[1] and unfenced[0] == got[0], (got, unfenced)
 
 
 def test_pooled_shape_prior_weighs_as_much_as_the_excesses_seen_early():
