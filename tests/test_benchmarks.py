@@ -218,6 +218,23 @@ def test_spike_detection_table_prints_every_condition_and_the_summary_line():
     ), last_line(proc)
 
 
+def test_spike_detection_table_filters_columns_and_rows_with_the_full_tables_cells():
+    full = run("spike_detection.py", "--quick")
+    part = run("spike_detection.py", "--quick", "--detectors", "calibrated,zclip", "--noises", "t3")
+    header = next(line for line in part.stdout.splitlines() if line.startswith("stream") and "oracle" in line)
+    assert header.split()[4:] == ["calibrated", "zclip"]
+    rows = [line for line in part.stdout.splitlines() if re.match(r"^(loss|gradnorm) +\S+ +\d+% +\S+ +\S+ / ", line)]
+    assert [line.split()[1] for line in rows] == ["t3"] * 6
+    # A condition's traces do not depend on which others run: the calibrated cells are the full table's.
+    for line in rows:
+        stream, noise, level, oracle, recall, _, false = line.split()[:7]
+        match = re.search(rf"^{stream} +{noise} +{level} +{oracle} +{recall} / +{false} ", full.stdout, re.M)
+        assert match, line
+    assert re.fullmatch(r"calibrated: conditions_within_0.02_of_oracle=\d+/6 .*", last_line(part)), last_line(part)
+    bad = run("spike_detection.py", "--quick", "--detectors", "nope", expect_ok=False)
+    assert bad.returncode != 0 and "--detectors: no detector 'nope'" in bad.stderr
+
+
 def test_skip_spikes_benchmark_compares_the_two_runs():
     proc = run("skip_spikes.py", "--size", "tiny", "--steps", "160", "--spike-at", "100")
     rows = {m.group(1): m for m in re.finditer(r"^ +(False|True) .* +(\d+)  \[(.*)\]", proc.stdout, re.M)}

@@ -61,16 +61,30 @@ TAIL_TRIM = 0.002
 # The shape prior's weight in the detector's fit, in excesses: the pooled shape of both tails rests on up to
 # 2 * (TAIL_SIZE - 1) excesses, whose probability-weighted-moment estimate under Student-t noise reads low
 # (0.29 for t(3), whose shape is 1/3, at the 2-5% level the fit starts from); 256 excesses of 0.5 bring it back
-# to about 0.36, and keep the first thousand steps, whose fit rests on a few excesses, conservative.
+# to about 0.36.
 POOLED_PRIOR_WEIGHT = 256.0
+# While a stream has shown fewer excesses than POOLED_PRIOR_WEIGHT, the prior weighs as much as its excesses, and
+# at least this much: a full weight of 256 against the 58 excesses of a stream's 300th step held its shape at
+# about 0.4 whatever the noise (a Gaussian's is 0), and its threshold so high that spikes in the first ~600
+# steps were missed under 5% noise. 128 keeps the first few hundred steps conservative (a shape fitted to a few
+# dozen excesses varies by +-0.2); 64 caught more early spikes but gave more false alerts (docs/spike-detection.md).
+POOLED_PRIOR_MIN_WEIGHT = 128.0
 # The detector's fit aims at false_alarm_rate / RATE_MARGIN. A threshold extrapolated from a few hundred excesses
 # spreads (about +-20% on 10,000 Student-t scores), and a false-alarm rate is convex in it (a threshold 20% low
 # more than doubles the rate under t(3) noise, one 20% high does not halve it), so a fit aimed at the rate itself
-# measured 1.6-1.9 false alerts per 10^4 steps under heavy-tailed noise at rate 1e-4.
-RATE_MARGIN = 1.5
+# measured 1.6-1.9 false alerts per 10^4 steps under heavy-tailed noise at rate 1e-4. 1.6 rather than 1.5 pays for
+# the lighter early shape prior (POOLED_PRIOR_MIN_WEIGHT): together they measured fewer false alerts than 1.5 with
+# the full prior, and no fewer spikes caught (docs/spike-detection.md).
+RATE_MARGIN = 1.6
 # ``detect`` refits its thresholds every this many steps when the caller says so (``refit``): the fit (a sort of
 # the two tails) is most of the detector's cost and a threshold moves little in a few steps.
 REFIT_EVERY = 8
+# The detector's fit winsorizes its lower tail at LOWER_FENCE times that tail's (ceil(TAIL_TRIM * n) + 1)-th
+# largest score: only a gross outlier reaches it (one healthy Student-t(2.5) draw 980 standard deviations below
+# the curve, a loss of 1e-8 for one step, scored -1626 and, kept in the tail for the rest of the run, floored its
+# threshold at 150-180 instead of about 26). The lower tail is otherwise not winsorized: doing so as the upper
+# one lowered every threshold and raised false alerts under heavy tails (docs/spike-detection.md).
+LOWER_FENCE = 20.0
 # Scores before this many accepted values are left out of the calibrated tail: the scale then rests on a handful
 # of values, so its scores are not the stream's noise (one of them in the top K would stay there for the run).
 TAIL_START = 10
@@ -480,7 +494,9 @@ def pooled_threshold(
     trim: float = TAIL_TRIM,
     prior_shape: float = XI_PRIOR,
     prior_weight: float = POOLED_PRIOR_WEIGHT,
+    prior_weight_min: float = POOLED_PRIOR_MIN_WEIGHT,
     margin: float = RATE_MARGIN,
+    lower_fence: float = LOWER_FENCE,
 ) -> torch.Tensor:
     """The calibrated detector's threshold: the larger of the upper and lower tails' peaks-over-threshold
     quantiles at ``rate``, with one generalized Pareto shape for both.
@@ -488,9 +504,10 @@ def pooled_threshold(
     Each tail is fitted as in ``tail_threshold`` (the k = clamp(ceil(fraction * n), 3, K) largest scores, u the
     smallest of them, probability-weighted moments of the m = k - 1 excesses; Hosking & Wallis 1987), after the
     upper tail's ceil(trim * n) largest scores are winsorized to the next one (unflagged spikes must not shape the
-    fit). The shape is the excess-weighted mean of the two tails' estimates, shrunk towards ``prior_shape`` as if
-    ``prior_weight`` more excesses had shown it and clamped to [XI_MIN, XI_MAX]; each tail's scale is refitted to
-    it through its mean excess (E[e] = sigma / (1 - xi)), and
+    fit), and the lower tail's scores at ``lower_fence`` times its (ceil(trim * n) + 1)-th (a gross outlier only). The shape is the excess-weighted mean of the two tails' estimates, shrunk towards ``prior_shape`` as if
+    w more excesses had shown it, w = clamp(M, ``prior_weight_min``, ``prior_weight``) with M the excesses of both
+    tails (early, the prior weighs as much as the data, not far more), and clamped to [XI_MIN, XI_MAX]; each
+    tail's scale is refitted to it through its mean excess (E[e] = sigma / (1 - xi)), and
 
         z_rate = u + sigma / xi * ((rate * n / m) ^ -xi - 1)     (u + sigma * log(m / (rate * n)) at xi = 0)
 
@@ -504,10 +521,11 @@ def pooled_threshold(
     top, _ = torch.sort(top, dim=2, descending=True)
     size = top.shape[2]
     seen = seen_int.to(top.dtype)
-    # Winsorize the upper tail's top k0 (k0 = 0 for the lower tail: nothing but noise reaches it).
+    # Winsorize the upper tail's top k0 to the next score, and the lower tail's at LOWER_FENCE times that score
+    # (nothing but noise reaches the lower tail; the fence stops only a gross outlier).
     k0 = torch.clamp(torch.ceil(trim * seen), max=size // 8).to(torch.int64)
-    k0[1] = 0
     cap = top.gather(2, k0.unsqueeze(2))
+    cap[1] = torch.where(cap[1] > 0, lower_fence * cap[1], math.inf)
     top = torch.minimum(top, cap)
     k = torch.clamp(torch.ceil(fraction * seen), 3, size).to(torch.int64)
     k = torch.minimum(k, seen_int.clamp(max=size).clamp_min(1))
@@ -521,7 +539,10 @@ def pooled_threshold(
     d = (a0 - 2.0 * a1).clamp_min(torch.finfo(top.dtype).tiny)
     xi_hat = torch.where(m >= 2, 2.0 - a0 / d, 0.0)
     used = torch.where(m >= 2, mf, 0.0)
-    xi = ((used * xi_hat).sum(0) + prior_weight * prior_shape) / (used.sum(0) + prior_weight)
+    # The prior weighs as much as the excesses seen, between prior_weight_min and prior_weight.
+    total = used.sum(0)
+    weight = total.clamp(prior_weight_min, prior_weight)
+    xi = ((used * xi_hat).sum(0) + weight * prior_shape) / (total + weight)
     xi = xi.clamp(XI_MIN, XI_MAX)
     sigma = a0 * (1.0 - xi)
     ratio = (mf * margin / (rate * seen.clamp_min(1.0))).clamp_min(torch.finfo(top.dtype).tiny)

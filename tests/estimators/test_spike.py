@@ -456,13 +456,15 @@ def gpd_pwm_reference(
 def pooled_reference(upper: np.ndarray, lower: np.ndarray, rate: float) -> float:
     """Float64 textbook version of ``spike.pooled_threshold`` on every score each tail saw (at most TAIL_SIZE kept):
     the upper tail's top ceil(TAIL_TRIM n) winsorized, each tail's PWM shape, their excess-weighted mean shrunk
-    towards XI_PRIOR with POOLED_PRIOR_WEIGHT, each tail's quantile at rate / RATE_MARGIN, the larger one."""
+    towards XI_PRIOR with the weight of the excesses seen, held between POOLED_PRIOR_MIN_WEIGHT and
+    POOLED_PRIOR_WEIGHT, each tail's quantile at rate / RATE_MARGIN, the larger one."""
     fits = []
     for side, trim in ((upper, spike.TAIL_TRIM), (lower, 0.0)):
         n = side.size
         x = np.sort(np.asarray(side, dtype=np.float64))[::-1][: spike.TAIL_SIZE].copy()  # descending
-        k0 = min(math.ceil(trim * n), spike.TAIL_SIZE // 8)
-        x = np.minimum(x, x[k0])
+        k0 = min(math.ceil(spike.TAIL_TRIM * n), spike.TAIL_SIZE // 8)
+        # The upper tail's top k0 winsorized to the next score; the lower tail's at LOWER_FENCE times it.
+        x = np.minimum(x, x[k0] if trim else (spike.LOWER_FENCE * x[k0] if x[k0] > 0 else np.inf))
         k = min(max(math.ceil(spike.TAIL_FRACTION * n), 3), x.size)
         u, exc = x[k - 1], x[: k - 1] - x[k - 1]
         m = exc.size
@@ -472,7 +474,8 @@ def pooled_reference(upper: np.ndarray, lower: np.ndarray, rate: float) -> float
         fits.append((u, a0, 2.0 - a0 / (a0 - 2.0 * a1), m, n))
     weight = sum(m for *_, m, _ in fits)
     xi_hat = sum(m * x for _, _, x, m, _ in fits)
-    xi = (xi_hat + spike.POOLED_PRIOR_WEIGHT * spike.XI_PRIOR) / (weight + spike.POOLED_PRIOR_WEIGHT)
+    prior = min(max(weight, spike.POOLED_PRIOR_MIN_WEIGHT), spike.POOLED_PRIOR_WEIGHT)
+    xi = (xi_hat + prior * spike.XI_PRIOR) / (weight + prior)
     xi = min(max(xi, spike.XI_MIN), spike.XI_MAX)
     out = []
     for u, a0, _, m, n in fits:
@@ -484,7 +487,9 @@ def pooled_reference(upper: np.ndarray, lower: np.ndarray, rate: float) -> float
 
 def test_pooled_threshold_matches_float64_reference():
     rng = np.random.default_rng(26)
-    for n in (40, 300, 5000):
+    # 40 and 300 scores: the prior weighs POOLED_PRIOR_MIN_WEIGHT; 1000: as much as the 2 x 99 excesses; 5000:
+    # POOLED_PRIOR_WEIGHT.
+    for n in (40, 300, 1000, 5000):
         scores = rng.standard_t(3, (n, 3))
         upper, lower = spike.tail_init(3, dtype=torch.float64), spike.tail_init(3, dtype=torch.float64)
         for t in range(n):
@@ -493,6 +498,48 @@ def test_pooled_threshold_matches_float64_reference():
         got = spike.pooled_threshold(upper, lower, 1e-4).numpy()
         want = [pooled_reference(scores[:, s], -scores[:, s], 1e-4) for s in range(3)]
         np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_pooled_threshold_fences_a_gross_outlier_out_of_the_lower_tail():
+    # One healthy value far below the curve (a loss of 1e-8 for one step scores about -1600) must not floor the
+    # threshold for the rest of the run: the fit equals the reference's with that score moved to the fence.
+    rng = np.random.default_rng(28)
+    scores = rng.standard_t(3, (3000, 2))
+    scores[1500, 1] = -1600.0
+    upper, lower = spike.tail_init(2, dtype=torch.float64), spike.tail_init(2, dtype=torch.float64)
+    for t in range(3000):
+        upper = spike.tail_update(upper, torch.tensor(scores[t]), torch.ones(2, dtype=torch.bool))
+        lower = spike.tail_update(lower, torch.tensor(-scores[t]), torch.ones(2, dtype=torch.bool))
+    got = spike.pooled_threshold(upper, lower, 1e-4).numpy()
+    k0 = math.ceil(spike.TAIL_TRIM * 3000)
+    fence = spike.LOWER_FENCE * np.sort(-scores[:, 1])[::-1][k0]
+    fenced = scores[:, 1].copy()
+    fenced[1500] = -fence
+    np.testing.assert_allclose(got[1], pooled_reference(fenced, -fenced, 1e-4), rtol=1e-9)
+    unfenced = spike.pooled_threshold(upper, lower, 1e-4, lower_fence=math.inf).numpy()
+    # The fenced score still weighs (here 70 against 23 for the stream without it), a quarter of what it did.
+    assert unfenced[1] > 3.5 * got[1] and unfenced[0] == got[0], (got, unfenced)
+
+
+def test_pooled_shape_prior_weighs_as_much_as_the_excesses_seen_early():
+    # Gaussian scores (shape 0): early, a prior of 256 excesses against a stream's few dozen held the shape near
+    # 0.5 and the threshold high; weighing it as the excesses seen (at least POOLED_PRIOR_MIN_WEIGHT) lowers the
+    # early threshold, and changes nothing once both tails hold POOLED_PRIOR_WEIGHT excesses.
+    rng = np.random.default_rng(27)
+    scores = rng.standard_normal((5000, 4))
+    upper, lower = spike.tail_init(4, dtype=torch.float64), spike.tail_init(4, dtype=torch.float64)
+    full = dict(prior_weight_min=spike.POOLED_PRIOR_WEIGHT)  # the prior always worth POOLED_PRIOR_WEIGHT
+    for t in range(5000):
+        upper = spike.tail_update(upper, torch.tensor(scores[t]), torch.ones(4, dtype=torch.bool))
+        lower = spike.tail_update(lower, torch.tensor(-scores[t]), torch.ones(4, dtype=torch.bool))
+        if t + 1 == 300:
+            early, early_full = (
+                spike.pooled_threshold(upper, lower, 1e-4),
+                spike.pooled_threshold(upper, lower, 1e-4, **full),
+            )
+            assert (early < 0.85 * early_full).all(), (early, early_full)
+    late, late_full = spike.pooled_threshold(upper, lower, 1e-4), spike.pooled_threshold(upper, lower, 1e-4, **full)
+    np.testing.assert_array_equal(late.numpy(), late_full.numpy())
 
 
 PLAIN = dict(fraction=1.0, prior_weight=0.0)  # tail_threshold as plain SPOT: every kept score, no shrinkage
