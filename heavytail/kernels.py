@@ -56,6 +56,18 @@ class Kernels:
         except (RuntimeError, MemoryError, OSError):  # no kernel here: torch's norms give the same figure
             return None
 
+    def sums_of_squares_and_gather(
+        self, tensors: Sequence[torch.Tensor | None], sample_index: torch.Tensor, dtype: torch.dtype, fill: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each tensor's sum of squares and its entries at the sampled coordinates in one C call on the CPU, or
+        None: read them separately."""
+        if self.gradient_pass is None or self.device.type != "cpu":
+            return None
+        try:
+            return cpu_pass.sums_of_squares_and_gather(tensors, sample_index, dtype, fill)
+        except (RuntimeError, MemoryError, OSError):
+            return None
+
     def top_magnitudes(self, tensors: Sequence[torch.Tensor], counts: Sequence[int]) -> list | None:
         """Every tensor's top magnitudes in one C call on the CPU, or None: use ``hill.top_magnitudes``."""
         if self.device.type != "cpu" or not cpu_pass.available():

@@ -140,6 +140,7 @@ class Monitor:
         # Backward passes of the current step (two or more: gradient accumulation), and since the last counted
         # step (a monitor whose optimizer never steps records nothing: warned about once).
         self._backwards, self._accumulating = 0, False
+        self._pass_view: BackwardView | None = None  # the last backward pass's view, for its final-gradient hooks
         self._unstepped_backwards, self._warned_no_step = 0, False
         self._failure: BaseException | None = None  # the first exception inside the monitor's own hooks
         guard = self._guarded
@@ -348,6 +349,7 @@ class Monitor:
     def _on_backward_end(self) -> None:
         """After each backward pass, before DDP's reducer finalises the all-reduce (``BackwardTap``): count it,
         and let the families see this rank's own accumulated gradient (micro-batch samples)."""
+        self._pass_view = None
         if self._closed or self.families["probe"].probing:
             return
         self._backwards += 1
@@ -356,7 +358,7 @@ class Monitor:
             self._warn_no_step(at_close=False)
         if not self._backward_families or not (self._accumulating or self._every_backward):
             return
-        view = self._backward_view()
+        view = self._pass_view = self._backward_view()
         for family in self._backward_families if view is not None else ():
             family.on_backward(view)
 
@@ -365,7 +367,9 @@ class Monitor:
         every callback queued during the backward pass: DDP's all-reduce, FSDP2's reduce-scatter)."""
         if self._closed or self.families["probe"].probing or not self._final_families:
             return
-        view = self._backward_view()
+        # One process: no callback reduced the gradients in between, so the pass's view is still theirs.
+        view = self._pass_view if self._pass_view is not None and not self.layout.dist.active else self._backward_view()
+        self._pass_view = None
         for family in self._final_families if view is not None else ():
             family.on_gradients_final(view)
 

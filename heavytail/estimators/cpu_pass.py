@@ -378,6 +378,33 @@ def sums_of_squares(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     return out
 
 
+def sums_of_squares_and_gather(
+    tensors: Sequence[torch.Tensor | None], sample_index: torch.Tensor, dtype: torch.dtype, fill: float = float("nan")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sums_of_squares` and :func:`gather` of the same tensors from one table: the gather right after the
+    stream finds most sampled entries still in cache."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {_failure}")
+    table = _table(tensors)
+    squares = torch.empty(len(tensors), dtype=torch.float64)
+    if lib.ht_sumsq(len(tensors), table.pointers, table.codes, table.numels, squares.data_ptr(), _threads()) != 0:
+        raise MemoryError("heavytail CPU sums of squares: out of memory for its work table")
+    index = sample_index.to(torch.int64).contiguous()
+    samples = torch.empty(tuple(index.shape), dtype=torch.float64)
+    lib.ht_gather(
+        len(tensors),
+        table.pointers,
+        table.codes,
+        table.numels,
+        index.shape[1],
+        index.data_ptr(),
+        float(fill),
+        samples.data_ptr(),
+    )
+    return squares, samples if dtype == torch.float64 else samples.to(dtype)
+
+
 def top_magnitudes(
     tensors: Sequence[torch.Tensor | None], counts: Sequence[int]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:

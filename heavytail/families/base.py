@@ -39,6 +39,45 @@ class BackwardView:
     rows: list[int]
     accumulating: bool
     """Whether the step this pass belongs to has several micro-batches (known from the previous step)."""
+    _reads: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def _measured(self) -> list[torch.Tensor | None]:
+        """The gradients with None outside ``rows`` (the rows are local, dense and real)."""
+        if len(self.rows) == len(self.grads):
+            return self.grads
+        keep = set(self.rows)
+        return [g if i in keep else None for i, g in enumerate(self.grads)]
+
+    def samples(self, layout: Layout) -> torch.Tensor:
+        """``(L, S)`` this pass's gradients at the sampled coordinates in ``layout.dtype`` (0 where a tensor has
+        none), as the backward hooks see them (scaled by a GradScaler): one scattered read, shared by the
+        families that ask."""
+        if "samples" not in self._reads:
+            from heavytail.hooks.optimizer import gather_samples
+
+            self._reads["samples"] = gather_samples(
+                self._measured(), layout.sample_index_dev, layout.dtype, fill=0.0, prepared=True
+            )
+        return self._reads["samples"]
+
+    def squared_norms(self, layout: Layout, with_samples: bool = False) -> torch.Tensor:
+        """``(len(rows),)`` the squared norms of the gradients in ``rows`` (``unscaled_squared_norms``), read
+        once per pass whoever asks. ``with_samples``: a later family will ask for ``samples`` too, which the CPU
+        kernel then gathers in the same call, right after the stream."""
+        if "squares" not in self._reads:
+            fused = None
+            if with_samples and layout.kernels is not None and "samples" not in self._reads:
+                fused = layout.kernels.sums_of_squares_and_gather(
+                    self._measured(), layout.sample_index_dev, layout.dtype, 0.0
+                )
+            if fused is None:
+                self._reads["squares"] = unscaled_squared_norms(layout, [self.grads[i] for i in self.rows])
+            else:
+                squares, self._reads["samples"] = fused
+                if len(self.rows) < len(self.grads):
+                    squares = squares[self.rows]
+                self._reads["squares"] = unscaled_squares(layout, squares.to(layout.dtype))
+        return self._reads["squares"]
 
 
 @dataclass
@@ -232,6 +271,11 @@ def unscaled_squared_norms(layout: Layout, tensors: list[torch.Tensor]) -> torch
     else:
         norms = torch.stack(torch._foreach_norm(tensors)).to(layout.dtype)
         squares = norms * norms
+    return unscaled_squares(layout, squares)
+
+
+def unscaled_squares(layout: Layout, squares: torch.Tensor) -> torch.Tensor:
+    """Squared norms read from scaled gradients divided by the GradScaler's squared scale, on the device."""
     scaler = layout.scaler
     if scaler is not None and getattr(scaler, "_scale", None) is not None and scaler.is_enabled():
         scale = scaler._scale.to(squares.dtype)

@@ -9,7 +9,7 @@ import torch
 
 from heavytail.estimators import gns
 from heavytail.estimators.gradient_pass import S2
-from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView, unscaled_squared_norms
+from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView
 from heavytail.transfer import to_device
 
 
@@ -73,7 +73,7 @@ class Gns(Family):
         self._passes += 1
         if self._passes > 1:
             return
-        squares = unscaled_squared_norms(self.layout, [view.grads[i] for i in view.rows])
+        squares = view.squared_norms(self.layout, with_samples=view.accumulating)  # noise's micro-batch samples
         row = self._buffer[len(self._rows), 0]
         if view.rows == self._all_rows:
             row.copy_(squares)

@@ -9,7 +9,6 @@ import torch
 
 from heavytail.estimators import noise
 from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView, unscaled
-from heavytail.hooks.optimizer import gather_samples
 
 SOURCES = ("temporal", "microbatch", "rank")
 RECORDED = {
@@ -91,12 +90,7 @@ class Noise(Family):
         differences are the micro-batch gradients (this rank's own under DDP: this runs before the all-reduce)."""
         if not view.accumulating:
             return
-        grads = view.grads
-        if len(view.rows) < len(grads):
-            keep = set(view.rows)
-            grads = [g if i in keep else None for i, g in enumerate(grads)]
-        # The view's rows are local, dense and real (Monitor._backward_view): the gather takes them as they are.
-        samples = gather_samples(grads, self.layout.sample_index_dev, self.layout.dtype, fill=0.0, prepared=True)
+        samples = view.samples(self.layout)  # shared with the gns family's read of the first pass
         samples = unscaled(self.layout, samples)  # the loss scale may change between steps
         self._micro.append(samples if self._micro_prev is None else samples - self._micro_prev)
         self._micro_prev = samples

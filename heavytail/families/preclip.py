@@ -11,7 +11,7 @@ import torch
 
 from heavytail.distributed import local
 from heavytail.estimators.gradient_pass import S2
-from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView, unscaled_squared_norms
+from heavytail.families.base import BackwardView, Family, HostViews, Record, Slot, StepView
 from heavytail.transfer import to_device
 
 
@@ -79,7 +79,7 @@ class Preclip(Family):
         self._seen = (view.rows, tensors, [g._version for g in tensors])
         if self.mode is Mode.REUSE:
             return
-        squares = unscaled_squared_norms(self.layout, tensors)
+        squares = view.squared_norms(self.layout)  # one process: the gns family's read of the same pass
         measured = torch.full_like(self.state.measured, math.nan)
         measured[to_device(view.rows, self.layout.device, torch.int64)] = squares
         self.state = self.state._replace(measured=measured)

@@ -324,3 +324,41 @@ def test_subnormal_and_zero_denominators_next_to_small_gradients(eps):
     want = gradient_pass([g], sample_index=index, denominators=den)
     got = cpu_pass.cpu_gradient_pass([g], index, den)
     _assert_same(got, want)
+
+
+def test_sums_of_squares_and_gather_equal_the_two_calls():
+    gen = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(5000, generator=gen), None, torch.randn(3, 7, generator=gen).double(), torch.randn(40)]
+    index = torch.stack([torch.randint(0, 21 if i == 2 else 40, (8,), generator=gen) for i in range(4)])
+    index[0] = torch.randint(0, 5000, (8,), generator=gen)
+    squares, samples = cpu_pass.sums_of_squares_and_gather(tensors, index, torch.float32, 0.0)
+    assert torch.equal(squares, cpu_pass.sums_of_squares(tensors))
+    assert torch.equal(samples, cpu_pass.gather(tensors, index, torch.float32, 0.0))
+    assert samples.dtype == torch.float32 and (samples[1] == 0).all()
+
+
+def test_the_first_micro_batch_is_read_once_for_its_norms_and_its_samples(tmp_path, monkeypatch):
+    """Under gradient accumulation the gns family's squared norms and the noise family's micro-batch samples of
+    a step's first pass come from one C call; the later passes only gather."""
+    import heavytail as ht
+    from tests.conftest import TinyNet, tiny_batch
+
+    calls = []
+    for name in ("sums_of_squares", "gather", "sums_of_squares_and_gather"):
+        fn = getattr(cpu_pass, name)
+        monkeypatch.setattr(cpu_pass, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with ht.Monitor(model, opt, every=100, log_dir=tmp_path, track_preclip=False):
+        for step in range(4):
+            if step == 3:
+                calls.clear()
+            for m in range(2):
+                idx, y = tiny_batch(2 * step + m)
+                (torch.nn.functional.mse_loss(model(idx), y) / 2).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    # gather is also the parameter samples' read before and after the update (the updates family)
+    assert calls.count("sums_of_squares_and_gather") == 1 and "sums_of_squares" not in calls
+    assert calls.count("gather") == 1 + 2
