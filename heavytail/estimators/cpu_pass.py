@@ -346,36 +346,13 @@ def gather(
     tensors: Sequence[torch.Tensor | None], sample_index: torch.Tensor, dtype: torch.dtype, fill: float = float("nan")
 ) -> torch.Tensor:
     """Each tensor's entries at its sampled coordinates, ``(L, S)`` in ``dtype`` (``fill`` where None)."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"the CPU kernels are unavailable: {_failure}")
-    table = _table(tensors)
-    index = sample_index.to(torch.int64).contiguous()
-    out = torch.empty(tuple(index.shape), dtype=torch.float64)
-    lib.ht_gather(
-        len(tensors),
-        table.pointers,
-        table.codes,
-        table.numels,
-        index.shape[1],
-        index.data_ptr(),
-        float(fill),
-        out.data_ptr(),
-    )
-    return out if dtype == torch.float64 else out.to(dtype)
+    return _gather(_loaded(), _table(tensors), sample_index, dtype, fill)
 
 
 def sums_of_squares(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """Each tensor's sum of squares, float64 ``(L,)`` (0 for None): squared norms in one C call, one read of each
     tensor, accumulated in float64 (``torch._foreach_norm`` keeps float32 tensors' sums in float32)."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"the CPU kernels are unavailable: {_failure}")
-    table = _table(tensors)
-    out = torch.empty(len(tensors), dtype=torch.float64)
-    if lib.ht_sumsq(len(tensors), table.pointers, table.codes, table.numels, out.data_ptr(), _threads()) != 0:
-        raise MemoryError("heavytail CPU sums of squares: out of memory for its work table")
-    return out
+    return _sums_of_squares(_loaded(), _table(tensors))
 
 
 def sums_of_squares_and_gather(
@@ -383,26 +360,33 @@ def sums_of_squares_and_gather(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sums_of_squares` and :func:`gather` of the same tensors from one table: the gather right after the
     stream finds most sampled entries still in cache."""
+    lib, table = _loaded(), _table(tensors)
+    return _sums_of_squares(lib, table), _gather(lib, table, sample_index, dtype, fill)
+
+
+def _loaded() -> ctypes.CDLL:
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the CPU kernels are unavailable: {_failure}")
-    table = _table(tensors)
-    squares = torch.empty(len(tensors), dtype=torch.float64)
-    if lib.ht_sumsq(len(tensors), table.pointers, table.codes, table.numels, squares.data_ptr(), _threads()) != 0:
-        raise MemoryError("heavytail CPU sums of squares: out of memory for its work table")
+    return lib
+
+
+def _gather(lib, table: _Table, sample_index: torch.Tensor, dtype: torch.dtype, fill: float) -> torch.Tensor:
     index = sample_index.to(torch.int64).contiguous()
-    samples = torch.empty(tuple(index.shape), dtype=torch.float64)
+    out = torch.empty(tuple(index.shape), dtype=torch.float64)
+    n = len(table.tensors)
     lib.ht_gather(
-        len(tensors),
-        table.pointers,
-        table.codes,
-        table.numels,
-        index.shape[1],
-        index.data_ptr(),
-        float(fill),
-        samples.data_ptr(),
+        n, table.pointers, table.codes, table.numels, index.shape[1], index.data_ptr(), float(fill), out.data_ptr()
     )
-    return squares, samples if dtype == torch.float64 else samples.to(dtype)
+    return out if dtype == torch.float64 else out.to(dtype)
+
+
+def _sums_of_squares(lib, table: _Table) -> torch.Tensor:
+    n = len(table.tensors)
+    out = torch.empty(n, dtype=torch.float64)
+    if lib.ht_sumsq(n, table.pointers, table.codes, table.numels, out.data_ptr(), _threads()) != 0:
+        raise MemoryError("heavytail CPU sums of squares: out of memory for its work table")
+    return out
 
 
 def top_magnitudes(

@@ -138,11 +138,7 @@ def update(
     (they normally are); the other two EMAs take each step's own. About 40 elementwise ops on ``(L + 1,)``; no host
     read.
     """
-    b, B = float(b), float(B)
-    if not (0 < b < B and math.isfinite(B)):
-        raise ValueError(f"gns.update needs 0 < b < B, got b={b!r}, B={B!r}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"gns.update needs 0 <= beta <= 1, got {beta!r}")
+    b, B = _checked(b, B, beta, "update")
     dt = state.grad_sq.dtype
     s = small_sq.detach().reshape(-1).to(dt)
     S = big_sq.detach().reshape(-1).to(dt)
@@ -178,6 +174,15 @@ def update(
     )
 
 
+def _checked(b: float, B: float, beta: float, name: str) -> tuple[float, float]:
+    b, B = float(b), float(B)
+    if not (0 < b < B and math.isfinite(B)):
+        raise ValueError(f"gns.{name} needs 0 < b < B, got b={b!r}, B={B!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"gns.{name} needs 0 <= beta <= 1, got {beta!r}")
+    return b, B
+
+
 def update_many(
     state: GnsState,
     small_sq: torch.Tensor,
@@ -194,11 +199,7 @@ def update_many(
     The recursion m_t = m_{t-1} + w_t (x_t - m_{t-1}) unrolls to m_T = P_1 m_0 + sum_t w_t x_t P_{t+1}, with
     P_t = prod_{j >= t} (1 - w_j): a reversed cumulative product. Every factor lies in [0, 1] and a row's first
     step has w = 1, so the products only shrink towards 0 and nothing is divided."""
-    b, B = float(b), float(B)
-    if not (0 < b < B and math.isfinite(B)):
-        raise ValueError(f"gns.update_many needs 0 < b < B, got b={b!r}, B={B!r}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"gns.update_many needs 0 <= beta <= 1, got {beta!r}")
+    b, B = _checked(b, B, beta, "update_many")
     dt = state.grad_sq.dtype
     T = small_sq.shape[0]
     if T == 0:
