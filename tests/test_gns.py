@@ -178,15 +178,29 @@ def test_the_buffered_steps_fold_in_as_an_ema_across_the_fold_and_a_change_of_ac
     assert last["gns/grad_sq"] == pytest.approx(ema["g"], rel=1e-6)
     assert last["gns/trace_sigma"] == pytest.approx(ema["t"], rel=1e-6)
 
+    # Steps of 2, then of 3 micro-batches (b = 1, B = 2 or 3): each step's estimates with its own B, running mean.
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     mon = heavytail.Monitor(model, opt, config=MonitorConfig(log_dir=str(tmp_path / "b"), every=100, gns_beta=1.0))
-    _accumulating_steps(model, opt, 4, 0, accumulate=2)
-    _accumulating_steps(model, opt, 1, 4, accumulate=3)
+    estimates, batch = [], 0
+    for passes in [2, 2, 2, 2, 3, 3]:
+        for m in range(passes):
+            idx, y = tiny_batch(batch, batch=8)
+            batch += 1
+            (torch.nn.functional.mse_loss(model(idx), y) / passes).backward()
+            if m == 0:
+                s = sum(float((p.grad.double() * passes).pow(2).sum()) for p in model.parameters())
+        S = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters())
+        estimates.append(((passes * S - s) / (passes - 1), (s - S) / (1 - 1 / passes)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     state = mon.families["gns"].state_tensors()
-    assert state["count"][-1].item() == 4.0  # 3 steps of 2 (the first is not seen), 1 of 3
+    assert state["count"][-1].item() == 5.0  # the first step is not seen
     assert (state["small_batch"][-1].item(), state["big_batch"][-1].item()) == (1.0, 3.0)
+    want = np.mean(estimates[1:], axis=0)
+    assert state["grad_sq"][-1].item() == pytest.approx(want[0], rel=1e-6)
+    assert state["trace_sigma"][-1].item() == pytest.approx(want[1], rel=1e-6)
     mon.close()
 
 

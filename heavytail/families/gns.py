@@ -48,7 +48,7 @@ class Gns(Family):
 
     FOLD_STEPS = 32
     """Steps whose squared norms wait in a buffer before one ``estimators.gns.update_many`` folds them into the
-    EMAs (and at every checkpoint and ``state_dict``): a step then costs five copies instead of some 60 small ops."""
+    EMAs (and at every checkpoint and ``state_dict``): a step then costs six copies instead of some 60 small ops."""
 
     def __init__(self, layout) -> None:
         super().__init__(layout)
@@ -60,6 +60,7 @@ class Gns(Family):
         # Per buffered step: the first pass's squared norms (NaN where none), the step's own, preclip's (NaN where
         # it has none), and the step's valid mask; the host keeps each row's passes and the rows' common B.
         self._buffer = torch.full((self.FOLD_STEPS, 4, L), math.nan, device=dev, dtype=dt)
+        self._first_row = torch.full((L,), math.nan, device=dev, dtype=dt)  # this step's first pass, until update
         self._rows: list[int] = []  # passes of each buffered step
         self._all_rows = list(range(L))
         unit_index = layout.unit_index() if layout.grouped else np.arange(layout.num_layers)
@@ -74,7 +75,7 @@ class Gns(Family):
         if self._passes > 1:
             return
         squares = view.squared_norms(self.layout, with_samples=view.accumulating)  # noise's micro-batch samples
-        row = self._buffer[len(self._rows), 0]
+        row = self._first_row
         if view.rows == self._all_rows:
             row.copy_(squares)
         else:
@@ -93,6 +94,7 @@ class Gns(Family):
         if self._rows and self._rows[0] != passes:  # the EMAs' fold takes one B at a time
             self._fold()
         row = self._buffer[len(self._rows)]
+        row[0].copy_(self._first_row)
         row[1].copy_(view.stats[:, S2])
         # The big batch before clipping: what preclip measured this step, else the step's own gradient.
         big = view.extra.get("preclip_sq")
