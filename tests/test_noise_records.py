@@ -167,3 +167,12 @@ def test_a_group_pools_its_members_coordinates(tmp_path):
     metrics = read_records(tmp_path)[-1]["metrics"]
     window = g[-WINDOW:].transpose(1, 2, 0).reshape(2 * DIM, WINDOW).astype(np.float64)  # both members' coordinates
     _check(metrics, "noise/", ref.tail(window, np.ones_like(window, dtype=bool), min_count=50), name="P")
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 8])
+def test_the_micro_batch_median_is_quantile_one_half(m):
+    from heavytail.families.noise import median
+
+    x = torch.randn(m, 6, 32, generator=torch.Generator().manual_seed(m), dtype=torch.float64)
+    x[:, 0, :3] = x[0, 0, :3]  # ties
+    torch.testing.assert_close(median(x), x.quantile(0.5, dim=0), rtol=0, atol=1e-15)
