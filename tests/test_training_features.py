@@ -73,7 +73,7 @@ def test_bf16_autocast(tmp_path):
         observe = mon.observe_loss
 
         def observe_and_keep(loss):
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             observe(loss)
 
         mon.observe_loss = observe_and_keep
