@@ -123,7 +123,10 @@ def test_soak_20000_steps_memory_hooks_and_files_stay_flat(tmp_path):
     rss_growth = int(rss[len(rss) // 2 :].max() - rss[0])
     trace_growth = int(traced[-1] - traced[0])
     top = "\n".join(str(s) for s in grown[:5])
-    assert block_growth < 1_000, f"Python heap grew by {block_growth} blocks"
+    # The bound catches a leak of one block every four steps (9,000 steps from WARM to the end); without a leak the
+    # growth measured 925-1,138 blocks on this machine (2026-12-06, before and after that day's changes alike), so
+    # a bound of 1,000 was inside the noise. The traced bytes below are the finer check.
+    assert block_growth < 2_500, f"Python heap grew by {block_growth} blocks"
     assert rss_growth < 8 << 20, f"RSS grew by {rss_growth / 2**20:.1f} MiB"
     assert trace_growth < 32 << 10, f"traced Python memory grew by {trace_growth} B over {TRACE}:\n{top}"
 
