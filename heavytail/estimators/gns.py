@@ -139,27 +139,9 @@ def update(
     read.
     """
     b, B = _checked(b, B, beta, "update")
-    dt = state.grad_sq.dtype
-    s = small_sq.detach().reshape(-1).to(dt)
-    S = big_sq.detach().reshape(-1).to(dt)
-    ok = torch.isfinite(s) & torch.isfinite(S) & (s >= 0) & (S >= 0)
-    if valid is not None:
-        ok = ok & valid.reshape(-1).to(device=ok.device, dtype=torch.bool)
-    okf = ok.to(dt)
-    s = torch.where(ok, s, 0.0)
-    S = torch.where(ok, S, 0.0)
-    # The whole model's row: its squared norms are the sums over the tensors measured this step.
-    s = torch.cat([s, s.sum().reshape(1)])
-    S = torch.cat([S, S.sum().reshape(1)])
-    okf = torch.cat([okf, okf.amax().reshape(1) if okf.numel() else okf.new_zeros(1)])
-    # No gradient at all (s = S = 0): nothing to measure.
-    okf = okf * ((s + S) > 0).to(dt)
-
-    k = B / b
-    grad_sq = (B * S - b * s) / (B - b)
-    trace = (s - S) / (1.0 / b - 1.0 / B)
-    # s / S is inf for S = 0 < s and NaN for s = S = 0 (a row left out above); the clamp bounds both ends.
-    log_ratio = torch.log(torch.nan_to_num(s / S, nan=1.0).clamp(1.0 / (k * k), k * k))
+    okf, grad_sq, trace, log_ratio = (
+        t[0] for t in _estimates(state.grad_sq.dtype, small_sq.reshape(1, -1), big_sq.reshape(1, -1), b, B, valid)
+    )
 
     count = state.count + okf
     # max(1 - beta, 1/n) on the rows that take the step, 0 on the others: count is at least 1 where okf is 1.
@@ -183,6 +165,33 @@ def _checked(b: float, B: float, beta: float, name: str) -> tuple[float, float]:
     return b, B
 
 
+def _estimates(dt: torch.dtype, small_sq: torch.Tensor, big_sq: torch.Tensor, b: float, B: float, valid):
+    """Per step ``(T, L + 1)``: whether each row takes the step (0/1), and its |G|^2, tr(Sigma) and clamped log
+    norm ratio (see ``update``); the last column is the whole model."""
+    T = small_sq.shape[0]
+    s = small_sq.detach().reshape(T, -1).to(dt)
+    S = big_sq.detach().reshape(T, -1).to(dt)
+    ok = torch.isfinite(s) & torch.isfinite(S) & (s >= 0) & (S >= 0)
+    if valid is not None:
+        ok = ok & valid.reshape(T, -1).to(device=ok.device, dtype=torch.bool)
+    okf = ok.to(dt)
+    s = torch.where(ok, s, 0.0)
+    S = torch.where(ok, S, 0.0)
+    # The whole model's row: its squared norms are the sums over the tensors measured this step.
+    s = torch.cat([s, s.sum(dim=1, keepdim=True)], dim=1)
+    S = torch.cat([S, S.sum(dim=1, keepdim=True)], dim=1)
+    whole = okf.amax(dim=1, keepdim=True) if okf.shape[1] else okf.new_zeros(T, 1)
+    # No gradient at all (s = S = 0): nothing to measure.
+    okf = torch.cat([okf, whole], dim=1) * ((s + S) > 0).to(dt)
+
+    k = B / b
+    grad_sq = (B * S - b * s) / (B - b)
+    trace = (s - S) / (1.0 / b - 1.0 / B)
+    # s / S is inf for S = 0 < s and NaN for s = S = 0 (a row left out above); the clamp bounds both ends.
+    log_ratio = torch.log(torch.nan_to_num(s / S, nan=1.0).clamp(1.0 / (k * k), k * k))
+    return okf, grad_sq, trace, log_ratio
+
+
 def update_many(
     state: GnsState,
     small_sq: torch.Tensor,
@@ -200,27 +209,10 @@ def update_many(
     P_t = prod_{j >= t} (1 - w_j): a reversed cumulative product. Every factor lies in [0, 1] and a row's first
     step has w = 1, so the products only shrink towards 0 and nothing is divided."""
     b, B = _checked(b, B, beta, "update_many")
-    dt = state.grad_sq.dtype
     T = small_sq.shape[0]
     if T == 0:
         return state
-    s = small_sq.detach().reshape(T, -1).to(dt)
-    S = big_sq.detach().reshape(T, -1).to(dt)
-    ok = torch.isfinite(s) & torch.isfinite(S) & (s >= 0) & (S >= 0)
-    if valid is not None:
-        ok = ok & valid.reshape(T, -1).to(device=ok.device, dtype=torch.bool)
-    okf = ok.to(dt)
-    s = torch.where(ok, s, 0.0)
-    S = torch.where(ok, S, 0.0)
-    s = torch.cat([s, s.sum(dim=1, keepdim=True)], dim=1)
-    S = torch.cat([S, S.sum(dim=1, keepdim=True)], dim=1)
-    whole = okf.amax(dim=1, keepdim=True) if okf.shape[1] else okf.new_zeros(T, 1)
-    okf = torch.cat([okf, whole], dim=1) * ((s + S) > 0).to(dt)
-
-    k = B / b
-    grad_sq = (B * S - b * s) / (B - b)
-    trace = (s - S) / (1.0 / b - 1.0 / B)
-    log_ratio = torch.log(torch.nan_to_num(s / S, nan=1.0).clamp(1.0 / (k * k), k * k))
+    okf, grad_sq, trace, log_ratio = _estimates(state.grad_sq.dtype, small_sq, big_sq, b, B, valid)
 
     count = state.count + okf.cumsum(dim=0)
     weight = okf * torch.clamp(1.0 / count.clamp_min(1.0), min=1.0 - beta)
