@@ -26,7 +26,7 @@ class Spikes(Family):
     record keys: its output is alerts."""
 
     name = "spikes"
-    version = 3  # v1 held a SpikeState; v2 the DetectorState of the calibrated detector; v3 adds its threshold
+    version = 4  # v1 held a SpikeState; v2 the DetectorState of the calibrated detector; v3 adds its threshold; v4 the drift rule's slow level
     report_sections = ("sec-alerts",)
     alert_rules = ("loss_spike", "grad_spike", "nonfinite_grad", "hidden_spike")
 
