@@ -94,10 +94,10 @@ CALIBRATED_WARMUP = 50
 # moments of its increments, which rest on too few values before (a short test warm-up must not make it fire).
 DRIFT_START = 20
 # Half-life in steps of the slow level (an EWMA without trend, a running mean for its first 1 / rate values) the
-# CUSUM scores values against. Measured on issue 14's ramps (24 per condition and seed; docs/spike-detection.md):
-# ramps flagged before half done 0.82 against the forecast, 0.93 at 30, 0.94 at 50 and 0.97 at 100, with at
-# most one more false alert per 10^4 steps in two cells (5% noise) at 100.
-DRIFT_HALFLIFE = 100.0
+# CUSUM scores values against. Measured on issue 14's ramps (24 per condition and seed; docs/spike-detection.md),
+# fraction flagged before half done with the allowance 1.0: 0.94 at 50 and 100 (0.87, 0.87, 0.86, 0.84 and 0.78
+# at 30, 50, 100, 200 and 400 with the allowance 0.5; 0.82 against the forecast); no false alert more.
+DRIFT_HALFLIFE = 50.0
 
 
 def _rate(halflife: float) -> float:
@@ -177,9 +177,13 @@ class SpikeConfig:
     """Used by ``detect`` only: compare the score with the threshold calibrated to ``false_alarm_rate`` from the
     stream's own score tail (True), or with the fixed ``threshold`` (False, the rule of ``update``)."""
 
-    drift_allowance: float = 0.5
-    """Used by ``detect`` only: the CUSUM's allowance k, in score units. Each step adds min(score, clip) - k to the
-    drift statistic, so healthy noise (mean score about 0) drains it and a run of scores above k fills it."""
+    drift_allowance: float = 1.0
+    """Used by ``detect`` only: the CUSUM's allowance k, in score units. Each step adds min(z_slow, clip) - k to
+    the drift statistic (z_slow: the value's distance from the slow level), so healthy noise (mean about 0) drains
+    it and a run of values more than k above the level fills it. 1.0 rather than 0.5 (the classic half of a
+    one-sigma shift): a ramp's distance passes 1 within a few steps, and the limit, set from the noise's increments
+    whose mean falls with k, halves; on issue 14's ramps 0.87 were flagged before half done at 0.5, 0.94 at 0.75
+    and 1.0, 0.83 at 1.5, with the same false alerts (docs/spike-detection.md)."""
 
     drift_streams: int | None = None
     """Used by ``detect`` only: the slow-divergence rule watches the first this many streams (``None``: all). The
@@ -726,6 +730,10 @@ def detect(
     has_level = forecast.count > TAIL_START
     drift_score = torch.where(has_level, (y_now - state.drift_level) / sigma, score)
     step = torch.clamp(drift_score, max=config.clip) - config.drift_allowance
+    # The limit comes from the moments of the forecast's clipped scores, the stream's stationary noise: those of
+    # the slow level's would be far below zero while the loss falls (its values lie under the level), and a limit
+    # set by them collapses (h ~ Var X / |E X|) and flags the first bump once the loss flattens.
+    noise_step = torch.clamp(score, max=config.clip) - config.drift_allowance
     a = torch.clamp(1.0 / forecast.count.clamp_min(1).to(score.dtype), min=_rate(DRIFT_HALFLIFE))
     level_next = torch.where(forecast.count > 0, state.drift_level + a * (y_now - state.drift_level), y_now)
     drift_level = torch.where(valid, level_next, state.drift_level)
@@ -743,8 +751,10 @@ def detect(
     started = (forecast.count - TAIL_START + 1).clamp_min(1).to(step.dtype)
     g = torch.clamp(1.0 / started, min=_rate(config.scale_halflife))
     moments = in_tail
-    drift_mean = torch.where(moments, state.drift_mean + g * (step - state.drift_mean), state.drift_mean)
-    drift_square = torch.where(moments, state.drift_square + g * (step * step - state.drift_square), state.drift_square)
+    drift_mean = torch.where(moments, state.drift_mean + g * (noise_step - state.drift_mean), state.drift_mean)
+    drift_square = torch.where(
+        moments, state.drift_square + g * (noise_step * noise_step - state.drift_square), state.drift_square
+    )
 
     new_state = DetectorState(
         *new_forecast,
