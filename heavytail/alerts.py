@@ -262,8 +262,8 @@ class AlertEngine:
             if n["drift"]:
                 text = (
                     f"{subject} at step {step}: slow divergence, observed {n['value']:.4g}, expected "
-                    f"{n['expected']:.4g} (the detector's forecast): the forecast errors have stayed high for several "
-                    f"steps (a CUSUM over its limit, {how})"
+                    f"{n['expected']:.4g} (the detector's forecast): the values have stayed above their slow level for "
+                    f"several steps (a CUSUM over its limit, {how})"
                 )
             else:
                 text = (
