@@ -687,11 +687,12 @@ def detect(
 
        with z_slow = (y - L) / sigma the value's distance from a slow level L (an EWMA of y without trend,
        half-life ``DRIFT_HALFLIFE``; the forecast's sigma), k = ``drift_allowance`` and h = log(1 / rate) *
-       Var X / (2 |E X|) from the running moments of the increment X = min(z_slow, clip) - k (the exponential
-       bound P(D > h) <= exp(-theta h)). Clipping keeps a spike to one increment of clip - k, so only a run of
-       raised values fills it: a loss ramping up, whose distance from the slow level grows with the ramp (the
-       forecast's own trend follows a ramp of tens of steps, and its scores stay small). A falling loss lies
-       under its slow level, so healthy training keeps the CUSUM at 0. A drift flag also needs the value to have risen by the rtol/atol gate
+       Var X / (2 |E X|) from the running moments of X = min(z, clip) - k, the increment the forecast's own
+       scores z would add: the stream's stationary noise (the exponential bound P(D > h) <= exp(-theta h)).
+       Clipping keeps a spike to one increment of clip - k, so only a run of raised values fills it: a loss
+       ramping up, whose distance from the slow level grows with the ramp (the forecast's own trend follows a
+       ramp of tens of steps, and its scores stay small). A falling loss lies under its slow level, so healthy
+       training keeps the CUSUM at 0. A drift flag also needs the value to have risen by the rtol/atol gate
        over the forecast at which the run began (``drift_anchor``), so that a nearly noise-free curve, whose
        scores sit on one side of its forecast for long stretches, does not flag a rise of a few parts per
        thousand;
@@ -724,9 +725,9 @@ def detect(
     # forecast's trend follows a loss that ramps up over tens of steps, its scores stay near 1 and the CUSUM never
     # fills; against the slow level the ramp's scores grow with its length. A falling loss lies below its slow level
     # (negative scores), so healthy training only makes the CUSUM more conservative.
-    f_now = forecast.level + forecast.trend
-    sigma = _sigma(forecast.scale, f_now, forecast.log_domain)
-    y_now = f_now + score * sigma  # the value in the forecast's domain (score = (y - f) / sigma)
+    forecast_now = forecast.level + forecast.trend
+    sigma = _sigma(forecast.scale, forecast_now, forecast.log_domain)
+    y_now = forecast_now + score * sigma  # the value in the forecast's domain (score = (y - f) / sigma)
     has_level = forecast.count > TAIL_START
     drift_score = torch.where(has_level, (y_now - state.drift_level) / sigma, score)
     step = torch.clamp(drift_score, max=config.clip) - config.drift_allowance
@@ -734,12 +735,11 @@ def detect(
     # the slow level's would be far below zero while the loss falls (its values lie under the level), and a limit
     # set by them collapses (h ~ Var X / |E X|) and flags the first bump once the loss flattens.
     noise_step = torch.clamp(score, max=config.clip) - config.drift_allowance
+    # A running mean from the second value (a = 1 there: the first has no score, so no y_now), then an EWMA.
     a = torch.clamp(1.0 / forecast.count.clamp_min(1).to(score.dtype), min=_rate(DRIFT_HALFLIFE))
-    level_next = torch.where(forecast.count > 0, state.drift_level + a * (y_now - state.drift_level), y_now)
-    drift_level = torch.where(valid, level_next, state.drift_level)
+    drift_level = torch.where(valid, state.drift_level + a * (y_now - state.drift_level), state.drift_level)
     limit = torch.where(warmed, _drift_limit(state, rate), math.inf)
     cusum = torch.where(in_tail, (state.drift + step).clamp_min(0.0), state.drift)
-    forecast_now = forecast.level + forecast.trend
     baseline = torch.where(forecast.log_domain, torch.exp(forecast_now), forecast_now)
     anchor = torch.where(state.drift > 0, state.drift_anchor, baseline)
     x_now = x.detach().reshape(baseline.shape).to(baseline.dtype)
