@@ -15,6 +15,13 @@ tolerance, and its misses moved from row to row between seed sets; the median of
 
     PYTHONPATH=. python benchmarks/calibration.py [--seeds 21] [--sources temporal,microbatch,probe] [--noise-window 32]
     PYTHONPATH=. python benchmarks/calibration.py --sources rank [--seeds 21]
+    PYTHONPATH=. python benchmarks/calibration.py --pure [--seeds 201]
+
+``--pure`` measures the estimator's own bias on each source's deviations without the Monitor (seconds for hundreds
+of seeds): S x W draws of each power law, taken as the sources take them (one draw around its coordinate's median,
+as the temporal source; each of four micro-batches around their median; half the difference of two ranks' draws),
+read by ``noise_tail``, with the median's standard error at the table's seed count (bootstrap). It tells a bias
+from the spread of a median over a few seeds.
 
 The last line is ``calibrated=X/Y``.
 """
@@ -26,6 +33,9 @@ import math
 import statistics
 import time
 from collections import Counter
+
+import numpy as np
+import torch
 
 from heavytail.workload.noise_laws import LAWS, SCALES, SOURCES, run_source
 
@@ -89,9 +99,62 @@ def calibrate(
     return rows
 
 
+PURE_STRUCTURES = ("temporal", "microbatch", "rank")
+
+
+def pure_deviations(law: str, structure: str, rng, coords: int = 256, window: int = 16):
+    """``(deviations, draws)`` of shape ``(coords, window)`` as one source builds them from i.i.d. draws of ``law``."""
+    spec = LAWS[law]
+    if structure == "temporal":
+        x = spec.draw(rng, (coords, window))
+        return x - np.median(x, axis=1, keepdims=True), x
+    if structure == "microbatch":  # four micro-batches a step, each around the step's median
+        x = spec.draw(rng, (coords, window // 4, 4))
+        return (x - np.median(x, axis=2, keepdims=True)).reshape(coords, window), x.reshape(coords, window)
+    if structure == "rank":  # two ranks: each rank's gradient minus their mean
+        x0, x1 = spec.draw(rng, (coords, window)), spec.draw(rng, (coords, window))
+        return (x0 - x1) / 2, x0
+    raise ValueError(f"unknown structure {structure!r}")
+
+
+def pure_bias(law: str, structure: str, seeds: int, table_seeds: int = SEEDS) -> dict:
+    """The median of alpha / truth over ``seeds`` pure-model readings, one reading's median |error|, and the
+    standard error of a ``table_seeds``-seed median (2,000 bootstrap medians)."""
+    from heavytail.estimators.noise import noise_tail
+
+    ratios = []
+    for seed in range(seeds):
+        dev, draws = pure_deviations(law, structure, np.random.default_rng(seed))
+        as_tensor = lambda a: torch.tensor(a[None], dtype=torch.float32)  # noqa: E731
+        out = noise_tail(as_tensor(dev), torch.ones((1, *dev.shape), dtype=torch.bool), as_tensor(draws), 100)
+        ratios.append(float(out.alpha[0]) / LAWS[law].alpha)
+    ratios = np.array(ratios)
+    boot = np.random.default_rng(0)
+    se = float(np.std([np.median(boot.choice(ratios, table_seeds)) for _ in range(2000)]))
+    return dict(bias=float(np.median(ratios) - 1), spread=float(np.median(np.abs(ratios - 1))), se=se)
+
+
+def pure_table(seeds: int, laws=None) -> None:
+    laws = [law for law in (laws or LAWS) if LAWS[law].truth == "power"]
+    print(
+        f"pure-model readings of noise_tail, {seeds} seeds: median bias / one reading's median |error| / "
+        f"standard error of a {SEEDS}-seed median"
+    )
+    print(f"{'law':14s}" + "".join(f"{s:>26s}" for s in PURE_STRUCTURES))
+    worst = 0.0
+    for law in laws:
+        cells = []
+        for structure in PURE_STRUCTURES:
+            r = pure_bias(law, structure, seeds)
+            worst = max(worst, abs(r["bias"]))
+            cells.append(f"{r['bias']:+.3f} / {r['spread']:.2f} / {r['se']:.3f}")
+        print(f"{law:14s}" + "".join(f"{c:>26s}" for c in cells), flush=True)
+    print(f"worst_pure_bias={worst:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=SEEDS)
+    parser.add_argument("--seeds", type=int, default=None, help=f"default {SEEDS}; 201 with --pure")
     parser.add_argument(
         "--sources",
         default=",".join(SOURCES),
@@ -101,14 +164,18 @@ def main() -> None:
     parser.add_argument("--laws", default=",".join(LAWS))
     parser.add_argument("--scales", default=",".join(SCALES))
     parser.add_argument("--noise-window", type=int, default=None, help="MonitorConfig.noise_window (default: its own)")
+    parser.add_argument("--pure", action="store_true", help="the estimator's bias on each source's pure model")
     args = parser.parse_args()
+    if args.pure:
+        pure_table(args.seeds or 201, laws=args.laws.split(","))
+        return
     config = {} if args.noise_window is None else {"noise_window": args.noise_window}
     start = time.perf_counter()
     rows = calibrate(
         laws=args.laws.split(","),
         scales=args.scales.split(","),
         sources=args.sources.split(","),
-        seeds=args.seeds,
+        seeds=args.seeds or SEEDS,
         **config,
     )
     print(f"({time.perf_counter() - start:.0f} s; per seed: alpha and the verdict's initial)")

@@ -261,3 +261,15 @@ def test_profile_families_prints_every_family_and_the_final_line():
     for line in ("moments", "memory", "spike detect", "alert rules", "step view", "packer", "hooks"):
         assert re.search(rf"^{line}\s+{NUMBER}", proc.stdout, re.M), proc.stdout
     assert re.fullmatch(rf"profile( \w+={NUMBER})+", last_line(proc)), last_line(proc)
+
+
+def test_calibration_pure_model_prints_each_source_and_the_worst_bias():
+    proc = run("calibration.py", "--pure", "--seeds", "5", "--laws", "t(3),gauss")
+    lines = proc.stdout.strip().splitlines()
+    assert lines[1].split() == ["law", "temporal", "microbatch", "rank"]
+    row = lines[2].split()
+    assert row[0] == "t(3)" and len(lines) == 4  # gauss has no alpha to compare: left out
+    biases = [float(row[i]) for i in (1, 6, 11)]
+    assert all(abs(b) < 0.5 for b in biases), row
+    assert re.fullmatch(rf"worst_pure_bias={NUMBER}", last_line(proc))
+    assert float(last_line(proc).split("=")[1]) == max(abs(b) for b in biases)
