@@ -12,12 +12,13 @@ from tests.estimators.test_hill import ref_hill, ref_regression
 CODES = {"light": 0.0, "power": 1.0, "sparse": 2.0}
 
 
-def standardised(a: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """Per coordinate (row), each ok |value| over the mean of the row's other ok |values|, in a loop."""
+def standardised(a: np.ndarray, ok: np.ndarray, min_others: int = 1) -> np.ndarray:
+    """Per coordinate (row), each ok |value| over the mean of the row's other ok |values| (at least
+    ``min_others`` of them), in a loop."""
     out = []
     for row, keep in zip(np.abs(a), ok):
         vals = row[keep]
-        if len(vals) < 2:
+        if len(vals) < 1 + min_others:
             continue
         for j, v in enumerate(vals):
             others = np.delete(vals, j).mean()
@@ -26,7 +27,8 @@ def standardised(a: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return np.array(out)
 
 
-def coordinate_kurtosis(dev: np.ndarray, ok: np.ndarray) -> float:
+def coordinate_kurtoses(dev: np.ndarray, ok: np.ndarray) -> list[float]:
+    """Each usable coordinate's (row's) excess kurtosis over its ok draws, in a loop."""
     values = []
     for row, keep in zip(dev, ok):
         x = row[keep]
@@ -36,24 +38,42 @@ def coordinate_kurtosis(dev: np.ndarray, ok: np.ndarray) -> float:
         m2 = np.mean(c**2)
         if m2 > 0:
             values.append(np.mean(c**4) / m2**2 - 3)
+    return values
+
+
+def coordinate_kurtosis(dev: np.ndarray, ok: np.ndarray) -> float:
+    values = coordinate_kurtoses(dev, ok)
     return float(np.mean(values)) if values else math.nan
 
 
 def tail(draws: np.ndarray, ok: np.ndarray, dev: np.ndarray | None = None, min_count: int = 1000) -> dict:
     """The reading of ``draws`` (S coordinates x W draws; ``ok`` which exist), deviations ``dev`` (default: the
     draws minus each coordinate's median)."""
-    draws = np.where(ok, draws.astype(np.float64), 0.0)
-    if dev is None:
-        med = np.array([np.median(r[k]) if k.any() else 0.0 for r, k in zip(draws, ok)])
-        dev = draws - med[:, None]
-    dev = np.where(ok, dev, 0.0)
-    peak = np.abs(draws).max(axis=1, keepdims=True)
-    active = ok & (np.abs(draws) > 1e-4 * peak)
-    n_valid = ok.sum()
-    active_frac = active.sum() / n_valid
+    return tail_windows([(draws, ok, dev)], min_count)
+
+
+def tail_windows(windows: list, min_count: int = 1000, size: int = 1024) -> dict:
+    """The reading of several windows ``(draws, ok, dev)`` pooled (a checkpoint's tally): each window
+    standardised on its own (the active draws' variant where the window is sparse), the values pooled, the
+    verdict from the total active fraction, k = n // 20 at most ``size - 1``."""
+    zs, n_valid, n_active, kurt = [], 0, 0, []
+    for draws, ok, dev in windows:
+        draws = np.where(ok, draws.astype(np.float64), 0.0)
+        if dev is None:
+            med = np.array([np.median(r[k]) if k.any() else 0.0 for r, k in zip(draws, ok)])
+            dev = draws - med[:, None]
+        dev = np.where(ok, dev, 0.0)
+        peak = np.abs(draws).max(axis=1, keepdims=True)
+        active = ok & (np.abs(draws) > 1e-4 * peak)
+        n_valid += ok.sum()
+        n_active += active.sum()
+        window_sparse = active.sum() < 0.5 * ok.sum()
+        zs.append(standardised(draws, active, 3) if window_sparse else standardised(dev, ok & (dev != 0)))
+        kurt.extend(coordinate_kurtoses(dev, ok))
+    z = np.concatenate(zs)
+    active_frac = n_active / n_valid
     sparse = active_frac < 0.5
-    z = standardised(draws, active) if sparse else standardised(dev, ok & (dev != 0))
-    k = max(len(z) // 20, 10)  # the pooled values are read at n / 20 of them
+    k = min(max(len(z) // 20, 10), size - 1)  # read at n / 20, at most the tally's size less one
     alpha, se = ref_regression(z, k)
     dedh = ref_dedh(z, k)
     computed, has_alpha = n_valid >= min_count, len(z) >= min_count
@@ -66,7 +86,7 @@ def tail(draws: np.ndarray, ok: np.ndarray, dev: np.ndarray | None = None, min_c
     return dict(
         hill_alpha=alpha if has_alpha else math.nan,
         hill_alpha_se=se if has_alpha else math.nan,
-        kurtosis=coordinate_kurtosis(dev, ok) if computed else math.nan,
+        kurtosis=float(np.mean(kurt)) if computed and kurt else math.nan,
         tail_class=verdict,
         active_frac=active_frac,
     )

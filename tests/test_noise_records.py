@@ -43,25 +43,52 @@ def _monitor(model, tmp_path, **kwargs):
     return mon, opt
 
 
-@pytest.mark.parametrize(
-    "law, kernel", [("t(3)", "auto"), ("t(3)", "torch"), ("gauss", "auto"), ("bernoulli(0.05)", "auto")]
-)
-def test_temporal_noise_keys(tmp_path, law, kernel):
-    steps = WINDOW + 5
-    g = _draws(law, steps, seed=1)
-    model = NoiseModel(DIM)
-    mon, opt = _monitor(model, tmp_path, every=steps, kernel=kernel)
+def _train(model, mon, opt, g) -> None:
     with mon:
         for xi in g:
             model(torch.from_numpy(xi)).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+
+def _ones(window: np.ndarray) -> np.ndarray:
+    return np.ones_like(window, dtype=bool)
+
+
+@pytest.mark.parametrize(
+    "law, kernel", [("t(3)", "auto"), ("t(3)", "torch"), ("gauss", "auto"), ("bernoulli(0.05)", "auto")]
+)
+def test_temporal_noise_keys(tmp_path, law, kernel):
+    """A checkpoint reads every full window since the previous one, pooled: two windows here (the first push has
+    no EMA to deviate from and is not a draw), and not the five steps of the third."""
+    steps = 2 * WINDOW + 5
+    g = _draws(law, steps, seed=1)
+    model = NoiseModel(DIM)
+    mon, opt = _monitor(model, tmp_path, every=steps, kernel=kernel)
+    _train(model, mon, opt, g)
     metrics = read_records(tmp_path)[-1]["metrics"]
-    window = g[-WINDOW:].T.astype(np.float64)  # (S, W): the ring's last W steps
-    expected = ref.tail(window, np.ones_like(window, dtype=bool), min_count=50)
+    windows = [g[1:WINDOW].T.astype(np.float64), g[WINDOW : 2 * WINDOW].T.astype(np.float64)]
+    expected = ref.tail_windows([(w, _ones(w), None) for w in windows], min_count=50)
     _check(metrics, "noise/", expected)
     if law.startswith("bernoulli"):
         assert expected["tail_class"] == ref.CODES["sparse"]  # the sparse path is the one checked
+
+
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
+def test_a_checkpoint_without_a_full_window_reads_the_ring(tmp_path, kernel):
+    """Checkpoints every W / 2 steps: the first and third see no window fill and read the ring as it stands (steps
+    2 to W / 2; the last W steps); the second and fourth read the window folded since (steps 1-W, W+1 to 2W)."""
+    every = WINDOW // 2
+    g = _draws("t(3)", 4 * every, seed=3)
+    model = NoiseModel(DIM)
+    mon, opt = _monitor(model, tmp_path, every=every, kernel=kernel)
+    _train(model, mon, opt, g)
+    records = read_records(tmp_path)
+    assert [r["step"] for r in records] == [every, 2 * every, 3 * every, 4 * every]
+    windows = [g[1:every], g[1:WINDOW], g[every : every + WINDOW], g[WINDOW : 2 * WINDOW]]
+    for record, window in zip(records, windows):
+        w = window.T.astype(np.float64)
+        _check(record["metrics"], "noise/", ref.tail(w, _ones(w), min_count=50))
 
 
 def _microbatch_deviations(g: np.ndarray, micro: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +99,10 @@ def _microbatch_deviations(g: np.ndarray, micro: int) -> tuple[np.ndarray, np.nd
         for sample in step[:1] if micro == 2 else step:
             draws.append(sample)
             devs.append(sample - centre)
-    return np.array(draws)[-WINDOW:].T, np.array(devs)[-WINDOW:].T
+    # The first step is not seen as accumulating (the monitor learns it from that step): its micro-batches are no
+    # draws. The window is the one folded when the ring filled.
+    skip = 1 if micro == 2 else micro
+    return np.array(draws)[skip : skip + WINDOW].T, np.array(devs)[skip : skip + WINDOW].T
 
 
 @pytest.mark.parametrize("micro", [2, 3])
@@ -91,9 +121,10 @@ def test_microbatch_noise_keys(tmp_path, micro):
     draws, devs = _microbatch_deviations(g, micro)
     expected = ref.tail(draws, np.ones_like(draws, dtype=bool), devs, min_count=50)
     _check(metrics, "noise/microbatch_", expected)
-    # The temporal source saw the accumulated gradients, one per step.
+    # The temporal source saw the accumulated gradients, one per step: with 40 steps, the window folded at
+    # step W (its first push is no draw); with 12, the ring as it stands.
     accumulated = g.reshape(steps, micro, DIM).astype(np.float64).sum(axis=1)
-    window = accumulated[-min(WINDOW, steps - 1) :].T
+    window = (accumulated[1:WINDOW] if steps >= WINDOW else accumulated[1:]).T
     _check(metrics, "noise/", ref.tail(window, np.ones_like(window, dtype=bool), min_count=50))
 
 
@@ -165,7 +196,8 @@ def test_a_group_pools_its_members_coordinates(tmp_path):
             opt.step()
             opt.zero_grad(set_to_none=True)
     metrics = read_records(tmp_path)[-1]["metrics"]
-    window = g[-WINDOW:].transpose(1, 2, 0).reshape(2 * DIM, WINDOW).astype(np.float64)  # both members' coordinates
+    # The window folded when the ring filled (steps 1-W, the first no draw), both members' coordinates.
+    window = g[1:WINDOW].transpose(1, 2, 0).reshape(2 * DIM, WINDOW - 1).astype(np.float64)
     _check(metrics, "noise/", ref.tail(window, np.ones_like(window, dtype=bool), min_count=50), name="P")
 
 

@@ -31,6 +31,11 @@ TAIL_CLASSES: dict[int, str] = {LIGHT: "light", POWER: "power", SPARSE: "sparse"
 SPARSE_ACTIVE_FRAC = 0.5
 """A tensor's noise is ``sparse`` when fewer than this fraction of its draws are active (not the atom at zero)."""
 
+SPARSE_MIN_OTHERS = 3
+"""A sparse tensor's active draw is standardised only when its coordinate has at least this many other active
+draws in the window: with one other, the ratio of two draws of a law with a density at zero (rare-token noise,
+Poisson x N(1, 0.3)) has a tail of index 1, which pooled windows read as alpha 2.5-2.8 (see :func:`standardise`)."""
+
 LIGHT_HILL_ALPHA = 3.5
 LIGHT_DEDH_ALPHA = 5.0
 """A tail is ``light`` when Hill reads alpha above ``LIGHT_HILL_ALPHA`` and the moment estimator (Dekkers,
@@ -39,6 +44,11 @@ Einmahl & de Haan 1989) at Hill's k reads alpha above ``LIGHT_DEDH_ALPHA`` (xi b
 POOLED_K_FRACTION = 20
 """The pooled standardised draws are read at ``k = n // POOLED_K_FRACTION`` of their n positive values (at least
 ``MIN_K``): docs/estimators.md, "Noise tails", for the measurements behind the choice."""
+
+TALLY_SIZE = 1024
+"""The standardised values a tally (:class:`NoiseTally`) keeps per row at most (see :func:`tally_size`): the
+reading of several merged windows reads at most ``k = TALLY_SIZE - 1``, a standard error of about 9% of alpha
+(``sqrt(9 / k)``), against 21% at one window of the defaults (k = 204)."""
 
 ROUNDING_ALPHA = 1e6
 """Hill's 1/alpha is a mean of log ratios of the top draws: under 1/ROUNDING_ALPHA it is float32 rounding between
@@ -136,20 +146,24 @@ def centred(draws: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, x - middle, 0.0)
 
 
-def standardise(deviations: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """``|d| / s`` per draw, ``(..., S, W)``: ``s`` the mean ``|d|`` of the coordinate's other ``ok`` draws.
+def standardise(deviations: torch.Tensor, ok: torch.Tensor, min_others: int = 1) -> torch.Tensor:
+    """``|d| / s`` per draw, ``(..., S, W)``: ``s`` the mean ``|d|`` of the coordinate's other ``ok`` draws, of
+    which there must be at least ``min_others``.
 
     Leave-one-out makes the scale independent of the draw it divides, so the standardised value keeps the draw's
     tail index (Breiman 1965: a product with an independent factor whose moments are finite to a higher order)
     and a light tail stays light: a Gaussian coordinate of W draws becomes a Student-t with about W - 1 degrees of
     freedom. The median absolute deviation would be more robust but its small values (half the window small at
     once) give a tail of index about W/2; the root mean square would let one large draw of a heavy tail shrink its
-    companions. Draws without a positive scale (fewer than two ``ok`` draws, or all zero) are 0: missing.
+    companions. The scale's own small values set a tail too: a law with a density at zero makes ``1 / s`` a
+    power law of index c for a mean of c others, so the sparse path, whose coordinates hold one or two active
+    draws, asks for :data:`SPARSE_MIN_OTHERS`. Draws without a positive scale (fewer than ``min_others`` other
+    ``ok`` draws, or all zero) are 0: missing.
     """
     a = torch.where(ok, deviations.to(torch.float64).abs(), 0.0)
     count = ok.sum(dim=-1, keepdim=True).to(torch.float64)
     others = (a.sum(dim=-1, keepdim=True) - a) / (count - 1).clamp_min(1)
-    usable = ok & (count >= 2) & (others > 0)
+    usable = ok & (count >= 1 + max(min_others, 1)) & (others > 0)
     return torch.where(usable, a / torch.where(usable, others, 1.0), 0.0)
 
 
@@ -158,6 +172,13 @@ def coordinate_kurtosis(deviations: torch.Tensor, ok: torch.Tensor) -> torch.Ten
     its ``ok`` draws in ``(..., S, W)``. Scale-free; Gaussian noise gives about ``-6 / (W + 1)``; a coordinate's
     value cannot exceed about W, so heavy tails show as several units. Coordinates with fewer than 4 draws or
     no spread are left out."""
+    total, usable = kurtosis_terms(deviations, ok)
+    return total / usable  # 0/0: NaN where no coordinate is usable
+
+
+def kurtosis_terms(deviations: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sum over usable coordinates of their excess kurtosis and their count (float64 ``(...)`` each): the
+    summable halves of :func:`coordinate_kurtosis`."""
     x = deviations.to(torch.float64)
     w = ok.to(torch.float64)
     n = w.sum(dim=-1)
@@ -167,7 +188,7 @@ def coordinate_kurtosis(deviations: torch.Tensor, ok: torch.Tensor) -> torch.Ten
     m4 = (c**4).sum(-1) / n.clamp_min(1)
     usable = (n >= 4) & (m2 > 0)
     k = torch.where(usable, m4 / torch.where(usable, m2 * m2, 1.0) - 3.0, 0.0)
-    return k.sum(-1) / usable.sum(-1)  # 0/0: NaN where no coordinate is usable
+    return k.sum(-1), usable.sum(-1).to(torch.float64)
 
 
 def _dedh_at(top: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -181,53 +202,50 @@ def _dedh_at(top: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     m1 = s1 / kf - ref
     m2 = s2 / kf - 2 * ref * s1 / kf + ref * ref
     xi = m1 + 1 - 0.5 / (1 - m1 * m1 / m2)
-    return torch.where((xi > 0) & (m2 > 0), 1.0 / xi, math.inf)
+    # A mean log excess under 1/ROUNDING_ALPHA is rounding between tied values (as for Hill's 1/alpha), where
+    # m1^2 / m2 is a ratio of rounding errors: no tail.
+    return torch.where((xi > 0) & (m2 > 0) & (m1 > 1.0 / ROUNDING_ALPHA), 1.0 / xi, math.inf)
 
 
-def pooled_tail(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hill's bias-reduced alpha (:func:`heavytail.estimators.hill.hill_regression`) at ``k = n // 20``, its
-    standard error, the moment estimator at the same k, and the count n of positive values, of each row of ``z``
-    ``(L, n)``.
+class NoiseTally(NamedTuple):
+    """The summable part of one or more windows' tail readings, per row: what :func:`read` needs and nothing more.
 
-    A fixed k, not the Lepski choice of :func:`heavytail.estimators.hill.hill`: at the few thousand values of a
-    ring the rule's references are too noisy to stop it (it runs to ``k = n / 10``, where the near-Gaussian body
-    of a stable(1.8) law still bends the regression: +24%) except by chance, at a small k whose reading is noise
-    (t(3) then reads light). ``n / 20`` keeps the body out at a variance the verdict tolerates."""
-    width = z.shape[1]
-    count = (z > 0).sum(dim=1)
-    m = int(min(default_top_count(width), width))
-    top = torch.topk(z, m, dim=1).values
-    k = (count // POOLED_K_FRACTION).clamp(min=MIN_K)
-    result = hill_regression(top, k)
-    dedh = _dedh_at(top, result.k)
-    return result.alpha.to(torch.float64), result.se.to(torch.float64), dedh, count
-
-
-def noise_tail(
-    deviations: torch.Tensor, valid: torch.Tensor, draws: torch.Tensor | None = None, min_count: int = 100
-) -> NoiseTail:
-    """The calibrated tail reading of each row of noise deviations ``(L, S, W)`` (S coordinates, W draws each).
-
-    ``valid`` ``(L, S, W)``: which entries hold data. ``draws`` ``(L, S, W)``: the gradients themselves (before
-    centring), which show the atom at zero; None when the deviations are all there is.
-
-    1. **Active fraction**: the share of valid draws that are not the atom at zero (:data:`ATOM_TOLERANCE`).
-       Under :data:`SPARSE_ACTIVE_FRAC` the verdict is ``sparse`` and the tail read is that of the active
-       draws' magnitudes, each standardised by its coordinate's other active draws (a coordinate with a single
-       active draw has no scale and is left out).
-    2. Otherwise each deviation is divided by its coordinate's leave-one-out mean absolute deviation
-       (:func:`standardise`) and the row's standardised values are pooled.
-    3. Hill's alpha and standard error on the pooled values (:func:`pooled_tail`: the bias-reduced regression at
-       ``k = n // 20``), and the verdict: ``light`` when Hill reads above
-       :data:`LIGHT_HILL_ALPHA` and the moment estimator at the same k above :data:`LIGHT_DEDH_ALPHA`, or Hill
-       reads inf, ``power`` otherwise. ``kurtosis``: :func:`coordinate_kurtosis` of the deviations.
-
-    Rows with fewer than ``min_count`` valid draws (or, for alpha, standardised values) are NaN: not computed.
+    ``top`` ``(L, M)``: the M largest standardised values (descending; 0 pads), each window's from the variant its
+    own active fraction picks (the deviations', or the active draws' when the window is sparse); ``counts``
+    ``(L, 5)`` float64: the positive standardised values behind ``top``, the valid draws, the active draws, and
+    the sum and count of the coordinates' excess kurtosis (:func:`kurtosis_terms`).
     """
+
+    top: torch.Tensor
+    counts: torch.Tensor
+
+
+def tally_size(width: int) -> int:
+    """How many standardised values a tally keeps per row for windows of ``width`` values: enough for the fixed
+    ``k = n // POOLED_K_FRACTION`` of one window (so one window reads as :func:`noise_tail`), and for merged
+    windows :data:`TALLY_SIZE`, or a quarter of the window where that is less (float32: the tally then takes at
+    most a quarter of the ring's memory, which ``sample_budget`` bounds)."""
+    return max(min(default_top_count(width), width), min(TALLY_SIZE, width // 4))
+
+
+def tally_init(rows: int, size: int, device: torch.device | str | None = None) -> NoiseTally:
+    """An empty tally; memory ``4 * rows * size + 40 * rows`` bytes (float32 values: :func:`merge` keeps its
+    first argument's dtype, and one window's own tally is float64)."""
+    return NoiseTally(
+        torch.zeros(rows, size, device=device, dtype=torch.float32),
+        torch.zeros(rows, 5, device=device, dtype=torch.float64),
+    )
+
+
+def tally(
+    deviations: torch.Tensor, valid: torch.Tensor, draws: torch.Tensor | None = None, size: int | None = None
+) -> NoiseTally:
+    """One window's tally (``size``: values kept per row, :func:`tally_size` of the window by default) of the
+    deviations ``(L, S, W)``; the arguments as :func:`noise_tail`'s."""
     num_layers = deviations.shape[0]
     valid = valid & torch.isfinite(deviations)
     dev = torch.where(valid, deviations.to(torch.float64), 0.0)
-    n_valid = valid.sum(dim=(1, 2))
+    n_valid = valid.sum(dim=(1, 2)).to(torch.float64)
     if draws is None:
         active = valid & (dev != 0)
         raw = dev
@@ -235,17 +253,67 @@ def noise_tail(
         raw = torch.where(valid, torch.nan_to_num(draws.to(torch.float64)), 0.0)
         peak = raw.abs().amax(dim=-1, keepdim=True)
         active = valid & (raw.abs() > ATOM_TOLERANCE * peak)
-    active_frac = active.sum(dim=(1, 2)).to(torch.float64) / n_valid.clamp_min(1)
+    n_active = active.sum(dim=(1, 2)).to(torch.float64)
+    sparse = n_active < SPARSE_ACTIVE_FRAC * n_valid
+    z = torch.where(
+        sparse[:, None, None], standardise(raw, active, SPARSE_MIN_OTHERS), standardise(dev, valid & (dev != 0))
+    ).reshape(num_layers, -1)
+    width = z.shape[1]
+    size = tally_size(width) if size is None else size
+    top = torch.topk(z, min(size, width), dim=1).values
+    if top.shape[1] < size:
+        top = torch.nn.functional.pad(top, (0, size - top.shape[1]))
+    kurt_sum, kurt_count = kurtosis_terms(dev, valid)
+    positive = (z > 0).sum(dim=1).to(torch.float64)
+    return NoiseTally(top, torch.stack([positive, n_valid, n_active, kurt_sum, kurt_count], dim=1))
+
+
+def merge(a: NoiseTally, b: NoiseTally) -> NoiseTally:
+    """The tally of both tallies' windows: the largest values of the two, the counts added. Fixed cost (one
+    top-k of ``(L, 2M)``), no host synchronisation."""
+    top = torch.topk(torch.cat([a.top, b.top.to(a.top.dtype)], dim=1), a.top.shape[1], dim=1).values
+    return NoiseTally(top, a.counts + b.counts.to(a.counts.dtype))
+
+
+def read(t: NoiseTally, min_count: int = 100) -> NoiseTail:
+    """The calibrated tail reading of a tally (one window's, or several merged):
+
+    1. **Active fraction**: the share of valid draws that are not the atom at zero (:data:`ATOM_TOLERANCE`).
+       Under :data:`SPARSE_ACTIVE_FRAC` the verdict is ``sparse`` and the tail read is that of the active
+       draws' magnitudes, each standardised by its coordinate's other active draws (a coordinate with fewer than
+       1 + :data:`SPARSE_MIN_OTHERS` active draws in the window is left out).
+    2. Otherwise the deviations, each divided by its coordinate's leave-one-out mean absolute deviation
+       (:func:`standardise`), pooled over the row.
+    3. Hill's alpha and standard error on the pooled values: the bias-reduced regression
+       (:func:`heavytail.estimators.hill.hill_regression`) at ``k = n // POOLED_K_FRACTION`` of their n positive
+       values (at least ``MIN_K``, at most the tally's size less one), and the verdict: ``light`` when Hill reads
+       above :data:`LIGHT_HILL_ALPHA` and the moment estimator (Dekkers, Einmahl & de Haan 1989) at the same k
+       above :data:`LIGHT_DEDH_ALPHA`, or Hill reads inf, ``power`` otherwise. ``kurtosis``: the mean over
+       coordinates (and windows) of each coordinate's excess kurtosis over its window.
+
+    A fixed k, not the Lepski choice of :func:`heavytail.estimators.hill.hill`: at the few thousand values of
+    one window the rule's references are too noisy to stop it (it runs to ``k = n / 10``, where the
+    near-Gaussian body of a stable(1.8) law still bends the regression: +24%) except by chance, at a small k
+    whose reading is noise (t(3) then reads light). ``n / 20`` keeps the body out at a variance the verdict
+    tolerates; merged windows lower the variance (k grows with n up to the tally's size) and, past it, the
+    fraction read (docs/estimators.md, "Noise tails").
+
+    Rows with fewer than ``min_count`` valid draws (or, for alpha, standardised values) are NaN: not computed.
+    """
+    positive, n_valid, n_active, kurt_sum, kurt_count = t.counts.to(torch.float64).unbind(dim=1)
+    top = t.top.to(torch.float64)
+    active_frac = n_active / n_valid.clamp_min(1)
     sparse = active_frac < SPARSE_ACTIVE_FRAC
-    z = torch.where(sparse[:, None, None], standardise(raw, active), standardise(dev, valid & (dev != 0))).reshape(
-        num_layers, -1
-    )
-    alpha, se, dedh, count = pooled_tail(z)
+    k = torch.div(positive, POOLED_K_FRACTION, rounding_mode="floor").to(torch.int64)
+    k = k.clamp(min=MIN_K, max=top.shape[1] - 1)
+    result = hill_regression(top, k)
+    alpha, se = result.alpha.to(torch.float64), result.se.to(torch.float64)
+    dedh = _dedh_at(top, result.k)
     tied = alpha > ROUNDING_ALPHA
     alpha, se = torch.where(tied, math.inf, alpha), torch.where(tied, math.inf, se)
-    kurt = coordinate_kurtosis(dev, valid)
+    kurt = kurt_sum / kurt_count  # 0/0: NaN where no coordinate is usable
     computed = n_valid >= min_count
-    has_alpha = computed & (count >= min_count)
+    has_alpha = computed & (positive >= min_count)
     # Hill's inf (the fit's 1/alpha at or below zero) is no power law whatever the moment estimator says.
     light = torch.isinf(alpha) | ((alpha > LIGHT_HILL_ALPHA) & (dedh > LIGHT_DEDH_ALPHA))
     code = torch.where(sparse, float(SPARSE), torch.where(light, float(LIGHT), float(POWER)))
@@ -259,3 +327,15 @@ def noise_tail(
         active_frac=torch.where(n_valid > 0, active_frac, nan).to(torch.float32),
         dedh_alpha=torch.where(has_alpha, dedh, nan).to(torch.float32),
     )
+
+
+def noise_tail(
+    deviations: torch.Tensor, valid: torch.Tensor, draws: torch.Tensor | None = None, min_count: int = 100
+) -> NoiseTail:
+    """The calibrated tail reading (:func:`read`) of each row of noise deviations ``(L, S, W)`` (S coordinates, W
+    draws each): one window.
+
+    ``valid`` ``(L, S, W)``: which entries hold data. ``draws`` ``(L, S, W)``: the gradients themselves (before
+    centring), which show the atom at zero; None when the deviations are all there is.
+    """
+    return read(tally(deviations, valid, draws), min_count)

@@ -28,19 +28,29 @@ class Noise(Family):
     run), and the same figures as ``noise/microbatch_*`` (micro-batch gradients around their step's median, under
     gradient accumulation) and ``noise/rank_*`` (each rank's gradient around the ranks' median, under DDP).
 
+    A checkpoint's reading pools every full window (``noise_window`` pushes) of its source since the previous
+    checkpoint: each time a ring fills, its window is standardised and folded into a tally
+    (:class:`heavytail.estimators.noise.NoiseTally`: the largest standardised values and the counts), and the
+    checkpoint reads the tally, so that with the defaults (checkpoints every 100 steps, windows of 16) the
+    temporal reading rests on six windows, not the last one. A checkpoint with no full window since the previous
+    one reads the ring as it stands (its last W pushes). The rank source with more than two ranks, which gathers
+    every rank's draws, always reads the ring: a fold would need a collective between checkpoints.
+
     State (a dict: the micro-batch ring exists once accumulation is seen): ``mean``/``seen``, the temporal
     source's per-coordinate EMA and its count, one ring of deviations per source (the temporal one: g_t -
-    EMA_{t-1}, from which the gradients are recovered at checkpoints), and for the micro-batch and rank sources a
-    ring of the gradients themselves (``<source>_draws``), which shows the atom at zero.
+    EMA_{t-1}, from which the gradients are recovered at checkpoints), for the micro-batch and rank sources a
+    ring of the gradients themselves (``<source>_draws``), which shows the atom at zero, and per source the tally
+    of the windows folded since the last checkpoint (``<source>_tally_top``, ``<source>_tally_counts``).
     """
 
     name = "noise"
-    version = 2  # the rings of draws beside the rings of deviations
+    version = 3  # the tallies of the windows since the last checkpoint
     report_sections = ("sec-noise-tail-index", "sec-noise-microbatch", "sec-noise-rank", "sec-noise-sources")
 
     def __init__(self, layout) -> None:
         super().__init__(layout)
         self.slots = dict.fromkeys(SOURCES, 0)
+        self.folded = dict.fromkeys(SOURCES, 0)  # windows in each source's tally
         self._micro: list[torch.Tensor] = []
         self._micro_prev: torch.Tensor | None = None
         # DDP: each rank's gradient before the all-reduce, sampled as it is accumulated by LocalSampleTap.
@@ -60,11 +70,21 @@ class Noise(Family):
             "temporal": temporal.values,
             "temporal_valid": temporal.valid,
         }
+        state.update(self._tally_state("temporal"))
         if self.layout.dist.active and not self.layout.dist.sharded:
             rank = noise.init(L, S, window, dev)
             state["rank"], state["rank_valid"] = rank.values, rank.valid
             state["rank_draws"] = torch.zeros_like(rank.values)
+            state.update(self._tally_state("rank"))
         return state
+
+    def _tally_state(self, source: str) -> dict[str, torch.Tensor]:
+        layout = self.layout
+        width = layout.sample_size * self.config.noise_window
+        if layout.grouped:
+            width *= max(len(members) for members in layout.unit_members)
+        tally = noise.tally_init(len(layout.units), noise.tally_size(width), layout.device)
+        return {f"{source}_tally_top": tally.top, f"{source}_tally_counts": tally.counts}
 
     def _ensure_ring(self, source: str) -> None:
         if source not in self.state:
@@ -73,10 +93,12 @@ class Noise(Family):
             )
             self.state[source], self.state[f"{source}_valid"] = ring.values, ring.valid
             self.state[f"{source}_draws"] = torch.zeros_like(ring.values)
+            self.state.update(self._tally_state(source))
 
     def push(self, source: str, deviation: torch.Tensor, valid: torch.Tensor, draw: torch.Tensor | None = None) -> None:
         """One push of ``(L, S)`` deviations into ``source``'s ring, and of the gradients they come from (``draw``)
-        into its ring of draws, which shows the atom at zero (the temporal source reconstructs them instead)."""
+        into its ring of draws, which shows the atom at zero (the temporal source reconstructs them instead); a
+        ring that fills is folded into its tally (the temporal one by ``advance_temporal``, once its EMA moved)."""
         if draw is not None:
             slot = self.slots[source] % self.config.noise_window
             self.state[f"{source}_draws"][:, :, slot] = torch.nan_to_num(draw.to(torch.float32)) * valid[:, None]
@@ -84,6 +106,22 @@ class Noise(Family):
             noise.NoiseRing(self.state[source], self.state[f"{source}_valid"]), self.slots[source], deviation, valid
         )
         self.slots[source] += 1
+        if source != "temporal":
+            self.pushed(source)
+
+    def pushed(self, source: str) -> None:
+        """After a push into ``source``'s ring (and, for the temporal source, its EMA's update): fold the window
+        into the tally when the ring has just filled."""
+        if self.slots[source] % self.config.noise_window == 0 and self._foldable(source):
+            window = self._window(source)
+            if window is not None:
+                current = noise.NoiseTally(self.state[f"{source}_tally_top"], self.state[f"{source}_tally_counts"])
+                merged = noise.merge(current, self._tally(*window))
+                self.state[f"{source}_tally_top"], self.state[f"{source}_tally_counts"] = merged
+                self.folded[source] += 1
+
+    def _foldable(self, source: str) -> bool:
+        return not (source == "rank" and self.layout.dist.world > 2)
 
     def on_backward(self, view: BackwardView) -> None:
         """Under gradient accumulation, the accumulated gradient's samples after each micro-batch: successive
@@ -107,6 +145,7 @@ class Noise(Family):
             mean, (beta * mean + (1 - beta) * torch.nan_to_num(g)).to(mean.dtype), valid.to(mean.dtype)[:, None]
         )
         self.state["seen"] = seen + valid.to(seen.dtype)
+        self.pushed("temporal")
 
     def update(self, view: StepView) -> None:
         g, valid = view.grad_samples, view.valid
@@ -127,8 +166,51 @@ class Noise(Family):
             self.push("rank", local - g, valid, local)
         self._micro, self._micro_prev = [], None
 
+    def _window(self, source: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(values, mask, draws)`` ``(L, S, W')`` of ``source``'s ring as its reading takes them (the rank
+        source with more than two ranks gathers every rank's draws, W' = ranks x W), or None without a ring."""
+        if source not in self.state:
+            return None
+        dist = self.layout.dist
+        ring = noise.NoiseRing(self.state[source], self.state[f"{source}_valid"])
+        values, mask = ring.values, noise.draw_mask(ring)
+        if source == "temporal":
+            draws = noise.temporal_draws(ring, self.state["mean"], self.slots[source], self.config.noise_beta)
+            values = noise.centred(draws, mask)
+        else:
+            draws = self.state[f"{source}_draws"]
+        # With two ranks each rank's deviation is exactly minus the other's (they sum to zero): gathering
+        # would only duplicate every magnitude, which ties the order statistics, so rank 0's alone are used.
+        # With more, each step's rank gradients are centred on their median (see noise.centred).
+        if source == "rank" and dist.world > 2:
+            valid_slots = dist.gather_cat(ring.valid.to(draws.dtype), dim=1) > 0  # (L, ranks * W)
+            draws = dist.gather_cat(draws, dim=2)
+            mask = valid_slots[:, None, :].expand_as(draws)
+            per_step = draws.to(torch.float64).unflatten(2, (dist.world, -1))
+            values = (per_step - per_step.quantile(0.5, dim=2, keepdim=True)).flatten(2)
+            values = torch.where(mask, values, 0.0)
+        if self._per_rank(source):
+            mask = mask & (self.layout.owner > 0)[:, None, None]  # one copy of each piece (DistContext.owners)
+        return values, mask, draws
+
+    def _per_rank(self, source: str) -> bool:
+        dist = self.layout.dist
+        return source != "rank" and dist.sharded or (source == "microbatch" and dist.active)
+
+    def _tally(self, values: torch.Tensor, mask: torch.Tensor, draws: torch.Tensor) -> noise.NoiseTally:
+        """One window's tally per unit: a group pools its members' coordinates."""
+        size = self.state["temporal_tally_top"].shape[1]
+        if not self.layout.grouped:
+            return noise.tally(values, mask, draws, size)
+        parts = [
+            noise.tally(*(t[members].reshape(1, -1, t.shape[2]) for t in (values, mask, draws)), size)
+            for members in self.layout.unit_members
+        ]
+        return noise.NoiseTally(torch.cat([p.top for p in parts]), torch.cat([p.counts for p in parts]))
+
     def readout(self, step: int) -> dict[str, Slot]:
-        """Each source's tail reading (:func:`heavytail.estimators.noise.noise_tail`), ``(U, 6)`` per source in
+        """Each source's tail reading (:func:`heavytail.estimators.noise.read`) of the windows folded since the
+        last checkpoint, or of its ring as it stands when none was, ``(U, 6)`` per source in
         :data:`heavytail.estimators.noise.FIELDS` order.
 
         Rank noise (DDP) pools every rank's deviations (gathered here: a coordinate's draws are its deviations on
@@ -138,50 +220,32 @@ class Noise(Family):
         micro-batch source (each rank's micro-batches are its own). Those are summable ``(U, 10)`` rows
         (:func:`rank_tail_sums`), merged by the checkpoint's sum all-reduce.
         """
-        dist, slots = self.layout.dist, {}
+        slots = {}
+        min_count = self.config.min_tail_samples
         for source in SOURCES:
             if source not in self.state:
                 continue
-            ring = noise.NoiseRing(self.state[source], self.state[f"{source}_valid"])
-            values, mask = ring.values, noise.draw_mask(ring)
-            if source == "temporal":
-                draws = noise.temporal_draws(ring, self.state["mean"], self.slots[source], self.config.noise_beta)
-                values = noise.centred(draws, mask)
+            if self.folded[source] > 0:
+                tally = noise.NoiseTally(self.state[f"{source}_tally_top"], self.state[f"{source}_tally_counts"])
             else:
-                draws = self.state[f"{source}_draws"]
-            # With two ranks each rank's deviation is exactly minus the other's (they sum to zero): gathering
-            # would only duplicate every magnitude, which ties the order statistics, so rank 0's alone are used.
-            # With more, each step's rank gradients are centred on their median (see noise.centred).
-            if source == "rank" and dist.world > 2:
-                valid_slots = dist.gather_cat(ring.valid.to(draws.dtype), dim=1) > 0  # (L, ranks * W)
-                draws = dist.gather_cat(draws, dim=2)
-                mask = valid_slots[:, None, :].expand_as(draws)
-                per_step = draws.to(torch.float64).unflatten(2, (dist.world, -1))
-                values = (per_step - per_step.quantile(0.5, dim=2, keepdim=True)).flatten(2)
-                values = torch.where(mask, values, 0.0)
-            per_rank = source != "rank" and dist.sharded or (source == "microbatch" and dist.active)
-            if per_rank:
-                mask = mask & (self.layout.owner > 0)[:, None, None]  # one copy of each piece (DistContext.owners)
-            min_count = self.config.min_tail_samples
-            if not self.layout.grouped:
-                out = noise.noise_tail(values, mask, draws, min_count).packed()
-            else:
-                # A group pools its members' coordinates (checkpoint only: one estimate per group).
-                out = torch.cat(
-                    [
-                        noise.noise_tail(
-                            *(t[members].reshape(1, -1, t.shape[2]) for t in (values, mask, draws)), min_count
-                        ).packed()
-                        for members in self.layout.unit_members
-                    ]
-                )
-            if per_rank:
+                window = self._window(source)
+                tally = self._tally(*window)
+            out = noise.read(tally, min_count).packed()
+            if self._per_rank(source):
                 slots[f"{source}_rank_sums"] = Slot(
                     rank_tail_sums(out).to(self.layout.dtype), "sum", varies_by_rank=True
                 )
             else:
                 slots[source] = Slot(out, "none")
         return slots
+
+    def reset(self) -> None:
+        """A checkpoint has read the tallies: start the next interval's."""
+        for source in SOURCES:
+            if f"{source}_tally_top" in self.state and self.folded[source]:
+                self.state[f"{source}_tally_top"].zero_()
+                self.state[f"{source}_tally_counts"].zero_()
+                self.folded[source] = 0
 
     def metrics(self, views: HostViews, record: Record) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -200,10 +264,11 @@ class Noise(Family):
         return out
 
     def host_state(self) -> dict[str, Any]:
-        return {"slots": dict(self.slots)}
+        return {"slots": dict(self.slots), "folded": dict(self.folded)}
 
     def load_host_state(self, state: Mapping[str, Any]) -> None:
         self.slots.update({k: int(v) for k, v in state.get("slots", {}).items()})
+        self.folded.update({k: int(v) for k, v in state.get("folded", {}).items()})
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         if "microbatch" in tensors:

@@ -33,6 +33,7 @@ class SampleGroup(Family):
         )
         if out is not UNAVAILABLE:
             self.noise.slots["temporal"] += 1
+            self.noise.pushed("temporal")
             view.extra.update(
                 ratio_p99=out.quantile,
                 events_adam=None if view.denominators is None else out.events[0],

@@ -124,10 +124,10 @@ def run_source(
 ) -> dict[str, Any]:
     """One run through the public Monitor API; returns the last record's metrics.
 
-    ``temporal``: ``noise_window + 12`` steps of one draw each (the EMA's warm-up, then a full ring), one
-    checkpoint at the end. ``microbatch``: steps of ``micro_batches`` accumulated draws until the ring is full.
-    ``probe``: one step, with a probe over ``probe_draws`` mini-batches of one draw each (the training
-    micro-batch: one draw is one gradient).
+    ``temporal``: one checkpoint interval (``every``, the monitor's default 100 steps unless given) of one draw
+    each: the reading pools the six full windows of 16 it folds. ``microbatch``: the same steps of
+    ``micro_batches`` accumulated draws each (24 windows). ``probe``: one step, with a probe over
+    ``probe_draws`` mini-batches of one draw each (the training micro-batch: one draw is one gradient).
     """
     import tempfile
 
@@ -145,11 +145,11 @@ def run_source(
     torch.manual_seed(seed)
     model = NoiseModel(dim)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    window = config.get("noise_window", MonitorConfig.noise_window)
+    every = config.pop("every", MonitorConfig.every)
     if source == "temporal":
-        steps, per_step = window + 12, 1
+        steps, per_step = every, 1
     elif source == "microbatch":
-        steps, per_step = math.ceil(window / (micro_batches if micro_batches > 2 else 1)) + 1, micro_batches
+        steps, per_step = every, micro_batches
     elif source == "probe":
         steps, per_step = 1, 1
     else:
@@ -183,7 +183,8 @@ def run_source(
 
 def _run_ranks(law: str, scales: str, seed: int, *, dim: int, log_dir: str | None, world: int = 2, **config: Any):
     """The rank source: ``world`` processes under DDP (gloo), each drawing its own i.i.d. noise with the same
-    coordinate scales, ``noise_window + 12`` steps of one draw each; rank 0's last record.
+    coordinate scales, one checkpoint interval (``every``, by default the monitor's 100 steps) of one draw each;
+    rank 0's last record.
 
     Rank r's deviation is its own gradient minus the all-reduced mean, ``(xi_r - mean of the others) (W - 1) / W``:
     a difference of independent draws of the law, which keeps its truth (light stays light, a power law keeps its
@@ -195,7 +196,7 @@ def _run_ranks(law: str, scales: str, seed: int, *, dim: int, log_dir: str | Non
 
     from heavytail import MonitorConfig
 
-    steps = config.get("noise_window", MonitorConfig.noise_window) + 12
+    steps = config.pop("every", MonitorConfig.every)
     with tempfile.TemporaryDirectory() as tmp:
         out = log_dir or tmp
         # A file rendezvous: no TCP port that another process on the machine could take in between.

@@ -23,7 +23,7 @@ def ref_dedh(x: np.ndarray, k: int) -> float:
         return math.nan
     e = np.log(a[:k]) - np.log(a[k])
     m1, m2 = np.mean(e), np.mean(e**2)
-    if m2 == 0:
+    if m2 == 0 or m1 <= 1e-6:  # no spread, or rounding between tied values (noise.ROUNDING_ALPHA)
         return math.inf
     xi = m1 + 1 - 0.5 / (1 - m1**2 / m2)
     return 1 / xi if xi > 0 else math.inf
