@@ -273,3 +273,13 @@ def test_calibration_pure_model_prints_each_source_and_the_worst_bias():
     assert all(abs(b) < 0.5 for b in biases), row
     assert re.fullmatch(rf"worst_pure_bias={NUMBER}", last_line(proc))
     assert float(last_line(proc).split("=")[1]) == max(abs(b) for b in biases)
+
+
+def test_alert_example_shows_both_injected_faults():
+    """docs/alerts.md's worked example, shortened: the garbage batch is a loss spike at its step, the inf entries a
+    ``nonfinite_grad`` alert whose flight record has that layer's cell at that step as its only null."""
+    proc = run("alert_example.py", "--steps", "110", "--garbage-at", "80", "--inf-at", "95")
+    assert re.search(r"^step  80 loss_spike ", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^step  95 nonfinite_grad ", proc.stdout, re.M), proc.stdout
+    assert "cells with a null: [(95, 'blocks.3.mlp.proj.weight', " in proc.stdout, proc.stdout
+    assert re.search(rf"^step 80 loss: observed {NUMBER}, forecast", proc.stdout, re.M), proc.stdout
