@@ -15,13 +15,14 @@ tolerance, and its misses moved from row to row between seed sets; the median of
 
     PYTHONPATH=. python benchmarks/calibration.py [--seeds 21] [--sources temporal,microbatch,probe] [--noise-window 32]
     PYTHONPATH=. python benchmarks/calibration.py --sources rank [--seeds 21]
-    PYTHONPATH=. python benchmarks/calibration.py --pure [--seeds 201]
+    PYTHONPATH=. python benchmarks/calibration.py --pure [--seeds 201] [--windows N]
 
 ``--pure`` measures the estimator's own bias on each source's deviations without the Monitor (seconds for hundreds
-of seeds): S x W draws of each power law, taken as the sources take them (one draw around its coordinate's median,
-as the temporal source; each of four micro-batches around their median; half the difference of two ranks' draws),
-read by ``noise_tail``, with the median's standard error at the table's seed count (bootstrap). It tells a bias
-from the spread of a median over a few seeds.
+of seeds): windows of S x W draws of each power law, taken as the sources take them (one draw around its
+coordinate's median, as the temporal source; each of four micro-batches around their median; half the difference
+of two ranks' draws), pooled as a checkpoint of the table's runs pools them (``PURE_WINDOWS``; ``--windows 1``: one
+window, the reading before checkpoints pooled windows) and read as the monitor reads them, with the median's
+standard error at the table's seed count (bootstrap). It tells a bias from the spread of a median over a few seeds.
 
 The last line is ``calibrated=X/Y``.
 """
@@ -100,6 +101,9 @@ def calibrate(
 
 
 PURE_STRUCTURES = ("temporal", "microbatch", "rank")
+PURE_WINDOWS = {"temporal": 6, "microbatch": 24, "rank": 6}
+"""The full windows of 16 a checkpoint of the table's runs pools (100 steps: six windows of one draw a step,
+24 of four micro-batches a step less the first step's, which the monitor does not yet see as accumulating)."""
 
 
 def pure_deviations(law: str, structure: str, rng, coords: int = 256, window: int = 16):
@@ -117,35 +121,44 @@ def pure_deviations(law: str, structure: str, rng, coords: int = 256, window: in
     raise ValueError(f"unknown structure {structure!r}")
 
 
-def pure_bias(law: str, structure: str, seeds: int, table_seeds: int = SEEDS) -> dict:
-    """The median of alpha / truth over ``seeds`` pure-model readings, one reading's median |error|, and the
-    standard error of a ``table_seeds``-seed median (2,000 bootstrap medians)."""
-    from heavytail.estimators.noise import noise_tail
+def pure_bias(law: str, structure: str, seeds: int, table_seeds: int = SEEDS, windows: int | None = None) -> dict:
+    """The median of alpha / truth over ``seeds`` pure-model readings (each of ``windows`` windows pooled, as a
+    checkpoint pools them: :data:`PURE_WINDOWS` by default), one reading's median |error|, and the standard error
+    of a ``table_seeds``-seed median (2,000 bootstrap medians)."""
+    from heavytail.estimators import noise
 
+    windows = PURE_WINDOWS[structure] if windows is None else windows
     ratios = []
     for seed in range(seeds):
-        dev, draws = pure_deviations(law, structure, np.random.default_rng(seed))
-        as_tensor = lambda a: torch.tensor(a[None], dtype=torch.float32)  # noqa: E731
-        out = noise_tail(as_tensor(dev), torch.ones((1, *dev.shape), dtype=torch.bool), as_tensor(draws), 100)
-        ratios.append(float(out.alpha[0]) / LAWS[law].alpha)
+        rng = np.random.default_rng(seed)
+        tally = None
+        for _ in range(windows):
+            dev, draws = pure_deviations(law, structure, rng)
+            as_tensor = lambda a: torch.tensor(a[None], dtype=torch.float32)  # noqa: E731
+            one = noise.tally(as_tensor(dev), torch.ones((1, *dev.shape), dtype=torch.bool), as_tensor(draws))
+            if tally is None:  # the monitor's tally: float32 values, one window's size
+                tally = noise.tally_init(1, one.top.shape[1])
+            tally = noise.merge(tally, one)
+        ratios.append(float(noise.read(tally, 100).alpha[0]) / LAWS[law].alpha)
     ratios = np.array(ratios)
     boot = np.random.default_rng(0)
     se = float(np.std([np.median(boot.choice(ratios, table_seeds)) for _ in range(2000)]))
     return dict(bias=float(np.median(ratios) - 1), spread=float(np.median(np.abs(ratios - 1))), se=se)
 
 
-def pure_table(seeds: int, laws=None) -> None:
+def pure_table(seeds: int, laws=None, windows: int | None = None) -> None:
     laws = [law for law in (laws or LAWS) if LAWS[law].truth == "power"]
+    pooled = ", ".join(f"{s} {windows or PURE_WINDOWS[s]}" for s in PURE_STRUCTURES)
     print(
-        f"pure-model readings of noise_tail, {seeds} seeds: median bias / one reading's median |error| / "
-        f"standard error of a {SEEDS}-seed median"
+        f"pure-model readings of the pooled windows ({pooled}), {seeds} seeds: median bias / one reading's median "
+        f"|error| / standard error of a {SEEDS}-seed median"
     )
     print(f"{'law':14s}" + "".join(f"{s:>26s}" for s in PURE_STRUCTURES))
     worst = 0.0
     for law in laws:
         cells = []
         for structure in PURE_STRUCTURES:
-            r = pure_bias(law, structure, seeds)
+            r = pure_bias(law, structure, seeds, windows=windows)
             worst = max(worst, abs(r["bias"]))
             cells.append(f"{r['bias']:+.3f} / {r['spread']:.2f} / {r['se']:.3f}")
         print(f"{law:14s}" + "".join(f"{c:>26s}" for c in cells), flush=True)
@@ -165,9 +178,15 @@ def main() -> None:
     parser.add_argument("--scales", default=",".join(SCALES))
     parser.add_argument("--noise-window", type=int, default=None, help="MonitorConfig.noise_window (default: its own)")
     parser.add_argument("--pure", action="store_true", help="the estimator's bias on each source's pure model")
+    parser.add_argument(
+        "--windows",
+        type=int,
+        default=None,
+        help="with --pure: windows pooled per reading (default: as the table's runs)",
+    )
     args = parser.parse_args()
     if args.pure:
-        pure_table(args.seeds or 201, laws=args.laws.split(","))
+        pure_table(args.seeds or 201, laws=args.laws.split(","), windows=args.windows)
         return
     config = {} if args.noise_window is None else {"noise_window": args.noise_window}
     start = time.perf_counter()
