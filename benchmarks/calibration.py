@@ -9,9 +9,10 @@ the median over seeds of the tensor's alpha (``noise/hill_alpha``, ``noise/micro
 - truth sparse: the verdict is sparse or light, and no seed reads an alpha under 2.5;
 - truth alpha: the verdict is power and the median alpha is within 15% of the truth.
 
-21 seeds by default: one reading of a power law spreads by a median 8-23% around the truth (the bias-reduced fit
-at k = n / 20 on 4,096 draws), so the median of five seeds has a standard error of about 12%, as large as the
-tolerance, and its misses moved from row to row between seed sets; the median of 21 has about 5.5%.
+Each run is one checkpoint interval at the monitor's default (100 steps), so a streaming source's reading pools the
+windows it folds (six of the temporal source, 24 of the micro-batch source). 21 seeds by default: one reading of a
+power law spreads by a median 4-10% around the truth on the streaming sources and 8-14% on the probe (one window:
+8-23%, when five seeds left a median's standard error as large as the tolerance). About 8 minutes on two cores.
 
     PYTHONPATH=. python benchmarks/calibration.py [--seeds 21] [--sources temporal,microbatch,probe] [--noise-window 32]
     PYTHONPATH=. python benchmarks/calibration.py --sources rank [--seeds 21]

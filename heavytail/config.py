@@ -67,8 +67,10 @@ class MonitorConfig:
     ``Monitor.sample_size`` and ``sample_size`` in ``meta.json``. ``None``: ``sample_size`` for every tensor."""
 
     noise_window: int = 16
-    """Steps of sampled noise kept on the device (a ring buffer): the noise tail index at a checkpoint is
-    estimated from ``sample_size * noise_window`` deviations per tensor."""
+    """Steps of sampled noise kept on the device (a ring buffer), and the window each coordinate's deviations are
+    standardised over: each time the ring fills, its ``sample_size * noise_window`` deviations per tensor are
+    folded into a tally, and the noise tail index at a checkpoint is read from every window folded since the
+    previous one (the ring as it stands when none was)."""
 
     noise_beta: float = 0.9
     """EMA coefficient of the per-coordinate running mean that temporal noise deviations are taken against."""

@@ -283,9 +283,9 @@ def test_sample_based_figures_are_means_over_the_sampling_ranks(runs, mode, worl
                 torch.tensor(st[r]["noise.temporal_valid"][i : i + 1] > 0),
             )
             mean = torch.tensor(st[r]["noise.mean"][i : i + 1], dtype=torch.float32)
-            draws = noise.temporal_draws(ring, mean, dumps[r]["noise_pushes"], 0.9)
+            values, draws = noise.temporal_window(ring, mean, dumps[r]["noise_pushes"], 0.9)
             mask = noise.draw_mask(ring)
-            estimates.append(noise.noise_tail(noise.centred(draws, mask), mask, draws, 1000).packed()[0].double())
+            estimates.append(noise.noise_tail(values, mask, draws, 1000).packed()[0].double())
         kurt = [e[2].item() for e in estimates if math.isfinite(e[2])]
         got = last[f"noise/kurtosis/{name}"]
         assert (got is None) == (not kurt) and (not kurt or got == pytest.approx(np.mean(kurt), rel=1e-5)), name

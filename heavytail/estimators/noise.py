@@ -117,23 +117,90 @@ def draw_mask(ring: NoiseRing) -> torch.Tensor:
     return ring.valid[:, None, :].expand_as(ring.values)
 
 
-def temporal_draws(ring: NoiseRing, mean: torch.Tensor, pushes: int, beta: float) -> torch.Tensor:
-    """The gradients ``g_t`` ``(L, S, W)`` behind a temporal ring of deviations ``d_t = g_t - m_{t-1}``.
+def temporal_offsets(ring: NoiseRing, pushes: int, beta: float) -> torch.Tensor:
+    """``g_t - m_T`` ``(L, S, W)`` float32 for a temporal ring of deviations ``d_t = g_t - m_{t-1}``, ``m_T`` the
+    current EMA: the gradients less one constant per coordinate, which centring removes (:func:`window_centred`).
 
-    The EMA obeys ``m_t = m_{t-1} + (1 - beta) d_t`` on every valid push (and stays put otherwise), so from the
-    current ``mean`` ``(L, S)`` the earlier means are ``m_{t-1} = m_T - (1 - beta) sum_{j >= t} d_j`` and
-    ``g_t = d_t + m_{t-1}``. ``pushes`` is how many pushes the ring has seen (its newest slot is
-    ``(pushes - 1) % W``). Exact up to float32 rounding, about W ulps of ``|m|``: a reconstructed value within
-    ``ATOM_TOLERANCE (|d_t| + |m_{t-1}|)`` of zero was a zero gradient and is returned as exactly 0.
-    """
-    values = ring.values.to(torch.float64) * ring.valid[:, None, :]
+    The EMA obeys ``m_t = m_{t-1} + (1 - beta) d_t`` on every valid push (and stays put otherwise), so
+    ``m_{t-1} = m_T - (1 - beta) sum_{j >= t} d_j`` and ``g_t - m_T = d_t - (1 - beta) sum_{j >= t} d_j``: a sum
+    of deviations only, so float32 keeps the noise's precision however large the mean gradient is (adding ``m_T``
+    first would cancel it). ``pushes`` is how many pushes the ring has seen (its newest slot is
+    ``(pushes - 1) % W``)."""
+    values = ring.values * ring.valid[:, None, :].to(ring.values.dtype)
     window = values.shape[2]
-    age = torch.arange(window, device=values.device)
-    ages = torch.remainder(pushes - 1 - age, window)  # the slot of each age, and (the same map) the age of each slot
-    newer = values.index_select(2, ages).cumsum(dim=2).index_select(2, ages)
-    before = mean.to(torch.float64)[:, :, None] - (1.0 - beta) * newer
-    g = values + before
-    return torch.where(g.abs() <= ATOM_TOLERANCE * (values.abs() + before.abs()), 0.0, g)
+    if pushes % window == 0:  # a full ring, as folds find it: the slots in push order, the newest last
+        newer = values.flip(2).cumsum(dim=2).flip(2)
+    else:
+        age = torch.arange(window, device=values.device)
+        ages = torch.remainder(pushes - 1 - age, window)  # the slot of each age, and the age of each slot
+        newer = values.index_select(2, ages).cumsum(dim=2).index_select(2, ages)
+    return values - (1.0 - beta) * newer
+
+
+def temporal_draws(
+    ring: NoiseRing, mean: torch.Tensor, pushes: int, beta: float, offsets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The gradients ``g_t`` ``(L, S, W)`` float32 behind a temporal ring of deviations ``d_t = g_t - m_{t-1}``,
+    from the current ``mean`` (:func:`temporal_offsets` plus ``m_T``). Exact up to float32 rounding, about W ulps
+    of ``|m|``: a value within ``ATOM_TOLERANCE (|d_t| + |m_T|)`` of zero was a zero gradient and is returned as
+    exactly 0. For the noise itself, centre :func:`temporal_offsets` (``offsets``, when already computed), not
+    these."""
+    offsets = temporal_offsets(ring, pushes, beta) if offsets is None else offsets
+    m = mean.to(offsets.dtype)[:, :, None]
+    g = offsets + m
+    values = ring.values * ring.valid[:, None, :].to(ring.values.dtype)
+    return torch.where(g.abs() <= ATOM_TOLERANCE * (values.abs() + m.abs()), 0.0, g)
+
+
+def temporal_window(ring: NoiseRing, mean: torch.Tensor, pushes: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(deviations, draws)`` ``(L, S, W)`` float32 of a temporal ring as its reading takes them: the gradients
+    (:func:`temporal_draws`) and their deviations from each coordinate's window median (:func:`window_centred`),
+    centred from :func:`temporal_offsets`, so that a small noise on a large mean keeps its precision, with a zero
+    gradient's offset exactly ``-m_T``, so that a coordinate whose draws are all zero deviates by exactly 0."""
+    offsets = temporal_offsets(ring, pushes, beta)
+    draws = temporal_draws(ring, mean, pushes, beta, offsets)
+    offsets = torch.where(draws == 0, -mean.to(offsets.dtype)[:, :, None], offsets)
+    return window_centred(offsets, ring.valid), draws
+
+
+def _sort_network(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(W, ...)`` sorted ascending along dim 0, W a power of two: Batcher's bitonic network in its
+    direction-free form (each merge first compares element i of a block with its mirror image, then half-cleans),
+    every stage one min and one max over contiguous slices. On the CPU faster than ``sort`` along a last dim of 16
+    (whose cost is per row); exact (min and max only)."""
+    n, rest = x.shape[0], x.shape[1:]
+    k = 2
+    while k <= n:
+        block = x.reshape(n // k, k, *rest)
+        a, b = block[:, : k // 2], block[:, k // 2 :].flip(1)
+        x = torch.cat([torch.minimum(a, b), torch.maximum(a, b).flip(1)], dim=1).reshape(n, *rest)
+        j = k // 4
+        while j >= 1:
+            pairs = x.reshape(n // (2 * j), 2, j, *rest)
+            a, b = pairs[:, 0], pairs[:, 1]
+            x = torch.stack([torch.minimum(a, b), torch.maximum(a, b)], dim=1).reshape(n, *rest)
+            j //= 2
+        k *= 2
+    return x
+
+
+def window_centred(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """:func:`centred` for a ring, whose validity is per slot (``valid`` ``(L, W)``): ``x`` ``(L, S, W)`` minus
+    the median of each coordinate's valid values (the mean of the two middle ones of an even count), 0 where not
+    valid, in ``x``'s dtype. The median from a sorting network over the window (invalid slots sort last), gathered
+    at each tensor's own count."""
+    num_layers, num_samples, window = x.shape
+    size = 1 << max(window - 1, 0).bit_length()
+    padded = torch.where(valid[:, None, :], x, math.inf).permute(2, 0, 1)
+    if size > window:
+        padded = torch.cat([padded, padded.new_full((size - window, num_layers, num_samples), math.inf)])
+    ordered = _sort_network(padded.contiguous())  # (size, L, S)
+    count = valid.sum(dim=1)
+    lo = ((count - 1).clamp_min(0) // 2).view(1, num_layers, 1).expand(1, num_layers, num_samples)
+    hi = (count // 2).clamp(max=window - 1).view(1, num_layers, 1).expand(1, num_layers, num_samples)
+    middle = 0.5 * (ordered.gather(0, lo) + ordered.gather(0, hi))  # (1, L, S)
+    middle = middle.permute(1, 2, 0)
+    return torch.where(valid[:, None, :], x - torch.where(torch.isfinite(middle), middle, 0.0), 0.0)
 
 
 def centred(draws: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -146,9 +213,10 @@ def centred(draws: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, x - middle, 0.0)
 
 
-def standardise(deviations: torch.Tensor, ok: torch.Tensor, min_others: int = 1) -> torch.Tensor:
-    """``|d| / s`` per draw, ``(..., S, W)``: ``s`` the mean ``|d|`` of the coordinate's other ``ok`` draws, of
-    which there must be at least ``min_others``.
+def standardise(deviations: torch.Tensor, ok: torch.Tensor, min_others: int | torch.Tensor = 1) -> torch.Tensor:
+    """``|d| / s`` per draw, ``(..., S, W)``, in the deviations' dtype: ``s`` the mean ``|d|`` of the coordinate's
+    other ``ok`` draws, of which there must be at least ``min_others`` (an int, or a tensor broadcasting against
+    ``(..., S, W)``).
 
     Leave-one-out makes the scale independent of the draw it divides, so the standardised value keeps the draw's
     tail index (Breiman 1965: a product with an independent factor whose moments are finite to a higher order)
@@ -160,10 +228,12 @@ def standardise(deviations: torch.Tensor, ok: torch.Tensor, min_others: int = 1)
     draws, asks for :data:`SPARSE_MIN_OTHERS`. Draws without a positive scale (fewer than ``min_others`` other
     ``ok`` draws, or all zero) are 0: missing.
     """
-    a = torch.where(ok, deviations.to(torch.float64).abs(), 0.0)
-    count = ok.sum(dim=-1, keepdim=True).to(torch.float64)
+    dtype = deviations.dtype if deviations.is_floating_point() else torch.float64
+    a = torch.where(ok, deviations.abs(), 0.0).to(dtype)
+    count = ok.sum(dim=-1, keepdim=True).to(dtype)
     others = (a.sum(dim=-1, keepdim=True) - a) / (count - 1).clamp_min(1)
-    usable = ok & (count >= 1 + max(min_others, 1)) & (others > 0)
+    need = 1 + torch.as_tensor(min_others, device=a.device).clamp_min(1)
+    usable = ok & (count >= need) & (others > 0)
     return torch.where(usable, a / torch.where(usable, others, 1.0), 0.0)
 
 
@@ -177,18 +247,19 @@ def coordinate_kurtosis(deviations: torch.Tensor, ok: torch.Tensor) -> torch.Ten
 
 
 def kurtosis_terms(deviations: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sum over usable coordinates of their excess kurtosis and their count (float64 ``(...)`` each): the
-    summable halves of :func:`coordinate_kurtosis`."""
-    x = deviations.to(torch.float64)
-    w = ok.to(torch.float64)
+    """The sum over usable coordinates of their excess kurtosis and their count (``(...)`` each, in the deviations'
+    dtype): the summable halves of :func:`coordinate_kurtosis`."""
+    x = deviations if deviations.is_floating_point() else deviations.to(torch.float64)
+    w = ok.to(x.dtype)
     n = w.sum(dim=-1)
     mean = (x * w).sum(-1) / n.clamp_min(1)
     c = (x - mean[..., None]) * w
-    m2 = (c * c).sum(-1) / n.clamp_min(1)
-    m4 = (c**4).sum(-1) / n.clamp_min(1)
+    c2 = c * c
+    m2 = c2.sum(-1) / n.clamp_min(1)
+    m4 = (c2 * c2).sum(-1) / n.clamp_min(1)
     usable = (n >= 4) & (m2 > 0)
     k = torch.where(usable, m4 / torch.where(usable, m2 * m2, 1.0) - 3.0, 0.0)
-    return k.sum(-1), usable.sum(-1).to(torch.float64)
+    return k.sum(-1), usable.sum(-1).to(x.dtype)
 
 
 def _dedh_at(top: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -210,7 +281,7 @@ def _dedh_at(top: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 class NoiseTally(NamedTuple):
     """The summable part of one or more windows' tail readings, per row: what :func:`read` needs and nothing more.
 
-    ``top`` ``(L, M)``: the M largest standardised values (descending; 0 pads), each window's from the variant its
+    ``top`` ``(L, M)``: the M largest standardised values (in no order; 0 pads), each window's from the variant its
     own active fraction picks (the deviations', or the active draws' when the window is sparse); ``counts``
     ``(L, 5)`` float64: the positive standardised values behind ``top``, the valid draws, the active draws, and
     the sum and count of the coordinates' excess kurtosis (:func:`kurtosis_terms`).
@@ -238,40 +309,54 @@ def tally_init(rows: int, size: int, device: torch.device | str | None = None) -
 
 
 def tally(
-    deviations: torch.Tensor, valid: torch.Tensor, draws: torch.Tensor | None = None, size: int | None = None
+    deviations: torch.Tensor,
+    valid: torch.Tensor,
+    draws: torch.Tensor | None = None,
+    size: int | None = None,
+    into: NoiseTally | None = None,
 ) -> NoiseTally:
     """One window's tally (``size``: values kept per row, :func:`tally_size` of the window by default) of the
-    deviations ``(L, S, W)``; the arguments as :func:`noise_tail`'s."""
+    deviations ``(L, S, W)``; the arguments as :func:`noise_tail`'s. With ``into``, that tally merged with the
+    window's (:func:`merge`, in one top-k, its size and dtype)."""
     num_layers = deviations.shape[0]
+    dtype = deviations.dtype if deviations.is_floating_point() else torch.float64
     valid = valid & torch.isfinite(deviations)
-    dev = torch.where(valid, deviations.to(torch.float64), 0.0)
+    dev = torch.where(valid, deviations.to(dtype), 0.0)
     n_valid = valid.sum(dim=(1, 2)).to(torch.float64)
     if draws is None:
         active = valid & (dev != 0)
         raw = dev
     else:
-        raw = torch.where(valid, torch.nan_to_num(draws.to(torch.float64)), 0.0)
+        raw = torch.where(valid, torch.nan_to_num(draws.to(dtype)), 0.0)
         peak = raw.abs().amax(dim=-1, keepdim=True)
         active = valid & (raw.abs() > ATOM_TOLERANCE * peak)
     n_active = active.sum(dim=(1, 2)).to(torch.float64)
-    sparse = n_active < SPARSE_ACTIVE_FRAC * n_valid
-    z = torch.where(
-        sparse[:, None, None], standardise(raw, active, SPARSE_MIN_OTHERS), standardise(dev, valid & (dev != 0))
+    sparse = (n_active < SPARSE_ACTIVE_FRAC * n_valid)[:, None, None]
+    # One standardisation, of the variant each row needs: the active draws where the window is sparse.
+    z = standardise(
+        torch.where(sparse, raw, dev),
+        torch.where(sparse, active, valid & (dev != 0)),
+        torch.where(sparse, SPARSE_MIN_OTHERS, 1),
     ).reshape(num_layers, -1)
+    positive = (z > 0).sum(dim=1).to(torch.float64)
+    kurt_sum, kurt_count = kurtosis_terms(dev, valid)
+    counts = [positive, n_valid, n_active, kurt_sum.to(torch.float64), kurt_count.to(torch.float64)]
+    counts = torch.stack(counts, dim=1)
+    if into is not None:
+        size, z = into.top.shape[1], torch.cat([into.top, z.to(into.top.dtype)], dim=1)
+        counts = counts + into.counts.to(counts.dtype)
     width = z.shape[1]
     size = tally_size(width) if size is None else size
-    top = torch.topk(z, min(size, width), dim=1).values
+    top = torch.topk(z, min(size, width), dim=1, sorted=False).values
     if top.shape[1] < size:
         top = torch.nn.functional.pad(top, (0, size - top.shape[1]))
-    kurt_sum, kurt_count = kurtosis_terms(dev, valid)
-    positive = (z > 0).sum(dim=1).to(torch.float64)
-    return NoiseTally(top, torch.stack([positive, n_valid, n_active, kurt_sum, kurt_count], dim=1))
+    return NoiseTally(top, counts)
 
 
 def merge(a: NoiseTally, b: NoiseTally) -> NoiseTally:
     """The tally of both tallies' windows: the largest values of the two, the counts added. Fixed cost (one
     top-k of ``(L, 2M)``), no host synchronisation."""
-    top = torch.topk(torch.cat([a.top, b.top.to(a.top.dtype)], dim=1), a.top.shape[1], dim=1).values
+    top = torch.topk(torch.cat([a.top, b.top.to(a.top.dtype)], dim=1), a.top.shape[1], dim=1, sorted=False).values
     return NoiseTally(top, a.counts + b.counts.to(a.counts.dtype))
 
 
@@ -301,7 +386,7 @@ def read(t: NoiseTally, min_count: int = 100) -> NoiseTail:
     Rows with fewer than ``min_count`` valid draws (or, for alpha, standardised values) are NaN: not computed.
     """
     positive, n_valid, n_active, kurt_sum, kurt_count = t.counts.to(torch.float64).unbind(dim=1)
-    top = t.top.to(torch.float64)
+    top = t.top.to(torch.float64).sort(dim=1, descending=True).values  # kept unsorted
     active_frac = n_active / n_valid.clamp_min(1)
     sparse = active_frac < SPARSE_ACTIVE_FRAC
     k = torch.div(positive, POOLED_K_FRACTION, rounding_mode="floor").to(torch.int64)

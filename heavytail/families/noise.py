@@ -116,7 +116,7 @@ class Noise(Family):
             window = self._window(source)
             if window is not None:
                 current = noise.NoiseTally(self.state[f"{source}_tally_top"], self.state[f"{source}_tally_counts"])
-                merged = noise.merge(current, self._tally(*window))
+                merged = self._tally(*window, into=current)
                 self.state[f"{source}_tally_top"], self.state[f"{source}_tally_counts"] = merged
                 self.folded[source] += 1
 
@@ -173,10 +173,9 @@ class Noise(Family):
             return None
         dist = self.layout.dist
         ring = noise.NoiseRing(self.state[source], self.state[f"{source}_valid"])
-        values, mask = ring.values, noise.draw_mask(ring)
+        values, mask = ring.values, noise.draw_mask(ring).contiguous()  # an expanded view makes every op slow
         if source == "temporal":
-            draws = noise.temporal_draws(ring, self.state["mean"], self.slots[source], self.config.noise_beta)
-            values = noise.centred(draws, mask)
+            values, draws = noise.temporal_window(ring, self.state["mean"], self.slots[source], self.config.noise_beta)
         else:
             draws = self.state[f"{source}_draws"]
         # With two ranks each rank's deviation is exactly minus the other's (they sum to zero): gathering
@@ -197,14 +196,20 @@ class Noise(Family):
         dist = self.layout.dist
         return source != "rank" and dist.sharded or (source == "microbatch" and dist.active)
 
-    def _tally(self, values: torch.Tensor, mask: torch.Tensor, draws: torch.Tensor) -> noise.NoiseTally:
-        """One window's tally per unit: a group pools its members' coordinates."""
+    def _tally(
+        self, values: torch.Tensor, mask: torch.Tensor, draws: torch.Tensor, into: noise.NoiseTally | None = None
+    ) -> noise.NoiseTally:
+        """One window's tally per unit (merged ``into`` a tally), a group pooling its members' coordinates."""
         size = self.state["temporal_tally_top"].shape[1]
         if not self.layout.grouped:
-            return noise.tally(values, mask, draws, size)
+            return noise.tally(values, mask, draws, size, into)
         parts = [
-            noise.tally(*(t[members].reshape(1, -1, t.shape[2]) for t in (values, mask, draws)), size)
-            for members in self.layout.unit_members
+            noise.tally(
+                *(t[members].reshape(1, -1, t.shape[2]) for t in (values, mask, draws)),
+                size,
+                None if into is None else noise.NoiseTally(into.top[u : u + 1], into.counts[u : u + 1]),
+            )
+            for u, members in enumerate(self.layout.unit_members)
         ]
         return noise.NoiseTally(torch.cat([p.top for p in parts]), torch.cat([p.counts for p in parts]))
 
