@@ -49,9 +49,8 @@ def test_rank_source_reads_the_known_law(law, scales):
     """The rank source (two processes under DDP, gloo): each rank's gradient minus the all-reduced mean is a
     difference of independent draws of the law, which keeps its truth. One seed per case: two spawns each.
 
-    One seed's reading spreads by 15-20% around the truth (an exact offline replay of this source over 30 seeds:
-    medians within 2-12% of the truth for every power law), so the single-seed case is the heaviest law, whose
-    spread is the smallest: t(3) read 3.13 at seed 0 with the Lepski k and 4.13 at k = n / 20 (3.05 over 30)."""
+    One seed's reading, six windows pooled, spreads by about 7-9% around the truth (21 seeds: every law in its
+    class, power-law medians within 6%: docs/estimators.md), so one seed per case."""
     readings = [calibration.reading(run_source(law, scales, "rank", seed), "rank") for seed in range(1)]
     median, verdict, ok = calibration.judge(law, [a for a, _ in readings], [v for _, v in readings])
     assert ok, (law, scales, median, verdict, readings)
