@@ -68,6 +68,7 @@ def rules(n: int, generic: bool = False) -> dict:
     r, p = ("sqrt(n)", "n/100") if generic else (f"sqrt(n)={root}", f"{pct}")
     return {
         "hill default": lambda x: hill(x).alpha,
+        "hill sparse=False": lambda x: hill(x, sparse=False).alpha,
         "hill sparse=True": lambda x: hill(x, sparse=True).alpha,
         f"hill k={r}": lambda x: hill(x, root).alpha,
         f"hill k=n/100{'' if generic else '=' + p}": lambda x: hill(x, pct).alpha,
