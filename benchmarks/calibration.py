@@ -77,12 +77,25 @@ def judge(law: str, alphas: list[float], verdicts: list[str]) -> tuple[float, st
     return median, verdict, ok
 
 
+def one_reading_spread(law: str, alphas: list[float]) -> float:
+    """How far one seed's reading of a power law is from the truth: the median over seeds of |alpha / truth - 1|
+    (NaN for light and sparse laws)."""
+    spec = LAWS[law]
+    finite = [a for a in alphas if not math.isnan(a)]
+    if spec.truth != "power" or not finite:
+        return math.nan
+    return statistics.median(abs(a / spec.alpha - 1) for a in finite)
+
+
 def calibrate(
     laws=tuple(LAWS), scales=SCALES, sources=SOURCES, seeds: int = SEEDS, print_rows: bool = True, **config
 ) -> list[dict]:
     rows = []
     if print_rows:
-        print(f"{'law':16s} {'scales':10s} {'source':11s} {'alpha':>7s} {'verdict':8s} {'truth':8s} ok  per seed")
+        print(
+            f"{'law':16s} {'scales':10s} {'source':11s} {'alpha':>7s} {'verdict':8s} {'truth':8s} ok  "
+            f"{'spread':>6s}  per seed"
+        )
     for law in laws:
         truth = LAWS[law].truth if LAWS[law].truth != "power" else f"{LAWS[law].alpha:g}"
         for scale in scales:
@@ -90,12 +103,16 @@ def calibrate(
                 readings = [reading(run_source(law, scale, source, seed, **config), source) for seed in range(seeds)]
                 alphas, verdicts = [a for a, _ in readings], [v for _, v in readings]
                 median, verdict, ok = judge(law, alphas, verdicts)
-                rows.append(dict(law=law, scales=scale, source=source, alpha=median, verdict=verdict, ok=ok))
+                spread = one_reading_spread(law, alphas)
+                rows.append(
+                    dict(law=law, scales=scale, source=source, alpha=median, verdict=verdict, ok=ok, spread=spread)
+                )
                 if print_rows:
                     seeds_text = " ".join(f"{a:.2f}{v[0]}" for a, v in readings)
+                    spread_text = "-" if math.isnan(spread) else f"{spread:.1%}"
                     print(
                         f"{law:16s} {scale:10s} {source:11s} {median:7.2f} {verdict:8s} {truth:8s} "
-                        f"{'yes' if ok else 'NO ':3s} {seeds_text}",
+                        f"{'yes' if ok else 'NO ':3s} {spread_text:>6s}  {seeds_text}",
                         flush=True,
                     )
     return rows
@@ -198,7 +215,11 @@ def main() -> None:
         seeds=args.seeds or SEEDS,
         **config,
     )
-    print(f"({time.perf_counter() - start:.0f} s; per seed: alpha and the verdict's initial)")
+    spreads = [r["spread"] for r in rows if not math.isnan(r["spread"])]
+    if spreads:
+        print(f"one reading's median error over the power-law rows: {min(spreads):.1%} to {max(spreads):.1%}")
+    print(f"({time.perf_counter() - start:.0f} s; per seed: alpha and the verdict's initial; spread: one reading's")
+    print(" median |alpha / truth - 1| over the seeds)")
     print(f"calibrated={sum(r['ok'] for r in rows)}/{len(rows)}")
 
 

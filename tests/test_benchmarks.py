@@ -283,3 +283,15 @@ def test_alert_example_shows_both_injected_faults():
     assert re.search(r"^step  95 nonfinite_grad ", proc.stdout, re.M), proc.stdout
     assert "cells with a null: [(95, 'blocks.3.mlp.proj.weight', " in proc.stdout, proc.stdout
     assert re.search(rf"^step 80 loss: observed {NUMBER}, forecast", proc.stdout, re.M), proc.stdout
+
+
+def test_calibration_table_prints_each_row_its_spread_and_the_final_line():
+    proc = run("calibration.py", "--seeds", "3", "--laws", "t(3),gauss", "--scales", "equal", "--sources", "temporal")
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].split()[:8] == ["law", "scales", "source", "alpha", "verdict", "truth", "ok", "spread"]
+    power, light = lines[1].split(), lines[2].split()
+    readings = [float(cell[:-1]) for cell in power[8:]]
+    spread = float(power[7].rstrip("%")) / 100
+    assert spread == pytest.approx(sorted(abs(a / 3 - 1) for a in readings)[1], abs=6e-3)  # the median of three
+    assert light[7] == "-"  # no truth to compare a light law's alpha with
+    assert re.fullmatch(r"calibrated=\d/2", last_line(proc)), last_line(proc)

@@ -232,7 +232,7 @@ def standardise(deviations: torch.Tensor, ok: torch.Tensor, min_others: int | to
     a = torch.where(ok, deviations.abs(), 0.0).to(dtype)
     count = ok.sum(dim=-1, keepdim=True).to(dtype)
     others = (a.sum(dim=-1, keepdim=True) - a) / (count - 1).clamp_min(1)
-    need = 1 + torch.as_tensor(min_others, device=a.device).clamp_min(1)
+    need = 1 + (max(min_others, 1) if isinstance(min_others, int) else min_others.clamp_min(1))
     usable = ok & (count >= need) & (others > 0)
     return torch.where(usable, a / torch.where(usable, others, 1.0), 0.0)
 
