@@ -172,6 +172,7 @@ HILL_PLOT_SECTION = Section(
     "checkpoint (the layer with the lowest <code>grad/hill_alpha</code>, or "
     "<code>MonitorConfig.hill_plot_unit</code>). A flat stretch of Hill's curve is a power-law tail; a drift with "
     "k is the bulk's bias, which the default extrapolates away; a sparse heavy component shows as low values at "
-    "small k that rise once k passes its size. The default picks the largest k its references agree with.",
+    "small k that rise once k passes its size. The default picks the largest k its references agree with, or, "
+    "where a scan with references down to k = 60 reads a heavier tail by 3 standard deviations, that scan's k.",
     nav="Hill plot",
 )
