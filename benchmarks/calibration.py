@@ -12,7 +12,7 @@ the median over seeds of the tensor's alpha (``noise/hill_alpha``, ``noise/micro
 Each run is one checkpoint interval at the monitor's default (100 steps), so a streaming source's reading pools the
 windows it folds (six of the temporal source, 24 of the micro-batch source). 21 seeds by default: one reading of a
 power law spreads by a median 4-10% around the truth on the streaming sources and 8-14% on the probe (one window:
-8-23%, when five seeds left a median's standard error as large as the tolerance). About 8 minutes on two cores.
+8-23%, when five seeds left a median's standard error as large as the tolerance). About 5 minutes on two cores.
 
     PYTHONPATH=. python benchmarks/calibration.py [--seeds 21] [--sources temporal,microbatch,probe] [--noise-window 32]
     PYTHONPATH=. python benchmarks/calibration.py --sources rank [--seeds 21]
