@@ -213,22 +213,31 @@ def test_spike_detection_table_prints_every_condition_and_the_summary_line():
                 assert re.search(rf"^{stream} +{re.escape(noise)} +{level} ", proc.stdout, re.M), (stream, noise, level)
     assert re.fullmatch(
         rf"calibrated: conditions_within_0.02_of_oracle=\d+/18 worst_recall_gap={NUMBER} "
-        rf"worst_false_per_10k={NUMBER} ramps_before_half={NUMBER}",
+        rf"worst_false_per_10k={NUMBER} ramps_before_half={NUMBER} conditions_within_0.02_of_law_aware=\d+/18 "
+        rf"worst_gap_to_law_aware={NUMBER} worst_pooled_false_per_10k={NUMBER} "
+        rf"worst_gap_to_law_aware_at_same_false={NUMBER}",
         last_line(proc),
     ), last_line(proc)
+    assert re.search(
+        rf"^false alerts per 10\^4 steps pooled .*: calibrated {NUMBER}-{NUMBER}, law-aware {NUMBER}-{NUMBER}$",
+        proc.stdout,
+        re.M,
+    )
 
 
 def test_spike_detection_table_filters_columns_and_rows_with_the_full_tables_cells():
     full = run("spike_detection.py", "--quick")
     part = run("spike_detection.py", "--quick", "--detectors", "calibrated,zclip", "--noises", "t3")
     header = next(line for line in part.stdout.splitlines() if line.startswith("stream") and "oracle" in line)
-    assert header.split()[4:] == ["calibrated", "zclip"]
+    assert header.split()[4:] == ["law-aware", "calibrated", "zclip"]
     rows = [line for line in part.stdout.splitlines() if re.match(r"^(loss|gradnorm) +\S+ +\d+% +\S+ +\S+ / ", line)]
     assert [line.split()[1] for line in rows] == ["t3"] * 6
-    # A condition's traces do not depend on which others run: the calibrated cells are the full table's.
+    # A condition's traces do not depend on which others run: the law-aware and calibrated cells are the full table's.
     for line in rows:
-        stream, noise, level, oracle, recall, _, false = line.split()[:7]
-        match = re.search(rf"^{stream} +{noise} +{level} +{oracle} +{recall} / +{false} ", full.stdout, re.M)
+        stream, noise, level, oracle, law, _, law_false, recall, _, false = line.split()[:10]
+        match = re.search(
+            rf"^{stream} +{noise} +{level} +{oracle} +{law} / +{law_false} +{recall} / +{false} ", full.stdout, re.M
+        )
         assert match, line
     assert re.fullmatch(r"calibrated: conditions_within_0.02_of_oracle=\d+/6 .*", last_line(part)), last_line(part)
     bad = run("spike_detection.py", "--quick", "--detectors", "nope", expect_ok=False)
@@ -295,3 +304,27 @@ def test_calibration_table_prints_each_row_its_spread_and_the_final_line():
     assert spread == pytest.approx(sorted(abs(a / 3 - 1) for a in readings)[1], abs=6e-3)  # the median of three
     assert light[7] == "-"  # no truth to compare a light law's alpha with
     assert re.fullmatch(r"calibrated=\d/2", last_line(proc)), last_line(proc)
+
+
+def _spike_detection_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("spike_detection", BENCHMARKS / "spike_detection.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("df", [None, 3.0, 2.5])
+def test_the_law_aware_column_flags_healthy_noise_at_exactly_the_requested_rate(df):
+    # The table's law-aware detector knows the curve and the noise law: on traces of healthy noise its flags come
+    # at the requested rate (4,000 expected here, a standard deviation of 63).
+    import numpy as np
+
+    sd = _spike_detection_module()
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal((4, 10**6)) if df is None else rng.standard_t(df, (4, 10**6)) / np.sqrt(df / (df - 2))
+    curve = np.full(e.shape, 2.5)
+    flags = sd.law_aware_flags(curve * np.exp(0.05 * e), curve, df, 0.05, 1e-3)
+    assert abs(int(flags.sum()) - 4000) < 4 * 63
+    assert sd.law_quantile(None, 1e-3) == pytest.approx(3.0902, abs=1e-4)
