@@ -178,12 +178,21 @@ class SpikeConfig:
     stream's own score tail (True), or with the fixed ``threshold`` (False, the rule of ``update``)."""
 
     drift_allowance: float = 1.0
-    """Used by ``detect`` only: the CUSUM's allowance k, in score units. Each step adds min(z_slow, clip) - k to
+    """Used by ``detect`` only: the CUSUM's allowance k, in score units. Each step adds min(z_slow, drift_clip) - k to
     the drift statistic (z_slow: the value's distance from the slow level), so healthy noise (mean about 0) drains
     it and a run of values more than k above the level fills it. 1.0 rather than 0.5 (the classic half of a
     one-sigma shift): a ramp's distance passes 1 within a few steps, and the limit, set from the noise's increments
-    whose mean falls with k, halves; on issue 14's ramps 0.87 were flagged before half done at 0.5, 0.94 at 0.75
+    whose mean falls with k, halves; on issue 14's ramps (``drift_clip`` 2) 0.87 were flagged before half done at 0.5, 0.94 at 0.75
     and 1.0, 0.83 at 1.5, with the same false alerts (docs/spike-detection.md)."""
+
+    drift_clip: float = 3.0
+    """Used by ``detect`` only: the largest step the CUSUM takes, in score units (z_slow is clipped at it before
+    the allowance is taken off), so one spike adds at most ``drift_clip - drift_allowance``, and the limit is at
+    least that much: only a run of raised values fills it. 3 rather than the forecast's ``clip`` of 2: a ramp's
+    distance passes 2 within a few steps, and from there the CUSUM gained at most 1 a step against a limit of about
+    4.6; on issue 14's ramps 0.944 were flagged before half done at 2 and 0.995 at 3, with no other change on
+    that table, and drift flags on the loss noise model's healthy wandering curves rose from 0.26 to 0.41 per 10^4
+    steps (docs/spike-detection.md)."""
 
     drift_streams: int | None = None
     """Used by ``detect`` only: the slow-divergence rule watches the first this many streams (``None``: all). The
@@ -211,8 +220,10 @@ class SpikeConfig:
             raise ValueError(f"domain must be one of {_DOMAINS}, got {self.domain!r}")
         if not 0.0 < self.false_alarm_rate < 1.0:
             raise ValueError(f"false_alarm_rate must be in (0, 1), got {self.false_alarm_rate!r}")
-        if not 0.0 < self.drift_allowance < self.clip:
-            raise ValueError(f"drift_allowance must be in (0, clip), got {self.drift_allowance!r}")
+        if not 0.0 < self.drift_allowance < self.drift_clip:
+            raise ValueError(
+                f"drift_allowance must be in (0, drift_clip), got {self.drift_allowance!r} (drift_clip {self.drift_clip!r})"
+            )
         if self.drift_streams is not None and not (isinstance(self.drift_streams, int) and self.drift_streams >= 0):
             raise ValueError(f"drift_streams must be an int >= 0 or None, got {self.drift_streams!r}")
 
@@ -648,12 +659,15 @@ def _threshold(state: DetectorState, config: SpikeConfig) -> torch.Tensor:
     return pooled_threshold(state.upper, state.lower, config.false_alarm_rate)
 
 
-def _drift_limit(state: DetectorState, rate: float) -> torch.Tensor:
+def _drift_limit(state: DetectorState, config: SpikeConfig) -> torch.Tensor:
     # P(CUSUM > h) <= exp(-theta h) per step for increments X with E[exp(theta X)] = 1 (Wald; Siegmund 1985);
     # theta = 2 |E X| / Var X for Gaussian-like increments, and the increments are bounded (clipped scores).
+    # The limit is at least one largest increment (drift_clip - drift_allowance), so that a single value, however
+    # large, never flags a drift from a quiet CUSUM: early in a run the moments are few and h can fall under it.
     var = (state.drift_square - state.drift_mean**2).clamp_min(1e-6)
     theta = 2.0 * (-state.drift_mean).clamp_min(0.05) / var
-    return math.log(1.0 / rate) / theta
+    h = math.log(1.0 / config.false_alarm_rate) / theta
+    return h.clamp_min(config.drift_clip - config.drift_allowance)
 
 
 def detect(
@@ -683,14 +697,14 @@ def detect(
        noise both estimate the same quantile and the maximum is the more conservative of two estimates;
     3. **drift**: a one-sided CUSUM (Page 1954) of the clipped scores,
 
-           D' = max(0, D + min(z_slow, clip) - k),   flag when D' > h,   D' = 0 after a flag
+           D' = max(0, D + min(z_slow, c) - k),   flag when D' > h,   D' = 0 after a flag
 
        with z_slow = (y - L) / sigma the value's distance from a slow level L (an EWMA of y without trend,
        half-life ``DRIFT_HALFLIFE``; the forecast's sigma), k = ``drift_allowance`` and h = log(1 / rate) *
-       Var X / (2 |E X|) from the running moments of X = min(z, clip) - k, the increment the forecast's own
-       scores z would add: the stream's stationary noise (the exponential bound P(D > h) <= exp(-theta h)).
-       Clipping keeps a spike to one increment of clip - k, so only a run of raised values fills it: a loss
-       ramping up, whose distance from the slow level grows with the ramp (the forecast's own trend follows a
+       Var X / (2 |E X|) from the running moments of X = min(z, c) - k, the increment the forecast's own
+       scores z would add: the stream's stationary noise (the exponential bound P(D > h) <= exp(-theta h)),
+       and h at least c - k. Clipping at c = ``drift_clip`` keeps a spike to one increment of c - k, which that
+       floor keeps under the limit, so only a run of raised values fills it: a loss ramping up, whose distance from the slow level grows with the ramp (the forecast's own trend follows a
        ramp of tens of steps, and its scores stay small). A falling loss lies under its slow level, so healthy
        training keeps the CUSUM at 0. A drift flag also needs the value to have risen by the rtol/atol gate
        over the forecast at which the run began (``drift_anchor``), so that a nearly noise-free curve, whose
@@ -709,7 +723,6 @@ def detect(
     compare (``score / threshold`` over 1 is a spike).
     """
     forecast = state.forecast
-    rate = config.false_alarm_rate
     # ``refit`` is a host-side decision (the monitor refits every REFIT_EVERY steps): no branch on a device value.
     threshold = _threshold(state, config) if refit or not config.calibrated else state.threshold
     new_forecast, spike_flags, score = update(forecast, x, config, threshold=threshold)
@@ -730,15 +743,15 @@ def detect(
     y_now = forecast_now + score * sigma  # the value in the forecast's domain (score = (y - f) / sigma)
     has_level = forecast.count > TAIL_START
     drift_score = torch.where(has_level, (y_now - state.drift_level) / sigma, score)
-    step = torch.clamp(drift_score, max=config.clip) - config.drift_allowance
+    step = torch.clamp(drift_score, max=config.drift_clip) - config.drift_allowance
     # The limit comes from the moments of the forecast's clipped scores, the stream's stationary noise: those of
     # the slow level's would be far below zero while the loss falls (its values lie under the level), and a limit
     # set by them collapses (h ~ Var X / |E X|) and flags the first bump once the loss flattens.
-    noise_step = torch.clamp(score, max=config.clip) - config.drift_allowance
+    noise_step = torch.clamp(score, max=config.drift_clip) - config.drift_allowance
     # A running mean from the second value (a = 1 there: the first has no score, so no y_now), then an EWMA.
     a = torch.clamp(1.0 / forecast.count.clamp_min(1).to(score.dtype), min=_rate(DRIFT_HALFLIFE))
     drift_level = torch.where(valid, state.drift_level + a * (y_now - state.drift_level), state.drift_level)
-    limit = torch.where(warmed, _drift_limit(state, rate), math.inf)
+    limit = torch.where(warmed, _drift_limit(state, config), math.inf)
     cusum = torch.where(in_tail, (state.drift + step).clamp_min(0.0), state.drift)
     baseline = torch.where(forecast.log_domain, torch.exp(forecast_now), forecast_now)
     anchor = torch.where(state.drift > 0, state.drift_anchor, baseline)
