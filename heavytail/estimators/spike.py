@@ -178,12 +178,12 @@ class SpikeConfig:
     stream's own score tail (True), or with the fixed ``threshold`` (False, the rule of ``update``)."""
 
     drift_allowance: float = 1.0
-    """Used by ``detect`` only: the CUSUM's allowance k, in score units. Each step adds min(z_slow, drift_clip) - k to
-    the drift statistic (z_slow: the value's distance from the slow level), so healthy noise (mean about 0) drains
+    """Used by ``detect`` only: the CUSUM's allowance k, in score units. Each step adds min(z_slow, drift_clip) - k
+    to the drift statistic (z_slow: the value's distance from the slow level), so healthy noise (mean about 0) drains
     it and a run of values more than k above the level fills it. 1.0 rather than 0.5 (the classic half of a
     one-sigma shift): a ramp's distance passes 1 within a few steps, and the limit, set from the noise's increments
-    whose mean falls with k, halves; on issue 14's ramps (``drift_clip`` 2) 0.87 were flagged before half done at 0.5, 0.94 at 0.75
-    and 1.0, 0.83 at 1.5, with the same false alerts (docs/spike-detection.md)."""
+    whose mean falls with k, halves; on issue 14's ramps (``drift_clip`` 2) 0.87 were flagged before half done at
+    0.5, 0.94 at 0.75 and 1.0, 0.83 at 1.5, with the same false alerts (docs/spike-detection.md)."""
 
     drift_clip: float = 3.0
     """Used by ``detect`` only: the largest step the CUSUM takes, in score units (z_slow is clipped at it before
@@ -222,7 +222,8 @@ class SpikeConfig:
             raise ValueError(f"false_alarm_rate must be in (0, 1), got {self.false_alarm_rate!r}")
         if not 0.0 < self.drift_allowance < self.drift_clip:
             raise ValueError(
-                f"drift_allowance must be in (0, drift_clip), got {self.drift_allowance!r} (drift_clip {self.drift_clip!r})"
+                f"drift_allowance must be in (0, drift_clip), got {self.drift_allowance!r} "
+                f"(drift_clip {self.drift_clip!r})"
             )
         if self.drift_streams is not None and not (isinstance(self.drift_streams, int) and self.drift_streams >= 0):
             raise ValueError(f"drift_streams must be an int >= 0 or None, got {self.drift_streams!r}")
@@ -704,8 +705,9 @@ def detect(
        Var X / (2 |E X|) from the running moments of X = min(z, c) - k, the increment the forecast's own
        scores z would add: the stream's stationary noise (the exponential bound P(D > h) <= exp(-theta h)),
        and h at least c - k. Clipping at c = ``drift_clip`` keeps a spike to one increment of c - k, which that
-       floor keeps under the limit, so only a run of raised values fills it: a loss ramping up, whose distance from the slow level grows with the ramp (the forecast's own trend follows a
-       ramp of tens of steps, and its scores stay small). A falling loss lies under its slow level, so healthy
+       floor keeps under the limit, so only a run of raised values fills it: a loss ramping up, whose distance
+       from the slow level grows with the ramp (the forecast's own trend follows a ramp of tens of steps, and its
+       scores stay small). A falling loss lies under its slow level, so healthy
        training keeps the CUSUM at 0. A drift flag also needs the value to have risen by the rtol/atol gate
        over the forecast at which the run began (``drift_anchor``), so that a nearly noise-free curve, whose
        scores sit on one side of its forecast for long stretches, does not flag a rise of a few parts per

@@ -707,8 +707,9 @@ def test_detect_flags_a_slow_divergence_before_it_is_half_done(length, by):
 
 def test_a_single_value_never_flags_a_drift_from_a_quiet_cusum():
     # One increment is at most drift_clip - drift_allowance (2), and the limit is at least that: early in a run,
-    # with few moments, h alone fell to 1.7-2.0 and a healthy t(3) draw at z = 7.7 (step 89 of this curve, stream 0)
-    # flagged a drift. Each stream here gets one large value at a different step, spikes or not.
+    # with few moments, h alone fell to 1.7-2.0, and without the floor a healthy t(3) draw at z = 7.7 (step 89 of
+    # the spike test's curve above) flagged a drift. Here each stream gets one large value at a different step,
+    # a spike or not, and none flags a drift (this test fails without the floor).
     x = loss_curve(400, streams=6, noise=0.02, seed=31)
     for s, at in enumerate((60, 89, 120, 200, 260, 330)):
         x[at, s] *= (1.15, 1.3, 1.5, 2.0, 3.0, 10.0)[s]
