@@ -365,17 +365,40 @@ def ramp_traces(stream: str, df: float | None, level: float, n: int, steps: int,
 def run_calibrated(x: np.ndarray, rate: float, device: str = "cpu", drift: bool = True) -> np.ndarray:
     """Flags (n, steps) of ``spike.detect`` (calibrated threshold, and the drift rule if ``drift``: the monitor
     runs it on the loss only), batched over all traces."""
+    spike_flags, drift_flags = run_detect_split(x, rate, device, drift)
+    return spike_flags | drift_flags
+
+
+def run_detect_split(x: np.ndarray, rate: float, device: str = "cpu", drift: bool = True):
+    """Spike flags and drift flags (n, steps) of ``spike.detect`` as the monitor runs it (refit every
+    ``REFIT_EVERY`` steps; the drift rule on every trace if ``drift``), batched over all traces."""
     n, steps = x.shape
     xt = torch.as_tensor(x, dtype=torch.float32, device=device)
     config = spike.SpikeConfig(
         warmup=spike.CALIBRATED_WARMUP, false_alarm_rate=rate, drift_streams=None if drift else 0
     )
     state = spike.detector_init(n, device=device, config=config)
-    flags = torch.empty((steps, n), dtype=torch.bool, device=device)
+    spikes = torch.empty((steps, n), dtype=torch.bool, device=device)
+    drifts = torch.empty((steps, n), dtype=torch.bool, device=device)
     for t in range(steps):
         state, found = spike.detect(state, xt[:, t], config, refit=t % spike.REFIT_EVERY == 0)
-        flags[t] = found.flags
-    return flags.T.cpu().numpy()
+        spikes[t], drifts[t] = found.spike, found.drift
+    return spikes.T.cpu().numpy(), drifts.T.cpu().numpy()
+
+
+def calibrated_report(x: np.ndarray, spikes, rate: float, device: str, drift: bool, cooldown: int) -> None:
+    """``--calibrated``: recall and false alerts of ``spike.detect`` on the noise model's traces, the spike rule
+    and the drift rule apart and together (an alert is a flag after the cooldown, as in ``evaluate``)."""
+    spike_flags, drift_flags = run_detect_split(x, rate, device, drift)
+    for name, flags in (("spike rule", spike_flags), ("drift rule", drift_flags), ("both", spike_flags | drift_flags)):
+        caught, _, _, false_alerts, false_flags, healthy_steps = evaluate(
+            x, spikes, flags, cooldown, spike.CALIBRATED_WARMUP
+        )
+        print(
+            f"  spike.detect at rate={rate:g}, {name}: recall={caught.mean():.4f} "
+            f"false alerts/10^4 steps={1e4 * false_alerts / max(healthy_steps, 1):.3f} "
+            f"(false flags {false_flags} in {healthy_steps} healthy steps)"
+        )
 
 
 def run_fixed(x: np.ndarray, device: str = "cpu") -> np.ndarray:
@@ -687,6 +710,12 @@ def main(argv=None):
         help="calibrate the threshold to this false-alarm rate per step (spike.tail_threshold) instead of a fixed z",
     )
     ap.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="also run spike.detect (the monitor's calibrated detector, at --rate or 1e-4; the drift rule on every "
+        "trace for --kind loss, none for gradnorm, as the monitor) and print the spike and drift rules' false alerts",
+    )
+    ap.add_argument(
         "--streams",
         type=int,
         default=0,
@@ -771,6 +800,8 @@ def main(argv=None):
     per10k = 1e4 * false_alerts / max(healthy_steps, 1)
     print(f"  healthy steps={healthy_steps}  false flags={false_flags}  false alerts after cooldown={false_alerts}")
     print(f"  z-oracle (knows the healthy trace and noise scale), as many false flags: recall={_mean(ocaught):.4f}")
+    if args.calibrated:
+        calibrated_report(x, spikes, args.rate or 1e-4, args.device, args.kind == "loss", args.cooldown)
     if args.streams > 0:
         grouped = grouped_alerts(x, spikes, flags, scores, config, args.cooldown, args.streams)
         for policy, (recall, false) in grouped.items():

@@ -297,7 +297,7 @@ class Monitor:
             raise ValueError("Monitor.load_state_dict: the saved state watches different parameters than this monitor")
         saved = state["families"]
         for name, family in self.families.items():
-            if name not in saved or saved[name].get("version") != family.version:
+            if name not in saved or saved[name].get("version") not in (family.version, *family.loads_versions):
                 raise ValueError(
                     f"Monitor.load_state_dict: the saved state has no {name} state of version {family.version}"
                 )

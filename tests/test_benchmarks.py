@@ -169,11 +169,20 @@ def test_kernel_report_compiles_each_triton_kernel_ahead_of_time():
     assert match, last_line(proc)
 
 
-@pytest.mark.parametrize("extra", [(), ("--rate", "1e-3", "--set", "warmup=50")])
+@pytest.mark.parametrize(
+    "extra", [(), ("--rate", "1e-3", "--set", "warmup=50"), ("--rate", "1e-3", "--calibrated", "--kind", "gradnorm")]
+)
 def test_spike_detection_prints_the_final_line(extra):
     proc = run("spike_detection.py", "--traces", "4", "--steps", "600", "--first-spike", "100", *extra)
     assert re.fullmatch(rf"recall={NUMBER} false_per_10k={NUMBER}", last_line(proc)), last_line(proc)
     assert ("calibrated to rate=0.001" in proc.stdout) == bool(extra)
+    rules = re.findall(
+        rf"spike.detect at rate=0.001, (spike rule|drift rule|both): recall={NUMBER} false alerts/10\^4 steps={NUMBER}",
+        proc.stdout,
+    )
+    assert rules == (["spike rule", "drift rule", "both"] if "--calibrated" in extra else []), proc.stdout
+    if "--calibrated" in extra:  # the monitor runs no drift rule on a gradient norm
+        assert re.search(r"drift rule: recall=0\.0000 false alerts/10\^4 steps=0\.000 \(false flags 0 ", proc.stdout)
 
 
 def test_overhead_with_gradient_accumulation():

@@ -581,7 +581,8 @@ class DetectorState(NamedTuple):
     (flagged steps left out), ``lower_*`` that of the negated scores, ``drift`` the CUSUM of the scores, and
     ``drift_mean``/``drift_square`` the running first and second moments of its increments, ``drift_anchor`` the
     forecast the current run of raised scores started from, ``threshold`` the spike threshold of the last refit,
-    ``drift_level`` the slow level (no trend, half-life ``DRIFT_HALFLIFE``) the CUSUM scores values against.
+    ``drift_level`` the slow level (no trend, half-life ``DRIFT_HALFLIFE``) the CUSUM scores values against,
+    ``drift_previous`` the previous accepted value (a drift flag needs it, too, over the gate).
     """
 
     count: torch.Tensor  # int64 (S,)
@@ -599,6 +600,7 @@ class DetectorState(NamedTuple):
     drift_anchor: torch.Tensor  # (S,): the forecast (input units) when the CUSUM last left 0
     threshold: torch.Tensor  # (S,): the calibrated threshold of the last refit (inf before the first)
     drift_level: torch.Tensor  # (S,): the CUSUM's reference, a slow EWMA of the values (forecast's domain)
+    drift_previous: torch.Tensor  # (S,): the previous accepted value (input units; NaN before the first)
 
     @property
     def forecast(self) -> SpikeState:
@@ -632,7 +634,7 @@ def detector_init(
     tail_size: int = TAIL_SIZE,
     dtype: torch.dtype = torch.float32,
 ) -> DetectorState:
-    """A fresh calibrated detector for ``num_streams`` streams; memory 2 * ``tail_size`` + 13 numbers per stream."""
+    """A fresh calibrated detector for ``num_streams`` streams; memory 2 * ``tail_size`` + 14 numbers per stream."""
     forecast = init(num_streams, device, config, dtype=dtype)
     upper = tail_init(num_streams, tail_size, device, dtype=dtype)
     lower = tail_init(num_streams, tail_size, device, dtype=dtype)
@@ -649,6 +651,7 @@ def detector_init(
         zeros.clone(),
         torch.full_like(zeros, math.inf),
         zeros.clone(),
+        torch.full_like(zeros, math.nan),
     )
 
 
@@ -708,10 +711,12 @@ def detect(
        floor keeps under the limit, so only a run of raised values fills it: a loss ramping up, whose distance
        from the slow level grows with the ramp (the forecast's own trend follows a ramp of tens of steps, and its
        scores stay small). A falling loss lies under its slow level, so healthy
-       training keeps the CUSUM at 0. A drift flag also needs the value to have risen by the rtol/atol gate
-       over the forecast at which the run began (``drift_anchor``), so that a nearly noise-free curve, whose
-       scores sit on one side of its forecast for long stretches, does not flag a rise of a few parts per
-       thousand;
+       training keeps the CUSUM at 0. A drift flag also needs the value, and the previous accepted one, to have
+       risen by the rtol/atol gate over the forecast at which the run began (``drift_anchor``), so that a nearly
+       noise-free curve, whose scores sit on one side of its forecast for long stretches, does not flag a rise of
+       a few parts per thousand, and a loss whose level wanders healthily by a few percent (which fills the
+       CUSUM: the limit assumes independent noise) does not flag at the one large noise draw that takes a value
+       over the gate;
 
     No stream flags before ``config.warmup`` accepted values. Scores enter the tails and the CUSUM from the
     ``TAIL_START``-th value; until a tail has 3 scores its threshold is ``inf``, and the CUSUM does not flag before
@@ -758,7 +763,10 @@ def detect(
     baseline = torch.where(forecast.log_domain, torch.exp(forecast_now), forecast_now)
     anchor = torch.where(state.drift > 0, state.drift_anchor, baseline)
     x_now = x.detach().reshape(baseline.shape).to(baseline.dtype)
-    risen = x_now - anchor > _gate(anchor, config)
+    # This value and the previous accepted one must both have risen by the gate: a loss ramping up stays over it,
+    # while a healthy wander plus one large noise draw does not. NaN before the first value: no flag.
+    risen = torch.minimum(x_now, state.drift_previous) - anchor > _gate(anchor, config)
+    drift_previous = torch.where(valid, x_now, state.drift_previous)
     drift_flags = valid & warmed & (state.lower_seen >= DRIFT_START) & (cusum > limit) & risen
     if config.drift_streams is not None:
         drift_flags[config.drift_streams :] = False  # a slice of host metadata: no synchronization
@@ -783,6 +791,7 @@ def detect(
         anchor,
         threshold,
         drift_level,
+        drift_previous,
     )
     detection = Detection(
         flags=spike_flags | drift_flags,

@@ -172,6 +172,9 @@ class Family:
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
+    loads_versions: ClassVar[tuple[int, ...]] = ()
+    """Earlier versions of this family's saved state that ``load_state_tensors`` upgrades (a resumed run then
+    goes on from a checkpoint an earlier heavytail wrote); any other version is refused."""
     report_sections: ClassVar[tuple[str, ...]] = ()
     """The ids of the report sections (``heavytail.report.sections.SECTIONS``) that draw this family's keys."""
     alert_rules: ClassVar[tuple[str, ...]] = ()

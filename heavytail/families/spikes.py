@@ -26,7 +26,10 @@ class Spikes(Family):
     record keys: its output is alerts."""
 
     name = "spikes"
-    version = 4  # v1 held a SpikeState; v2 the DetectorState of the calibrated detector; v3 adds its threshold; v4 the drift rule's slow level
+    # v1 held a SpikeState; v2 the DetectorState of the calibrated detector; v3 adds its threshold; v4 the drift
+    # rule's slow level; v5 the previous value (a drift flag needs two values over the gate)
+    version = 5
+    loads_versions = (4,)  # a v4 state resumes with no previous value: the next step cannot flag a drift
     report_sections = ("sec-alerts",)
     alert_rules = ("loss_spike", "grad_spike", "nonfinite_grad", "hidden_spike")
 
@@ -121,4 +124,7 @@ class Spikes(Family):
         return dict(self.state._asdict())
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        if "drift_previous" not in tensors:  # a version-4 state
+            tensors["drift_previous"] = torch.full_like(tensors["drift_level"], math.nan)
         self.state = type(self.state)(**{k: v.to(self.layout.device) for k, v in tensors.items()})

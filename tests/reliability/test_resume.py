@@ -156,3 +156,29 @@ def test_loading_a_state_from_another_model_is_refused(tmp_path):
         with pytest.raises(ValueError, match="unsupported state version"):
             mon.load_state_dict({**state, "version": -1})
         assert mon.step_count == 0  # nothing was half loaded
+
+
+def test_a_spike_state_of_the_previous_version_resumes_and_older_ones_are_refused(tmp_path):
+    # Version 4 of the spikes state had no previous value for the drift rule: it loads, with NaN there (the next
+    # step cannot flag a drift), and the detector goes on warm: the bad batch at step 140 alerts as from a v5 state.
+    path, _ = _checkpoint(tmp_path, steps=120, every=50)
+    state = torch.load(path, weights_only=True)["monitor"]
+    old = {**state, "families": dict(state["families"])}
+    spikes = state["families"]["spikes"]
+    tensors = {k: v for k, v in spikes["tensors"].items() if k != "drift_previous"}
+    old["families"]["spikes"] = {**spikes, "version": 4, "tensors": tensors}
+    found = {}
+    for name, saved in (("v5", state), ("v4", old)):
+        model, opt, mon = _resume(tmp_path, path, name, restore=False, every=50)
+        mon.load_state_dict(saved)
+        if name == "v4":
+            assert torch.isnan(mon.families["spikes"].state.drift_previous).all()
+        _train(model, opt, mon, 120, 25, spike_at=140)
+        mon.close()
+        found[name] = {(a["step"], a["rule"]) for a in read_alerts(tmp_path / name)}
+    assert (141, "loss_spike") in found["v4"] and found["v4"] == found["v5"]
+    model, opt, mon = _resume(tmp_path, path, "v3", restore=False, every=50)
+    with mon:
+        old["families"]["spikes"] = {**spikes, "version": 3, "tensors": tensors}
+        with pytest.raises(ValueError, match="no spikes state of version 5"):
+            mon.load_state_dict(old)
