@@ -785,7 +785,15 @@ def main(argv=None):
 
     ocaught = oracle_recall(oracle, spikes, x.shape, config.warmup, max(false_alerts, 1))
     print(f"kind={args.kind} traces={args.traces} steps={args.steps} seed={args.seed} cooldown={args.cooldown}")
-    print(f"config: {config}" + ("" if args.rate is None else f" calibrated to rate={args.rate:g}"))
+    print(
+        f"config: {config}"
+        + (
+            ""
+            if args.rate is None
+            else f" calibrated to rate={args.rate:g} (spike.update with spike.tail_threshold on the {TAIL_SIZE} largest "
+            "scores per stream: the building blocks, not the monitor's detector; --calibrated runs spike.detect)"
+        )
+    )
     print(
         f"healthy log-noise: Student-t df={NOISE_DF:g}, scale {sigma.min():.3f}..{sigma.max():.3f} "
         f"(mean {sigma.mean():.3f}); update: {per_step * 1e6:.0f} us/step for {args.traces} streams on {args.device}"
