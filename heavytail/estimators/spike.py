@@ -178,7 +178,7 @@ class SpikeConfig:
     stream's own score tail (True), or with the fixed ``threshold`` (False, the rule of ``update``)."""
 
     drift_allowance: float = 1.0
-    """Used by ``detect`` only: the CUSUM's allowance k, in score units. Each step adds min(z_slow, drift_clip) - k
+    """Used by ``detect`` only: the CUSUM's allowance k, in score units. Each step adds clip(z_slow, +-drift_clip) - k
     to the drift statistic (z_slow: the value's distance from the slow level), so healthy noise (mean about 0) drains
     it and a run of values more than k above the level fills it. 1.0 rather than 0.5 (the classic half of a
     one-sigma shift): a ramp's distance passes 1 within a few steps, and the limit, set from the noise's increments
@@ -186,9 +186,12 @@ class SpikeConfig:
     0.5, 0.94 at 0.75 and 1.0, 0.83 at 1.5, with the same false alerts (docs/spike-detection.md)."""
 
     drift_clip: float = 3.0
-    """Used by ``detect`` only: the largest step the CUSUM takes, in score units (z_slow is clipped at it before
-    the allowance is taken off), so one spike adds at most ``drift_clip - drift_allowance``, and the limit is at
-    least that much: only a run of raised values fills it. 3 rather than the forecast's ``clip`` of 2: a ramp's
+    """Used by ``detect`` only: the largest step the CUSUM takes, in score units (z_slow is clipped to
+    [-drift_clip, drift_clip] before the allowance is taken off), so one spike adds at most ``drift_clip -
+    drift_allowance``, and the limit is at least that much: only a run of raised values fills it; one value far
+    below its level takes at most ``drift_clip + drift_allowance`` off (unclipped below, a downward outlier
+    emptied a filling CUSUM and, entering the limit's moments, raised the limit from about 8 to over 70 for
+    hundreds of steps: 3 of issue 14's ramps under 1% t(2.5) noise were missed so; clipped, none). 3 rather than the forecast's ``clip`` of 2: a ramp's
     distance passes 2 within a few steps, and from there the CUSUM gained at most 1 a step against a limit of about
     4.6; on issue 14's ramps 0.944 were flagged before half done at 2 and 0.995 at 3, with one false-alert cell
     of that table lower and none higher, and drift flags on the loss noise model's healthy wandering curves rose from
@@ -702,14 +705,15 @@ def detect(
        noise both estimate the same quantile and the maximum is the more conservative of two estimates;
     3. **drift**: a one-sided CUSUM (Page 1954) of the clipped scores,
 
-           D' = max(0, D + min(z_slow, c) - k),   flag when D' > h,   D' = 0 after a flag
+           D' = max(0, D + clip(z_slow, -c, c) - k),   flag when D' > h,   D' = 0 after a flag
 
        with z_slow = (y - L) / sigma the value's distance from a slow level L (an EWMA of y without trend,
        half-life ``DRIFT_HALFLIFE``; the forecast's sigma), k = ``drift_allowance`` and h = log(1 / rate) *
-       Var X / (2 |E X|) from the running moments of X = min(z, c) - k, the increment the forecast's own
+       Var X / (2 |E X|) from the running moments of X = clip(z, -c, c) - k, the increment the forecast's own
        scores z would add: the stream's stationary noise (the exponential bound P(D > h) <= exp(-theta h)),
        and h at least c - k. Clipping at c = ``drift_clip`` keeps a spike to one increment of c - k, which that
-       floor keeps under the limit, so only a run of raised values fills it: a loss ramping up, whose distance
+       floor keeps under the limit, so only a run of raised values fills it (and one value far below the level
+       neither empties the CUSUM nor, through the moments, inflates the limit): a loss ramping up, whose distance
        from the slow level grows with the ramp (the forecast's own trend follows a ramp of tens of steps, and its
        scores stay small). A falling loss lies under its slow level, so healthy
        training keeps the CUSUM at 0. A drift flag also needs the value, and the previous accepted one, to have
@@ -751,11 +755,11 @@ def detect(
     y_now = forecast_now + score * sigma  # the value in the forecast's domain (score = (y - f) / sigma)
     has_level = forecast.count > TAIL_START
     drift_score = torch.where(has_level, (y_now - state.drift_level) / sigma, score)
-    step = torch.clamp(drift_score, max=config.drift_clip) - config.drift_allowance
+    step = torch.clamp(drift_score, min=-config.drift_clip, max=config.drift_clip) - config.drift_allowance
     # The limit comes from the moments of the forecast's clipped scores, the stream's stationary noise: those of
     # the slow level's would be far below zero while the loss falls (its values lie under the level), and a limit
     # set by them collapses (h ~ Var X / |E X|) and flags the first bump once the loss flattens.
-    noise_step = torch.clamp(score, max=config.drift_clip) - config.drift_allowance
+    noise_step = torch.clamp(score, min=-config.drift_clip, max=config.drift_clip) - config.drift_allowance
     # A running mean from the second value (a = 1 there: the first has no score, so no y_now), then an EWMA.
     a = torch.clamp(1.0 / forecast.count.clamp_min(1).to(score.dtype), min=_rate(DRIFT_HALFLIFE))
     drift_level = torch.where(valid, state.drift_level + a * (y_now - state.drift_level), state.drift_level)

@@ -705,6 +705,23 @@ def test_detect_flags_a_slow_divergence_before_it_is_half_done(length, by):
     assert found.drift[torch.tensor(first), torch.arange(4)].any()
 
 
+@pytest.mark.parametrize("drop_at", [460, 503])
+def test_a_downward_outlier_neither_blinds_the_drift_rule_nor_empties_its_cusum(drop_at):
+    # One value at a tenth of the curve (a healthy heavy-tailed draw downwards, or a short batch), 40 steps before
+    # a 20-step ramp to x1.5 starts or 3 steps into one. Its score is about -200: unclipped below, it raised the
+    # limit (whose moments it entered) from about 8 to over 70 for hundreds of steps, and it emptied a filling
+    # CUSUM. Clipped at -drift_clip, the ramp is flagged before it is half done either way.
+    x = loss_curve(900, streams=4, noise=0.01, seed=32)
+    t = np.arange(900)[:, None]
+    x = x * np.exp(np.clip((t - 500 + 1) / 20, 0.0, 1.0) * math.log(1.5))
+    x[drop_at] *= 0.1
+    _, found = run_detect(torch.tensor(x), SpikeConfig(warmup=50))
+    first = [int(torch.nonzero(found.drift[500:, s])[0]) if found.drift[500:, s].any() else None for s in range(4)]
+    assert all(f is not None and f < 10 for f in first), first
+    if drop_at < 500:  # the limit right after the outlier, before the ramp: about what it was before it
+        assert (found.drift_limit[drop_at + 1 : 500] < 1.5 * found.drift_limit[drop_at - 1]).all()
+
+
 def test_a_single_value_never_flags_a_drift_from_a_quiet_cusum():
     # One increment is at most drift_clip - drift_allowance (2), and the limit is at least that: early in a run,
     # with few moments, h alone fell to 1.7-2.0, and without the floor a healthy t(3) draw at z = 7.7 (step 89 of
