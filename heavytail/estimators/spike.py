@@ -191,12 +191,13 @@ class SpikeConfig:
     drift_allowance``, and the limit is at least that much: only a run of raised values fills it; one value far
     below its level takes at most ``drift_clip + drift_allowance`` off (unclipped below, a downward outlier
     emptied a filling CUSUM and, entering the limit's moments, raised the limit from about 8 to over 70 for
-    hundreds of steps: 3 of issue 14's ramps under 1% t(2.5) noise were missed so; clipped, none). 3 rather than the forecast's ``clip`` of 2: a ramp's
-    distance passes 2 within a few steps, and from there the CUSUM gained at most 1 a step against a limit of about
-    4.6; on issue 14's ramps 0.944 were flagged before half done at 2 and 0.995 at 3, with one false-alert cell
-    of that table lower and none higher, and drift flags on the loss noise model's healthy wandering curves rose from
-    0.26 to 0.41 per 10^4 steps (0.027 since a drift flag needs two values in a row over the gate;
-    docs/spike-detection.md)."""
+    hundreds of steps: 3 of issue 14's ramps under 1% t(2.5) noise were missed so; clipped, none).
+
+    3 rather than the forecast's ``clip`` of 2: a ramp's distance passes 2 within a few steps, and from there the
+    CUSUM gained at most 1 a step against a limit of about 4.6; on issue 14's ramps 0.944 were flagged before half
+    done at 2 and 0.995 at 3, with one false-alert cell of that table lower and none higher, and drift flags on the
+    loss noise model's healthy wandering curves rose from 0.26 to 0.41 per 10^4 steps (0.027 since a drift flag
+    needs two values in a row over the gate; docs/spike-detection.md)."""
 
     drift_streams: int | None = None
     """Used by ``detect`` only: the slow-divergence rule watches the first this many streams (``None``: all). The
