@@ -770,8 +770,9 @@ def test_detect_drift_rule_stays_under_its_rate_on_a_loss_whose_level_wanders():
     # 64 decaying losses whose level wanders healthily (an Ornstein-Uhlenbeck log-level, 3% standard deviation,
     # correlation time 300 steps) under 1.5% Student-t(3) noise (unit standard deviation), 4,000 steps: the wander
     # fills the CUSUM (its limit assumes independent noise), and with a flag at the first value over the 10% gate
-    # the rule flagged 24-28 times on seeds 40-42, about 1 per 10^4 steps more than the rate (25.6 flags here).
-    # A flag needs two values in a row over the gate: 0-1 on those seeds; a ramp stays over it (tests above).
+    # the rule flagged 24-28 times on seeds 40-42: the stream's whole false-alarm budget (25.6 flags here) on its
+    # own, on top of the spike rule's. A flag needs two values in a row over the gate: 0-1 on those seeds; a ramp
+    # stays over it (tests above).
     rng = np.random.default_rng(40)
     steps, streams, tau = 4000, 64, 300.0
     phi = math.exp(-1.0 / tau)
