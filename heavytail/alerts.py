@@ -263,7 +263,8 @@ class AlertEngine:
                 text = (
                     f"{subject} at step {step}: slow divergence, observed {n['value']:.4g}, expected "
                     f"{n['expected']:.4g} (the detector's forecast): the values have stayed above their slow level for "
-                    f"several steps (a CUSUM over its limit, {how})"
+                    f"several steps (a CUSUM over its limit, {how}), and this value and the previous one are both "
+                    f"{margin} over the forecast where the rise began"
                 )
             else:
                 text = (

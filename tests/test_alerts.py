@@ -468,3 +468,18 @@ def test_calibrated_loss_alerts_match_the_detector_that_knows_the_curve(tmp_path
     # caught. Under 2% t(3) noise one healthy step alerts (step 776).
     late = at > 600
     assert all(np.array(caught)[late]) and np.mean(caught) >= 10 / 12 and len(false) <= 1, (at.tolist(), alerts)
+
+
+def test_a_slow_divergence_of_the_loss_is_one_alert_that_says_why(tmp_path):
+    # A decaying loss under 1% Student-t(3) noise ramps to x1.5 over 50 steps from step 800: no step is a spike, the
+    # drift rule flags it before it is half done, and the alert says what fired: the CUSUM, and the last two values
+    # over the 10% gate.
+    rng = np.random.default_rng(41)
+    t = np.arange(1000)
+    losses = (2.0 + 6.0 * (1.0 + t / 300.0) ** -0.6) * np.exp(0.01 * rng.standard_t(3.0, 1000) / math.sqrt(3.0))
+    losses *= np.exp(np.clip((t - 800 + 1) / 50, 0.0, 1.0) * math.log(1.5))
+    _replay(tmp_path, "ramp", losses)
+    (alert,) = read_alerts(tmp_path / "ramp")
+    assert 800 < alert["step"] <= 800 + 25 and alert["drift"] == 1.0 and alert["rule"] == "loss_spike"
+    assert "slow divergence" in alert["message"]
+    assert "this value and the previous one are both 10% over the forecast where the rise began" in alert["message"]
