@@ -477,12 +477,6 @@ def table_counts(flags: np.ndarray, spikes) -> tuple[int, int, int, int]:
     return caught, len(spikes), int((alerts & healthy).sum()), int(healthy.sum())
 
 
-def table_figures(flags: np.ndarray, spikes, steps: int) -> tuple[float, float]:
-    """Recall and false alerts per 10^4 healthy steps (see ``table_counts``)."""
-    caught, total, false, healthy = table_counts(flags, spikes)
-    return caught / total, 1e4 * false / healthy
-
-
 def law_quantile(df: float | None, rate: float) -> float:
     """The value a unit-variance log-noise (Gaussian, or Student-t(df) scaled to unit variance) exceeds with
     probability ``rate``."""
